@@ -1,0 +1,185 @@
+"""Moving stored modules between disk, host RAM and the compute device.
+
+`Streamer` sits in front of the block store: a reader thread prefetches the
+modules the trainer will want next, a writer thread commits updated modules in
+order, and an LRU cache keeps as many modules in RAM as the budget allows. LRU
+is the right policy because the trainer alternates direction: the blocks used
+last in one pass are the first the next pass needs.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import threading
+from concurrent.futures import Future
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .model import ModelArgs, build_module
+from .store import Block, BlockStore
+
+log = logging.getLogger(__name__)
+
+
+class Streamer:
+    def __init__(self, store: BlockStore, ram_budget: int = 0, prefetch: bool = True, verify: bool = True,
+                 max_pending_writes: int = 2):
+        self.store = store
+        self.budget = ram_budget
+        self.prefetch_enabled = prefetch
+        self.verify = verify
+        self._lock = threading.Lock()
+        self._cache: collections.OrderedDict[str, Block] = collections.OrderedDict()
+        self._pending: dict[str, Block] = {}  # written, not yet committed: readers see these
+        self._reads: dict[str, Future] = {}
+        self._read_q: queue.Queue = queue.Queue()
+        self._write_q: queue.Queue = queue.Queue(maxsize=max_pending_writes)
+        self._write_error: BaseException | None = None
+        self._reader = threading.Thread(target=self._read_loop, name="slowllama-reader", daemon=True)
+        self._writer = threading.Thread(target=self._write_loop, name="slowllama-writer", daemon=True)
+        self._reader.start()
+        self._writer.start()
+
+    # ---- reading ----
+    def get(self, name: str) -> Block:
+        """The module's newest version: cached, pending write, prefetched, or read now."""
+        self._raise_write_error()
+        with self._lock:
+            if name in self._pending:
+                return self._pending[name]
+            if name in self._cache:
+                self._cache.move_to_end(name)
+                return self._cache[name]
+            fut = self._reads.pop(name, None)
+        block = fut.result() if fut is not None else self.store.read(name, self.verify)
+        self._remember(name, block)
+        return block
+
+    def prefetch(self, names: list[str]):
+        """Start reading these modules in the background, in order."""
+        if not self.prefetch_enabled:
+            return
+        with self._lock:
+            for name in names:
+                if name in self._pending or name in self._cache or name in self._reads:
+                    continue
+                fut: Future = Future()
+                self._reads[name] = fut
+                self._read_q.put((name, fut))
+
+    def _read_loop(self):
+        while True:
+            item = self._read_q.get()
+            if item is None:
+                return
+            name, fut = item
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(self.store.read(name, self.verify))
+            except BaseException as e:  # handed to the trainer through the future
+                fut.set_exception(e)
+
+    def _remember(self, name: str, block: Block):
+        with self._lock:
+            self._cache[name] = block
+            self._cache.move_to_end(name)
+            self._evict()
+
+    def _evict(self):
+        # Keep the most recently used modules within budget; the newest always stays.
+        total = sum(b.nbytes for b in self._cache.values())
+        while len(self._cache) > 1 and total > self.budget:
+            _, old = self._cache.popitem(last=False)
+            total -= old.nbytes
+
+    def release(self, name: str):
+        """The caller is done with the module; drop it unless the budget keeps it."""
+        with self._lock:
+            if name in self._cache and self._cache[name].nbytes > self.budget:
+                del self._cache[name]
+
+    # ---- writing ----
+    def put(self, name: str, block: Block, on_commit: Callable[[int], None] | None = None):
+        """Queue the module's new version for an atomic write; readers see it at once."""
+        self._raise_write_error()
+        with self._lock:
+            self._pending[name] = block
+            stale = self._reads.pop(name, None)
+            self._cache.pop(name, None)
+        if stale is not None:
+            stale.cancel()
+        self._write_q.put(("module", name, block, on_commit))
+
+    def run_in_order(self, fn: Callable[[], None]):
+        """Run fn on the writer thread after every write queued before it has committed."""
+        self._raise_write_error()
+        self._write_q.put(("call", None, None, fn))
+
+    def _write_loop(self):
+        while True:
+            item = self._write_q.get()
+            if item is None:
+                return
+            kind, name, block, fn = item
+            if self._write_error is not None:
+                continue  # after a failure nothing more is committed
+            try:
+                if kind == "module":
+                    crc = self.store.write(name, block)
+                    block.crc = crc
+                    with self._lock:
+                        if self._pending.get(name) is block:
+                            del self._pending[name]
+                            self._cache[name] = block
+                            self._cache.move_to_end(name)
+                            self._evict()
+                    if fn is not None:
+                        fn(crc)
+                else:
+                    fn()
+            except BaseException as e:
+                log.error("write failed: %s", e)
+                self._write_error = e
+
+    def _raise_write_error(self):
+        if self._write_error is not None:
+            e = self._write_error
+            raise RuntimeError(f"a background write failed, the store keeps its last committed state: {e}") from e
+
+    def flush(self):
+        """Wait until every queued write has committed."""
+        done = threading.Event()
+        self._write_q.put(("call", None, None, done.set))
+        while not done.wait(0.1):
+            if self._write_error is not None:
+                break
+        self._raise_write_error()
+
+    def close(self):
+        try:
+            self.flush()
+        finally:
+            self._read_q.put(None)
+            self._write_q.put(None)
+            self._reader.join()
+            self._writer.join()
+
+
+def to_device(block: Block, device: torch.device, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The block's parameters on the device; on cpu with a matching dtype they are the block's own tensors."""
+    out = {}
+    for k, t in block.params.items():
+        t = t.to(device, non_blocking=True)
+        out[k] = t if dtype is None or t.dtype == dtype else t.to(dtype)
+    return out
+
+
+def materialize(name: str, args: ModelArgs, params: dict[str, torch.Tensor], dropout: float = 0.0) -> nn.Module:
+    """A module built on the meta device and filled, without a copy, from params."""
+    module = build_module(name, args, dropout)
+    module.load_state_dict(params, strict=True, assign=True)
+    return module

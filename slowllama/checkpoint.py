@@ -1,0 +1,407 @@
+"""Meta's checkpoint format: params.json, consolidated.NN.pth shards, tokenizer.model.
+
+Reading streams one module at a time from mmapped shards; writing streams one
+tensor at a time into the torch zip format, so neither holds a whole shard.
+"""
+from __future__ import annotations
+
+import collections
+import io
+import json
+import logging
+import pickle
+import re
+import shutil
+import sys
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from .model import ConfigError, ModelArgs, module_names
+
+log = logging.getLogger(__name__)
+
+# Meta's model-parallel split: the axis along which shards are concatenated,
+# None where every shard holds the whole tensor. "{}" stands for a layer index.
+SPLIT_AXIS: dict[str, int | None] = {
+    "tok_embeddings.weight": 1,
+    "norm.weight": None,
+    "output.weight": 0,
+    "layers.{}.attention.wq.weight": 0,
+    "layers.{}.attention.wk.weight": 0,
+    "layers.{}.attention.wv.weight": 0,
+    "layers.{}.attention.wo.weight": 1,
+    "layers.{}.feed_forward.w1.weight": 0,
+    "layers.{}.feed_forward.w2.weight": 1,
+    "layers.{}.feed_forward.w3.weight": 0,
+    "layers.{}.attention_norm.weight": None,
+    "layers.{}.ffn_norm.weight": None,
+    # Some Meta checkpoints carry this; the model recomputes it, export keeps it as it was.
+    "rope.freqs": None,
+}
+EXTRAS = "extras"  # the store's name for tensors the model does not use
+FLOAT_DTYPES = {torch.float32, torch.bfloat16, torch.float16}
+_LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
+
+
+def template(key: str) -> str:
+    m = _LAYER.match(key)
+    return f"layers.{{}}.{m.group(2)}" if m else key
+
+
+def split_key(key: str) -> tuple[str, str]:
+    """'layers.3.attention.wq.weight' -> ('layers.3', 'attention.wq.weight'); the second
+    part is the parameter's name inside the module that model.build_module makes."""
+    if template(key) not in SPLIT_AXIS:
+        raise ConfigError(f"unknown tensor name {key!r}")
+    m = _LAYER.match(key)
+    if m:
+        return f"layers.{int(m.group(1))}", m.group(2)
+    if key == "rope.freqs":
+        return EXTRAS, key
+    module, _, param = key.partition(".")
+    return module, param
+
+
+def full_key(module: str, param: str) -> str:
+    return param if module == EXTRAS else f"{module}.{param}"
+
+
+def split_axis(key: str) -> int | None:
+    return SPLIT_AXIS[template(key)]
+
+
+def expected_shapes(args: ModelArgs, module: str) -> dict[str, tuple[int, ...]]:
+    """Full (unsharded) shapes of one module's parameters."""
+    d, h, kv, f = args.dim, args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim, args.ffn_hidden_dim
+    if module in ("tok_embeddings", "output"):
+        return {"weight": (args.vocab_size, d)}
+    if module == "norm":
+        return {"weight": (d,)}
+    return {
+        "attention.wq.weight": (h, d),
+        "attention.wk.weight": (kv, d),
+        "attention.wv.weight": (kv, d),
+        "attention.wo.weight": (d, h),
+        "feed_forward.w1.weight": (f, d),
+        "feed_forward.w2.weight": (d, f),
+        "feed_forward.w3.weight": (f, d),
+        "attention_norm.weight": (d,),
+        "ffn_norm.weight": (d,),
+    }
+
+
+def find_tokenizer(model_dir: Path) -> Path | None:
+    # Meta's downloads keep tokenizer.model beside the model folders, not inside them.
+    for p in (model_dir / "tokenizer.model", model_dir.parent / "tokenizer.model"):
+        if p.is_file():
+            return p
+    return None
+
+
+def shard_paths(model_dir: Path) -> list[Path]:
+    paths = sorted(model_dir.glob("consolidated.*.pth"))
+    if not paths:
+        raise ConfigError(f"{model_dir}: no consolidated.NN.pth shards")
+    for i, p in enumerate(paths):
+        if p.name != f"consolidated.{i:02d}.pth":
+            raise ConfigError(f"{p}: expected consolidated.{i:02d}.pth (shards must be numbered from 00 without gaps)")
+    return paths
+
+
+def load_tensor_file(path: Path) -> dict[str, torch.Tensor]:
+    """A dict of tensors from a .pth file, mmapped; never runs pickled code."""
+    try:
+        sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ConfigError(f"{path}: refused to load, it is not a plain tensor file ({str(e).splitlines()[0]})") from e
+    except Exception as e:  # torch raises RuntimeError, EOFError, ValueError... for damaged zips
+        raise ConfigError(f"{path}: unreadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise ConfigError(f"{path}: expected a dict of tensors")
+    return sd
+
+
+def tokenizer_vocab_size(path: Path) -> int:
+    import sentencepiece as spm
+
+    try:
+        return spm.SentencePieceProcessor(model_file=str(path)).vocab_size()
+    except Exception as e:  # sentencepiece raises RuntimeError/OSError with C++ text
+        raise ConfigError(f"{path}: not a sentencepiece model ({e})") from e
+
+
+class MetaCheckpoint:
+    """A validated Meta-format checkpoint folder, read one module at a time."""
+
+    def __init__(self, model_dir: str | Path):
+        self.dir = Path(model_dir)
+        if not self.dir.is_dir():
+            raise ConfigError(f"{self.dir}: not a directory")
+        self.params_path = self.dir / "params.json"
+        args = ModelArgs.from_json(self.params_path)
+        self.tokenizer = find_tokenizer(self.dir)
+        if self.tokenizer is not None:
+            n = tokenizer_vocab_size(self.tokenizer)
+            if args.vocab_size == -1:
+                args.vocab_size = n
+            elif n > args.vocab_size:
+                raise ConfigError(f"{self.tokenizer}: {n} pieces, more than vocab_size {args.vocab_size} in {self.params_path}")
+        elif args.vocab_size == -1:
+            raise ConfigError(f"{self.params_path}: vocab_size is -1 and no tokenizer.model was found")
+        self.args = args
+        self.shards = shard_paths(self.dir)
+        self.key_order: list[str] = []
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.dtypes: dict[str, torch.dtype] = {}
+        self._check_layout()
+
+    @property
+    def n_shards(self) -> int:
+        return len(self.shards)
+
+    def _check_layout(self):
+        """Check every shard's names, dtypes and shapes against params.json before any work."""
+        a = self.args
+        expected = {full_key(m, k): s for m in module_names(a) for k, s in expected_shapes(a, m).items()}
+        metas = []
+        for path in self.shards:
+            sd = load_tensor_file(path)
+            metas.append({k: (tuple(v.shape), v.dtype) for k, v in sd.items()})
+            del sd
+        first = metas[0]
+        self.key_order = list(first)
+        for path, meta in zip(self.shards, metas):
+            if set(meta) != set(first):
+                diff = sorted(set(meta) ^ set(first))
+                raise ConfigError(f"{path}: holds different tensor names from {self.shards[0].name}: {diff[:5]}")
+            for key, (_, dtype) in meta.items():
+                if dtype not in FLOAT_DTYPES:
+                    raise ConfigError(f"{path}: {key} has dtype {dtype}, expected float32, bfloat16 or float16")
+                if dtype != first[key][1]:
+                    raise ConfigError(f"{path}: {key} has dtype {dtype}, but {first[key][1]} in {self.shards[0].name}")
+        for key in first:
+            try:
+                module, _ = split_key(key)
+            except ConfigError as e:
+                raise ConfigError(f"{self.shards[0]}: {e}") from e
+            if module != EXTRAS and key not in expected:
+                raise ConfigError(f"{self.shards[0]}: unexpected tensor {key!r} for n_layers={a.n_layers}")
+        missing = sorted(set(expected) - set(first))
+        if missing:
+            raise ConfigError(f"{self.shards[0]}: missing tensors {missing[:5]}")
+        for key in first:
+            axis = split_axis(key)
+            shapes = [meta[key][0] for meta in metas]
+            if axis is None:
+                full = shapes[0]
+                bad = next((i for i, s in enumerate(shapes) if s != full), None)
+            else:
+                full = list(shapes[0])
+                full[axis] = sum(s[axis] for s in shapes)
+                full = tuple(full)
+                bad = next((i for i, s in enumerate(shapes) if len(s) != len(full) or
+                            any(x != y for j, (x, y) in enumerate(zip(s, full)) if j != axis)), None)
+            if bad is not None:
+                raise ConfigError(f"{self.shards[bad]}: {key} has shape {list(shapes[bad])}, inconsistent with the other shards")
+            if key in expected and full != expected[key]:
+                raise ConfigError(f"{self.shards[0]}: {key} has full shape {list(full)}, params.json implies {list(expected[key])}")
+            self.shapes[key] = full
+            self.dtypes[key] = first[key][1]
+
+    def checkpoint_dtype(self) -> torch.dtype:
+        return self.dtypes["tok_embeddings.weight"]
+
+    def module_keys(self, module: str) -> list[str]:
+        return [k for k in self.key_order if split_key(k)[0] == module]
+
+    def read_module(self, module: str) -> dict[str, torch.Tensor]:
+        """One module's full tensors in the checkpoint's dtype, keyed as in the checkpoint.
+
+        Shards are reopened per module so that the pages each mapping touched are
+        released with it: peak RSS stays near one module whatever the model size.
+        """
+        keys = self.module_keys(module)
+        parts: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
+        for i, path in enumerate(self.shards):
+            sd = load_tensor_file(path)
+            for k in keys:
+                if split_axis(k) is not None or i == 0:
+                    parts[k].append(sd[k])
+            del sd
+        out = {}
+        for k in keys:
+            axis = split_axis(k)
+            t = parts[k][0].clone() if axis is None else torch.cat(parts[k], dim=axis)
+            if not torch.isfinite(t).all():
+                raise ConfigError(f"{self.dir}: tensor {k} holds NaN or Inf")
+            out[split_key(k)[1]] = t
+        return out
+
+
+def check_shard_count(args: ModelArgs, n: int):
+    if n < 1:
+        raise ConfigError(f"--shards must be at least 1, got {n}")
+    for what, size in (("n_heads", args.n_heads), ("n_kv_heads", args.n_kv_heads), ("dim", args.dim),
+                       ("FFN hidden size", args.ffn_hidden_dim), ("vocab_size", args.vocab_size)):
+        if size % n:
+            raise ConfigError(f"--shards {n}: {what} {size} cannot be split into {n} equal parts")
+
+
+# ---- writing -----------------------------------------------------------------
+
+_STORAGE_TYPES = {torch.float32: "FloatStorage", torch.bfloat16: "BFloat16Storage", torch.float16: "HalfStorage"}
+
+
+class _StorageRef:
+    def __init__(self, key: str, dtype: torch.dtype, numel: int):
+        self.key, self.dtype, self.numel = key, dtype, numel
+
+
+class _TensorRef:
+    """Pickles as the tensor torch.save would write, without holding its data."""
+
+    def __init__(self, storage: _StorageRef, shape: tuple[int, ...]):
+        self.storage, self.shape = storage, tuple(shape)
+
+    def __reduce_ex__(self, protocol):
+        stride, acc = [], 1
+        for s in reversed(self.shape):
+            stride.append(acc)
+            acc *= s
+        return (torch._utils._rebuild_tensor_v2,
+                (self.storage, 0, self.shape, tuple(reversed(stride)), False, collections.OrderedDict()))
+
+
+class _Pickler(pickle.Pickler):
+    def persistent_id(self, obj):
+        if isinstance(obj, _StorageRef):
+            return ("storage", getattr(torch, _STORAGE_TYPES[obj.dtype]), obj.key, "cpu", obj.numel)
+        return None
+
+
+def _file_writer(path: Path):
+    ser = torch.serialization
+    try:
+        return torch._C.PyTorchFileWriter(str(path), ser.get_crc32_options(), ser._get_storage_alignment())
+    except (AttributeError, TypeError):  # older torch: single-argument writer
+        return torch._C.PyTorchFileWriter(str(path))
+
+
+class ShardWriter:
+    """Writes one torch.save-compatible dict of tensors, one tensor at a time, in any order."""
+
+    def __init__(self, path: Path, specs: list[tuple[str, tuple[int, ...], torch.dtype]]):
+        self.path = path
+        self.specs = {name: (i, tuple(shape), dtype) for i, (name, shape, dtype) in enumerate(specs)}
+        self.written: set[str] = set()
+        refs = {name: _TensorRef(_StorageRef(str(i), dtype, _numel(shape)), shape)
+                for name, (i, shape, dtype) in self.specs.items()}
+        buf = io.BytesIO()
+        _Pickler(buf, protocol=2).dump(refs)
+        data = buf.getvalue()
+        self.zf = _file_writer(path)
+        self.zf.write_record("data.pkl", data, len(data))
+        self.zf.write_record(".format_version", "1", 1)
+        align = str(getattr(torch.serialization, "_get_storage_alignment", lambda: 64)())
+        self.zf.write_record(".storage_alignment", align, len(align))
+        self.zf.write_record("byteorder", sys.byteorder, len(sys.byteorder))
+
+    def write(self, name: str, tensor: torch.Tensor):
+        i, shape, dtype = self.specs[name]
+        if name in self.written or tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise RuntimeError(f"{self.path}: {name} {tuple(tensor.shape)} {tensor.dtype} does not match {shape} {dtype} or was written twice")
+        t = tensor.detach().to("cpu").contiguous()
+        if t.storage_offset() or t.untyped_storage().nbytes() != t.nbytes:
+            t = t.clone()  # the record is the whole storage, so it must hold this tensor alone
+        self.zf.write_record(f"data/{i}", t.untyped_storage(), t.nbytes)
+        self.written.add(name)
+
+    def close(self):
+        missing = set(self.specs) - self.written
+        if missing:
+            raise RuntimeError(f"{self.path}: tensors never written: {sorted(missing)[:5]}")
+        self.zf.write_end_of_file()
+        del self.zf
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def export_meta(
+    out_dir: Path,
+    *,
+    args: ModelArgs,
+    params_src: Path,
+    tokenizer_src: Path | None,
+    tensors: list[tuple[str, tuple[int, ...], torch.dtype]],
+    n_shards: int,
+    modules: list[str],
+    read_module: Callable[[str], dict[str, torch.Tensor]],
+    progress: Callable[[Iterator], Iterator] = lambda it: it,
+):
+    """Write a Meta-format folder into out_dir (which must not exist yet), module by module.
+
+    `tensors` lists (key, full shape, dtype) in the checkpoint's key order; read_module
+    returns one module's full tensors keyed as in the checkpoint. Every shard is open
+    at once, so each module is read once and sliced into all of them.
+    """
+    from .fsutil import fsync_dir, fsync_file
+
+    check_shard_count(args, n_shards)
+    out_dir.mkdir(parents=True)
+
+    def shard_shape(key, shape):
+        axis = split_axis(key)
+        shape = list(shape)
+        if axis is not None:
+            shape[axis] //= n_shards
+        return tuple(shape)
+
+    specs = [(k, shard_shape(k, s), dt) for k, s, dt in tensors]
+    dtypes = {k: dt for k, _, dt in tensors}
+    paths = [out_dir / f"consolidated.{s:02d}.pth" for s in range(n_shards)]
+    writers = [ShardWriter(p, specs) for p in paths]
+    for module in progress(modules):
+        for param, t in read_module(module).items():
+            key = full_key(module, param)
+            t = t.to(dtypes[key])
+            if not torch.isfinite(t).all():
+                raise ValueError(f"refusing to export {key}: it holds NaN or Inf")
+            axis = split_axis(key)
+            for s, w in enumerate(writers):
+                w.write(key, t if axis is None else t.chunk(n_shards, dim=axis)[s])
+    for w in writers:
+        w.close()
+    shutil.copyfile(params_src, out_dir / "params.json")
+    if tokenizer_src is not None:
+        shutil.copyfile(tokenizer_src, out_dir / "tokenizer.model")
+    for p in out_dir.iterdir():
+        fsync_file(p)
+    fsync_dir(out_dir)
+    log.info("exported %d shard(s) to %s", n_shards, out_dir)
+
+
+def save_meta(out_dir: str | Path, params: dict, state_dict: dict[str, torch.Tensor], *, n_shards: int = 1,
+              dtype: torch.dtype | None = None, tokenizer: str | Path | None = None):
+    """Write an in-memory state dict (Meta names) as a Meta checkpoint folder.
+
+    For small models (tests, tools): it holds each whole shard in RAM, as Meta's own code does.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for s in range(n_shards):
+        shard = {}
+        for key, t in state_dict.items():
+            t = t.detach().to("cpu", dtype or t.dtype)
+            axis = split_axis(key)
+            shard[key] = (t if axis is None else t.chunk(n_shards, dim=axis)[s]).clone()
+        torch.save(shard, out_dir / f"consolidated.{s:02d}.pth")
+    (out_dir / "params.json").write_text(json.dumps(params, indent=1))
+    if tokenizer is not None and Path(tokenizer).resolve() != (out_dir / "tokenizer.model").resolve():
+        shutil.copyfile(tokenizer, out_dir / "tokenizer.model")

@@ -1,0 +1,105 @@
+"""Durable file operations: every write is a temp file, fsync, rename, fsync of the directory."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+from pathlib import Path
+
+
+class IOStats:
+    """Bytes this process read from and wrote to its store, activations and exports."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.read = 0
+        self.written = 0
+
+    def add(self, read: int = 0, written: int = 0):
+        with self._lock:
+            self.read += read
+            self.written += written
+
+    def snapshot(self) -> tuple[int, int]:
+        with self._lock:
+            return self.read, self.written
+
+
+IO = IOStats()
+
+
+def fsync_file(path: Path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def tmp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def atomic_write_bytes(path: Path, chunks, durable: bool = True):
+    """Write an iterable of byte buffers to path atomically; returns the byte count.
+
+    durable=False skips the fsyncs, for scratch files that a crash may lose.
+    """
+    path = Path(path)
+    tmp = tmp_path(path)
+    n = 0
+    try:
+        with open(tmp, "wb") as f:
+            for c in chunks:
+                f.write(c)
+                n += len(memoryview(c).cast("B"))
+            f.flush()
+            if durable:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if durable:
+        fsync_dir(path.parent)
+    IO.add(written=n)
+    return n
+
+
+def atomic_write_json(path: Path, obj):
+    atomic_write_bytes(path, [json.dumps(obj, indent=1, sort_keys=True).encode()])
+
+
+def replace_dir(src: Path, dst: Path):
+    """Move the finished directory src to dst, replacing any dst, never leaving dst half-written.
+
+    POSIX cannot swap directories atomically, so the old dst is first renamed aside:
+    a crash in between leaves either the old or the new one under a name we recognise.
+    """
+    old = dst.with_name(f".{dst.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if dst.exists():
+        os.replace(dst, old)
+    os.replace(src, dst)
+    fsync_dir(dst.parent)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def remove_stale_tmp(directory: Path):
+    """Delete temp files left by a process that died mid-write."""
+    for p in Path(directory).glob(".*.tmp*"):
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)

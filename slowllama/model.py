@@ -1,0 +1,213 @@
+"""The Llama 2 / Code Llama architecture, with Meta's parameter names.
+
+Every piece that the block store streams (embedding, each block, the final
+norm, the output layer) is a module of its own, so that `Transformer` is only
+their composition and the streamed and in-memory paths run the same code.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ConfigError(ValueError):
+    """A checkpoint, store or argument that cannot be used; the message names it."""
+
+
+@dataclass
+class ModelArgs:
+    dim: int
+    n_layers: int
+    n_heads: int
+    vocab_size: int
+    n_kv_heads: int | None = None
+    multiple_of: int = 256
+    ffn_dim_multiplier: float | None = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+        if not isinstance(self.vocab_size, int) or isinstance(self.vocab_size, bool) or self.vocab_size == 0:
+            raise ConfigError(f"vocab_size must be a positive integer or -1, got {self.vocab_size!r}")
+        if self.dim % self.n_heads:
+            raise ConfigError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}")
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim {self.head_dim} must be even for rotary embeddings")
+        for name in ("norm_eps", "rope_theta"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
+                raise ConfigError(f"{name} must be a positive number, got {v!r}")
+        m = self.ffn_dim_multiplier
+        if m is not None and (not isinstance(m, (int, float)) or isinstance(m, bool) or not math.isfinite(m) or m <= 0):
+            raise ConfigError(f"ffn_dim_multiplier must be a positive number, got {m!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_hidden_dim(self) -> int:
+        # Meta's rule: 2/3 of 4*dim, scaled, rounded up to a multiple of multiple_of.
+        hidden = int(2 * (4 * self.dim) / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "ModelArgs":
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError as e:
+            raise ConfigError(f"{path}: missing") from e
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a JSON object")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ConfigError(f"{path}: unsupported keys {unknown}")
+        missing = [k for k in ("dim", "n_layers", "n_heads") if k not in raw]
+        if missing:
+            raise ConfigError(f"{path}: missing keys {missing}")
+        raw.setdefault("vocab_size", -1)
+        try:
+            return cls(**raw)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from e
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Normalise in fp32 as Meta does, whatever the compute dtype.
+        xf = x.float()
+        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return out.type_as(x) * self.weight
+
+
+def rope_tables(seqlen: int, head_dim: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of Meta's rotary angles, (seqlen, head_dim // 2), in fp32."""
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device)[: head_dim // 2].float() / head_dim))
+    angles = torch.outer(torch.arange(seqlen, device=device, dtype=torch.float32), freqs)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # Meta rotates adjacent pairs (x[2i], x[2i+1]) as one complex number; done here
+    # in real arithmetic because MPS has no complex kernels. x: (bs, seqlen, heads, head_dim)
+    xf = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = xf[..., 0], xf[..., 1]
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.rope_theta = args.rope_theta
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def forward(self, x):
+        bs, seqlen, _ = x.shape
+        q = self.wq(x).view(bs, seqlen, self.n_heads, self.head_dim)
+        k = self.wk(x).view(bs, seqlen, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(bs, seqlen, self.n_kv_heads, self.head_dim)
+        cos, sin = rope_tables(seqlen, self.head_dim, self.rope_theta, x.device)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        rep = self.n_heads // self.n_kv_heads
+        if rep > 1:  # grouped-query attention: each kv head serves `rep` query heads
+            k = k.repeat_interleave(rep, dim=2)
+            v = v.repeat_interleave(rep, dim=2)
+        # (bs, heads, seqlen, head_dim)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        return self.wo(out.transpose(1, 2).reshape(bs, seqlen, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        hidden = args.ffn_hidden_dim
+        self.w1 = nn.Linear(args.dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, args.dim, bias=False)
+        self.w3 = nn.Linear(args.dim, hidden, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs, dropout: float = 0.0):
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        # Residual dropout draws from the device's global RNG, which the trainer
+        # saves before the forward pass and restores before the recompute.
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        h = x + self.dropout(self.attention(self.attention_norm(x)))
+        return h + self.dropout(self.feed_forward(self.ffn_norm(h)))
+
+
+def module_names(args: ModelArgs) -> list[str]:
+    """The streamed modules in forward order; names are Meta's key prefixes."""
+    return ["tok_embeddings", *(f"layers.{i}" for i in range(args.n_layers)), "norm", "output"]
+
+
+def build_module(name: str, args: ModelArgs, dropout: float = 0.0) -> nn.Module:
+    """An empty (meta-device) module for one stored name, to be filled with load_state_dict(assign=True)."""
+    with torch.device("meta"):
+        if name == "tok_embeddings":
+            return nn.Embedding(args.vocab_size, args.dim)
+        if name == "norm":
+            return RMSNorm(args.dim, args.norm_eps)
+        if name == "output":
+            return nn.Linear(args.dim, args.vocab_size, bias=False)
+        if name.startswith("layers."):
+            return TransformerBlock(args, dropout)
+    raise ConfigError(f"unknown module name {name!r}")
+
+
+class Transformer(nn.Module):
+    """The whole model in memory: the reference that streamed training must equal."""
+
+    def __init__(self, args: ModelArgs, dropout: float = 0.0):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args, dropout) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+
+    def forward(self, tokens):
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            h = layer(h)
+        return self.output(self.norm(h))

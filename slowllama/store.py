@@ -1,0 +1,337 @@
+"""The block store: one file per streamed module, a manifest, and a journal.
+
+A block file is self-describing and checksummed:
+
+    b"SLLMBLK1" | u32 header length | u32 crc32(header) | header JSON | pad to 64 | data
+
+The header names each tensor (dtype, shape, offset), the training step the module
+belongs to and the crc32 of the data. A file is only ever replaced whole (temp file,
+fsync, rename), so a reader sees the old or the new module, never a mix.
+
+Parameters are stored under their names inside the module; optimizer state under
+"param#key" beside them, so a module and its optimizer state commit together.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import struct
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from .checkpoint import EXTRAS, MetaCheckpoint, full_key, split_key
+from .fsutil import IO, atomic_write_bytes, atomic_write_json, fsync_dir, remove_stale_tmp, tmp_path
+from .model import ConfigError, ModelArgs
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"SLLMBLK1"
+ALIGN = 64
+FORMAT = 1
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "uint8": torch.uint8, "int64": torch.int64}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+class StoreError(ConfigError):
+    """A block store that is damaged or does not belong to this run."""
+
+
+@dataclass
+class Block:
+    """One module as stored: parameters, optimizer state beside them, the step it belongs to."""
+
+    step: int
+    params: dict[str, torch.Tensor]
+    optim: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+    crc: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.params.values()) + sum(
+            t.nbytes for s in self.optim.values() for t in s.values())
+
+
+def _flat(block: Block) -> list[tuple[str, torch.Tensor]]:
+    items = list(block.params.items())
+    for p, state in block.optim.items():
+        items += [(f"{p}#{k}", t) for k, t in state.items()]
+    return items
+
+
+def _pad(n: int) -> int:
+    return (-n) % ALIGN
+
+
+def encode_block(block: Block) -> tuple[list, int]:
+    """The file's byte chunks, and the data crc32."""
+    tensors, offset, crc = [], 0, 0
+    views = []
+    for name, t in _flat(block):
+        t = t.detach().to("cpu").contiguous()
+        if t.dtype not in DTYPE_NAMES:
+            raise TypeError(f"cannot store {name} of dtype {t.dtype}")
+        raw = t.view(torch.uint8).reshape(-1).numpy() if t.numel() else b""
+        tensors.append([name, DTYPE_NAMES[t.dtype], list(t.shape), offset])
+        views.append(raw)
+        crc = zlib.crc32(raw, crc)
+        pad = _pad(t.nbytes)
+        if pad:
+            views.append(bytes(pad))
+            crc = zlib.crc32(bytes(pad), crc)
+        offset += t.nbytes + pad
+    header = json.dumps({"step": block.step, "crc32": crc, "data_bytes": offset, "tensors": tensors,
+                         "meta": block.meta}).encode()
+    prefix = MAGIC + struct.pack("<II", len(header), zlib.crc32(header))
+    head = prefix + header
+    return [head + bytes(_pad(len(head))), *views], crc
+
+
+def write_block(path: Path, block: Block, durable: bool = True) -> int:
+    """Atomically replace path with block; returns the data crc32."""
+    chunks, crc = encode_block(block)
+    atomic_write_bytes(path, chunks, durable)
+    return crc
+
+
+def _read_header(f, path: Path, name: str) -> tuple[dict, int]:
+    prefix = f.read(len(MAGIC) + 8)
+    if len(prefix) < len(MAGIC) + 8 or prefix[: len(MAGIC)] != MAGIC:
+        raise StoreError(f"module {name} ({path}): not a block file or truncated")
+    hlen, hcrc = struct.unpack("<II", prefix[len(MAGIC):])
+    raw = f.read(hlen)
+    if len(raw) != hlen or zlib.crc32(raw) != hcrc:
+        raise StoreError(f"module {name} ({path}): header is corrupt or truncated")
+    header = json.loads(raw)
+    start = len(prefix) + hlen
+    return header, start + _pad(start)
+
+
+def read_step(path: Path, name: str = "?") -> int:
+    """The step recorded in a block file, reading only its header."""
+    try:
+        with open(path, "rb") as f:
+            return _read_header(f, path, name)[0]["step"]
+    except FileNotFoundError as e:
+        raise StoreError(f"module {name}: file {path} is missing") from e
+
+
+def read_block(path: Path, name: str = "?", verify: bool = True) -> Block:
+    """Read a whole block file with one large read; tensors are views into one buffer."""
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError as e:
+        raise StoreError(f"module {name}: file {path} is missing") from e
+    with f:
+        header, start = _read_header(f, path, name)
+        size = os.fstat(f.fileno()).st_size
+        if size != start + header["data_bytes"]:
+            raise StoreError(f"module {name} ({path}): {size} bytes, expected {start + header['data_bytes']} (truncated?)")
+        f.seek(start)
+        buf = torch.empty(header["data_bytes"], dtype=torch.uint8)
+        view = memoryview(buf.numpy())
+        got = 0
+        while got < len(view):
+            n = f.readinto(view[got:])
+            if not n:
+                raise StoreError(f"module {name} ({path}): truncated")
+            got += n
+    IO.add(read=start + header["data_bytes"])
+    if verify and zlib.crc32(view) != header["crc32"]:
+        raise StoreError(f"module {name} ({path}): checksum mismatch, the file is corrupt")
+    block = Block(step=header["step"], params={}, meta=header.get("meta", {}), crc=header["crc32"])
+    for tname, dtype, shape, offset in header["tensors"]:
+        dt = DTYPES[dtype]
+        n = dt.itemsize
+        for s in shape:
+            n *= s
+        t = buf[offset: offset + n].view(dt).view(shape)
+        if "#" in tname:
+            p, k = tname.split("#", 1)
+            block.optim.setdefault(p, {})[k] = t
+        else:
+            block.params[tname] = t
+    return block
+
+
+def file_stem(name: str) -> str:
+    # Zero-padded so that a directory listing sorts in forward order.
+    if name.startswith("layers."):
+        return f"layers.{int(name.split('.')[1]):03d}"
+    return name
+
+
+def source_fingerprint(ckpt: MetaCheckpoint) -> dict:
+    files = [ckpt.params_path, *ckpt.shards] + ([ckpt.tokenizer] if ckpt.tokenizer else [])
+    out = {}
+    for p in files:
+        st = p.stat()
+        out[p.name] = [st.st_size, st.st_mtime_ns]
+    return {"dir": str(ckpt.dir.resolve()), "files": out}
+
+
+class BlockStore:
+    """A prepared store directory: manifest.json plus one block file per module."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        path = self.root / "manifest.json"
+        try:
+            m = json.loads(path.read_text())
+            self.args = ModelArgs(**m["params"])
+            self.modules: list[str] = m["modules"]
+            self.dtype = DTYPES[m["store_dtype"]]
+            self.tensors = [(k, tuple(s), DTYPES[d]) for k, s, d in m["tensors"]]
+            self.n_shards: int = m["n_shards"]
+            self.source: dict = m["source"]
+            self.initial_crc: dict[str, int] = m["crc"]
+            if m["format"] != FORMAT:
+                raise StoreError(f"{path}: store format {m['format']}, this slowllama reads {FORMAT}")
+        except FileNotFoundError as e:
+            raise StoreError(f"{self.root}: not a prepared block store (no manifest.json)") from e
+        except (ValueError, KeyError, TypeError) as e:
+            raise StoreError(f"{path}: corrupt manifest ({type(e).__name__}: {e})") from e
+        self.manifest = m
+
+    def path(self, name: str) -> Path:
+        return self.root / f"{file_stem(name)}.blk"
+
+    @property
+    def trainable(self) -> list[str]:
+        return [m for m in self.modules if m != EXTRAS]
+
+    def read(self, name: str, verify: bool = True) -> Block:
+        return read_block(self.path(name), name, verify)
+
+    def write(self, name: str, block: Block) -> int:
+        return write_block(self.path(name), block)
+
+    def step_of(self, name: str) -> int:
+        return read_step(self.path(name), name)
+
+    def nbytes(self) -> int:
+        return sum(self.path(m).stat().st_size for m in self.modules)
+
+    def module_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """Parameters only, keyed by parameter name (for export and generation)."""
+        return self.read(name).params
+
+    def verify(self, progress: Callable[[Iterator], Iterator] = lambda it: it) -> list[str]:
+        """Check every module's checksum and finiteness; returns the problems found."""
+        problems = []
+        for name in progress(self.modules):
+            try:
+                block = self.read(name)
+                bad = [p for p, t in block.params.items() if not torch.isfinite(t).all()]
+                if bad:
+                    problems.append(f"module {name}: non-finite values in {bad}")
+            except StoreError as e:
+                problems.append(str(e))
+        return problems
+
+    def matches(self, ckpt: MetaCheckpoint) -> bool:
+        return self.source == source_fingerprint(ckpt)
+
+
+def prepare(
+    ckpt: MetaCheckpoint,
+    root: str | Path,
+    dtype: torch.dtype = torch.float32,
+    progress: Callable[[Iterator], Iterator] = lambda it: it,
+) -> BlockStore:
+    """Convert a checkpoint into a block store at root, one module at a time.
+
+    Everything is written into a temp directory renamed into place at the end, so a
+    store that exists is complete: a crash mid-way leaves only the temp directory.
+    """
+    root = Path(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    work = tmp_path(root)
+    remove_stale_tmp(root.parent)
+    work.mkdir()
+    try:
+        modules = list(dict.fromkeys(split_key(k)[0] for k in ckpt.key_order))
+        # Forward order, extras last.
+        order = [m for m in _forward_order(ckpt.args) if m in modules] + ([EXTRAS] if EXTRAS in modules else [])
+        crc = {}
+        for name in progress(order):
+            tensors = ckpt.read_module(name)
+            keep_dtype = name == EXTRAS  # never trained: keep the bytes as they are
+            params = {p: (t if keep_dtype else t.to(dtype)) for p, t in tensors.items()}
+            crc[name] = write_block(work / f"{file_stem(name)}.blk", Block(step=0, params=params))
+            del tensors, params
+        manifest = {
+            "format": FORMAT,
+            "params": {k: v for k, v in vars(ckpt.args).items()},
+            "modules": order,
+            "store_dtype": DTYPE_NAMES[dtype],
+            "tensors": [[k, list(ckpt.shapes[k]), DTYPE_NAMES[ckpt.dtypes[k]]] for k in ckpt.key_order],
+            "n_shards": ckpt.n_shards,
+            "source": source_fingerprint(ckpt),
+            "crc": crc,
+        }
+        atomic_write_json(work / "manifest.json", manifest)
+        fsync_dir(work)
+        if root.exists():
+            shutil.rmtree(root)
+        os.replace(work, root)
+        fsync_dir(root.parent)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return BlockStore(root)
+
+
+def _forward_order(args: ModelArgs) -> list[str]:
+    from .model import module_names
+
+    return module_names(args)
+
+
+def open_or_prepare(ckpt: MetaCheckpoint, root: str | Path, dtype: torch.dtype,
+                    progress: Callable[[Iterator], Iterator] = lambda it: it) -> tuple[BlockStore, bool]:
+    """Reuse the store at root if it was prepared from this very checkpoint with this dtype.
+
+    Returns the store and whether it was (re)prepared.
+    """
+    root = Path(root)
+    if (root / "manifest.json").exists():
+        store = BlockStore(root)
+        if store.matches(ckpt) and store.dtype == dtype:
+            return store, False
+        log.info("%s was prepared from a different checkpoint or dtype: preparing again", root)
+    return prepare(ckpt, root, dtype, progress), True
+
+
+def export_store(store: BlockStore, out_dir: Path, *, n_shards: int | None = None,
+                 progress: Callable[[Iterator], Iterator] = lambda it: it):
+    """Export the store to out_dir in Meta's format, atomically (temp dir, then rename)."""
+    from .checkpoint import export_meta
+    from .fsutil import replace_dir
+
+    src = Path(store.source["dir"])
+    tokenizer = next((p for p in (src / "tokenizer.model", src.parent / "tokenizer.model") if p.is_file()), None)
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = tmp_path(out_dir)
+    if work.exists():
+        shutil.rmtree(work)
+    try:
+        export_meta(work, args=store.args, params_src=src / "params.json", tokenizer_src=tokenizer,
+                    tensors=store.tensors, n_shards=n_shards or store.n_shards, modules=store.modules,
+                    read_module=store.module_tensors, progress=progress)
+        replace_dir(work, out_dir)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
+__all__ = ["Block", "BlockStore", "StoreError", "prepare", "open_or_prepare", "export_store",
+           "read_block", "write_block", "full_key"]

@@ -1,0 +1,335 @@
+"""One training step over streamed modules, and resuming a step that a crash cut short.
+
+A step, for modules 0..M-1 (embedding, blocks, norm, output) and micro-batches:
+
+  forward, layer-major: for each module, for each micro-batch, cache the module's
+  input and the RNG state, run it without grad. The output module runs with grad
+  at once, since it is the turning point: its loss is known before anything is
+  written.
+  backward, in reverse: for each module, for each micro-batch, restore the RNG
+  state, recompute from the cached input, backpropagate the gradient of its
+  output; then make the gradient of its input durable, step the optimizer and
+  queue the module for an atomic write.
+
+Commit rule: each module file records its step; the journal says which step is
+in its backward pass. A resume finds the lowest module already at step+1, reloads
+the gradient that module passed down, re-runs the forward pass over the modules
+below it (still at step, with the same seeds, so the same activations) and goes on.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from . import device as dev
+from .blackbox import Streamer, materialize, to_device
+from .fsutil import atomic_write_json
+from .model import ConfigError
+from .optim import OptimConfig, step_module, stochastic_round
+from .store import Block, BlockStore, StoreError, read_block, write_block
+
+log = logging.getLogger(__name__)
+IGNORE = -100  # target id that the loss skips (masked prompt tokens, padding)
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainConfig:
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    seed: int = 0
+    dropout: float = 0.0
+    micro_batch: int | None = None  # None: the whole batch at once
+    compute_dtype: torch.dtype = torch.float32
+    act_dtype: torch.dtype = torch.float32
+    ram_budget: int | None = 0  # bytes of modules and activations kept in RAM; None: no limit
+    prefetch: bool = True
+    verify: bool = True  # check each module's checksum as it is read
+    stop_on_nonfinite_loss: bool = False
+
+
+@dataclass
+class StepResult:
+    step: int
+    loss: float
+    tokens: int
+    skipped: bool = False
+
+
+class ActivationCache:
+    """Each module's input per micro-batch, with the RNG state before it: in RAM or in scratch files."""
+
+    def __init__(self, directory: Path, in_ram: bool, dtype: torch.dtype):
+        self.dir, self.in_ram, self.dtype = directory, in_ram, dtype
+        self._ram: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        if not in_ram:
+            directory.mkdir(parents=True, exist_ok=True)
+
+    def put(self, i: int, mb: int, x: torch.Tensor, rng: torch.Tensor):
+        if x.is_floating_point():
+            x = x.to(self.dtype)
+        x = x.detach().to("cpu")
+        if self.in_ram:
+            self._ram[i, mb] = (x, rng.cpu())
+        else:
+            # Scratch: a crash loses nothing that a resume cannot recompute, so no fsync.
+            write_block(self.dir / f"act.{i}.{mb}.blk", Block(0, {"x": x, "rng": rng.cpu()}), durable=False)
+
+    def get(self, i: int, mb: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.in_ram:
+            return self._ram.pop((i, mb))
+        path = self.dir / f"act.{i}.{mb}.blk"
+        b = read_block(path, f"activation {i}.{mb}")
+        path.unlink()
+        # The RNG setter reads a whole storage: give it one of its own, not a view.
+        return b.params["x"], b.params["rng"].clone()
+
+
+class Trainer:
+    def __init__(self, store: BlockStore, work_dir: str | Path, device: torch.device, cfg: TrainConfig,
+                 progress: Callable[..., Iterator] | None = None):
+        self.store, self.device, self.cfg = store, device, cfg
+        self.work_dir = Path(work_dir)
+        self.names = store.trainable
+        self.args = store.args
+        budget = None if cfg.ram_budget is None else cfg.ram_budget
+        self.streamer = Streamer(store, ram_budget=float("inf") if budget is None else budget,
+                                 prefetch=cfg.prefetch, verify=cfg.verify)
+        self.progress = progress or (lambda it, **kw: it)
+        self.journal_path = store.root / "journal.json"
+        dev.check_compute_dtype(device, cfg.compute_dtype)
+        if not 0.0 <= cfg.dropout < 1.0:
+            raise ConfigError(f"--dropout must be in [0, 1), got {cfg.dropout}")
+
+    # ---- journal ----
+    def journal(self) -> dict:
+        try:
+            return json.loads(self.journal_path.read_text())
+        except FileNotFoundError:
+            return {"step": 0, "phase": "idle"}
+        except (ValueError, OSError) as e:
+            raise StoreError(f"{self.journal_path}: unreadable journal ({e})") from e
+
+    @property
+    def step(self) -> int:
+        return self.journal()["step"]
+
+    def _write_journal(self, j: dict):
+        self.streamer.run_in_order(lambda: atomic_write_json(self.journal_path, j))
+
+    def _grad_path(self, i: int) -> Path:
+        return self.store.root / f"grad_in.{i}.blk"
+
+    # ---- a step ----
+    def micro_batches(self, inputs: torch.Tensor, targets: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        mb = self.cfg.micro_batch or inputs.shape[0]
+        return list(zip(inputs.split(mb), targets.split(mb)))
+
+    def train_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> StepResult:
+        """Run step `self.step` on this batch (B, T) and commit it; returns its loss."""
+        step = self.step
+        mbs = self.micro_batches(inputs, targets)
+        n_tok = int((targets != IGNORE).sum())
+        if n_tok == 0:
+            raise ConfigError("batch has no target tokens")
+        acts = self._activation_cache(inputs.shape)
+        loss, out_grads = self._forward(step, mbs, acts, upto=len(self.names), n_tok=n_tok)
+        if not math.isfinite(loss):
+            msg = f"step {step}: loss is {loss}; no module was touched"
+            if self.cfg.stop_on_nonfinite_loss:
+                raise NonFiniteError(msg)
+            log.warning("%s, skipping the step", msg)
+            self._write_journal({"step": step + 1, "phase": "idle", "skipped": True})
+            self.streamer.flush()
+            return StepResult(step, loss, n_tok, skipped=True)
+        self._write_journal({"step": step, "phase": "backward", "loss": loss, "tokens": n_tok})
+        self._backward(step, mbs, acts, len(self.names) - 1, out_grads, n_tok)
+        return StepResult(step, loss, n_tok)
+
+    def _activation_cache(self, shape) -> ActivationCache:
+        b, t = shape
+        per_module = b * t * self.args.dim * self.cfg.act_dtype.itemsize
+        in_ram = self.cfg.ram_budget is None or per_module * len(self.names) <= self.cfg.ram_budget
+        return ActivationCache(self.work_dir / "acts", in_ram, self.cfg.act_dtype)
+
+    def _compute_module(self, i: int, block: Block):
+        """(module, master): with fp32 compute the module's parameters are the fp32 master
+        itself and master is None; otherwise the module holds a cast copy and master
+        holds the fp32 parameters that the optimizer updates."""
+        name, cdt = self.names[i], self.cfg.compute_dtype
+        dropout = self.cfg.dropout if name.startswith("layers.") else 0.0
+        master = to_device(block, self.device, torch.float32)
+        if cdt == torch.float32:
+            return materialize(name, self.args, master, dropout), None
+        module = materialize(name, self.args, {k: v.to(cdt) for k, v in master.items()}, dropout)
+        return module, {k: torch.nn.Parameter(v) for k, v in master.items()}
+
+    def _run(self, i: int, module, x: torch.Tensor, target: torch.Tensor | None, n_tok: int):
+        """Module i's output; for the output module, its share of the loss."""
+        if self.names[i] == "output":
+            logits = module(x)
+            return F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=IGNORE,
+                                   reduction="sum") / n_tok
+        return module(x)
+
+    def _forward(self, step: int, mbs, acts: ActivationCache, upto: int, n_tok: int):
+        """Forward pass over modules [0, upto); returns (loss, grads of the output module) when it reaches it."""
+        names, last = self.names, len(self.names) - 1
+        xs = [x.to(self.device) for x, _ in mbs]
+        rngs = []
+        for m in range(len(mbs)):
+            dev.seed_device(self.device, dev.derive_seed(self.cfg.seed, step, m))
+            rngs.append(dev.get_rng_state(self.device))
+        loss, grads = 0.0, None
+        self.streamer.prefetch(names[:1])
+        for i in self.progress(range(upto), desc="forward", leave=False):
+            block = self.streamer.get(names[i])
+            self.streamer.prefetch(names[i + 1: i + 2] if i + 1 < upto else names[last:last + 1])
+            final = i == last
+            module, master = self._compute_module(i, block)
+            for m, (_, target) in enumerate(mbs):
+                acts.put(i, m, xs[m], rngs[m])
+                dev.set_rng_state(self.device, rngs[m])
+                if final:
+                    x = xs[m].to(self.cfg.compute_dtype).requires_grad_()
+                    part = self._run(i, module, x, target.to(self.device), n_tok)
+                    part.backward()
+                    xs[m] = x.grad
+                    loss += part.item()
+                else:
+                    with torch.no_grad():
+                        x = xs[m] if i == 0 else xs[m].to(self.cfg.compute_dtype)
+                        xs[m] = self._run(i, module, x, None, n_tok)
+                rngs[m] = dev.get_rng_state(self.device)
+            if final:
+                grads = (module, master, xs)
+            del module, master, block
+            self.streamer.release(names[i])
+        return loss, grads
+
+    def _backward(self, step: int, mbs, acts: ActivationCache, start: int, out_grads, n_tok: int,
+                  grads_in: list[torch.Tensor] | None = None):
+        """Reverse pass from module `start` down to 0, updating and committing each module."""
+        names = self.names
+        if start >= 0 and start - 1 >= 0:
+            self.streamer.prefetch(names[start - 1: start])
+        for i in self.progress(range(start, -1, -1), desc="backward", leave=False):
+            name = names[i]
+            block = self.streamer.get(name)
+            if i > 0:
+                self.streamer.prefetch(names[i - 1: i])
+            if out_grads is not None and i == len(names) - 1:
+                module, master, grads_in = out_grads
+                out_grads = None
+            else:
+                module, master = self._compute_module(i, block)
+                new_grads = []
+                for m, (_, target) in enumerate(mbs):
+                    x, rng = acts.get(i, m)
+                    x = x.to(self.device)
+                    if i > 0:
+                        x = x.to(self.cfg.compute_dtype).requires_grad_()
+                    dev.set_rng_state(self.device, rng.to(torch.uint8))
+                    y = self._run(i, module, x, target.to(self.device) if name == "output" else None, n_tok)
+                    if name == "output":
+                        y.backward()
+                    else:
+                        y.backward(grads_in[m].to(y.dtype))
+                    new_grads.append(x.grad if i > 0 else None)
+                grads_in = new_grads
+            self._commit_module(step, i, block, module, master, grads_in)
+            del module, master, block
+        self._finish_step(step)
+
+    def _commit_module(self, step: int, i: int, block: Block, module, master, grads_in):
+        name = self.names[i]
+        compute = dict(module.named_parameters())
+        params = compute if master is None else master
+        if master is not None:
+            for k, p in master.items():
+                if compute[k].grad is not None:
+                    p.grad = compute[k].grad.float()
+        bad = [k for k, p in params.items() if p.grad is not None and not torch.isfinite(p.grad).all()]
+        if i > 0 and any(not torch.isfinite(g).all() for g in grads_in):
+            bad.append("input gradient")
+        if bad:
+            done = self.names[i + 1:]
+            raise NonFiniteError(f"step {step}: non-finite gradient in module {name} ({', '.join(bad)}); "
+                                 f"not written. Already updated this step: {', '.join(done) or 'none'}")
+        if i > 0:
+            # The gradient this module passes down must be durable before the module
+            # is replaced, or a crash in between could not be resumed.
+            g = Block(step, {f"g{m}": t.detach().to("cpu") for m, t in enumerate(grads_in)})
+            path = self._grad_path(i)
+            self.streamer.run_in_order(lambda: write_block(path, g))
+        new_state = step_module(self.cfg.optim, params, block.optim)
+        store_dtype = self.store.dtype
+        new_params = {}
+        for k, p in params.items():
+            t = p.detach()
+            if not torch.isfinite(t).all():
+                raise NonFiniteError(f"step {step}: update made module {name}.{k} non-finite; not written")
+            if store_dtype == torch.bfloat16 and t.dtype == torch.float32:
+                gen = torch.Generator(device=t.device).manual_seed(dev.derive_seed(self.cfg.seed, step, i, 0x5217))
+                t = stochastic_round(t, store_dtype, gen)
+            new_params[k] = t.to("cpu", store_dtype)
+        new = Block(step + 1, new_params, {k: {s: v.detach().to("cpu") for s, v in st.items()}
+                                            for k, st in new_state.items()})
+        self.streamer.put(name, new)
+        if i + 1 < len(self.names):
+            stale = self._grad_path(i + 1)
+            self.streamer.run_in_order(lambda: stale.unlink(missing_ok=True))
+
+    def _finish_step(self, step: int):
+        self._write_journal({"step": step + 1, "phase": "idle"})
+        stale = self._grad_path(1)
+        self.streamer.run_in_order(lambda: stale.unlink(missing_ok=True))
+
+    # ---- resume ----
+    def recover(self, batch_for_step: Callable[[int], tuple[torch.Tensor, torch.Tensor]]) -> StepResult | None:
+        """Finish a step that was cut short in its backward pass; None when there is none."""
+        j = self.journal()
+        step = j["step"]
+        steps = [self.store.step_of(n) for n in self.names]
+        if j["phase"] == "idle":
+            bad = [(n, s) for n, s in zip(self.names, steps) if s != step]
+            if bad:
+                raise StoreError(f"{self.store.root}: module {bad[0][0]} is at step {bad[0][1]} but the journal "
+                                 f"says step {step}: the store is inconsistent, prepare it again")
+            return None
+        k = next((i for i, s in enumerate(steps) if s == step + 1), len(steps))
+        if any(s != step for s in steps[:k]) or any(s != step + 1 for s in steps[k:]):
+            raise StoreError(f"{self.store.root}: module steps {steps} do not fit a cut-short step {step}")
+        inputs, targets = batch_for_step(step)
+        mbs = self.micro_batches(inputs, targets)
+        n_tok = j["tokens"]
+        if k == len(steps):
+            log.info("resuming step %d from its start: no module was updated yet", step)
+            self._write_journal({"step": step, "phase": "idle"})
+            return self.train_step(inputs, targets)
+        log.info("resuming step %d at module %s (%d of %d already updated)", step, self.names[k - 1],
+                 len(steps) - k, len(steps)) if k else None
+        if k > 0:
+            g = read_block(self._grad_path(k), f"gradient into {self.names[k]}")
+            if g.step != step:
+                raise StoreError(f"{self._grad_path(k)}: gradient of step {g.step}, expected {step}")
+            grads = [g.params[f"g{m}"].to(self.device) for m in range(len(mbs))]
+            acts = self._activation_cache(inputs.shape)
+            self._forward(step, mbs, acts, upto=k, n_tok=n_tok)
+            self._backward(step, mbs, acts, k - 1, None, n_tok, grads_in=grads)
+        else:
+            self._finish_step(step)
+        self.streamer.flush()
+        return StepResult(step, j["loss"], n_tok)
+
+    def close(self):
+        self.streamer.close()
