@@ -311,8 +311,11 @@ def open_or_prepare(ckpt: MetaCheckpoint, root: str | Path, dtype: torch.dtype,
 
 
 def export_store(store: BlockStore, out_dir: Path, *, n_shards: int | None = None,
-                 progress: Callable[[Iterator], Iterator] = lambda it: it):
-    """Export the store to out_dir in Meta's format, atomically (temp dir, then rename)."""
+                 progress: Callable[[Iterator], Iterator] = lambda it: it, extra_files: dict[str, bytes] | None = None):
+    """Export the store to out_dir in Meta's format, atomically (temp dir, then rename).
+
+    extra_files (name -> bytes) are written beside the shards, e.g. the run's log.
+    """
     from .checkpoint import export_meta
     from .fsutil import replace_dir
 
@@ -327,6 +330,8 @@ def export_store(store: BlockStore, out_dir: Path, *, n_shards: int | None = Non
         export_meta(work, args=store.args, params_src=src / "params.json", tokenizer_src=tokenizer,
                     tensors=store.tensors, n_shards=n_shards or store.n_shards, modules=store.modules,
                     read_module=store.module_tensors, progress=progress)
+        for name, data in (extra_files or {}).items():
+            atomic_write_bytes(work / name, [data])
         replace_dir(work, out_dir)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)

@@ -197,7 +197,8 @@ class Trainer:
             final = i == last
             module, master = self._compute_module(i, block)
             for m, (_, target) in enumerate(mbs):
-                acts.put(i, m, xs[m], rngs[m])
+                if not final:  # the output module's backward happens right here
+                    acts.put(i, m, xs[m], rngs[m])
                 dev.set_rng_state(self.device, rngs[m])
                 if final:
                     x = xs[m].to(self.cfg.compute_dtype).requires_grad_()
@@ -333,3 +334,41 @@ class Trainer:
 
     def close(self):
         self.streamer.close()
+
+
+def estimate_io(store: BlockStore, cfg: TrainConfig, batch_shape: tuple[int, int]) -> dict:
+    """Disk bytes one steady-state step reads and writes, by replaying the streamer's cache policy."""
+    b, t = batch_shape
+    names = store.trainable
+    n_state = {"sgd": 1 if cfg.optim.momentum else 0, "adamw": 2}[cfg.optim.name]
+    size = {}
+    for n in names:
+        block = store.read(n, verify=False)
+        have = sum(1 for _ in next(iter(block.optim.values()), {}))
+        numel = sum(p.numel() for p in block.params.values())
+        extra = max(0, n_state - have) * numel * 4
+        size[n] = store.path(n).stat().st_size + extra
+    budget = float("inf") if cfg.ram_budget is None else cfg.ram_budget
+    cache: dict[str, int] = {}
+
+    def touch(n) -> int:
+        hit = n in cache
+        cache.pop(n, None)
+        cache[n] = size[n]
+        while len(cache) > 1 and sum(cache.values()) > budget:
+            cache.pop(next(iter(cache)))
+        return 0 if hit else size[n]
+
+    reads = 0
+    for rep in range(2):  # the second step is the steady state
+        reads = sum(touch(n) for n in names) + sum(touch(n) for n in reversed(names))
+    act = b * t * store.args.dim * cfg.act_dtype.itemsize
+    per_act = act + 5056 + 320  # input, cpu RNG state, header and padding
+    in_ram = cfg.ram_budget is None or act * len(names) <= cfg.ram_budget
+    n_acts = len(names) - 1  # the output module's input is never cached
+    # The embedding's input is token ids, the others' hidden states.
+    act_bytes = 0 if in_ram else (per_act - act + b * t * 8) + (n_acts - 1) * per_act
+    grad_bytes = (len(names) - 1) * (b * t * store.args.dim * cfg.compute_dtype.itemsize + 400)
+    written = sum(size.values()) + act_bytes + grad_bytes + 2 * 200
+    return {"read": reads + act_bytes, "written": written, "store": sum(size.values()),
+            "activations": act_bytes, "gradients": grad_bytes}

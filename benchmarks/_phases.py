@@ -1,0 +1,359 @@
+"""Benchmark phases, each meant to run in a fresh Python process of its own.
+
+    python benchmarks/_phases.py PHASE '{"json": "config"}'
+
+prints the phase's result as one JSON object on the last line of stdout. The
+bench_*.py scripts start one such process per phase, so that each phase's peak
+resident memory is its own: the peak is read from /proc/self/status (VmHWM, the
+high-water mark of this process's address space, which exec starts afresh), or
+from getrusage's ru_maxrss where there is no /proc. ru_maxrss alone is not used
+on Linux because after exec it keeps the high-water mark of the (v)forked
+parent, which would charge the orchestrating process's memory to the child.
+
+Phases: generate (write a random Meta checkpoint), prepare (checkpoint -> block
+store), stream (slowllama's streamed Trainer), inmem (the whole model in memory
+with torch.optim.SGD, the reference).
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = ROOT / "test_data" / "corpus.txt"
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
+# ---- memory ----------------------------------------------------------------
+
+def _proc_status(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    return None
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size in bytes."""
+    hwm = _proc_status("VmHWM")
+    if hwm is not None:
+        return hwm
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r if sys.platform == "darwin" else r * 1024  # bytes on macOS, kB elsewhere
+
+
+def rss_bytes() -> int:
+    rss = _proc_status("VmRSS")
+    if rss is not None:
+        return rss
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss
+    except ImportError:
+        return peak_rss_bytes()
+
+
+# ---- running a phase in a child process -------------------------------------
+
+def run_phase(phase: str, cfg: dict) -> dict:
+    """Run one phase in a fresh interpreter; its stderr passes through, its result comes back."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), phase, json.dumps(cfg)]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=str(ROOT))
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stdout.splitlines()[-20:])
+        raise SystemExit(f"benchmark phase {phase!r} failed with exit status {proc.returncode}\n{tail}")
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+    return json.loads(lines[-1])
+
+
+def dir_bytes(path: str | Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def disk_bandwidth(directory: str | Path, nbytes: int = 512 << 20, chunk: int = 8 << 20) -> dict:
+    """Write nbytes to a file in directory and fsync it, then read it back twice.
+
+    Caches cannot be dropped without root, so the first read is "warm" (served
+    from the page cache the write just filled: a memory-speed upper bound). The
+    second read follows posix_fadvise(DONTNEED), which evicts the file's clean
+    pages without root; a VM's host may still cache them, so it is an estimate
+    of cold reads, not a guarantee.
+    """
+    path = Path(directory) / f".bench_bw.{os.getpid()}"
+    block = os.urandom(chunk)
+    out = {"test_bytes": nbytes}
+    try:
+        t0 = time.perf_counter()
+        with open(path, "wb", buffering=0) as f:
+            left = nbytes
+            while left > 0:
+                n = f.write(block[: min(chunk, left)])
+                left -= n
+            os.fsync(f.fileno())
+        out["write_fsync_GBps"] = nbytes / (time.perf_counter() - t0) / 1e9
+        buf = bytearray(chunk)
+
+        def read_all() -> float:
+            t = time.perf_counter()
+            with open(path, "rb", buffering=0) as f:
+                while f.readinto(buf):
+                    pass
+            return nbytes / (time.perf_counter() - t) / 1e9
+
+        out["read_warm_GBps"] = read_all()
+        if hasattr(os, "posix_fadvise"):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+            out["read_after_fadvise_dontneed_GBps"] = read_all()
+        else:
+            out["read_after_fadvise_dontneed_GBps"] = None
+    finally:
+        path.unlink(missing_ok=True)
+    return out
+
+
+def parse_bytes(s: str) -> int | None:
+    """'none' -> None; '0', '4096', '512M', '2G' -> bytes."""
+    s = s.strip().lower()
+    if s in ("none", "inf", "unlimited"):
+        return None
+    mult = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    if s and s[-1] in mult:
+        return int(float(s[:-1]) * mult[s[-1]])
+    if s.endswith("b") and len(s) > 1 and s[-2] in mult:
+        return int(float(s[:-2]) * mult[s[-2]])
+    return int(s)
+
+
+# ---- the phases (run in the child) -----------------------------------------
+
+def _imports():
+    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT / "tools"))
+
+
+def _device_info(torch, device) -> dict:
+    info = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _batch(torch, vocab: int, batch: int, seq: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, vocab, (batch, seq + 1), generator=g)
+    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+
+def _sync(torch, device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _gpu_peak(torch, device) -> dict:
+    if device.type != "cuda":
+        return {}
+    return {"peak_gpu_allocated_bytes": torch.cuda.max_memory_allocated(device),
+            "peak_gpu_reserved_bytes": torch.cuda.max_memory_reserved(device)}
+
+
+def phase_generate(cfg: dict) -> dict:
+    _imports()
+    import torch
+    from make_test_model import make_test_model
+
+    t0 = time.perf_counter()
+    make_test_model(cfg["out"], text=cfg.get("text", str(CORPUS)), dim=cfg["dim"], n_layers=cfg["n_layers"],
+                    n_heads=cfg["n_heads"], n_kv_heads=cfg.get("n_kv_heads"), vocab_size=cfg["vocab_size"],
+                    multiple_of=cfg["multiple_of"], n_shards=cfg.get("n_shards", 1),
+                    dtype=getattr(torch, cfg["dtype"]), seed=cfg.get("seed", 0))
+    out = Path(cfg["out"])
+    return {"seconds": time.perf_counter() - t0, "checkpoint_bytes": dir_bytes(out),
+            "shard_bytes": sum(p.stat().st_size for p in out.glob("consolidated.*.pth")),
+            "peak_rss_bytes": peak_rss_bytes()}
+
+
+def phase_prepare(cfg: dict) -> dict:
+    _imports()
+    import torch
+    from slowllama.checkpoint import MetaCheckpoint
+    from slowllama.fsutil import IO
+    from slowllama.store import prepare
+
+    base = rss_bytes()
+    ckpt = MetaCheckpoint(cfg["ckpt"])
+    n_params = sum(_numel(s) for s in ckpt.shapes.values())
+    r0, w0 = IO.snapshot()
+    t0 = time.perf_counter()
+    store = prepare(ckpt, cfg["store"], getattr(torch, cfg["store_dtype"]))
+    seconds = time.perf_counter() - t0
+    r1, w1 = IO.snapshot()
+    store_bytes = store.nbytes()
+    return {"seconds": seconds, "store_bytes": store_bytes, "store_GBps": store_bytes / seconds / 1e9,
+            "io_bytes_written": w1 - w0, "io_bytes_read": r1 - r0,
+            "shard_bytes": sum(p.stat().st_size for p in ckpt.shards), "n_params": n_params,
+            "vocab_size": ckpt.args.vocab_size, "ffn_hidden_dim": ckpt.args.ffn_hidden_dim,
+            "rss_baseline_bytes": base, "peak_rss_bytes": peak_rss_bytes()}
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def phase_stream(cfg: dict) -> dict:
+    _imports()
+    import torch
+    from slowllama.fsutil import IO
+    from slowllama.optim import OptimConfig
+    from slowllama.store import BlockStore
+    from slowllama.trainer import TrainConfig, Trainer
+
+    device = torch.device(cfg["device"])
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    base = rss_bytes()
+    store = BlockStore(cfg["store"])
+    inputs, targets = _batch(torch, store.args.vocab_size, cfg["batch"], cfg["seq"], cfg["seed"])
+    tc = TrainConfig(optim=OptimConfig("sgd", lr=cfg["lr"]), seed=cfg["seed"], dropout=0.0,
+                     micro_batch=cfg.get("micro_batch"), compute_dtype=getattr(torch, cfg["compute_dtype"]),
+                     act_dtype=getattr(torch, cfg.get("act_dtype", "float32")), ram_budget=cfg["ram_budget"],
+                     prefetch=cfg["prefetch"], verify=cfg.get("verify", True))
+    trainer = Trainer(store, cfg["train_dir"], device, tc)
+    losses, warm_s, step_s = [], [], []
+    try:
+        for _ in range(cfg["warmup"]):
+            t = time.perf_counter()
+            losses.append(trainer.train_step(inputs, targets).loss)
+            trainer.streamer.flush()
+            _sync(torch, device)
+            warm_s.append(time.perf_counter() - t)
+        r0, w0 = IO.snapshot()
+        t0 = time.perf_counter()
+        for _ in range(cfg["steps"]):
+            t = time.perf_counter()
+            losses.append(trainer.train_step(inputs, targets).loss)
+            step_s.append(time.perf_counter() - t)
+        # Writes are queued to a background thread: count them in the timed steps.
+        trainer.streamer.flush()
+        _sync(torch, device)
+        total = time.perf_counter() - t0
+        r1, w1 = IO.snapshot()
+    finally:
+        trainer.close()
+    k = max(cfg["steps"], 1)
+    return {"s_per_step": total / k, "step_s": step_s, "warmup_s": warm_s, "losses": losses,
+            "bytes_read_per_step": (r1 - r0) / k, "bytes_written_per_step": (w1 - w0) / k,
+            "store_bytes_after": store.nbytes(), "rss_baseline_bytes": base, "peak_rss_bytes": peak_rss_bytes(),
+            **_gpu_peak(torch, device), **_device_info(torch, device)}
+
+
+def phase_inmem(cfg: dict) -> dict:
+    """The whole model in memory, torch.optim.SGD over all parameters.
+
+    Weights come from the checkpoint, cast to the store's dtype and then to fp32,
+    exactly as prepare() and the trainer see them. With bfloat16 compute the model
+    is run as the trainer runs each module: a bf16 copy computes, its gradients
+    update an fp32 master copy, and the bf16 copy is refreshed from it.
+    """
+    _imports()
+    import copy
+
+    import torch
+    import torch.nn.functional as F
+    from slowllama.checkpoint import EXTRAS, MetaCheckpoint
+    from slowllama.model import Transformer, module_names
+
+    device = torch.device(cfg["device"])
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    base = rss_bytes()
+    ckpt = MetaCheckpoint(cfg["ckpt"])
+    args = ckpt.args
+    store_dtype = getattr(torch, cfg["store_dtype"])
+    cdt = getattr(torch, cfg["compute_dtype"])
+    with torch.device("meta"):
+        model = Transformer(args, dropout=0.0)
+    sd = {}
+    for m in module_names(args):
+        if m == EXTRAS:
+            continue
+        for p, t in ckpt.read_module(m).items():
+            sd[f"{m}.{p}"] = t.to(store_dtype).float()
+    model.load_state_dict(sd, strict=True, assign=True)
+    del sd
+    model.to(device)
+    master = model
+    compute = model if cdt == torch.float32 else copy.deepcopy(model).to(cdt)
+    opt = torch.optim.SGD(master.parameters(), lr=cfg["lr"])
+    inputs, targets = _batch(torch, args.vocab_size, cfg["batch"], cfg["seq"], cfg["seed"])
+    inputs, targets = inputs.to(device), targets.to(device)
+    mb = cfg.get("micro_batch") or inputs.shape[0]
+    n_tok = targets.numel()
+
+    def step() -> float:
+        opt.zero_grad(set_to_none=True)
+        if compute is not master:
+            compute.zero_grad(set_to_none=True)
+        loss = 0.0
+        for x, y in zip(inputs.split(mb), targets.split(mb)):
+            logits = compute(x)
+            part = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum") / n_tok
+            part.backward()
+            loss += part.item()
+        if compute is not master:
+            for pm, pc in zip(master.parameters(), compute.parameters()):
+                pm.grad = None if pc.grad is None else pc.grad.float()
+        opt.step()
+        if compute is not master:
+            with torch.no_grad():
+                for pm, pc in zip(master.parameters(), compute.parameters()):
+                    pc.copy_(pm)
+        return loss
+
+    losses, warm_s, step_s = [], [], []
+    for _ in range(cfg["warmup"]):
+        t = time.perf_counter()
+        losses.append(step())
+        _sync(torch, device)
+        warm_s.append(time.perf_counter() - t)
+    t0 = time.perf_counter()
+    for _ in range(cfg["steps"]):
+        t = time.perf_counter()
+        losses.append(step())
+        _sync(torch, device)
+        step_s.append(time.perf_counter() - t)
+    total = time.perf_counter() - t0
+    return {"s_per_step": total / max(cfg["steps"], 1), "step_s": step_s, "warmup_s": warm_s, "losses": losses,
+            "rss_baseline_bytes": base, "peak_rss_bytes": peak_rss_bytes(),
+            **_gpu_peak(torch, device), **_device_info(torch, device)}
+
+
+PHASES = {"generate": phase_generate, "prepare": phase_prepare, "stream": phase_stream, "inmem": phase_inmem}
+
+
+def main():
+    if len(sys.argv) != 3 or sys.argv[1] not in PHASES:
+        raise SystemExit(f"usage: {sys.argv[0]} {{{','.join(PHASES)}}} JSON_CONFIG")
+    result = PHASES[sys.argv[1]](json.loads(sys.argv[2]))
+    sys.stdout.flush()
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

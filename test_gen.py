@@ -1,0 +1,49 @@
+"""Print a greedy completion from a Meta-format checkpoint (original or tuned), streaming its modules.
+
+    python test_gen.py path/to/llama-2-7b [cpu|cuda|mps] --prompt "Hello" --max-new-tokens 50
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from slowllama.checkpoint import MetaCheckpoint
+from slowllama.device import pick_device
+from slowllama.generate import ModuleCache, complete
+from slowllama.model import ConfigError
+from slowllama.tokenizer import Tokenizer
+
+
+def generate_text(*, model_dir: str, device: str = "auto", prompt: str, max_new_tokens: int) -> str:
+    if max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    torch_device = pick_device(device)
+    ckpt = MetaCheckpoint(model_dir)
+    if ckpt.tokenizer is None:
+        raise ConfigError(f"{model_dir}: no tokenizer.model here or in its parent directory")
+    # Computing in fp32 keeps greedy decoding identical on every device that has fp32 kernels.
+    cache = ModuleCache(ckpt.args, ckpt.read_module, torch_device, torch.float32)
+    return complete(cache, Tokenizer(ckpt.tokenizer), prompt, max_new_tokens)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("model_dir", help="Meta checkpoint folder")
+    p.add_argument("device", nargs="?", default="auto", help="auto, cpu, cuda or mps")
+    p.add_argument("--prompt", default="The", help="text to complete")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate")
+    a = p.parse_args(argv)
+    try:
+        text = generate_text(model_dir=a.model_dir, device=a.device, prompt=a.prompt, max_new_tokens=a.max_new_tokens)
+    except (ConfigError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(a.prompt + text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
