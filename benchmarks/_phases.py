@@ -145,6 +145,11 @@ def _imports():
     sys.path.insert(0, str(ROOT / "tools"))
 
 
+def _set_threads(torch, cfg: dict):
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg["threads"]))
+
+
 def _device_info(torch, device) -> dict:
     info = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads()}
     if device.type == "cuda":
@@ -193,6 +198,7 @@ def phase_prepare(cfg: dict) -> dict:
     from slowllama.fsutil import IO
     from slowllama.store import prepare
 
+    _set_threads(torch, cfg)
     base = rss_bytes()
     ckpt = MetaCheckpoint(cfg["ckpt"])
     n_params = sum(_numel(s) for s in ckpt.shapes.values())
@@ -224,6 +230,7 @@ def phase_stream(cfg: dict) -> dict:
     from slowllama.store import BlockStore
     from slowllama.trainer import TrainConfig, Trainer
 
+    _set_threads(torch, cfg)
     device = torch.device(cfg["device"])
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -279,6 +286,7 @@ def phase_inmem(cfg: dict) -> dict:
     from slowllama.checkpoint import EXTRAS, MetaCheckpoint
     from slowllama.model import Transformer, module_names
 
+    _set_threads(torch, cfg)
     device = torch.device(cfg["device"])
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -78,7 +78,7 @@ def encode_block(block: Block) -> tuple[list, int]:
         t = t.detach().to("cpu").contiguous()
         if t.dtype not in DTYPE_NAMES:
             raise TypeError(f"cannot store {name} of dtype {t.dtype}")
-        raw = t.view(torch.uint8).reshape(-1).numpy() if t.numel() else b""
+        raw = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
         tensors.append([name, DTYPE_NAMES[t.dtype], list(t.shape), offset])
         views.append(raw)
         crc = zlib.crc32(raw, crc)

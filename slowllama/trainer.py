@@ -106,6 +106,7 @@ class Trainer:
                                  prefetch=cfg.prefetch, verify=cfg.verify)
         self.progress = progress or (lambda it, **kw: it)
         self.journal_path = store.root / "journal.json"
+        self._step = self.journal()["step"]
         dev.check_compute_dtype(device, cfg.compute_dtype)
         if not 0.0 <= cfg.dropout < 1.0:
             raise ConfigError(f"--dropout must be in [0, 1), got {cfg.dropout}")
@@ -121,9 +122,12 @@ class Trainer:
 
     @property
     def step(self) -> int:
-        return self.journal()["step"]
+        """The next step to run. The journal on disk may lag behind it while writes are queued."""
+        return self._step
 
     def _write_journal(self, j: dict):
+        if j["phase"] == "idle":
+            self._step = j["step"]
         self.streamer.run_in_order(lambda: atomic_write_json(self.journal_path, j))
 
     def _grad_path(self, i: int) -> Path:

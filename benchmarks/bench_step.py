@@ -1,0 +1,144 @@
+"""Streamed training step vs the same step with the whole model in memory.
+
+    python benchmarks/bench_step.py --dim 1024 --n-layers 16 --n-heads 16 --batch 4 --seq 256 --steps 3
+
+Generates a Meta checkpoint with random weights (in a temp dir unless --workdir),
+prepares a block store from it, then runs 1 warm-up + K steps of slowllama's
+streamed Trainer and 1 warm-up + K steps of the in-memory reference (the same
+model, batch and SGD learning rate), and prints one JSON object.
+
+Each phase (generate, prepare, in-memory, streamed) runs in a fresh Python
+process of its own (see benchmarks/_phases.py), so the peak RSS reported for a
+phase is that phase's alone and not the maximum of everything run before it;
+the peak is the kernel's high-water mark (VmHWM), so short spikes that a
+sampling thread could miss are counted too. Each peak includes the interpreter
+and torch themselves; "rss_baseline_bytes" is the RSS measured right after the
+imports, for reference.
+
+Figures:
+  streamed / in_memory: s_per_step (mean of the K timed steps; for the streamed
+    run the background writes are flushed inside the timed region), losses,
+    peak RSS (and peak GPU memory on cuda).
+  streamed bytes_read_per_step / bytes_written_per_step: deltas of
+    slowllama.fsutil.IO over the timed steps (store modules, activation scratch
+    files, gradients handed down, journal).
+  disk: a 512 MB write+fsync and read-back in the work dir. Caches cannot be
+    dropped without root, so "read_warm" comes from the page cache; a second read
+    after posix_fadvise(DONTNEED) estimates cold reads (a VM host may still cache).
+  floors: io_s_per_step = bytes read / read bandwidth (after fadvise, else warm)
+    + bytes written / write+fsync bandwidth; compute_s_per_step = in-memory step
+    time x 4/3 (the streamed step recomputes the forward pass of every module).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _phases import DTYPE_NAMES, disk_bandwidth, parse_bytes, run_phase  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dim", type=int, default=1024)
+    p.add_argument("--n-layers", type=int, default=16)
+    p.add_argument("--n-heads", type=int, default=16)
+    p.add_argument("--n-kv-heads", type=int, default=None)
+    p.add_argument("--vocab-size", type=int, default=320,
+                   help="tokenizer pieces asked for (>= ~300 for byte fallback; may come out smaller)")
+    p.add_argument("--multiple-of", type=int, default=256)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
+    p.add_argument("--micro-batch", type=int, default=None)
+    p.add_argument("--ram-budget", type=parse_bytes, default=0,
+                   help="bytes (suffix K/M/G allowed) of modules and activations kept in RAM; 'none' = no limit")
+    p.add_argument("--no-prefetch", action="store_true")
+    p.add_argument("--compute-dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--store-dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--ckpt-dtype", choices=list(DTYPE_NAMES), default="bfloat16",
+                   help="dtype of the generated checkpoint (real Llama: bfloat16)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads in the phases (default: torch's choice)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workdir", default=None, help="keep the checkpoint and store here (default: a temp dir)")
+    p.add_argument("--bw-mb", type=int, default=512, help="size of the disk bandwidth test file, MB")
+    p.add_argument("--skip-in-memory", action="store_true", help="only the streamed run (no reference)")
+    a = p.parse_args()
+    if a.steps < 1:
+        p.error("--steps must be at least 1")
+
+    tmp = None
+    if a.workdir:
+        work = Path(a.workdir).resolve()
+        work.mkdir(parents=True, exist_ok=True)
+    else:
+        tmp = tempfile.mkdtemp(prefix="slowllama-bench-")
+        work = Path(tmp)
+    try:
+        result = run(a, work)
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+    print(json.dumps(result, indent=1))
+
+
+def run(a, work: Path) -> dict:
+    ckpt, store, train_dir = work / "ckpt", work / "store", work / "train"
+    for d in (ckpt, store, train_dir):
+        if d.exists():
+            shutil.rmtree(d)
+    t_all = time.perf_counter()
+    # Other processes on the machine skew the timings: the load average says how busy it was.
+    load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    gen = run_phase("generate", {
+        "out": str(ckpt), "dim": a.dim, "n_layers": a.n_layers, "n_heads": a.n_heads, "n_kv_heads": a.n_kv_heads,
+        "vocab_size": a.vocab_size, "multiple_of": a.multiple_of, "dtype": a.ckpt_dtype, "seed": a.seed})
+    prep = run_phase("prepare", {"ckpt": str(ckpt), "store": str(store), "store_dtype": a.store_dtype,
+                                 "threads": a.threads})
+    disk = disk_bandwidth(work, a.bw_mb << 20)
+    common = {"ckpt": str(ckpt), "store": str(store), "store_dtype": a.store_dtype, "device": a.device,
+              "batch": a.batch, "seq": a.seq, "micro_batch": a.micro_batch, "compute_dtype": a.compute_dtype,
+              "lr": a.lr, "seed": a.seed, "threads": a.threads, "warmup": 1, "steps": a.steps}
+    inmem = None if a.skip_in_memory else run_phase("inmem", common)
+    stream = run_phase("stream", {**common, "train_dir": str(train_dir), "ram_budget": a.ram_budget,
+                                  "prefetch": not a.no_prefetch})
+
+    read_bw = disk.get("read_after_fadvise_dontneed_GBps") or disk["read_warm_GBps"]
+    rd, wr = stream["bytes_read_per_step"], stream["bytes_written_per_step"]
+    io_floor = rd / (read_bw * 1e9) + wr / (disk["write_fsync_GBps"] * 1e9)
+    io_floor_warm = rd / (disk["read_warm_GBps"] * 1e9) + wr / (disk["write_fsync_GBps"] * 1e9)
+    out = {
+        "config": {k: v for k, v in vars(a).items() if k != "workdir"},
+        "model": {"n_params": prep["n_params"], "vocab_size": prep["vocab_size"],
+                  "ffn_hidden_dim": prep["ffn_hidden_dim"], "checkpoint_bytes": gen["shard_bytes"],
+                  "store_bytes": prep["store_bytes"], "generate_s": gen["seconds"]},
+        "prepare": {"seconds": prep["seconds"], "store_GBps_written": prep["store_GBps"],
+                    "peak_rss_bytes": prep["peak_rss_bytes"], "rss_baseline_bytes": prep["rss_baseline_bytes"]},
+        "streamed": stream,
+        "in_memory": inmem,
+        "disk": disk,
+        "floors": {"io_s_per_step": io_floor, "io_s_per_step_warm_read": io_floor_warm},
+    }
+    if inmem is not None:
+        compute_floor = inmem["s_per_step"] * 4 / 3
+        out["ratio_streamed_over_in_memory"] = stream["s_per_step"] / inmem["s_per_step"]
+        out["floors"]["compute_s_per_step"] = compute_floor
+        out["floors"]["streamed_over_max_floor"] = stream["s_per_step"] / max(compute_floor, io_floor)
+        n = min(len(stream["losses"]), len(inmem["losses"]))
+        out["loss_max_abs_diff"] = max(abs(x - y) for x, y in zip(stream["losses"][:n], inmem["losses"][:n]))
+    out["wall_s"] = time.perf_counter() - t_all
+    out["loadavg_1m_before_after"] = [load0, os.getloadavg()[0] if hasattr(os, "getloadavg") else None]
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""Shared fixtures: small Meta-format checkpoints made by tools/make_test_model.py."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT / "tools"))
+
+from make_test_model import make_test_model  # noqa: E402
+
+CORPUS = ROOT / "test_data" / "corpus.txt"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes more than a few seconds")
+    config.addinivalue_line("markers", "gpu: needs a CUDA device")
+
+
+@pytest.fixture(scope="session")
+def model_factory(tmp_path_factory):
+    """make(name, **shape) -> checkpoint dir, cached for the session (treat it as read-only)."""
+    made = {}
+
+    def make(name: str = "base", **kw):
+        if name not in made:
+            made[name] = make_test_model(tmp_path_factory.mktemp(f"model-{name}"), text=CORPUS, **kw)
+        return made[name]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def gqa_model(model_factory):
+    """2 shards, GQA, ffn_dim_multiplier and rope.freqs: the awkward parts of real checkpoints."""
+    return model_factory("gqa", dim=64, n_layers=3, n_heads=4, n_kv_heads=2, n_shards=2,
+                         ffn_dim_multiplier=1.3, rope_freqs=True)

@@ -1,0 +1,57 @@
+"""Plain in-memory PyTorch: the whole model as one nn.Module, autograd and torch.optim."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from slowllama.checkpoint import EXTRAS, MetaCheckpoint
+from slowllama.device import derive_seed
+from slowllama.model import Transformer
+from slowllama.trainer import IGNORE
+
+
+def reference_model(model_dir, dropout: float = 0.0, dtype=torch.float32) -> Transformer:
+    ckpt = MetaCheckpoint(model_dir)
+    model = Transformer(ckpt.args, dropout=dropout)
+    sd = {}
+    for module in dict.fromkeys(k.split(".")[0] if not k.startswith("layers.") else ".".join(k.split(".")[:2])
+                                for k in ckpt.key_order):
+        if module == "rope":
+            continue
+        for param, t in ckpt.read_module(module).items():
+            sd[f"{module}.{param}"] = t.to(dtype)
+    model.load_state_dict(sd, strict=True)
+    return model
+
+
+def reference_step(model, opt, inputs, targets, *, seed: int, step: int, micro_batch: int | None = None) -> float:
+    """One step with the trainer's RNG convention: each micro-batch's forward starts from seed (seed, step, mb)."""
+    n_tok = int((targets != IGNORE).sum())
+    mb = micro_batch or inputs.shape[0]
+    loss = 0.0
+    for m, (x, y) in enumerate(zip(inputs.split(mb), targets.split(mb))):
+        torch.manual_seed(derive_seed(seed, step, m))
+        logits = model(x)
+        part = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="sum") / n_tok
+        part.backward()
+        loss += part.item()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
+
+def random_batch(vocab: int, batch: int, seq: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    toks = torch.randint(0, vocab, (batch, seq + 1), generator=g)
+    return toks[:, :-1], toks[:, 1:].clone()
+
+
+def stored_params(store) -> dict[str, torch.Tensor]:
+    out = {}
+    for m in store.trainable:
+        for p, t in store.read(m).params.items():
+            out[f"{m}.{p}"] = t
+    return out
+
+
+__all__ = ["reference_model", "reference_step", "random_batch", "stored_params", "EXTRAS"]
