@@ -18,6 +18,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from . import faults
 from .model import ConfigError, ModelArgs, module_names
 
 log = logging.getLogger(__name__)
@@ -376,6 +377,7 @@ def export_meta(
             axis = split_axis(key)
             for s, w in enumerate(writers):
                 w.write(key, t if axis is None else t.chunk(n_shards, dim=axis)[s])
+        faults.point("export_module")
     for w in writers:
         w.close()
     shutil.copyfile(params_src, out_dir / "params.json")

@@ -7,6 +7,8 @@ import shutil
 import threading
 from pathlib import Path
 
+from . import faults
+
 
 class IOStats:
     """Bytes this process read from and wrote to its store, activations and exports."""
@@ -63,9 +65,12 @@ def atomic_write_bytes(path: Path, chunks, durable: bool = True):
                 f.write(c)
                 n += len(memoryview(c).cast("B"))
             f.flush()
+            faults.point("before_fsync")
             if durable:
                 os.fsync(f.fileno())
+        faults.point("before_rename")
         os.replace(tmp, path)
+        faults.point("after_rename")
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -90,6 +95,7 @@ def replace_dir(src: Path, dst: Path):
         shutil.rmtree(old)
     if dst.exists():
         os.replace(dst, old)
+    faults.point("export_swap")
     os.replace(src, dst)
     fsync_dir(dst.parent)
     if old.exists():

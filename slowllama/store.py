@@ -25,6 +25,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from . import faults
 from .checkpoint import EXTRAS, MetaCheckpoint, full_key, split_key
 from .fsutil import IO, atomic_write_bytes, atomic_write_json, fsync_dir, remove_stale_tmp, tmp_path
 from .model import ConfigError, ModelArgs
@@ -266,6 +267,7 @@ def prepare(
             keep_dtype = name == EXTRAS  # never trained: keep the bytes as they are
             params = {p: (t if keep_dtype else t.to(dtype)) for p, t in tensors.items()}
             crc[name] = write_block(work / f"{file_stem(name)}.blk", Block(step=0, params=params))
+            faults.point("prepare_module")
             del tensors, params
         manifest = {
             "format": FORMAT,

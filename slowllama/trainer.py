@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from . import device as dev
+from . import faults
 from .blackbox import Streamer, materialize, to_device
 from .fsutil import atomic_write_json
 from .model import ConfigError
@@ -199,6 +200,7 @@ class Trainer:
             block = self.streamer.get(names[i])
             self.streamer.prefetch(names[i + 1: i + 2] if i + 1 < upto else names[last:last + 1])
             final = i == last
+            faults.point("forward")
             module, master = self._compute_module(i, block)
             for m, (_, target) in enumerate(mbs):
                 if not final:  # the output module's backward happens right here
@@ -228,6 +230,7 @@ class Trainer:
         if start >= 0 and start - 1 >= 0:
             self.streamer.prefetch(names[start - 1: start])
         for i in self.progress(range(start, -1, -1), desc="backward", leave=False):
+            faults.point("backward")
             name = names[i]
             block = self.streamer.get(name)
             if i > 0:
