@@ -277,6 +277,10 @@ def phase_inmem(cfg: dict) -> dict:
     exactly as prepare() and the trainer see them. With bfloat16 compute the model
     is run as the trainer runs each module: a bf16 copy computes, its gradients
     update an fp32 master copy, and the bf16 copy is refreshed from it.
+    With a float32 store its losses equal the streamed run's exactly; with a
+    bfloat16 store the trainer stochastically rounds each module to bf16 after its
+    update while this reference keeps the fp32 master, so the losses part after
+    the first step (by design, not a fault).
     """
     _imports()
     import copy

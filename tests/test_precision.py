@@ -1,0 +1,62 @@
+"""The 16-bit store: stochastic rounding is unbiased, reproducible, and keeps small updates."""
+import torch
+
+from slowllama.checkpoint import MetaCheckpoint
+from slowllama.optim import OptimConfig, stochastic_round
+from slowllama.store import prepare
+from slowllama.trainer import TrainConfig, Trainer
+from tests.reference import random_batch, reference_model, stored_params
+
+
+def test_stochastic_rounding_is_unbiased():
+    g = torch.Generator().manual_seed(0)
+    x = torch.tensor([0.01234567, -0.0456789, 1.0000123, 3.3e-5, -7.77e-3])
+    n = 200_000
+    r = stochastic_round(x.expand(n, -1).contiguous(), torch.bfloat16, g).float()
+    lo = x.to(torch.bfloat16).float()
+    # every draw is within one bf16 step of x
+    spacing = (torch.nextafter(lo.to(torch.bfloat16), torch.tensor(float("inf"), dtype=torch.bfloat16)).float() - lo).abs()
+    assert ((r - x).abs() <= 2 * spacing).all()
+    # the mean converges to x, far closer than round-to-nearest gets
+    err = (r.mean(0) - x).abs()
+    assert (err < spacing * 0.02).all(), (err, spacing)
+    assert (err < (lo - x).abs() + 1e-12).all()
+
+
+def test_stochastic_rounding_keeps_specials_and_exact_values():
+    g = torch.Generator().manual_seed(1)
+    x = torch.tensor([0.0, 1.0, -2.0, float("inf"), float("-inf"), 0.5])
+    assert torch.equal(stochastic_round(x, torch.bfloat16, g), x.to(torch.bfloat16))
+    assert stochastic_round(torch.tensor([float("nan")]), torch.bfloat16, g).isnan().all()
+
+
+def _train(model_dir, work, store_dtype, lr, steps, vocab, seed=0):
+    store = prepare(MetaCheckpoint(model_dir), work / "store", store_dtype)
+    tr = Trainer(store, work, torch.device("cpu"), TrainConfig(optim=OptimConfig("adamw", lr=lr), seed=seed))
+    for i in range(steps):
+        tr.train_step(*random_batch(vocab, 2, 16, i))
+    tr.close()
+    return store
+
+
+def test_bf16_store_is_reproducible_and_keeps_small_updates(model_factory, tmp_path):
+    src = model_factory("bf16-store", dim=64, n_layers=2, n_heads=4, dtype=torch.bfloat16)
+    vocab = MetaCheckpoint(src).args.vocab_size
+    lr, steps = 1e-5, 6  # AdamW moves weights by ~lr per step: under half a bf16 step for most
+    a = _train(src, tmp_path / "a", torch.bfloat16, lr, steps, vocab)
+    b = _train(src, tmp_path / "b", torch.bfloat16, lr, steps, vocab)
+    f = _train(src, tmp_path / "f", torch.float32, lr, steps, vocab)
+    assert a.read("layers.0").params["attention.wq.weight"].dtype == torch.bfloat16
+    pa, pb, pf = stored_params(a), stored_params(b), stored_params(f)
+    assert sum(t.nbytes for t in pa.values()) * 2 == sum(t.nbytes for t in pf.values())
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    start = reference_model(src).state_dict()
+    # Round-to-nearest of each step would keep the weights where they were.
+    moved_f = sum((pf[k] - start[k]).abs().sum() for k in start)
+    moved_sr = sum((pa[k].float() - start[k]).abs().sum() for k in start)
+    assert 0.5 < moved_sr / moved_f < 2.0, (moved_sr, moved_f)
+    # and it points where the fp32 update points. Each weight moves by 0 or one whole bf16
+    # step, so the agreement is partial, but an unrelated direction would give ~1/sqrt(n) = 0.003.
+    du = torch.cat([(pa[k].float() - start[k]).flatten() for k in start])
+    df = torch.cat([(pf[k] - start[k]).flatten() for k in start])
+    assert torch.nn.functional.cosine_similarity(du, df, dim=0) > 0.1
