@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 from slowllama.model import ConfigError
-from slowllama.run import finetune, parse_size
+from slowllama.run import finetune, parse_size, verify_store
+from slowllama.trainer import NonFiniteError
 
 ROOT = Path(__file__).resolve().parent
 DEMO_MODEL = ROOT / "test_data" / "tiny"
@@ -51,6 +52,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=int, default=0, help="export the tuned model every N iterations (0: only at the end)")
     p.add_argument("--shards", type=int, default=None, help="shard count of the exported model (default: as the original)")
     p.add_argument("--resume", action="store_true", help="continue the run in --work-dir exactly where it stopped")
+    p.add_argument("--verify", action="store_true", help="check every module of the block store in --work-dir against its checksums, then exit")
     p.add_argument("--stop-on-nan", action="store_true", help="stop the run on a NaN or Inf loss instead of skipping the step")
     p.add_argument("-v", "--verbose", action="store_true", help="log more")
     return p
@@ -72,6 +74,16 @@ def main(argv=None) -> int:
         prompt = DEMO_DATA.read_text(encoding="utf-8").split(",")[0].split(".")[0][:40].rsplit(" ", 1)[0]
         kw = dict(model_dir=DEMO_MODEL, data=a.data or DEMO_DATA, out=out, work_dir=work, prompt=a.prompt or prompt, **DEMO)
         print(f"demo: fine-tuning {DEMO_MODEL.relative_to(ROOT)} on {DEMO_DATA.relative_to(ROOT)}")
+    elif a.verify:
+        try:
+            problems = verify_store(model_dir=a.model_dir, out=a.out, work_dir=a.work_dir)
+        except (ConfigError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        for line in problems:
+            print(f"problem: {line}", file=sys.stderr)
+        print("store verified: no problems" if not problems else f"{len(problems)} problem(s) found")
+        return 1 if problems else 0
     elif not a.data:
         p.error("--data is required with a model directory")
     try:
@@ -87,6 +99,9 @@ def main(argv=None) -> int:
     except (ConfigError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("interrupted: the store holds the last committed state; resume with --resume", file=sys.stderr)
         return 130

@@ -24,6 +24,10 @@ from .store import Block, BlockStore
 log = logging.getLogger(__name__)
 
 
+class WriteError(OSError):
+    """A background write failed; nothing after it was committed."""
+
+
 class Streamer:
     def __init__(self, store: BlockStore, ram_budget: int = 0, prefetch: bool = True, verify: bool = True,
                  max_pending_writes: int = 2):
@@ -148,7 +152,8 @@ class Streamer:
     def _raise_write_error(self):
         if self._write_error is not None:
             e = self._write_error
-            raise RuntimeError(f"a background write failed, the store keeps its last committed state: {e}") from e
+            raise WriteError(f"a write to {self.store.root} failed ({e}); the store keeps its last committed "
+                             f"state: free space or fix the disk, then resume") from e
 
     def flush(self):
         """Wait until every queued write has committed."""

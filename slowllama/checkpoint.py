@@ -386,7 +386,6 @@ def export_meta(
     for p in out_dir.iterdir():
         fsync_file(p)
     fsync_dir(out_dir)
-    log.info("exported %d shard(s) to %s", n_shards, out_dir)
 
 
 def save_meta(out_dir: str | Path, params: dict, state_dict: dict[str, torch.Tensor], *, n_shards: int = 1,

@@ -158,8 +158,7 @@ def finetune(
 ) -> dict:
     """Fine-tune a Meta-format checkpoint; returns a summary. Everything is checked before any write."""
     model_dir = Path(model_dir)
-    out = Path(out) if out else model_dir.with_name(model_dir.name + "-tuned")
-    work_dir = Path(work_dir) if work_dir else out.with_name(out.name + ".work")
+    out, work_dir = default_dirs(model_dir, out, work_dir)
     check_paths(model_dir, out, work_dir)
     run_path = work_dir / "run.json"
     if resume:
@@ -283,6 +282,18 @@ def finetune(
         trainer.close()
     summary["estimate"] = est
     return summary
+
+
+def default_dirs(model_dir: Path, out: str | Path | None, work_dir: str | Path | None) -> tuple[Path, Path]:
+    out = Path(out) if out else model_dir.with_name(model_dir.name + "-tuned")
+    return out, Path(work_dir) if work_dir else out.with_name(out.name + ".work")
+
+
+def verify_store(*, model_dir: str | Path, out: str | Path | None = None, work_dir: str | Path | None = None) -> list[str]:
+    """Check every module of the run's block store; returns the problems found."""
+    _, work_dir = default_dirs(Path(model_dir), out, work_dir)
+    store = BlockStore(work_dir / "store")
+    return store.verify(progress=lambda it: _bar(it, desc="verify", unit="module"))
 
 
 def export(store: BlockStore, out: Path, shards: int | None):

@@ -224,17 +224,37 @@ class BlockStore:
         """Parameters only, keyed by parameter name (for export and generation)."""
         return self.read(name).params
 
+    def journal(self) -> dict:
+        """The training journal: steps done, the update version, module checksums."""
+        path = self.root / "journal.json"
+        try:
+            j = json.loads(path.read_text())
+        except FileNotFoundError:
+            return {"step": 0, "version": 0, "phase": "idle"}
+        except (ValueError, OSError) as e:
+            raise StoreError(f"{path}: unreadable journal ({e})") from e
+        if not isinstance(j, dict) or not isinstance(j.get("step"), int) or not isinstance(j.get("version"), int):
+            raise StoreError(f"{path}: malformed journal")
+        return j
+
     def verify(self, progress: Callable[[Iterator], Iterator] = lambda it: it) -> list[str]:
-        """Check every module's checksum and finiteness; returns the problems found."""
+        """Check every module against its own checksum and the journal's, and for NaN/Inf."""
         problems = []
+        j = self.journal()
+        crcs = j.get("crc") or self.initial_crc
         for name in progress(self.modules):
             try:
                 block = self.read(name)
-                bad = [p for p, t in block.params.items() if not torch.isfinite(t).all()]
-                if bad:
-                    problems.append(f"module {name}: non-finite values in {bad}")
             except StoreError as e:
                 problems.append(str(e))
+                continue
+            bad = [p for p, t in block.params.items() if not torch.isfinite(t).all()]
+            if bad:
+                problems.append(f"module {name}: non-finite values in {bad}")
+            if name != EXTRAS and block.step == j["version"] and crcs.get(name) not in (None, block.crc):
+                problems.append(f"module {name}: checksum {block.crc} differs from the journal's {crcs[name]}")
+            if name != EXTRAS and block.step not in (j["version"], j["version"] + (j["phase"] == "backward")):
+                problems.append(f"module {name}: at version {block.step}, the journal is at {j['version']}")
         return problems
 
     def matches(self, ckpt: MetaCheckpoint) -> bool:
@@ -335,6 +355,7 @@ def export_store(store: BlockStore, out_dir: Path, *, n_shards: int | None = Non
         for name, data in (extra_files or {}).items():
             atomic_write_bytes(work / name, [data])
         replace_dir(work, out_dir)
+        log.info("exported %s", out_dir)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise

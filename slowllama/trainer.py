@@ -107,19 +107,16 @@ class Trainer:
                                  prefetch=cfg.prefetch, verify=cfg.verify)
         self.progress = progress or (lambda it, **kw: it)
         self.journal_path = store.root / "journal.json"
-        self._step = self.journal()["step"]
+        j = self.journal()
+        self._step, self._version = j["step"], j["version"]
+        self._crc: dict[str, int] = dict(j.get("crc") or store.initial_crc)
         dev.check_compute_dtype(device, cfg.compute_dtype)
         if not 0.0 <= cfg.dropout < 1.0:
             raise ConfigError(f"--dropout must be in [0, 1), got {cfg.dropout}")
 
     # ---- journal ----
     def journal(self) -> dict:
-        try:
-            return json.loads(self.journal_path.read_text())
-        except FileNotFoundError:
-            return {"step": 0, "phase": "idle"}
-        except (ValueError, OSError) as e:
-            raise StoreError(f"{self.journal_path}: unreadable journal ({e})") from e
+        return self.store.journal()
 
     @property
     def step(self) -> int:
@@ -127,9 +124,15 @@ class Trainer:
         return self._step
 
     def _write_journal(self, j: dict):
+        """Queue a journal update behind the writes before it.
+
+        "step" counts the batches done, "version" the updates committed (a skipped step
+        has no update); every module file records the version it is at.
+        """
         if j["phase"] == "idle":
-            self._step = j["step"]
-        self.streamer.run_in_order(lambda: atomic_write_json(self.journal_path, j))
+            self._step, self._version = j["step"], j["version"]
+        # The module checksums are taken when the journal is written, after those commits.
+        self.streamer.run_in_order(lambda: atomic_write_json(self.journal_path, {**j, "crc": dict(self._crc)}))
 
     def _grad_path(self, i: int) -> Path:
         return self.store.root / f"grad_in.{i}.blk"
@@ -141,7 +144,7 @@ class Trainer:
 
     def train_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> StepResult:
         """Run step `self.step` on this batch (B, T) and commit it; returns its loss."""
-        step = self.step
+        step, version = self._step, self._version
         mbs = self.micro_batches(inputs, targets)
         n_tok = int((targets != IGNORE).sum())
         if n_tok == 0:
@@ -153,11 +156,11 @@ class Trainer:
             if self.cfg.stop_on_nonfinite_loss:
                 raise NonFiniteError(msg)
             log.warning("%s, skipping the step", msg)
-            self._write_journal({"step": step + 1, "phase": "idle", "skipped": True})
+            self._write_journal({"step": step + 1, "version": version, "phase": "idle"})
             self.streamer.flush()
             return StepResult(step, loss, n_tok, skipped=True)
-        self._write_journal({"step": step, "phase": "backward", "loss": loss, "tokens": n_tok})
-        self._backward(step, mbs, acts, len(self.names) - 1, out_grads, n_tok)
+        self._write_journal({"step": step, "version": version, "phase": "backward", "loss": loss, "tokens": n_tok})
+        self._backward(step, version, mbs, acts, len(self.names) - 1, out_grads, n_tok)
         return StepResult(step, loss, n_tok)
 
     def _activation_cache(self, shape) -> ActivationCache:
@@ -223,7 +226,7 @@ class Trainer:
             self.streamer.release(names[i])
         return loss, grads
 
-    def _backward(self, step: int, mbs, acts: ActivationCache, start: int, out_grads, n_tok: int,
+    def _backward(self, step: int, version: int, mbs, acts: ActivationCache, start: int, out_grads, n_tok: int,
                   grads_in: list[torch.Tensor] | None = None):
         """Reverse pass from module `start` down to 0, updating and committing each module."""
         names = self.names
@@ -254,11 +257,11 @@ class Trainer:
                         y.backward(grads_in[m].to(y.dtype))
                     new_grads.append(x.grad if i > 0 else None)
                 grads_in = new_grads
-            self._commit_module(step, i, block, module, master, grads_in)
+            self._commit_module(step, version, i, block, module, master, grads_in)
             del module, master, block
-        self._finish_step(step)
+        self._finish_step(step, version)
 
-    def _commit_module(self, step: int, i: int, block: Block, module, master, grads_in):
+    def _commit_module(self, step: int, version: int, i: int, block: Block, module, master, grads_in):
         name = self.names[i]
         compute = dict(module.named_parameters())
         params = compute if master is None else master
@@ -276,7 +279,7 @@ class Trainer:
         if i > 0:
             # The gradient this module passes down must be durable before the module
             # is replaced, or a crash in between could not be resumed.
-            g = Block(step, {f"g{m}": t.detach().to("cpu") for m, t in enumerate(grads_in)})
+            g = Block(version, {f"g{m}": t.detach().to("cpu") for m, t in enumerate(grads_in)})
             path = self._grad_path(i)
             self.streamer.run_in_order(lambda: write_block(path, g))
         new_state = step_module(self.cfg.optim, params, block.optim)
@@ -290,15 +293,15 @@ class Trainer:
                 gen = torch.Generator(device=t.device).manual_seed(dev.derive_seed(self.cfg.seed, step, i, 0x5217))
                 t = stochastic_round(t, store_dtype, gen)
             new_params[k] = t.to("cpu", store_dtype)
-        new = Block(step + 1, new_params, {k: {s: v.detach().to("cpu") for s, v in st.items()}
-                                            for k, st in new_state.items()})
-        self.streamer.put(name, new)
+        new = Block(version + 1, new_params, {k: {s: v.detach().to("cpu") for s, v in st.items()}
+                                               for k, st in new_state.items()})
+        self.streamer.put(name, new, on_commit=lambda crc: self._crc.__setitem__(name, crc))
         if i + 1 < len(self.names):
             stale = self._grad_path(i + 1)
             self.streamer.run_in_order(lambda: stale.unlink(missing_ok=True))
 
-    def _finish_step(self, step: int):
-        self._write_journal({"step": step + 1, "phase": "idle"})
+    def _finish_step(self, step: int, version: int):
+        self._write_journal({"step": step + 1, "version": version + 1, "phase": "idle"})
         stale = self._grad_path(1)
         self.streamer.run_in_order(lambda: stale.unlink(missing_ok=True))
 
@@ -306,36 +309,36 @@ class Trainer:
     def recover(self, batch_for_step: Callable[[int], tuple[torch.Tensor, torch.Tensor]]) -> StepResult | None:
         """Finish a step that was cut short in its backward pass; None when there is none."""
         j = self.journal()
-        step = j["step"]
-        steps = [self.store.step_of(n) for n in self.names]
+        step, version = j["step"], j["version"]
+        have = [self.store.step_of(n) for n in self.names]
         if j["phase"] == "idle":
-            bad = [(n, s) for n, s in zip(self.names, steps) if s != step]
+            bad = [(n, v) for n, v in zip(self.names, have) if v != version]
             if bad:
-                raise StoreError(f"{self.store.root}: module {bad[0][0]} is at step {bad[0][1]} but the journal "
-                                 f"says step {step}: the store is inconsistent, prepare it again")
+                raise StoreError(f"{self.store.root}: module {bad[0][0]} is at version {bad[0][1]} but the journal "
+                                 f"says {version}: the store is inconsistent, prepare it again")
             return None
-        k = next((i for i, s in enumerate(steps) if s == step + 1), len(steps))
-        if any(s != step for s in steps[:k]) or any(s != step + 1 for s in steps[k:]):
-            raise StoreError(f"{self.store.root}: module steps {steps} do not fit a cut-short step {step}")
+        # Modules k.. are already updated: the backward pass had reached module k.
+        k = next((i for i, v in enumerate(have) if v == version + 1), len(have))
+        if any(v != version for v in have[:k]) or any(v != version + 1 for v in have[k:]):
+            raise StoreError(f"{self.store.root}: module versions {have} do not fit a cut-short update {version}")
         inputs, targets = batch_for_step(step)
         mbs = self.micro_batches(inputs, targets)
         n_tok = j["tokens"]
-        if k == len(steps):
+        if k == len(have):
             log.info("resuming step %d from its start: no module was updated yet", step)
-            self._write_journal({"step": step, "phase": "idle"})
             return self.train_step(inputs, targets)
-        log.info("resuming step %d at module %s (%d of %d already updated)", step, self.names[k - 1],
-                 len(steps) - k, len(steps)) if k else None
         if k > 0:
+            log.info("resuming step %d at module %s (%d of %d already updated)", step, self.names[k - 1],
+                     len(have) - k, len(have))
             g = read_block(self._grad_path(k), f"gradient into {self.names[k]}")
-            if g.step != step:
-                raise StoreError(f"{self._grad_path(k)}: gradient of step {g.step}, expected {step}")
+            if g.step != version:
+                raise StoreError(f"{self._grad_path(k)}: gradient of update {g.step}, expected {version}")
             grads = [g.params[f"g{m}"].to(self.device) for m in range(len(mbs))]
             acts = self._activation_cache(inputs.shape)
             self._forward(step, mbs, acts, upto=k, n_tok=n_tok)
-            self._backward(step, mbs, acts, k - 1, None, n_tok, grads_in=grads)
+            self._backward(step, version, mbs, acts, k - 1, None, n_tok, grads_in=grads)
         else:
-            self._finish_step(step)
+            self._finish_step(step, version)
         self.streamer.flush()
         return StepResult(step, j["loss"], n_tok)
 
