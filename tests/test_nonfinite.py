@@ -1,0 +1,77 @@
+"""Nothing non-finite reaches the store: NaN losses skip or stop, NaN gradients stop before the write."""
+import pytest
+import torch
+
+from slowllama import trainer as trainer_mod
+from slowllama.checkpoint import MetaCheckpoint
+from slowllama.optim import OptimConfig
+from slowllama.store import Block, prepare
+from slowllama.trainer import NonFiniteError, TrainConfig, Trainer
+from tests.reference import random_batch
+
+
+def _store(model_dir, tmp_path):
+    return prepare(MetaCheckpoint(model_dir), tmp_path / "store")
+
+
+def _blow_up_output(store):
+    """Finite weights whose logits overflow to inf, so the loss is not finite."""
+    block = store.read("output")
+    store.write("output", Block(block.step, {"weight": torch.full_like(block.params["weight"], 3e38)}))
+
+
+@pytest.mark.parametrize("stop", [False, True])
+def test_nonfinite_loss_touches_no_module(gqa_model, tmp_path, stop):
+    store = _store(gqa_model, tmp_path)
+    _blow_up_output(store)
+    before = {m: store.read(m).crc for m in store.trainable}
+    tr = Trainer(store, tmp_path, torch.device("cpu"), TrainConfig(optim=OptimConfig(lr=0.1),
+                                                                   stop_on_nonfinite_loss=stop))
+    batch = random_batch(store.args.vocab_size, 2, 8, 0)
+    if stop:
+        with pytest.raises(NonFiniteError, match="no module was touched"):
+            tr.train_step(*batch)
+    else:
+        res = tr.train_step(*batch)
+        assert res.skipped and tr.step == 1
+    tr.close()
+    assert {m: store.read(m).crc for m in store.trainable} == before
+    assert all(store.step_of(m) == 0 for m in store.trainable)
+    assert store.journal()["version"] == 0
+
+
+class _NanGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return torch.full_like(g, float("nan"))
+
+
+def test_nonfinite_gradient_stops_before_the_module_is_written(gqa_model, tmp_path, monkeypatch):
+    store = _store(gqa_model, tmp_path)
+    real = trainer_mod.materialize
+
+    def poisoned(name, args, params, dropout=0.0):
+        module = real(name, args, params, dropout)
+        if name == "layers.1":
+            module.attention.wq.register_forward_hook(lambda m, i, o: _NanGrad.apply(o) if o.requires_grad else o)
+        return module
+
+    monkeypatch.setattr(trainer_mod, "materialize", poisoned)
+    before = {m: store.read(m).crc for m in store.trainable}
+    tr = Trainer(store, tmp_path, torch.device("cpu"), TrainConfig(optim=OptimConfig(lr=0.1)))
+    with pytest.raises(NonFiniteError) as e:
+        tr.train_step(*random_batch(store.args.vocab_size, 2, 8, 0))
+    tr.streamer.flush()
+    tr.close()
+    msg = str(e.value)
+    assert "module layers.1" in msg and "layers.2, norm, output" in msg
+    # the modules above were updated and committed, layers.1 and below untouched
+    assert [store.step_of(m) for m in store.trainable] == [0, 0, 0, 1, 1, 1]
+    for m in ("tok_embeddings", "layers.0", "layers.1"):
+        assert store.read(m).crc == before[m]
+    for m in store.trainable:
+        assert all(torch.isfinite(t).all() for t in store.read(m).params.values())
