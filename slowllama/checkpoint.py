@@ -345,47 +345,62 @@ def export_meta(
     modules: list[str],
     read_module: Callable[[str], dict[str, torch.Tensor]],
     progress: Callable[[Iterator], Iterator] = lambda it: it,
+    extra_files: dict[str, bytes] | None = None,
 ):
-    """Write a Meta-format folder into out_dir (which must not exist yet), module by module.
+    """Write a Meta-format folder at out_dir, module by module, replacing it atomically.
 
     `tensors` lists (key, full shape, dtype) in the checkpoint's key order; read_module
-    returns one module's full tensors keyed as in the checkpoint. Every shard is open
-    at once, so each module is read once and sliced into all of them.
+    returns one module's full tensors keyed by parameter name. Every shard is open at
+    once, so each module is read once and sliced into all of them. extra_files
+    (name -> bytes) go beside the shards, e.g. the run's log.
     """
-    from .fsutil import fsync_dir, fsync_file
+    from .fsutil import atomic_write_bytes, fsync_dir, fsync_file, replace_dir, tmp_path
 
     check_shard_count(args, n_shards)
-    out_dir.mkdir(parents=True)
-
-    def shard_shape(key, shape):
-        axis = split_axis(key)
-        shape = list(shape)
-        if axis is not None:
-            shape[axis] //= n_shards
-        return tuple(shape)
-
-    specs = [(k, shard_shape(k, s), dt) for k, s, dt in tensors]
-    dtypes = {k: dt for k, _, dt in tensors}
-    paths = [out_dir / f"consolidated.{s:02d}.pth" for s in range(n_shards)]
-    writers = [ShardWriter(p, specs) for p in paths]
-    for module in progress(modules):
-        for param, t in read_module(module).items():
-            key = full_key(module, param)
-            t = t.to(dtypes[key])
-            if not torch.isfinite(t).all():
-                raise ValueError(f"refusing to export {key}: it holds NaN or Inf")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = tmp_path(out_dir)
+    # Temp folders that killed exports left (any pid) hold partial models: drop them.
+    for stale in out_dir.parent.iterdir():
+        if stale.name.startswith(f".{out_dir.name}.tmp") and stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+    work.mkdir()
+    try:
+        def shard_shape(key, shape):
             axis = split_axis(key)
-            for s, w in enumerate(writers):
-                w.write(key, t if axis is None else t.chunk(n_shards, dim=axis)[s])
-        faults.point("export_module")
-    for w in writers:
-        w.close()
-    shutil.copyfile(params_src, out_dir / "params.json")
-    if tokenizer_src is not None:
-        shutil.copyfile(tokenizer_src, out_dir / "tokenizer.model")
-    for p in out_dir.iterdir():
-        fsync_file(p)
-    fsync_dir(out_dir)
+            shape = list(shape)
+            if axis is not None:
+                shape[axis] //= n_shards
+            return tuple(shape)
+
+        specs = [(k, shard_shape(k, s), dt) for k, s, dt in tensors]
+        dtypes = {k: dt for k, _, dt in tensors}
+        paths = [work / f"consolidated.{s:02d}.pth" for s in range(n_shards)]
+        writers = [ShardWriter(p, specs) for p in paths]
+        for module in progress(modules):
+            for param, t in read_module(module).items():
+                key = full_key(module, param)
+                t = t.to(dtypes[key])
+                if not torch.isfinite(t).all():
+                    raise ValueError(f"refusing to export {key}: it holds NaN or Inf")
+                axis = split_axis(key)
+                for s, w in enumerate(writers):
+                    w.write(key, t if axis is None else t.chunk(n_shards, dim=axis)[s])
+            faults.point("export_module")
+        for w in writers:
+            w.close()
+        shutil.copyfile(params_src, work / "params.json")
+        if tokenizer_src is not None:
+            shutil.copyfile(tokenizer_src, work / "tokenizer.model")
+        for name, data in (extra_files or {}).items():
+            atomic_write_bytes(work / name, [data])
+        for p in work.iterdir():
+            fsync_file(p)
+        fsync_dir(work)
+        replace_dir(work, out_dir)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    log.info("exported %s", out_dir)
 
 
 def save_meta(out_dir: str | Path, params: dict, state_dict: dict[str, torch.Tensor], *, n_shards: int = 1,

@@ -212,6 +212,10 @@ def finetune(
                                           progress=lambda it: _bar(it, desc="prepare", unit="module"))
         log.info("%s store at %s", "prepared" if prepared else "reusing", store_root)
         atomic_write_json(run_path, dataclasses.asdict(cfg))
+    old_out = out.with_name(f".{out.name}.old")
+    if resume and not out.exists() and old_out.is_dir():
+        # An export was cut short between its two renames: the previous output, log included, is here.
+        os.replace(old_out, out)
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / LOG_NAME
     if not resume:

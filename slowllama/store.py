@@ -333,32 +333,23 @@ def open_or_prepare(ckpt: MetaCheckpoint, root: str | Path, dtype: torch.dtype,
 
 
 def export_store(store: BlockStore, out_dir: Path, *, n_shards: int | None = None,
-                 progress: Callable[[Iterator], Iterator] = lambda it: it, extra_files: dict[str, bytes] | None = None):
-    """Export the store to out_dir in Meta's format, atomically (temp dir, then rename).
+                 progress: Callable[[Iterator], Iterator] = lambda it: it, extra_files: dict[str, bytes] | None = None,
+                 transform: Callable[[str, dict], dict] | None = None):
+    """Export the store to out_dir in Meta's format, atomically.
 
-    extra_files (name -> bytes) are written beside the shards, e.g. the run's log.
+    transform(module, params) may change a module's parameters on the way out (LoRA merging).
     """
-    from .checkpoint import export_meta
-    from .fsutil import replace_dir
+    from .checkpoint import export_meta, find_tokenizer
 
     src = Path(store.source["dir"])
-    tokenizer = next((p for p in (src / "tokenizer.model", src.parent / "tokenizer.model") if p.is_file()), None)
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = tmp_path(out_dir)
-    if work.exists():
-        shutil.rmtree(work)
-    try:
-        export_meta(work, args=store.args, params_src=src / "params.json", tokenizer_src=tokenizer,
-                    tensors=store.tensors, n_shards=n_shards or store.n_shards, modules=store.modules,
-                    read_module=store.module_tensors, progress=progress)
-        for name, data in (extra_files or {}).items():
-            atomic_write_bytes(work / name, [data])
-        replace_dir(work, out_dir)
-        log.info("exported %s", out_dir)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
+
+    def read(module):
+        params = store.module_tensors(module)
+        return transform(module, params) if transform else params
+
+    export_meta(Path(out_dir), args=store.args, params_src=src / "params.json", tokenizer_src=find_tokenizer(src),
+                tensors=store.tensors, n_shards=n_shards or store.n_shards, modules=store.modules,
+                read_module=read, progress=progress, extra_files=extra_files)
 
 
 __all__ = ["Block", "BlockStore", "StoreError", "prepare", "open_or_prepare", "export_store",

@@ -33,6 +33,7 @@ from . import faults
 from .blackbox import Streamer, materialize, to_device
 from .fsutil import atomic_write_json
 from .model import ConfigError
+from .lora import Adapters, LoraConfig
 from .optim import OptimConfig, step_module, stochastic_round
 from .store import Block, BlockStore, StoreError, read_block, write_block
 
@@ -56,6 +57,7 @@ class TrainConfig:
     prefetch: bool = True
     verify: bool = True  # check each module's checksum as it is read
     stop_on_nonfinite_loss: bool = False
+    lora: LoraConfig | None = None  # train adapters only; the store is then never written
 
 
 @dataclass
@@ -107,12 +109,35 @@ class Trainer:
                                  prefetch=cfg.prefetch, verify=cfg.verify)
         self.progress = progress or (lambda it, **kw: it)
         self.journal_path = store.root / "journal.json"
-        j = self.journal()
-        self._step, self._version = j["step"], j["version"]
-        self._crc: dict[str, int] = dict(j.get("crc") or store.initial_crc)
+        self.adapters: Adapters | None = None
+        if cfg.lora is not None:
+            self._init_lora(cfg.lora)
+        else:
+            j = self.journal()
+            self._step, self._version = j["step"], j["version"]
+            self._crc: dict[str, int] = dict(j.get("crc") or store.initial_crc)
         dev.check_compute_dtype(device, cfg.compute_dtype)
         if not 0.0 <= cfg.dropout < 1.0:
             raise ConfigError(f"--dropout must be in [0, 1), got {cfg.dropout}")
+
+    # ---- LoRA ----
+    @property
+    def adapters_path(self) -> Path:
+        return self.work_dir / "lora_adapters.blk"
+
+    def _init_lora(self, cfg: LoraConfig):
+        if self.store.journal()["version"] != 0:
+            raise ConfigError(f"{self.store.root}: LoRA needs the base weights as prepared, this store was trained")
+        if self.adapters_path.exists():
+            ad = Adapters.load(self.adapters_path)
+            if ad.cfg != cfg:
+                raise ConfigError(f"{self.adapters_path}: adapters of rank {ad.cfg.rank}, alpha {ad.cfg.alpha}, "
+                                  f"targets {','.join(ad.cfg.targets)} do not match the LoRA options")
+            ad.check_args(self.args, self.adapters_path)
+        else:
+            ad = Adapters.init(self.args, cfg, dev.derive_seed(self.cfg.seed, 0x10A))
+        self.adapters = ad.to(self.device)
+        self._step, self._version = ad.step, ad.version
 
     # ---- journal ----
     def journal(self) -> dict:
@@ -131,6 +156,14 @@ class Trainer:
         """
         if j["phase"] == "idle":
             self._step, self._version = j["step"], j["version"]
+        if self.adapters is not None:
+            # LoRA never writes the store: the adapter file is the whole journal, and a step
+            # cut short is simply run again, since nothing of it was made durable.
+            if j["phase"] == "idle":
+                self.adapters.step, self.adapters.version = j["step"], j["version"]
+                block = self.adapters.to_block()
+                self.streamer.run_in_order(lambda: write_block(self.adapters_path, block))
+            return
         # The module checksums are taken when the journal is written, after those commits.
         self.streamer.run_in_order(lambda: atomic_write_json(self.journal_path, {**j, "crc": dict(self._crc)}))
 
@@ -175,6 +208,10 @@ class Trainer:
         holds the fp32 parameters that the optimizer updates."""
         name, cdt = self.names[i], self.cfg.compute_dtype
         dropout = self.cfg.dropout if name.startswith("layers.") else 0.0
+        if self.adapters is not None:
+            module = materialize(name, self.args, to_device(block, self.device, cdt), dropout).requires_grad_(False)
+            self.adapters.attach(module, name)
+            return module, None
         master = to_device(block, self.device, torch.float32)
         if cdt == torch.float32:
             return materialize(name, self.args, master, dropout), None
@@ -220,49 +257,65 @@ class Trainer:
                         x = xs[m] if i == 0 else xs[m].to(self.cfg.compute_dtype)
                         xs[m] = self._run(i, module, x, None, n_tok)
                 rngs[m] = dev.get_rng_state(self.device)
-            if final:
-                grads = (module, master, xs)
+            if final:  # the backward pass starts with this very module: hand it over
+                grads = (block, module, master, xs)
+            else:
+                self.streamer.release(names[i])
             del module, master, block
-            self.streamer.release(names[i])
         return loss, grads
 
     def _backward(self, step: int, version: int, mbs, acts: ActivationCache, start: int, out_grads, n_tok: int,
                   grads_in: list[torch.Tensor] | None = None):
-        """Reverse pass from module `start` down to 0, updating and committing each module."""
+        """Reverse pass from module `start` down to 0, updating and committing each module.
+
+        out_grads, from a full forward pass, is the output module with its gradients computed.
+        """
         names = self.names
-        if start >= 0 and start - 1 >= 0:
+        if start >= 1:
             self.streamer.prefetch(names[start - 1: start])
         for i in self.progress(range(start, -1, -1), desc="backward", leave=False):
             faults.point("backward")
             name = names[i]
-            block = self.streamer.get(name)
-            if i > 0:
-                self.streamer.prefetch(names[i - 1: i])
-            if out_grads is not None and i == len(names) - 1:
-                module, master, grads_in = out_grads
+            if self.adapters is not None and i == 0:
+                break  # the embedding has no adapters: nothing below needs a gradient
+            if out_grads is not None:
+                block, module, master, grads_in = out_grads
                 out_grads = None
+                if i > 0:
+                    self.streamer.prefetch(names[i - 1: i])
             else:
+                block = self.streamer.get(name)
+                if i > 0:  # read the next module down while this one computes
+                    self.streamer.prefetch(names[i - 1: i])
                 module, master = self._compute_module(i, block)
-                new_grads = []
-                for m, (_, target) in enumerate(mbs):
-                    x, rng = acts.get(i, m)
-                    x = x.to(self.device)
-                    if i > 0:
-                        x = x.to(self.cfg.compute_dtype).requires_grad_()
-                    dev.set_rng_state(self.device, rng.to(torch.uint8))
-                    y = self._run(i, module, x, target.to(self.device) if name == "output" else None, n_tok)
-                    if name == "output":
-                        y.backward()
-                    else:
-                        y.backward(grads_in[m].to(y.dtype))
-                    new_grads.append(x.grad if i > 0 else None)
-                grads_in = new_grads
+                grads_in = self._recompute_backward(i, module, mbs, acts, grads_in, n_tok)
             self._commit_module(step, version, i, block, module, master, grads_in)
             del module, master, block
         self._finish_step(step, version)
 
+    def _recompute_backward(self, i: int, module, mbs, acts: ActivationCache, grads_out, n_tok: int):
+        """Module i's forward again from its cached input and RNG state, then its backward;
+        returns the gradient of its input per micro-batch (None for the embedding)."""
+        name = self.names[i]
+        grads_in = []
+        for m, (_, target) in enumerate(mbs):
+            x, rng = acts.get(i, m)
+            x = x.to(self.device)
+            if i > 0:
+                x = x.to(self.cfg.compute_dtype).requires_grad_()
+            dev.set_rng_state(self.device, rng)
+            y = self._run(i, module, x, target.to(self.device) if name == "output" else None, n_tok)
+            if name == "output":
+                y.backward()
+            else:
+                y.backward(grads_out[m].to(y.dtype))
+            grads_in.append(x.grad if i > 0 else None)
+        return grads_in
+
     def _commit_module(self, step: int, version: int, i: int, block: Block, module, master, grads_in):
         name = self.names[i]
+        if self.adapters is not None:
+            return self._commit_adapters(step, i, grads_in)
         compute = dict(module.named_parameters())
         params = compute if master is None else master
         if master is not None:
@@ -300,6 +353,20 @@ class Trainer:
             stale = self._grad_path(i + 1)
             self.streamer.run_in_order(lambda: stale.unlink(missing_ok=True))
 
+    def _commit_adapters(self, step: int, i: int, grads_in):
+        name = self.names[i]
+        params = self.adapters.named(name)
+        bad = [k for k, p in params.items() if p.grad is None or not torch.isfinite(p.grad).all()]
+        if i > 0 and any(not torch.isfinite(g).all() for g in grads_in):
+            bad.append("input gradient")
+        if bad:
+            raise NonFiniteError(f"step {step}: non-finite gradient in module {name} ({', '.join(bad)}); "
+                                 f"adapters not saved")
+        if params:
+            self.adapters.optim[name] = step_module(self.cfg.optim, params, self.adapters.optim.get(name, {}))
+            for p in params.values():
+                p.grad = None
+
     def _finish_step(self, step: int, version: int):
         self._write_journal({"step": step + 1, "version": version + 1, "phase": "idle"})
         stale = self._grad_path(1)
@@ -308,6 +375,8 @@ class Trainer:
     # ---- resume ----
     def recover(self, batch_for_step: Callable[[int], tuple[torch.Tensor, torch.Tensor]]) -> StepResult | None:
         """Finish a step that was cut short in its backward pass; None when there is none."""
+        if self.adapters is not None:
+            return None
         j = self.journal()
         step, version = j["step"], j["version"]
         have = [self.store.step_of(n) for n in self.names]
