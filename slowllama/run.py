@@ -256,6 +256,9 @@ def finetune(
         rec = trainer.recover(batch_for)
         if rec is not None:
             tqdm.write(f"resumed: finished iteration {rec.step} (loss {rec.loss:.4f})")
+        last = trainer.journal().get("last") if resume else None
+        if last and last["iter"] not in _logged_iters(log_path):
+            _append(log_path, {**last, "resumed": True})  # the crash came before its log record
         start = trainer.step
         if start == 0 or cfg.eval_every and resume:
             summary["before"] = evaluate(start)
@@ -308,6 +311,18 @@ def export(store: BlockStore, out: Path, shards: int | None):
             keep[name] = (out / name).read_bytes()
     export_store(store, out, n_shards=shards, progress=lambda it: _bar(it, desc="export", unit="module"),
                  extra_files=keep)
+
+
+def _logged_iters(path: Path) -> set[int]:
+    iters = set()
+    for line in path.read_text(encoding="utf-8").splitlines() if path.exists() else []:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and "loss" in rec:
+            iters.add(rec.get("iter"))
+    return iters
 
 
 def _append(path: Path, obj: dict):

@@ -154,6 +154,10 @@ class Trainer:
         "step" counts the batches done, "version" the updates committed (a skipped step
         has no update); every module file records the version it is at.
         """
+        if j["phase"] == "backward":
+            self._last = {"iter": j["step"], "loss": j["loss"], "tokens": j["tokens"]}
+        elif getattr(self, "_last", None) and self._last["iter"] == j["step"] - 1:
+            j = {**j, "last": self._last}  # the finished step's loss: a resume logs it if the log lost it
         if j["phase"] == "idle":
             self._step, self._version = j["step"], j["version"]
         if self.adapters is not None:
@@ -238,8 +242,9 @@ class Trainer:
         self.streamer.prefetch(names[:1])
         for i in self.progress(range(upto), desc="forward", leave=False):
             block = self.streamer.get(names[i])
-            self.streamer.prefetch(names[i + 1: i + 2] if i + 1 < upto else names[last:last + 1])
             final = i == last
+            # At the turn, the next module needed is the one below the output layer.
+            self.streamer.prefetch(names[i + 1: i + 2] if i + 1 < upto else names[last - 1: last] if final else [])
             faults.point("forward")
             module, master = self._compute_module(i, block)
             for m, (_, target) in enumerate(mbs):
@@ -393,6 +398,7 @@ class Trainer:
         inputs, targets = batch_for_step(step)
         mbs = self.micro_batches(inputs, targets)
         n_tok = j["tokens"]
+        self._last = {"iter": step, "loss": j["loss"], "tokens": n_tok}
         if k == len(have):
             log.info("resuming step %d from its start: no module was updated yet", step)
             return self.train_step(inputs, targets)
