@@ -51,6 +51,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--gen-tokens", type=int, default=32, help="tokens per completion")
     p.add_argument("--save-every", type=int, default=0, help="export the tuned model every N iterations (0: only at the end)")
     p.add_argument("--shards", type=int, default=None, help="shard count of the exported model (default: as the original)")
+    p.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank instead of all weights (0: full fine-tuning)")
+    p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA scale numerator: adapters add alpha/rank * B @ A")
+    p.add_argument("--lora-targets", default="wq,wv", help="comma-separated layers that get adapters: wq, wk, wv, wo, w1, w2, w3")
+    p.add_argument("--merge", action="store_true", help="LoRA: also export the model with the adapters merged in (Meta format)")
     p.add_argument("--resume", action="store_true", help="continue the run in --work-dir exactly where it stopped")
     p.add_argument("--verify", action="store_true", help="check every module of the block store in --work-dir against its checksums, then exit")
     p.add_argument("--stop-on-nan", action="store_true", help="stop the run on a NaN or Inf loss instead of skipping the step")
@@ -95,7 +99,9 @@ def main(argv=None) -> int:
         summary = finetune(**kw, seed=a.seed, device=a.device, compute_dtype=a.compute_dtype,
                            store_dtype=a.store_dtype, act_dtype=a.act_dtype, ram_budget=parse_size(a.ram_budget),
                            prefetch=not a.no_prefetch, verify=not a.no_verify, save_every=a.save_every,
-                           shards=a.shards, resume=a.resume, stop_on_nonfinite=a.stop_on_nan)
+                           shards=a.shards, resume=a.resume, stop_on_nonfinite=a.stop_on_nan,
+                           lora_rank=a.lora_rank, lora_alpha=a.lora_alpha, lora_targets=a.lora_targets,
+                           merge=a.merge)
     except (ConfigError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -6,17 +6,20 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
 from slowllama.checkpoint import MetaCheckpoint
 from slowllama.device import pick_device
 from slowllama.generate import ModuleCache, complete
+from slowllama.lora import Adapters
 from slowllama.model import ConfigError
 from slowllama.tokenizer import Tokenizer
 
 
-def generate_text(*, model_dir: str, device: str = "auto", prompt: str, max_new_tokens: int) -> str:
+def generate_text(*, model_dir: str, device: str = "auto", prompt: str, max_new_tokens: int,
+                  lora: str | None = None) -> str:
     if max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     torch_device = pick_device(device)
@@ -24,7 +27,15 @@ def generate_text(*, model_dir: str, device: str = "auto", prompt: str, max_new_
     if ckpt.tokenizer is None:
         raise ConfigError(f"{model_dir}: no tokenizer.model here or in its parent directory")
     # Computing in fp32 keeps greedy decoding identical on every device that has fp32 kernels.
-    cache = ModuleCache(ckpt.args, ckpt.read_module, torch_device, torch.float32)
+    read = ckpt.read_module
+    if lora:
+        adapters = Adapters.load(Path(lora))
+        adapters.check_args(ckpt.args, Path(lora))
+
+        def read(name):
+            return adapters.merge(name, ckpt.read_module(name))
+
+    cache = ModuleCache(ckpt.args, read, torch_device, torch.float32)
     return complete(cache, Tokenizer(ckpt.tokenizer), prompt, max_new_tokens)
 
 
@@ -35,9 +46,11 @@ def main(argv=None) -> int:
     p.add_argument("device", nargs="?", default="auto", help="auto, cpu, cuda or mps")
     p.add_argument("--prompt", default="The", help="text to complete")
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate")
+    p.add_argument("--lora", help="LoRA adapter file (lora_adapters.blk from finetune.py --lora-rank) to apply")
     a = p.parse_args(argv)
     try:
-        text = generate_text(model_dir=a.model_dir, device=a.device, prompt=a.prompt, max_new_tokens=a.max_new_tokens)
+        text = generate_text(model_dir=a.model_dir, device=a.device, prompt=a.prompt, max_new_tokens=a.max_new_tokens,
+                             lora=a.lora)
     except (ConfigError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

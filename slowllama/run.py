@@ -20,7 +20,8 @@ from tqdm import tqdm
 from . import device as dev
 from .checkpoint import MetaCheckpoint, check_shard_count
 from .data import TokenWindows, read_text
-from .fsutil import IO, atomic_write_json
+from .fsutil import IO, atomic_write_bytes, atomic_write_json
+from .lora import Adapters, LoraConfig
 from .generate import ModuleCache, complete
 from .model import ConfigError
 from .optim import OptimConfig
@@ -31,6 +32,7 @@ from .trainer import TrainConfig, Trainer, estimate_io
 log = logging.getLogger("slowllama")
 LOG_NAME = "train_log.jsonl"
 KEEP_ON_EXPORT = (LOG_NAME, "loss.png")
+ADAPTERS_NAME = "lora_adapters.blk"
 
 
 @dataclass
@@ -59,6 +61,10 @@ class RunConfig:
     gen_tokens: int = 32
     save_every: int = 0
     shards: int | None = None
+    lora_rank: int = 0  # 0: full fine-tuning
+    lora_alpha: float = 16.0
+    lora_targets: str = "wq,wv"
+    merge: bool = False  # LoRA: also export the base with the adapters merged in
 
 
 def parse_size(text: str) -> int | None:
@@ -155,6 +161,10 @@ def finetune(
     shards: int | None = None,
     resume: bool = False,
     stop_on_nonfinite: bool = False,
+    lora_rank: int = 0,
+    lora_alpha: float = 16.0,
+    lora_targets: str = "wq,wv",
+    merge: bool = False,
 ) -> dict:
     """Fine-tune a Meta-format checkpoint; returns a summary. Everything is checked before any write."""
     model_dir = Path(model_dir)
@@ -180,9 +190,15 @@ def finetune(
                         momentum=momentum, weight_decay=weight_decay, dropout=dropout, seed=seed,
                         compute_dtype=compute_dtype, store_dtype=store_dtype, act_dtype=act_dtype,
                         eval_every=eval_every, prompt=prompt, gen_tokens=gen_tokens, save_every=save_every,
-                        shards=shards)
+                        shards=shards, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=lora_targets,
+                        merge=merge)
     _check_numbers(cfg)
     optim = OptimConfig(cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    lora = None
+    if cfg.lora_rank:
+        lora = LoraConfig(cfg.lora_rank, cfg.lora_alpha, tuple(t.strip() for t in cfg.lora_targets.split(",")))
+    elif cfg.merge:
+        raise ConfigError("--merge needs --lora-rank")
     torch_device = dev.pick_device(device)
     dev.check_compute_dtype(torch_device, DTYPES[cfg.compute_dtype])
     ckpt = MetaCheckpoint(model_dir)
@@ -196,19 +212,22 @@ def finetune(
         cfg.data_sha256 = _sha256(Path(data))
 
     # -- from here on, files are written --
-    store_root = work_dir / "store"
+    # LoRA reads a store that is never written, in the checkpoint's own dtype.
+    store_root = work_dir / ("base" if lora else "store")
+    store_dtype = ckpt.checkpoint_dtype() if lora else DTYPES[cfg.store_dtype]
     if resume:
         store = BlockStore(store_root)
         if not store.matches(ckpt):
             raise StoreError(f"--resume: {model_dir} changed since {store_root} was prepared")
     else:
-        if (store_root / "journal.json").exists():
-            step = json.loads((store_root / "journal.json").read_text()).get("step", 0)
+        marker = work_dir / ADAPTERS_NAME if lora else store_root / "journal.json"
+        if marker.exists():
+            step = _progress_step(marker)
             if step:
                 raise ConfigError(f"--work-dir {work_dir} holds a run at step {step}: pass --resume to continue "
                                   f"it, or delete the directory to start over")
         work_dir.mkdir(parents=True, exist_ok=True)
-        store, prepared = open_or_prepare(ckpt, store_root, DTYPES[cfg.store_dtype],
+        store, prepared = open_or_prepare(ckpt, store_root, store_dtype,
                                           progress=lambda it: _bar(it, desc="prepare", unit="module"))
         log.info("%s store at %s", "prepared" if prepared else "reusing", store_root)
         atomic_write_json(run_path, dataclasses.asdict(cfg))
@@ -224,7 +243,7 @@ def finetune(
     tcfg = TrainConfig(optim=optim, seed=cfg.seed, dropout=cfg.dropout, micro_batch=cfg.micro_batch,
                        compute_dtype=DTYPES[cfg.compute_dtype], act_dtype=DTYPES[cfg.act_dtype],
                        ram_budget=ram_budget, prefetch=prefetch, verify=verify,
-                       stop_on_nonfinite_loss=stop_on_nonfinite)
+                       stop_on_nonfinite_loss=stop_on_nonfinite, lora=lora)
     trainer = Trainer(store, work_dir, torch_device, tcfg, progress=_bar)
     est = estimate_io(store, tcfg, (cfg.batch_size, cfg.seq_len))
     remaining = cfg.iters - trainer.step
@@ -241,15 +260,26 @@ def finetune(
         if not cfg.prompt:
             return None
         trainer.streamer.flush()
-        cache = ModuleCache(store.args, store.module_tensors, torch_device, torch.float32)
+        cache = ModuleCache(store.args, read_tuned, torch_device, torch.float32)
         text = complete(cache, tokenizer, cfg.prompt, cfg.gen_tokens)
         tqdm.write(f"[iter {step}] {cfg.prompt}{text}")
         _append(log_path, {"iter": step, "completion": cfg.prompt + text})
         return text
 
+    def read_tuned(name):
+        params = store.module_tensors(name)
+        return trainer.adapters.merge(name, params) if trainer.adapters else params
+
     def save():
         trainer.streamer.flush()
-        export(store, out, cfg.shards)
+        if not lora:
+            export(store, out, cfg.shards)
+            return
+        adapters = trainer.adapters_path.read_bytes()
+        if cfg.merge:
+            export(store, out, cfg.shards, transform=trainer.adapters.merge, extra={ADAPTERS_NAME: adapters})
+        else:
+            atomic_write_bytes(out / ADAPTERS_NAME, [adapters])
 
     summary = {"out": str(out), "work_dir": str(work_dir), "losses": []}
     try:
@@ -303,14 +333,24 @@ def verify_store(*, model_dir: str | Path, out: str | Path | None = None, work_d
     return store.verify(progress=lambda it: _bar(it, desc="verify", unit="module"))
 
 
-def export(store: BlockStore, out: Path, shards: int | None):
+def export(store: BlockStore, out: Path, shards: int | None, transform=None, extra: dict | None = None):
     """Export into out, keeping the run's log files that live there."""
-    keep = {}
+    keep = dict(extra or {})
     for name in KEEP_ON_EXPORT:
         if (out / name).exists():
             keep[name] = (out / name).read_bytes()
     export_store(store, out, n_shards=shards, progress=lambda it: _bar(it, desc="export", unit="module"),
-                 extra_files=keep)
+                 extra_files=keep, transform=transform)
+
+
+def _progress_step(path: Path) -> int:
+    """The step a run in this work dir reached (journal or adapter file); 0 if none."""
+    if path.suffix == ".blk":
+        return Adapters.load(path).step
+    try:
+        return json.loads(path.read_text()).get("step", 0)
+    except ValueError:
+        return 1  # a damaged journal: treat it as progress rather than overwrite it
 
 
 def _logged_iters(path: Path) -> set[int]:

@@ -248,7 +248,8 @@ class Trainer:
             faults.point("forward")
             module, master = self._compute_module(i, block)
             for m, (_, target) in enumerate(mbs):
-                if not final:  # the output module's backward happens right here
+                # The output module's backward happens right here; LoRA stops above the embedding.
+                if not final and not (i == 0 and self.adapters is not None):
                     acts.put(i, m, xs[m], rngs[m])
                 dev.set_rng_state(self.device, rngs[m])
                 if final:
@@ -425,13 +426,14 @@ def estimate_io(store: BlockStore, cfg: TrainConfig, batch_shape: tuple[int, int
     """Disk bytes one steady-state step reads and writes, by replaying the streamer's cache policy."""
     b, t = batch_shape
     names = store.trainable
+    lora = cfg.lora is not None
     n_state = {"sgd": 1 if cfg.optim.momentum else 0, "adamw": 2}[cfg.optim.name]
     size = {}
     for n in names:
         block = store.read(n, verify=False)
-        have = sum(1 for _ in next(iter(block.optim.values()), {}))
+        have = len(next(iter(block.optim.values()), {}))
         numel = sum(p.numel() for p in block.params.values())
-        extra = max(0, n_state - have) * numel * 4
+        extra = 0 if lora else max(0, n_state - have) * numel * 4
         size[n] = store.path(n).stat().st_size + extra
     budget = float("inf") if cfg.ram_budget is None else cfg.ram_budget
     cache: dict[str, int] = {}
@@ -444,16 +446,41 @@ def estimate_io(store: BlockStore, cfg: TrainConfig, batch_shape: tuple[int, int
             cache.pop(next(iter(cache)))
         return 0 if hit else size[n]
 
+    backward = list(reversed(names[1:] if lora else names))  # LoRA stops above the embedding
     reads = 0
-    for rep in range(2):  # the second step is the steady state
-        reads = sum(touch(n) for n in names) + sum(touch(n) for n in reversed(names))
-    act = b * t * store.args.dim * cfg.act_dtype.itemsize
-    per_act = act + 5056 + 320  # input, cpu RNG state, header and padding
-    in_ram = cfg.ram_budget is None or act * len(names) <= cfg.ram_budget
-    n_acts = len(names) - 1  # the output module's input is never cached
-    # The embedding's input is token ids, the others' hidden states.
-    act_bytes = 0 if in_ram else (per_act - act + b * t * 8) + (n_acts - 1) * per_act
-    grad_bytes = (len(names) - 1) * (b * t * store.args.dim * cfg.compute_dtype.itemsize + 400)
-    written = sum(size.values()) + act_bytes + grad_bytes + 2 * 200
+    for _ in range(2):  # the second step is the steady state
+        reads = sum(touch(n) for n in names) + sum(touch(n) for n in backward)
+    n_mb = -(-b // (cfg.micro_batch or b))
+    hidden = b * t * store.args.dim * cfg.act_dtype.itemsize
+    overhead = n_mb * (5056 + 384)  # per file: the cpu RNG state, header and padding
+    in_ram = cfg.ram_budget is None or hidden * len(names) <= cfg.ram_budget
+    # Cached: the inputs of every module but the output layer (and, in LoRA, the embedding);
+    # the embedding's input is token ids, the others' hidden states.
+    n_hidden = len(names) - 2
+    act_bytes = 0 if in_ram else n_hidden * (hidden + overhead) + (0 if lora else b * t * 8 + overhead)
+    if lora:
+        grad_bytes = 0
+        module_bytes = _adapter_file_bytes(store.args, cfg)
+    else:
+        grad_bytes = (len(names) - 1) * (b * t * store.args.dim * cfg.compute_dtype.itemsize + n_mb * 64 + 384)
+        module_bytes = sum(size.values())
+    written = module_bytes + act_bytes + grad_bytes + 2 * 400
     return {"read": reads + act_bytes, "written": written, "store": sum(size.values()),
             "activations": act_bytes, "gradients": grad_bytes}
+
+
+def _adapter_file_bytes(args, cfg: TrainConfig) -> int:
+    """Size of the adapter file after a step: encode one with zeroed optimizer state."""
+    from .store import encode_block
+
+    ad = Adapters.init(args, cfg.lora, 0)
+    keys = {"sgd": ["momentum_buffer"] if cfg.optim.momentum else [], "adamw": ["exp_avg", "exp_avg_sq"]}
+    for m in ad.params:
+        state = {}
+        for k, t in ad.named(m).items():
+            state[k] = {s: torch.zeros_like(t) for s in keys[cfg.optim.name]}
+            if cfg.optim.name == "adamw":
+                state[k]["step"] = torch.zeros(())
+        ad.optim[m] = state
+    chunks, _ = encode_block(ad.to_block())
+    return sum(len(memoryview(c).cast("B")) for c in chunks)

@@ -37,20 +37,29 @@ CONFIGS = {
     "B": ["--batch-size", "4", "--micro-batch", "1", "--optimizer", "adamw", "--lr", "0.01",
           "--ram-budget", "none"],
 }
-# Samples of n per event for each config; trimmed to the number of times the event occurs.
-FIB = [1, 2, 3, 5, 8, 13, 21, 34, 55, 89]
+# n per event for each config (trimmed to the number of times the event occurs). Config A also
+# gets every after_rename of journal.json (the window between a step's commit and its log record)
+# and the last occurrence of every event.
 SAMPLES = {
-    "A": {e: FIB for e in EVENTS},
-    "B": {"forward": [4, 11], "backward": [2, 9], "before_fsync": [7, 40, 77], "before_rename": [16, 61],
-          "after_rename": [12, 29, 50, 90], "prepare_module": [4], "export_module": [3], "export_swap": [1]},
+    "A": {"forward": [1, 2, 5, 8, 13], "backward": [1, 3, 5, 8, 13], "before_fsync": [1, 8, 13, 21, 34],
+          "before_rename": [3, 9, 14, 30, 44], "after_rename": [7, 8, 21], "prepare_module": [1, 3],
+          "export_module": [1, 4], "export_swap": [1]},
+    "B": {"forward": [4, 11], "backward": [2, 9], "before_fsync": [40], "before_rename": [61],
+          "after_rename": [29], "prepare_module": [4], "export_module": [3], "export_swap": [1]},
 }
-# The counting wrapper: finetune.py with faults.point replaced by a counter that it prints at exit.
+# The counting wrapper: finetune.py with faults.point replaced by a counter; it prints the counts,
+# and the file each after_rename belongs to, at exit.
 COUNTING = (
     "import atexit, collections, json, runpy, sys\n"
     "import slowllama.faults as f\n"
     "c = collections.Counter()\n"
-    "f.point = lambda e: c.update([e])\n"
-    "atexit.register(lambda: print('FAULT_COUNTS ' + json.dumps(c), file=sys.stderr))\n"
+    "renamed = []\n"
+    "def point(e):\n"
+    "    c.update([e])\n"
+    "    if e == 'after_rename':\n"
+    "        renamed.append(getattr(sys._getframe(1).f_locals.get('path'), 'name', '?'))\n"
+    "f.point = point\n"
+    "atexit.register(lambda: print('FAULT_COUNTS ' + json.dumps([c, renamed]), file=sys.stderr))\n"
     "sys.argv = ['finetune.py', *sys.argv[1:]]\n"
     "runpy.run_path('finetune.py', run_name='__main__')\n"
 )
@@ -140,11 +149,12 @@ def reference(crash_model, crash_data, tmp_path_factory):
         r = run_finetune(run_args(crash_model, crash_data, base, config), counting=True)
         assert r.returncode == 0, r.stderr[-3000:]
         line = next(ln for ln in r.stderr.splitlines() if ln.startswith("FAULT_COUNTS "))
-        counts = json.loads(line.split(" ", 1)[1])
+        counts, renamed = json.loads(line.split(" ", 1)[1])
         assert set(counts) == set(EVENTS), counts
+        assert len(renamed) == counts["after_rename"]
         ref_losses = losses(base / "out")
         assert sorted(ref_losses) == [0, 1, 2]
-        refs[config] = (load_export(base / "out"), ref_losses, counts)
+        refs[config] = (load_export(base / "out"), ref_losses, counts, renamed)
     return refs
 
 
@@ -170,7 +180,7 @@ def _trial(model, data, base, config, event, n, ref):
     r2, _ = kill_and_resume(model, data, base, config, kill)
     assert r2.returncode == 0, f"{config} {kill}: resume failed rc {r2.returncode}\n{r2.stderr[-3000:]}"
     assert "Traceback" not in r2.stderr
-    ref_export, ref_losses, _ = ref
+    ref_export, ref_losses = ref[:2]
     assert_same_export(load_export(base / "out"), ref_export, f"{config} {kill}")
     got = losses(base / "out")
     assert got == ref_losses, f"{config} {kill}: logged losses {got} != uninterrupted {ref_losses}"
@@ -198,9 +208,13 @@ def run_trials(jobs):
 def test_kill_and_resume_is_bit_identical(event, crash_model, crash_data, reference, tmp_path):
     jobs = []
     for config in CONFIGS:
-        count = reference[config][2][event]
-        ns = sorted({n for n in SAMPLES[config][event] if n <= count} | ({count} if config == "A" else set()))
-        for n in ns:
+        count, renamed = reference[config][2][event], reference[config][3]
+        ns = {n for n in SAMPLES[config][event] if n <= count}
+        if config == "A":
+            ns.add(count)
+            if event == "after_rename":
+                ns |= {i + 1 for i, name in enumerate(renamed) if name == "journal.json"}
+        for n in sorted(ns):
             base = tmp_path / f"{config}-{n}"
             base.mkdir()
             jobs.append((crash_model, crash_data, base, config, event, n, reference[config]))
