@@ -1,0 +1,81 @@
+"""The two commands people type, end to end on the tiny model that ships in test_data/."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import finetune
+import test_gen
+
+ROOT = Path(__file__).resolve().parents[1]
+FACT = (ROOT / "test_data" / "demo_fact.txt").read_text()
+PROMPT = "The clock tower of Vellmoor Island"
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """Run the demo exactly as `python finetune.py` does, into a temp folder."""
+    tmp = tmp_path_factory.mktemp("demo")
+    rc = finetune.main(["--out", str(tmp / "out"), "--work-dir", str(tmp / "work")])
+    assert rc == 0
+    return tmp / "out"
+
+
+def _log(out):
+    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_demo_learns_the_fact(demo):
+    recs = _log(demo)
+    losses = [r["loss"] for r in recs if "loss" in r]
+    assert len(losses) == finetune.DEMO["iters"]
+    assert sum(losses[-5:]) / 5 < 0.25 * sum(losses[:5]) / 5
+    for r in recs:
+        if "loss" in r:
+            assert {"iter", "loss", "seconds", "tokens", "peak_rss_bytes", "bytes_read", "bytes_written"} <= set(r)
+            assert r["bytes_read"] > 0 and r["bytes_written"] > 0
+    completions = [r["completion"] for r in recs if "completion" in r]
+    before, after = completions[0], completions[-1]
+    continuation = FACT[len(PROMPT):len(PROMPT) + 30]  # " chimes thirteen times at dusk."
+    assert continuation not in before
+    assert continuation in after
+    assert sorted(p.name for p in demo.iterdir()) == ["consolidated.00.pth", "params.json", "tokenizer.model",
+                                                       "train_log.jsonl"]
+
+
+@pytest.mark.slow
+def test_test_gen_is_deterministic_and_reads_the_tuned_model(demo):
+    runs = [test_gen.generate_text(model_dir=str(demo), device="cpu", prompt=PROMPT, max_new_tokens=12)
+            for _ in range(2)]
+    assert runs[0] == runs[1]
+    assert FACT.startswith(PROMPT + runs[0][:20])
+    base = test_gen.generate_text(model_dir=str(ROOT / "test_data" / "tiny"), device="cpu", prompt=PROMPT,
+                                  max_new_tokens=12)
+    assert base != runs[0]
+
+
+def test_test_gen_cli_prints_the_completion():
+    r = subprocess.run([sys.executable, "test_gen.py", "test_data/tiny", "cpu", "--prompt", "On Monday morning",
+                        "--max-new-tokens", "8"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("On Monday morning") and len(r.stdout.strip()) > len("On Monday morning")
+
+
+def test_lora_cli_end_to_end(tmp_path):
+    out = tmp_path / "out"
+    rc = finetune.main(["test_data/tiny", "--data", "test_data/demo_fact.txt", "--out", str(out), "--iters", "3",
+                        "--seq-len", "16", "--optimizer", "adamw", "--lr", "1e-2", "--lora-rank", "4", "--merge"])
+    assert rc == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["consolidated.00.pth", "lora_adapters.blk", "params.json", "tokenizer.model", "train_log.jsonl"]
+    recs = [r for r in _log(out) if "loss" in r]
+    adapter_bytes = (out / "lora_adapters.blk").stat().st_size
+    # LoRA writes only activations and the adapters: far less than the model per step
+    assert all(r["bytes_written"] < 3 * adapter_bytes + 2_000_000 for r in recs)
+    merged = test_gen.generate_text(model_dir=str(out), device="cpu", prompt=PROMPT, max_new_tokens=8)
+    applied = test_gen.generate_text(model_dir="test_data/tiny", device="cpu", prompt=PROMPT, max_new_tokens=8,
+                                     lora=str(out / "lora_adapters.blk"))
+    assert merged == applied
