@@ -26,13 +26,16 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("model_dir", nargs="?", help="Meta checkpoint folder (params.json, consolidated.NN.pth); "
                    "none runs the demo on test_data/tiny")
-    p.add_argument("--data", help="plain UTF-8 text to train on")
+    p.add_argument("--data", help="UTF-8 text to train on, or .jsonl records of {\"text\"} or {\"prompt\", \"completion\"}")
+    p.add_argument("--val-data", help="text or .jsonl whose loss is reported every --eval-every iterations")
+    p.add_argument("--val-fraction", type=float, default=0.0, help="hold out this fraction of --data for the validation loss")
     p.add_argument("--out", help="output folder for the tuned model (default: MODEL_DIR-tuned)")
     p.add_argument("--work-dir", help="where the block store and cached activations live (default: OUT.work)")
     p.add_argument("--iters", type=int, default=100, help="training iterations")
     p.add_argument("--batch-size", type=int, default=4, help="sequences per iteration")
     p.add_argument("--micro-batch", type=int, default=None, help="sequences run through each block at once; each block is still loaded once per pass")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
+    p.add_argument("--grad-accum", type=int, default=1, help="batches per optimizer step; they pass through each block together, so no gradients are stored")
     p.add_argument("--lr", type=float, default=1e-4, help="learning rate")
     p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd", help="optimizer; its state is stored beside each module")
     p.add_argument("--momentum", type=float, default=0.0, help="SGD momentum")
@@ -101,7 +104,8 @@ def main(argv=None) -> int:
                            prefetch=not a.no_prefetch, verify=not a.no_verify, save_every=a.save_every,
                            shards=a.shards, resume=a.resume, stop_on_nonfinite=a.stop_on_nan,
                            lora_rank=a.lora_rank, lora_alpha=a.lora_alpha, lora_targets=a.lora_targets,
-                           merge=a.merge)
+                           merge=a.merge, grad_accum=a.grad_accum, val_data=a.val_data,
+                           val_fraction=a.val_fraction)
     except (ConfigError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,6 +1,12 @@
-"""Training text to token windows, sampled reproducibly from (seed, step)."""
+"""Training data to token batches, sampled reproducibly from (seed, step).
+
+Plain text becomes windows of one long token stream; JSONL becomes one example per
+record, padded on the right so that, under the causal mask, no real token ever
+attends to padding, and with prompt tokens masked out of the loss.
+"""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -50,3 +56,102 @@ class TokenWindows:
         starts = rng.integers(0, self.n_windows, size=batch_size)
         w = torch.stack([self.tokens[s: s + self.seq_len + 1] for s in starts])
         return w[:, :-1], w[:, 1:]
+
+    def split(self, fraction: float) -> tuple["TokenWindows", "TokenWindows"]:
+        """(train, validation): the last `fraction` of the tokens is held out."""
+        n = len(self.tokens)
+        cut = n - max(self.seq_len + 1, int(n * fraction))
+        if cut < self.seq_len + 1:
+            raise ConfigError(f"--val-fraction {fraction}: too little text for two parts of --seq-len + 1 tokens")
+        head, tail = self.tokens[:cut].tolist(), self.tokens[cut:].tolist()
+        return TokenWindows(head, self.seq_len), TokenWindows(tail, self.seq_len)
+
+    def fixed_batches(self, batch_size: int, n: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Evenly spaced windows for validation: the same every time."""
+        starts = np.linspace(0, self.n_windows - 1, num=min(self.n_windows, batch_size * n)).astype(int)
+        w = torch.stack([self.tokens[s: s + self.seq_len + 1] for s in starts])
+        return list(zip(w[:, :-1].split(batch_size), w[:, 1:].split(batch_size)))
+
+
+IGNORE = -100  # a target id the loss skips (the trainer uses the same value)
+
+
+class Examples:
+    """Instruction or document records from JSONL, one example per sequence.
+
+    {"text": ...} trains on every token; {"prompt": ..., "completion": ...} trains
+    only on the completion. Each example is BOS + tokens + EOS, cut to seq_len + 1
+    tokens and padded on the right; padded targets are IGNORE.
+    """
+
+    def __init__(self, examples: list[tuple[list[int], int]], seq_len: int, pad_id: int, source: str = "data"):
+        if not examples:
+            raise ConfigError(f"{source}: no records")
+        self.seq_len, self.source = seq_len, source
+        rows, masks = [], []
+        for ids, n_prompt in examples:
+            ids = ids[: seq_len + 1]
+            row = ids + [pad_id] * (seq_len + 1 - len(ids))
+            target = torch.tensor(row[1:])
+            target[len(ids) - 1:] = IGNORE
+            target[: max(0, n_prompt - 1)] = IGNORE
+            rows.append(torch.tensor(row[:-1]))
+            masks.append(target)
+        self.inputs, self.targets = torch.stack(rows), torch.stack(masks)
+        if not (self.targets != IGNORE).any():
+            raise ConfigError(f"{source}: no example has a completion token within --seq-len {seq_len}")
+
+    @classmethod
+    def from_jsonl(cls, path: str | Path, tokenizer: Tokenizer, seq_len: int) -> "Examples":
+        text = read_text(path)
+        examples = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError as e:
+                raise ConfigError(f"{path}:{n}: not valid JSON ({e})") from e
+            if isinstance(rec, dict) and set(rec) == {"text"} and isinstance(rec["text"], str):
+                examples.append((tokenizer.encode(rec["text"], bos=True, eos=True), 0))
+            elif (isinstance(rec, dict) and set(rec) == {"prompt", "completion"}
+                  and isinstance(rec["prompt"], str) and isinstance(rec["completion"], str)):
+                prompt = tokenizer.encode(rec["prompt"], bos=True, eos=False)
+                completion = tokenizer.encode(rec["completion"], bos=False, eos=True)
+                examples.append((prompt + completion, len(prompt)))
+            else:
+                raise ConfigError(f"{path}:{n}: expected {{\"text\": ...}} or {{\"prompt\": ..., \"completion\": ...}} "
+                                  f"with string values")
+        return cls(examples, seq_len, tokenizer.eos_id, str(path))
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def batch(self, step: int, batch_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.from_numpy(np.random.default_rng([seed, step]).integers(0, len(self), size=batch_size))
+        return self.inputs[idx], self.targets[idx]
+
+    def _subset(self, idx) -> "Examples":
+        new = object.__new__(Examples)
+        new.seq_len, new.source = self.seq_len, self.source
+        new.inputs, new.targets = self.inputs[idx], self.targets[idx]
+        return new
+
+    def split(self, fraction: float) -> tuple["Examples", "Examples"]:
+        n_val = max(1, int(len(self) * fraction))
+        if n_val >= len(self):
+            raise ConfigError(f"--val-fraction {fraction}: {self.source} has too few records to hold some out")
+        return self._subset(slice(0, len(self) - n_val)), self._subset(slice(len(self) - n_val, None))
+
+    def fixed_batches(self, batch_size: int, n: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        k = min(len(self), batch_size * n)
+        return list(zip(self.inputs[:k].split(batch_size), self.targets[:k].split(batch_size)))
+
+
+def load_data(path: str | Path, tokenizer: Tokenizer, seq_len: int):
+    """TokenWindows for plain text, Examples for .jsonl."""
+    if seq_len < 1:
+        raise ConfigError(f"--seq-len must be positive, got {seq_len}")
+    if str(path).endswith(".jsonl"):
+        return Examples.from_jsonl(path, tokenizer, seq_len)
+    return TokenWindows.from_file(path, tokenizer, seq_len)

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from . import device as dev
 from .checkpoint import MetaCheckpoint, check_shard_count
-from .data import TokenWindows, read_text
+from .data import load_data
 from .fsutil import IO, atomic_write_bytes, atomic_write_json
 from .lora import Adapters, LoraConfig
 from .generate import ModuleCache, complete
@@ -65,6 +65,9 @@ class RunConfig:
     lora_alpha: float = 16.0
     lora_targets: str = "wq,wv"
     merge: bool = False  # LoRA: also export the base with the adapters merged in
+    grad_accum: int = 1
+    val_data: str | None = None
+    val_fraction: float = 0.0
 
 
 def parse_size(text: str) -> int | None:
@@ -92,7 +95,7 @@ def check_paths(model_dir: Path, out: Path, work_dir: Path):
 
 
 def _check_numbers(cfg: RunConfig):
-    for name in ("iters", "batch_size", "seq_len", "gen_tokens"):
+    for name in ("iters", "batch_size", "seq_len", "gen_tokens", "grad_accum"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     for name in ("eval_every", "save_every"):
@@ -104,6 +107,10 @@ def _check_numbers(cfg: RunConfig):
         raise ConfigError(f"--lr must be a positive number, got {cfg.lr}")
     if not 0.0 <= cfg.dropout < 1.0:
         raise ConfigError(f"--dropout must be in [0, 1), got {cfg.dropout}")
+    if not 0.0 <= cfg.val_fraction < 1.0:
+        raise ConfigError(f"--val-fraction must be in [0, 1), got {cfg.val_fraction}")
+    if cfg.val_fraction and cfg.val_data:
+        raise ConfigError("--val-data and --val-fraction exclude each other")
     for name in ("compute_dtype", "store_dtype", "act_dtype"):
         if getattr(cfg, name) not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: expected float32, bfloat16 or float16")
@@ -165,6 +172,9 @@ def finetune(
     lora_alpha: float = 16.0,
     lora_targets: str = "wq,wv",
     merge: bool = False,
+    grad_accum: int = 1,
+    val_data: str | Path | None = None,
+    val_fraction: float = 0.0,
 ) -> dict:
     """Fine-tune a Meta-format checkpoint; returns a summary. Everything is checked before any write."""
     model_dir = Path(model_dir)
@@ -191,7 +201,8 @@ def finetune(
                         compute_dtype=compute_dtype, store_dtype=store_dtype, act_dtype=act_dtype,
                         eval_every=eval_every, prompt=prompt, gen_tokens=gen_tokens, save_every=save_every,
                         shards=shards, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=lora_targets,
-                        merge=merge)
+                        merge=merge, grad_accum=grad_accum, val_data=str(val_data) if val_data else None,
+                        val_fraction=val_fraction)
     _check_numbers(cfg)
     optim = OptimConfig(cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     lora = None
@@ -207,7 +218,13 @@ def finetune(
     if cfg.shards is not None:
         check_shard_count(ckpt.args, cfg.shards)
     tokenizer = Tokenizer(ckpt.tokenizer)
-    windows = TokenWindows.from_file(data, tokenizer, cfg.seq_len)
+    windows = load_data(data, tokenizer, cfg.seq_len)
+    val = None
+    if cfg.val_data:
+        val = load_data(cfg.val_data, tokenizer, cfg.seq_len)
+    elif cfg.val_fraction:
+        windows, val = windows.split(cfg.val_fraction)
+    val_batches = val.fixed_batches(cfg.batch_size) if val is not None else []
     if not resume:
         cfg.data_sha256 = _sha256(Path(data))
 
@@ -240,12 +257,13 @@ def finetune(
     if not resume:
         log_path.unlink(missing_ok=True)
 
-    tcfg = TrainConfig(optim=optim, seed=cfg.seed, dropout=cfg.dropout, micro_batch=cfg.micro_batch,
+    micro = cfg.micro_batch or (cfg.batch_size if cfg.grad_accum > 1 else None)
+    tcfg = TrainConfig(optim=optim, seed=cfg.seed, dropout=cfg.dropout, micro_batch=micro,
                        compute_dtype=DTYPES[cfg.compute_dtype], act_dtype=DTYPES[cfg.act_dtype],
                        ram_budget=ram_budget, prefetch=prefetch, verify=verify,
                        stop_on_nonfinite_loss=stop_on_nonfinite, lora=lora)
     trainer = Trainer(store, work_dir, torch_device, tcfg, progress=_bar)
-    est = estimate_io(store, tcfg, (cfg.batch_size, cfg.seq_len))
+    est = estimate_io(store, tcfg, (cfg.batch_size * cfg.grad_accum, cfg.seq_len))
     remaining = cfg.iters - trainer.step
     print(f"store: {fmt_bytes(store.nbytes())} ({store.dtype}) at {store_root}; checkpoint: "
           f"{fmt_bytes(sum(p.stat().st_size for p in ckpt.shards))}")
@@ -254,9 +272,18 @@ def finetune(
           f"~{fmt_bytes(est['written'] * remaining)} written")
 
     def batch_for(step):
-        return windows.batch(step, cfg.batch_size, cfg.seed)
+        # Gradient accumulation: the iteration's batches all pass through each block in one
+        # layer-major pass, so no gradient is kept between them, on disk or in RAM.
+        parts = [windows.batch(step * cfg.grad_accum + k, cfg.batch_size, cfg.seed) for k in range(cfg.grad_accum)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
     def evaluate(step):
+        if val_batches:
+            trainer.streamer.flush()
+            v = trainer.eval_loss(val_batches)
+            tqdm.write(f"[iter {step}] validation loss {v:.4f}")
+            _append(log_path, {"iter": step, "val_loss": v})
+            summary.setdefault("val_losses", []).append(v)
         if not cfg.prompt:
             return None
         trainer.streamer.flush()

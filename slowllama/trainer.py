@@ -206,12 +206,31 @@ class Trainer:
         in_ram = self.cfg.ram_budget is None or per_module * len(self.names) <= self.cfg.ram_budget
         return ActivationCache(self.work_dir / "acts", in_ram, self.cfg.act_dtype)
 
-    def _compute_module(self, i: int, block: Block):
+    @torch.no_grad()
+    def eval_loss(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+        """Mean next-token loss over these batches, dropout off, each module read once for all of them."""
+        xs = [x.to(self.device) for x, _ in batches]
+        n_tok = sum(int((y != IGNORE).sum()) for _, y in batches)
+        total = 0.0
+        for i, name in enumerate(self.names):
+            module, _ = self._compute_module(i, self.streamer.get(name), dropout=False)
+            self.streamer.prefetch(self.names[i + 1: i + 2])
+            for m, (_, y) in enumerate(batches):
+                x = xs[m] if i == 0 else xs[m].to(self.cfg.compute_dtype)
+                out = self._run(i, module, x, y.to(self.device), n_tok)
+                if name == "output":
+                    total += out.item()
+                else:
+                    xs[m] = out
+            self.streamer.release(name)
+        return total
+
+    def _compute_module(self, i: int, block: Block, dropout: bool = True):
         """(module, master): with fp32 compute the module's parameters are the fp32 master
         itself and master is None; otherwise the module holds a cast copy and master
         holds the fp32 parameters that the optimizer updates."""
         name, cdt = self.names[i], self.cfg.compute_dtype
-        dropout = self.cfg.dropout if name.startswith("layers.") else 0.0
+        dropout = self.cfg.dropout if dropout and name.startswith("layers.") else 0.0
         if self.adapters is not None:
             module = materialize(name, self.args, to_device(block, self.device, cdt), dropout).requires_grad_(False)
             self.adapters.attach(module, name)
