@@ -19,6 +19,7 @@ from typing import Callable, Iterator
 import torch
 
 from . import faults
+from .device import all_finite
 from .model import ConfigError, ModelArgs, module_names
 
 log = logging.getLogger(__name__)
@@ -235,7 +236,7 @@ class MetaCheckpoint:
         for k in keys:
             axis = split_axis(k)
             t = parts[k][0].clone() if axis is None else torch.cat(parts[k], dim=axis)
-            if not torch.isfinite(t).all():
+            if not all_finite(t):
                 raise ConfigError(f"{self.dir}: tensor {k} holds NaN or Inf")
             out[split_key(k)[1]] = t
         return out
@@ -380,7 +381,7 @@ def export_meta(
             for param, t in read_module(module).items():
                 key = full_key(module, param)
                 t = t.to(dtypes[key])
-                if not torch.isfinite(t).all():
+                if not all_finite(t):
                     raise ValueError(f"refusing to export {key}: it holds NaN or Inf")
                 axis = split_axis(key)
                 for s, w in enumerate(writers):

@@ -84,3 +84,14 @@ def synchronize(device: torch.device):
         torch.cuda.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """True when t holds no NaN or Inf.
+
+    One reduction instead of isfinite's full boolean copy: a NaN or Inf anywhere makes
+    the sum non-finite; only a sum that overflows needs the exact check.
+    """
+    if t.numel() == 0 or not t.is_floating_point():
+        return True
+    return bool(torch.isfinite(t.sum(dtype=torch.float32))) or bool(torch.isfinite(t).all())

@@ -313,7 +313,8 @@ def finetune(
         rec = trainer.recover(batch_for)
         if rec is not None:
             tqdm.write(f"resumed: finished iteration {rec.step} (loss {rec.loss:.4f})")
-        last = trainer.journal().get("last") if resume else None
+        last = (dict(iter=rec.step, loss=rec.loss, tokens=rec.tokens) if rec is not None
+                else trainer.journal().get("last") if resume else None)
         if last and last["iter"] not in _logged_iters(log_path):
             _append(log_path, {**last, "resumed": True})  # the crash came before its log record
         start = trainer.step

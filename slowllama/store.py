@@ -28,6 +28,7 @@ import torch
 from . import faults
 from .checkpoint import EXTRAS, MetaCheckpoint, full_key, split_key
 from .fsutil import IO, atomic_write_bytes, atomic_write_json, fsync_dir, remove_stale_tmp, tmp_path
+from .device import all_finite
 from .model import ConfigError, ModelArgs
 
 log = logging.getLogger(__name__)
@@ -248,7 +249,7 @@ class BlockStore:
             except StoreError as e:
                 problems.append(str(e))
                 continue
-            bad = [p for p, t in block.params.items() if not torch.isfinite(t).all()]
+            bad = [p for p, t in block.params.items() if not all_finite(t)]
             if bad:
                 problems.append(f"module {name}: non-finite values in {bad}")
             if name != EXTRAS and block.step == j["version"] and crcs.get(name) not in (None, block.crc):

@@ -347,8 +347,8 @@ class Trainer:
             for k, p in master.items():
                 if compute[k].grad is not None:
                     p.grad = compute[k].grad.float()
-        bad = [k for k, p in params.items() if p.grad is not None and not torch.isfinite(p.grad).all()]
-        if i > 0 and any(not torch.isfinite(g).all() for g in grads_in):
+        bad = [k for k, p in params.items() if p.grad is not None and not dev.all_finite(p.grad)]
+        if i > 0 and any(not dev.all_finite(g) for g in grads_in):
             bad.append("input gradient")
         if bad:
             done = self.names[i + 1:]
@@ -365,7 +365,7 @@ class Trainer:
         new_params = {}
         for k, p in params.items():
             t = p.detach()
-            if not torch.isfinite(t).all():
+            if not dev.all_finite(t):
                 raise NonFiniteError(f"step {step}: update made module {name}.{k} non-finite; not written")
             if store_dtype == torch.bfloat16 and t.dtype == torch.float32:
                 gen = torch.Generator(device=t.device).manual_seed(dev.derive_seed(self.cfg.seed, step, i, 0x5217))
@@ -381,8 +381,8 @@ class Trainer:
     def _commit_adapters(self, step: int, i: int, grads_in):
         name = self.names[i]
         params = self.adapters.named(name)
-        bad = [k for k, p in params.items() if p.grad is None or not torch.isfinite(p.grad).all()]
-        if i > 0 and any(not torch.isfinite(g).all() for g in grads_in):
+        bad = [k for k, p in params.items() if p.grad is None or not dev.all_finite(p.grad)]
+        if i > 0 and any(not dev.all_finite(g) for g in grads_in):
             bad.append("input gradient")
         if bad:
             raise NonFiniteError(f"step {step}: non-finite gradient in module {name} ({', '.join(bad)}); "
