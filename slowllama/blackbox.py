@@ -30,7 +30,7 @@ class WriteError(OSError):
 
 class Streamer:
     def __init__(self, store: BlockStore, ram_budget: int = 0, prefetch: bool = True, verify: bool = True,
-                 max_pending_writes: int = 2):
+                 max_pending_writes: int = 1):
         self.store = store
         self.budget = ram_budget
         self.prefetch_enabled = prefetch
@@ -40,7 +40,10 @@ class Streamer:
         self._pending: dict[str, Block] = {}  # written, not yet committed: readers see these
         self._reads: dict[str, Future] = {}
         self._read_q: queue.Queue = queue.Queue()
-        self._write_q: queue.Queue = queue.Queue(maxsize=max_pending_writes)
+        self._write_q: queue.Queue = queue.Queue()
+        # Bounds the modules waiting to be written (small jobs like journals are not counted):
+        # with one, RAM holds the module computing, the one prefetched and the one being written.
+        self._write_slots = threading.Semaphore(max_pending_writes)
         self._write_error: BaseException | None = None
         self._reader = threading.Thread(target=self._read_loop, name="slowllama-reader", daemon=True)
         self._writer = threading.Thread(target=self._write_loop, name="slowllama-writer", daemon=True)
@@ -116,6 +119,8 @@ class Streamer:
             self._cache.pop(name, None)
         if stale is not None:
             stale.cancel()
+        while not self._write_slots.acquire(timeout=0.1):
+            self._raise_write_error()
         self._write_q.put(("module", name, block, on_commit))
 
     def run_in_order(self, fn: Callable[[], None]):
@@ -130,6 +135,8 @@ class Streamer:
                 return
             kind, name, block, fn = item
             if self._write_error is not None:
+                if kind == "module":
+                    self._write_slots.release()
                 continue  # after a failure nothing more is committed
             try:
                 if kind == "module":
@@ -148,6 +155,9 @@ class Streamer:
             except BaseException as e:
                 log.error("write failed: %s", e)
                 self._write_error = e
+            finally:
+                if kind == "module":
+                    self._write_slots.release()
 
     def _raise_write_error(self):
         if self._write_error is not None:

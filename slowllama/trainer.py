@@ -58,6 +58,8 @@ class TrainConfig:
     verify: bool = True  # check each module's checksum as it is read
     stop_on_nonfinite_loss: bool = False
     lora: LoraConfig | None = None  # train adapters only; the store is then never written
+    # How a 16-bit store rounds updated masters; "nearest" exists only as the control that shows why.
+    store_rounding: str = "stochastic"
 
 
 @dataclass
@@ -367,7 +369,7 @@ class Trainer:
             t = p.detach()
             if not dev.all_finite(t):
                 raise NonFiniteError(f"step {step}: update made module {name}.{k} non-finite; not written")
-            if store_dtype == torch.bfloat16 and t.dtype == torch.float32:
+            if store_dtype == torch.bfloat16 and t.dtype == torch.float32 and self.cfg.store_rounding == "stochastic":
                 gen = torch.Generator(device=t.device).manual_seed(dev.derive_seed(self.cfg.seed, step, i, 0x5217))
                 t = stochastic_round(t, store_dtype, gen)
             new_params[k] = t.to("cpu", store_dtype)
