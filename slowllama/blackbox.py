@@ -30,11 +30,12 @@ class WriteError(OSError):
 
 class Streamer:
     def __init__(self, store: BlockStore, ram_budget: int = 0, prefetch: bool = True, verify: bool = True,
-                 max_pending_writes: int = 1):
+                 max_pending_writes: int = 1, pin_memory: bool = False):
         self.store = store
         self.budget = ram_budget
         self.prefetch_enabled = prefetch
         self.verify = verify
+        self.pin_memory = pin_memory  # page-locked read buffers, for asynchronous copies to CUDA
         self._lock = threading.Lock()
         self._cache: collections.OrderedDict[str, Block] = collections.OrderedDict()
         self._pending: dict[str, Block] = {}  # written, not yet committed: readers see these
@@ -61,7 +62,7 @@ class Streamer:
                 self._cache.move_to_end(name)
                 return self._cache[name]
             fut = self._reads.pop(name, None)
-        block = fut.result() if fut is not None else self.store.read(name, self.verify)
+        block = fut.result() if fut is not None else self.store.read(name, self.verify, self.pin_memory)
         self._remember(name, block)
         return block
 
@@ -86,7 +87,7 @@ class Streamer:
             if not fut.set_running_or_notify_cancel():
                 continue
             try:
-                fut.set_result(self.store.read(name, self.verify))
+                fut.set_result(self.store.read(name, self.verify, self.pin_memory))
             except BaseException as e:  # handed to the trainer through the future
                 fut.set_exception(e)
 

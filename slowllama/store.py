@@ -125,8 +125,11 @@ def read_step(path: Path, name: str = "?") -> int:
         raise StoreError(f"module {name}: file {path} is missing") from e
 
 
-def read_block(path: Path, name: str = "?", verify: bool = True) -> Block:
-    """Read a whole block file with one large read; tensors are views into one buffer."""
+def read_block(path: Path, name: str = "?", verify: bool = True, pin_memory: bool = False) -> Block:
+    """Read a whole block file with one large read; tensors are views into one buffer.
+
+    pin_memory puts that buffer in page-locked memory, so copies to CUDA can be asynchronous.
+    """
     try:
         f = open(path, "rb")
     except FileNotFoundError as e:
@@ -137,7 +140,7 @@ def read_block(path: Path, name: str = "?", verify: bool = True) -> Block:
         if size != start + header["data_bytes"]:
             raise StoreError(f"module {name} ({path}): {size} bytes, expected {start + header['data_bytes']} (truncated?)")
         f.seek(start)
-        buf = torch.empty(header["data_bytes"], dtype=torch.uint8)
+        buf = torch.empty(header["data_bytes"], dtype=torch.uint8, pin_memory=pin_memory)
         view = memoryview(buf.numpy())
         got = 0
         while got < len(view):
@@ -209,8 +212,8 @@ class BlockStore:
     def trainable(self) -> list[str]:
         return [m for m in self.modules if m != EXTRAS]
 
-    def read(self, name: str, verify: bool = True) -> Block:
-        return read_block(self.path(name), name, verify)
+    def read(self, name: str, verify: bool = True, pin_memory: bool = False) -> Block:
+        return read_block(self.path(name), name, verify, pin_memory)
 
     def write(self, name: str, block: Block) -> int:
         return write_block(self.path(name), block)

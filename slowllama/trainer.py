@@ -108,7 +108,7 @@ class Trainer:
         self.args = store.args
         budget = None if cfg.ram_budget is None else cfg.ram_budget
         self.streamer = Streamer(store, ram_budget=float("inf") if budget is None else budget,
-                                 prefetch=cfg.prefetch, verify=cfg.verify)
+                                 prefetch=cfg.prefetch, verify=cfg.verify, pin_memory=device.type == "cuda")
         self.progress = progress or (lambda it, **kw: it)
         self.journal_path = store.root / "journal.json"
         self.adapters: Adapters | None = None
