@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent
 DEMO_MODEL = ROOT / "test_data" / "tiny"
 DEMO_DATA = ROOT / "test_data" / "demo_fact.txt"
 # Chosen so that the tiny model learns the demo fact in about a minute on 2 cores.
-DEMO = dict(iters=40, batch_size=4, seq_len=48, optimizer="adamw", lr=3e-3, eval_every=20, gen_tokens=24)
+DEMO = dict(iters=40, batch_size=4, seq_len=48, optimizer="adamw", lr=3e-3, eval_every=20, gen_tokens=40)
 
 
 def parser() -> argparse.ArgumentParser:

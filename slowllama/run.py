@@ -243,9 +243,16 @@ def finetune(
             if step:
                 raise ConfigError(f"--work-dir {work_dir} holds a run at step {step}: pass --resume to continue "
                                   f"it, or delete the directory to start over")
+        new_dirs = [p for p in (work_dir, *work_dir.parents) if not p.exists()]
         work_dir.mkdir(parents=True, exist_ok=True)
-        store, prepared = open_or_prepare(ckpt, store_root, store_dtype,
-                                          progress=lambda it: _bar(it, desc="prepare", unit="module"))
+        try:
+            store, prepared = open_or_prepare(ckpt, store_root, store_dtype,
+                                              progress=lambda it: _bar(it, desc="prepare", unit="module"))
+        except BaseException:
+            # Only reading the checkpoint finds NaN or damaged data: leave nothing of the run behind.
+            if new_dirs:
+                shutil.rmtree(new_dirs[-1], ignore_errors=True)
+            raise
         log.info("%s store at %s", "prepared" if prepared else "reusing", store_root)
         atomic_write_json(run_path, dataclasses.asdict(cfg))
     old_out = out.with_name(f".{out.name}.old")
@@ -265,7 +272,7 @@ def finetune(
     trainer = Trainer(store, work_dir, torch_device, tcfg, progress=_bar)
     est = estimate_io(store, tcfg, (cfg.batch_size * cfg.grad_accum, cfg.seq_len))
     remaining = cfg.iters - trainer.step
-    print(f"store: {fmt_bytes(store.nbytes())} ({store.dtype}) at {store_root}; checkpoint: "
+    print(f"store: {fmt_bytes(store.nbytes())} ({str(store.dtype).removeprefix('torch.')}) at {store_root}; checkpoint: "
           f"{fmt_bytes(sum(p.stat().st_size for p in ckpt.shards))}")
     print(f"disk per iteration: ~{fmt_bytes(est['read'])} read, ~{fmt_bytes(est['written'])} written; "
           f"for {remaining} iterations: ~{fmt_bytes(est['read'] * remaining)} read, "
