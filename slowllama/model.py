@@ -39,7 +39,7 @@ class ModelArgs:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}")
-        if not isinstance(self.vocab_size, int) or isinstance(self.vocab_size, bool) or self.vocab_size == 0:
+        if not isinstance(self.vocab_size, int) or isinstance(self.vocab_size, bool) or self.vocab_size < 1 and self.vocab_size != -1:
             raise ConfigError(f"vocab_size must be a positive integer or -1, got {self.vocab_size!r}")
         if self.dim % self.n_heads:
             raise ConfigError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
@@ -185,7 +185,8 @@ def build_module(name: str, args: ModelArgs, dropout: float = 0.0) -> nn.Module:
     """An empty (meta-device) module for one stored name, to be filled with load_state_dict(assign=True)."""
     with torch.device("meta"):
         if name == "tok_embeddings":
-            return nn.Embedding(args.vocab_size, args.dim)
+            # An explicit weight skips nn.Embedding's init, which costs a second of imports.
+            return nn.Embedding(args.vocab_size, args.dim, _weight=torch.empty(args.vocab_size, args.dim))
         if name == "norm":
             return RMSNorm(args.dim, args.norm_eps)
         if name == "output":

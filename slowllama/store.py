@@ -190,6 +190,8 @@ class BlockStore:
         path = self.root / "manifest.json"
         try:
             m = json.loads(path.read_text())
+            if m["manifest_crc32"] != _manifest_crc(m):
+                raise StoreError("checksum mismatch, the manifest is corrupt")
             self.args = ModelArgs(**m["params"])
             self.modules: list[str] = m["modules"]
             self.dtype = DTYPES[m["store_dtype"]]
@@ -303,6 +305,7 @@ def prepare(
             "source": source_fingerprint(ckpt),
             "crc": crc,
         }
+        manifest["manifest_crc32"] = _manifest_crc(manifest)
         atomic_write_json(work / "manifest.json", manifest)
         fsync_dir(work)
         if root.exists():
@@ -313,6 +316,10 @@ def prepare(
         shutil.rmtree(work, ignore_errors=True)
         raise
     return BlockStore(root)
+
+
+def _manifest_crc(m: dict) -> int:
+    return zlib.crc32(json.dumps({k: v for k, v in m.items() if k != "manifest_crc32"}, sort_keys=True).encode())
 
 
 def _forward_order(args: ModelArgs) -> list[str]:
