@@ -39,12 +39,8 @@ def fsync_file(path: Path):
         os.close(fd)
 
 
-def fsync_dir(path: Path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+# On POSIX a directory is opened and synced like a file; syncing it makes renames in it durable.
+fsync_dir = fsync_file
 
 
 def tmp_path(path: Path) -> Path:
