@@ -27,13 +27,13 @@ def generate_text(*, model_dir: str, device: str = "auto", prompt: str, max_new_
     if ckpt.tokenizer is None:
         raise ConfigError(f"{model_dir}: no tokenizer.model here or in its parent directory")
     # Computing in fp32 keeps greedy decoding identical on every device that has fp32 kernels.
-    read = ckpt.read_module
-    if lora:
-        adapters = Adapters.load(Path(lora))
+    adapters = Adapters.load(Path(lora)) if lora else None
+    if adapters:
         adapters.check_args(ckpt.args, Path(lora))
 
-        def read(name):
-            return adapters.merge(name, ckpt.read_module(name))
+    def read(name):
+        params = ckpt.read_module(name)
+        return adapters.merge(name, params) if adapters else params
 
     cache = ModuleCache(ckpt.args, read, torch_device, torch.float32)
     return complete(cache, Tokenizer(ckpt.tokenizer), prompt, max_new_tokens)

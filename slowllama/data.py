@@ -73,7 +73,7 @@ class TokenWindows:
         return list(zip(w[:, :-1].split(batch_size), w[:, 1:].split(batch_size)))
 
 
-IGNORE = -100  # a target id the loss skips (the trainer uses the same value)
+IGNORE = -100  # a target id the loss skips: masked prompt tokens and padding
 
 
 class Examples:

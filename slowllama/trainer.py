@@ -11,14 +11,14 @@ A step, for modules 0..M-1 (embedding, blocks, norm, output) and micro-batches:
   output; then make the gradient of its input durable, step the optimizer and
   queue the module for an atomic write.
 
-Commit rule: each module file records its step; the journal says which step is
-in its backward pass. A resume finds the lowest module already at step+1, reloads
+Commit rule: each module file records its version (updates applied); the journal
+says which step is in its backward pass. A resume finds the lowest module already
+one version ahead, reloads
 the gradient that module passed down, re-runs the forward pass over the modules
 below it (still at step, with the same seeds, so the same activations) and goes on.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -31,18 +31,18 @@ import torch.nn.functional as F
 from . import device as dev
 from . import faults
 from .blackbox import Streamer, materialize, to_device
+from .data import IGNORE
 from .fsutil import atomic_write_json
-from .model import ConfigError
 from .lora import Adapters, LoraConfig
+from .model import ConfigError
 from .optim import OptimConfig, step_module, stochastic_round
 from .store import Block, BlockStore, StoreError, read_block, write_block
 
 log = logging.getLogger(__name__)
-IGNORE = -100  # target id that the loss skips (masked prompt tokens, padding)
 
 
 class NonFiniteError(RuntimeError):
-    pass
+    """A NaN or Inf loss or gradient; the message says which modules were already written."""
 
 
 @dataclass
