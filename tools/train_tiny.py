@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import tempfile
 import time
@@ -74,7 +75,7 @@ def greedy(model: Transformer, sp, prompt: str, n_tokens: int = 20) -> str:
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(ROOT / "test_data" / "tiny"))
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=4000)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--lr", type=float, default=3e-3)
@@ -88,11 +89,16 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     corpus = CORPUS.read_text(encoding="utf-8")
     fact = FACT.read_text(encoding="utf-8").strip()
-    tok_path = out / "tokenizer.model"
+    tok_path = (out / "tokenizer.model").resolve()
     with tempfile.TemporaryDirectory() as tmp:
-        both = Path(tmp) / "text.txt"
-        both.write_text(corpus.rstrip("\n") + "\n\n" + fact + "\n", encoding="utf-8")
-        train_tokenizer(both, tok_path, vocab_size=512)
+        # tokenizer.model records its input's path: train from a fixed relative name so the file is reproducible.
+        (Path(tmp) / "corpus_and_fact.txt").write_text(corpus.rstrip("\n") + "\n\n" + fact + "\n", encoding="utf-8")
+        cwd = os.getcwd()
+        os.chdir(tmp)
+        try:
+            train_tokenizer("corpus_and_fact.txt", tok_path, vocab_size=512)
+        finally:
+            os.chdir(cwd)
     sp = spm.SentencePieceProcessor(model_file=str(tok_path))
 
     data = encode_corpus(sp, corpus)

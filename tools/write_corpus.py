@@ -133,7 +133,7 @@ def market_dialogue(r):
 
 def week_para(r):
     start = r.randrange(7)
-    s = [f"There are seven days in a week."]
+    s = ["There are seven days in a week."]
     for i in range(r.randint(3, 6)):
         a, b = DAYS[(start + i) % 7], DAYS[(start + i + 1) % 7]
         s.append(f"After {a} comes {b}.")
@@ -170,7 +170,7 @@ def dialogue_para(r):
         f"\"I am going to {place},\" said {b[0]}.",
         f"\"Why?\" asked {a[0]}.",
         f"\"Because I need {r.choice([GOODS[g][0] for g in GOODS])} for my mother.\"",
-        f"\"May I come with you?\"",
+        "\"May I come with you?\"",
         f"\"Yes, you may. But bring a coat, it is {w}.\"",
     ]
     if r.random() < 0.5:
@@ -196,7 +196,7 @@ def school_para(r):
     child = who(r)
     s = [f"At the school, Nell the teacher asked, \"What is {num(n1)} and {num(n2)}?\"",
          f"{child[0]} put up {child[2]} hand and said, \"{cap(num(n1 + n2))}.\"",
-         f"\"Good,\" said Nell. \"And what day is it today?\"",
+         "\"Good,\" said Nell. \"And what day is it today?\"",
     ]
     d = r.choice(DAYS)
     s.append(f"\"Today is {d},\" said {child[0]}, \"and tomorrow is {DAYS[(DAYS.index(d) + 1) % 7]}.\"")
