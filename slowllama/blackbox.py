@@ -36,6 +36,9 @@ class Streamer:
         self.prefetch_enabled = prefetch
         self.verify = verify
         self.pin_memory = pin_memory  # page-locked read buffers, for asynchronous copies to CUDA
+        # Modules this process wrote: a re-read mostly comes from the page cache, where a checksum
+        # would only check RAM, so only modules that came from an earlier run are verified.
+        self._written: set[str] = set()
         self._lock = threading.Lock()
         self._cache: collections.OrderedDict[str, Block] = collections.OrderedDict()
         self._pending: dict[str, Block] = {}  # written, not yet committed: readers see these
@@ -62,7 +65,7 @@ class Streamer:
                 self._cache.move_to_end(name)
                 return self._cache[name]
             fut = self._reads.pop(name, None)
-        block = fut.result() if fut is not None else self.store.read(name, self.verify, self.pin_memory)
+        block = fut.result() if fut is not None else self._read(name)
         self._remember(name, block)
         return block
 
@@ -87,9 +90,12 @@ class Streamer:
             if not fut.set_running_or_notify_cancel():
                 continue
             try:
-                fut.set_result(self.store.read(name, self.verify, self.pin_memory))
+                fut.set_result(self._read(name))
             except BaseException as e:  # handed to the trainer through the future
                 fut.set_exception(e)
+
+    def _read(self, name: str) -> Block:
+        return self.store.read(name, self.verify and name not in self._written, self.pin_memory)
 
     def _remember(self, name: str, block: Block):
         with self._lock:
@@ -143,6 +149,7 @@ class Streamer:
                 if kind == "module":
                     crc = self.store.write(name, block)
                     block.crc = crc
+                    self._written.add(name)
                     with self._lock:
                         if self._pending.get(name) is block:
                             del self._pending[name]
