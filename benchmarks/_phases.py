@@ -222,6 +222,15 @@ def _numel(shape) -> int:
     return n
 
 
+def _start_phase(torch, cfg: dict):
+    """Threads, device and peak-memory counters for a timed phase; returns (device, RSS baseline)."""
+    _set_threads(torch, cfg)
+    device = torch.device(cfg["device"])
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    return device, rss_bytes()
+
+
 def phase_stream(cfg: dict) -> dict:
     _imports()
     import torch
@@ -230,11 +239,7 @@ def phase_stream(cfg: dict) -> dict:
     from slowllama.store import BlockStore
     from slowllama.trainer import TrainConfig, Trainer
 
-    _set_threads(torch, cfg)
-    device = torch.device(cfg["device"])
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    base = rss_bytes()
+    device, base = _start_phase(torch, cfg)
     store = BlockStore(cfg["store"])
     inputs, targets = _batch(torch, store.args.vocab_size, cfg["batch"], cfg["seq"], cfg["seed"])
     tc = TrainConfig(optim=OptimConfig("sgd", lr=cfg["lr"]), seed=cfg["seed"], dropout=0.0,
@@ -290,11 +295,7 @@ def phase_inmem(cfg: dict) -> dict:
     from slowllama.checkpoint import EXTRAS, MetaCheckpoint
     from slowllama.model import Transformer, module_names
 
-    _set_threads(torch, cfg)
-    device = torch.device(cfg["device"])
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    base = rss_bytes()
+    device, base = _start_phase(torch, cfg)
     ckpt = MetaCheckpoint(cfg["ckpt"])
     args = ckpt.args
     store_dtype = getattr(torch, cfg["store_dtype"])
