@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
 from pathlib import Path
 
@@ -38,6 +39,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-accum", type=int, default=1, help="batches per optimizer step; they pass through each block together, so no gradients are stored")
     p.add_argument("--lr", type=float, default=1e-4, help="learning rate")
     p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd", help="optimizer; its state is stored beside each module")
+    p.add_argument("--optim-state-dtype", default="float32", choices=["float32", "bfloat16"], help="dtype of the stored optimizer moments (bfloat16 halves AdamW's state on disk)")
     p.add_argument("--momentum", type=float, default=0.0, help="SGD momentum")
     p.add_argument("--weight-decay", type=float, default=0.0, help="weight decay")
     p.add_argument("--dropout", type=float, default=0.0, help="residual dropout probability in each block")
@@ -69,56 +71,58 @@ def main(argv=None) -> int:
     p = parser()
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if a.verify and a.model_dir:
+        return verify(a)
+    try:
+        ram_budget = parse_size(a.ram_budget)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    opts = dict(
+        model_dir=a.model_dir, data=a.data, out=a.out, work_dir=a.work_dir, iters=a.iters, batch_size=a.batch_size,
+        micro_batch=a.micro_batch, seq_len=a.seq_len, grad_accum=a.grad_accum, lr=a.lr, optimizer=a.optimizer,
+        optim_state_dtype=a.optim_state_dtype, momentum=a.momentum, weight_decay=a.weight_decay, dropout=a.dropout,
+        seed=a.seed, device=a.device, compute_dtype=a.compute_dtype, store_dtype=a.store_dtype,
+        act_dtype=a.act_dtype, ram_budget=ram_budget, prefetch=not a.no_prefetch,
+        verify=not a.no_verify, eval_every=a.eval_every, prompt=a.prompt, gen_tokens=a.gen_tokens,
+        save_every=a.save_every, shards=a.shards, resume=a.resume, stop_on_nonfinite=a.stop_on_nan,
+        lora_rank=a.lora_rank, lora_alpha=a.lora_alpha, lora_targets=a.lora_targets, merge=a.merge,
+        val_data=a.val_data, val_fraction=a.val_fraction)
     demo = a.model_dir is None
-    kw = {}
     if demo:
         # The demo owns its folders, so it may start them afresh every time.
-        import shutil
-
-        out = Path(a.out or "demo-out/tiny-tuned")
         work = Path(a.work_dir or "demo-out/tiny-work")
         shutil.rmtree(work, ignore_errors=True)
         prompt = DEMO_DATA.read_text(encoding="utf-8").split(",")[0].split(".")[0][:40].rsplit(" ", 1)[0]
-        kw = dict(model_dir=DEMO_MODEL, data=a.data or DEMO_DATA, out=out, work_dir=work, prompt=a.prompt or prompt, **DEMO)
+        opts.update(DEMO, model_dir=DEMO_MODEL, data=a.data or DEMO_DATA, out=a.out or "demo-out/tiny-tuned",
+                    work_dir=work, prompt=a.prompt or prompt)
         print(f"demo: fine-tuning {DEMO_MODEL.relative_to(ROOT)} on {DEMO_DATA.relative_to(ROOT)}")
-    elif a.verify:
-        try:
-            problems = verify_store(model_dir=a.model_dir, out=a.out, work_dir=a.work_dir)
-        except (ConfigError, OSError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        for line in problems:
-            print(f"problem: {line}", file=sys.stderr)
-        print("store verified: no problems" if not problems else f"{len(problems)} problem(s) found")
-        return 1 if problems else 0
-    elif not a.data:
+    elif not a.data and not a.resume:
         p.error("--data is required with a model directory")
     try:
-        kw = {**dict(model_dir=a.model_dir, data=a.data, out=a.out, work_dir=a.work_dir, iters=a.iters,
-                     batch_size=a.batch_size, micro_batch=a.micro_batch, seq_len=a.seq_len, lr=a.lr,
-                     optimizer=a.optimizer, momentum=a.momentum, weight_decay=a.weight_decay, dropout=a.dropout,
-                     eval_every=a.eval_every, prompt=a.prompt, gen_tokens=a.gen_tokens),
-              **kw}
-        summary = finetune(**kw, seed=a.seed, device=a.device, compute_dtype=a.compute_dtype,
-                           store_dtype=a.store_dtype, act_dtype=a.act_dtype, ram_budget=parse_size(a.ram_budget),
-                           prefetch=not a.no_prefetch, verify=not a.no_verify, save_every=a.save_every,
-                           shards=a.shards, resume=a.resume, stop_on_nonfinite=a.stop_on_nan,
-                           lora_rank=a.lora_rank, lora_alpha=a.lora_alpha, lora_targets=a.lora_targets,
-                           merge=a.merge, grad_accum=a.grad_accum, val_data=a.val_data,
-                           val_fraction=a.val_fraction)
-    except (ConfigError, OSError) as e:
+        summary = finetune(**opts)
+    except (ConfigError, OSError, NonFiniteError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
+        return 3 if isinstance(e, NonFiniteError) else 2
     except KeyboardInterrupt:
         print("interrupted: the store holds the last committed state; resume with --resume", file=sys.stderr)
         return 130
     if demo:
-        print(f"\nprompt:  {kw['prompt']!r}\nbefore:  {summary.get('before')!r}\nafter:   {summary.get('after')!r}")
+        print(f"\nprompt:  {opts['prompt']!r}\nbefore:  {summary.get('before')!r}\nafter:   {summary.get('after')!r}")
     print(f"tuned model: {summary['out']}")
     return 0
+
+
+def verify(a) -> int:
+    try:
+        problems = verify_store(model_dir=a.model_dir, out=a.out, work_dir=a.work_dir)
+    except (ConfigError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for line in problems:
+        print(f"problem: {line}", file=sys.stderr)
+    print("store verified: no problems" if not problems else f"{len(problems)} problem(s) found")
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":

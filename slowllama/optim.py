@@ -45,7 +45,8 @@ def step_module(cfg: OptimConfig, params: dict[str, torch.nn.Parameter],
     opt = cfg.make([p for _, p in named])
     for n, p in named:
         if n in state:
-            opt.state[p] = {k: v.to(p.device) for k, v in state[n].items()}
+            # Moments may be stored in 16 bits; the update itself always runs in the parameter's dtype.
+            opt.state[p] = {k: v.to(p.device, p.dtype if v.shape == p.shape else v.dtype) for k, v in state[n].items()}
     opt.step()
     return {n: {k: v for k, v in opt.state[p].items() if isinstance(v, torch.Tensor)}
             for n, p in named if opt.state.get(p)}

@@ -66,6 +66,7 @@ class RunConfig:
     lora_targets: str = "wq,wv"
     merge: bool = False  # LoRA: also export the base with the adapters merged in
     grad_accum: int = 1
+    optim_state_dtype: str = "float32"
     val_data: str | None = None
     val_fraction: float = 0.0
 
@@ -114,6 +115,8 @@ def _check_numbers(cfg: RunConfig):
     for name in ("compute_dtype", "store_dtype", "act_dtype"):
         if getattr(cfg, name) not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: expected float32, bfloat16 or float16")
+    if cfg.optim_state_dtype not in ("float32", "bfloat16"):
+        raise ConfigError("--optim-state-dtype must be float32 or bfloat16")
     if cfg.store_dtype not in ("float32", "bfloat16"):
         raise ConfigError("--store-dtype must be float32 or bfloat16")
 
@@ -173,6 +176,7 @@ def finetune(
     lora_targets: str = "wq,wv",
     merge: bool = False,
     grad_accum: int = 1,
+    optim_state_dtype: str = "float32",
     val_data: str | Path | None = None,
     val_fraction: float = 0.0,
 ) -> dict:
@@ -201,7 +205,8 @@ def finetune(
                         compute_dtype=compute_dtype, store_dtype=store_dtype, act_dtype=act_dtype,
                         eval_every=eval_every, prompt=prompt, gen_tokens=gen_tokens, save_every=save_every,
                         shards=shards, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=lora_targets,
-                        merge=merge, grad_accum=grad_accum, val_data=str(val_data) if val_data else None,
+                        merge=merge, grad_accum=grad_accum, optim_state_dtype=optim_state_dtype,
+                        val_data=str(val_data) if val_data else None,
                         val_fraction=val_fraction)
     _check_numbers(cfg)
     optim = OptimConfig(cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -268,7 +273,8 @@ def finetune(
     tcfg = TrainConfig(optim=optim, seed=cfg.seed, dropout=cfg.dropout, micro_batch=micro,
                        compute_dtype=DTYPES[cfg.compute_dtype], act_dtype=DTYPES[cfg.act_dtype],
                        ram_budget=ram_budget, prefetch=prefetch, verify=verify,
-                       stop_on_nonfinite_loss=stop_on_nonfinite, lora=lora)
+                       stop_on_nonfinite_loss=stop_on_nonfinite, lora=lora,
+                       optim_state_dtype=DTYPES[cfg.optim_state_dtype])
     trainer = Trainer(store, work_dir, torch_device, tcfg, progress=_bar)
     est = estimate_io(store, tcfg, (cfg.batch_size * cfg.grad_accum, cfg.seq_len))
     remaining = cfg.iters - trainer.step

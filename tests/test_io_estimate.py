@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 from slowllama.run import finetune
 
@@ -25,3 +26,20 @@ def test_estimate_matches_measured_bytes(gqa_model, tmp_path, kw):
     for r in recs:
         assert r["bytes_read"] == pytest.approx(est["read"], rel=0.05), (r, est)
         assert r["bytes_written"] == pytest.approx(est["written"], rel=0.05), (r, est)
+
+
+def test_bf16_optimizer_state_is_stored_in_bf16_and_estimated(gqa_model, tmp_path):
+    data = tmp_path / "d.txt"
+    data.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    summary = finetune(model_dir=gqa_model, data=data, out=tmp_path / "out", iters=3, batch_size=2, seq_len=24,
+                       lr=1e-3, optimizer="adamw", optim_state_dtype="bfloat16")
+    from slowllama.store import BlockStore
+
+    block = BlockStore(tmp_path / "out.work" / "store").read("layers.0")
+    state = block.optim["attention.wq.weight"]
+    assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.bfloat16
+    assert state["step"].dtype == torch.float32 and float(state["step"]) == 3
+    rec = [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
+    last = [r for r in rec if "loss" in r][-1]
+    assert last["bytes_written"] == pytest.approx(summary["estimate"]["written"], rel=0.05)
+    assert all(l == l and l < 10 for l in summary["losses"])
