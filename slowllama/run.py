@@ -420,8 +420,3 @@ def _peak_rss(proc: psutil.Process) -> int:
         return peak if os.uname().sysname == "Darwin" else peak * 1024
     except ImportError:  # Windows
         return proc.memory_info().peak_wset
-
-
-def ensure_dir_removed(path: Path):
-    if path.exists():
-        shutil.rmtree(path)

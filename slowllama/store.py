@@ -29,7 +29,7 @@ from . import faults
 from .checkpoint import EXTRAS, MetaCheckpoint, full_key, split_key
 from .fsutil import IO, atomic_write_bytes, atomic_write_json, fsync_dir, remove_stale_tmp, tmp_path
 from .device import all_finite
-from .model import ConfigError, ModelArgs
+from .model import ConfigError, ModelArgs, module_names
 
 log = logging.getLogger(__name__)
 
@@ -286,7 +286,7 @@ def prepare(
     try:
         modules = list(dict.fromkeys(split_key(k)[0] for k in ckpt.key_order))
         # Forward order, extras last.
-        order = [m for m in _forward_order(ckpt.args) if m in modules] + ([EXTRAS] if EXTRAS in modules else [])
+        order = [m for m in module_names(ckpt.args) if m in modules] + ([EXTRAS] if EXTRAS in modules else [])
         crc = {}
         for name in progress(order):
             tensors = ckpt.read_module(name)
@@ -320,12 +320,6 @@ def prepare(
 
 def _manifest_crc(m: dict) -> int:
     return zlib.crc32(json.dumps({k: v for k, v in m.items() if k != "manifest_crc32"}, sort_keys=True).encode())
-
-
-def _forward_order(args: ModelArgs) -> list[str]:
-    from .model import module_names
-
-    return module_names(args)
 
 
 def open_or_prepare(ckpt: MetaCheckpoint, root: str | Path, dtype: torch.dtype,

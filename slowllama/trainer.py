@@ -107,12 +107,12 @@ class Trainer:
         self.work_dir = Path(work_dir)
         self.names = store.trainable
         self.args = store.args
-        budget = None if cfg.ram_budget is None else cfg.ram_budget
-        self.streamer = Streamer(store, ram_budget=float("inf") if budget is None else budget,
+        self.streamer = Streamer(store, ram_budget=float("inf") if cfg.ram_budget is None else cfg.ram_budget,
                                  prefetch=cfg.prefetch, verify=cfg.verify, pin_memory=device.type == "cuda")
         self.progress = progress or (lambda it, **kw: it)
         self.journal_path = store.root / "journal.json"
         self.adapters: Adapters | None = None
+        self._last: dict | None = None  # the log record of the step in its backward pass
         if cfg.lora is not None:
             self._init_lora(cfg.lora)
         else:
@@ -159,7 +159,7 @@ class Trainer:
         """
         if j["phase"] == "backward":
             self._last = {"iter": j["step"], "loss": j["loss"], "tokens": j["tokens"]}
-        elif getattr(self, "_last", None) and self._last["iter"] == j["step"] - 1:
+        elif self._last and self._last["iter"] == j["step"] - 1:
             j = {**j, "last": self._last}  # the finished step's loss: a resume logs it if the log lost it
         if j["phase"] == "idle":
             self._step, self._version = j["step"], j["version"]
