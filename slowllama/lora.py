@@ -106,7 +106,8 @@ class Adapters:
         out = dict(params)
         for t, (a, b) in self.params.get(name, {}).items():
             key = f"{TARGETS[t]}.weight"
-            out[key] = params[key].float() + (b.detach().float() @ a.detach().float()) * self.cfg.scale
+            w = params[key].float()
+            out[key] = w + (b.detach().to(w.device, torch.float32) @ a.detach().to(w.device, torch.float32)) * self.cfg.scale
         return out
 
     # ---- file ----
