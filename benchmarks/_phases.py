@@ -16,13 +16,31 @@ with torch.optim.SGD, the reference).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+
+
+@contextlib.contextmanager
+def bench_dir(path: str | None, prefix: str):
+    """The benchmark's work folder: `path` kept afterwards, else a temp dir removed at the end."""
+    if path:
+        work = Path(path).resolve()
+        work.mkdir(parents=True, exist_ok=True)
+        yield work
+        return
+    tmp = tempfile.mkdtemp(prefix=prefix)
+    try:
+        yield Path(tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "test_data" / "corpus.txt"

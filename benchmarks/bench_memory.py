@@ -28,12 +28,11 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _phases import dir_bytes, parse_bytes, run_phase  # noqa: E402
+from _phases import bench_dir, dir_bytes, parse_bytes, run_phase  # noqa: E402
 
 
 def main():
@@ -57,18 +56,8 @@ def main():
     p.add_argument("--workdir", default=None, help="keep the checkpoints and stores here (default: a temp dir)")
     a = p.parse_args()
 
-    tmp = None
-    if a.workdir:
-        work = Path(a.workdir).resolve()
-        work.mkdir(parents=True, exist_ok=True)
-    else:
-        tmp = tempfile.mkdtemp(prefix="slowllama-benchmem-")
-        work = Path(tmp)
-    try:
+    with bench_dir(a.workdir, "slowllama-benchmem-") as work:
         print(json.dumps(run(a, work), indent=1))
-    finally:
-        if tmp:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def run(a, work: Path) -> dict:

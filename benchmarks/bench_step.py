@@ -36,12 +36,11 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _phases import DTYPE_NAMES, disk_bandwidth, parse_bytes, run_phase  # noqa: E402
+from _phases import DTYPE_NAMES, bench_dir, disk_bandwidth, parse_bytes, run_phase  # noqa: E402
 
 
 def main():
@@ -76,18 +75,8 @@ def main():
     if a.steps < 1:
         p.error("--steps must be at least 1")
 
-    tmp = None
-    if a.workdir:
-        work = Path(a.workdir).resolve()
-        work.mkdir(parents=True, exist_ok=True)
-    else:
-        tmp = tempfile.mkdtemp(prefix="slowllama-bench-")
-        work = Path(tmp)
-    try:
+    with bench_dir(a.workdir, "slowllama-bench-") as work:
         result = run(a, work)
-    finally:
-        if tmp:
-            shutil.rmtree(tmp, ignore_errors=True)
     print(json.dumps(result, indent=1))
 
 
