@@ -116,11 +116,11 @@ def _read_header(f, path: Path, name: str) -> tuple[dict, int]:
     return header, start + _pad(start)
 
 
-def read_step(path: Path, name: str = "?") -> int:
-    """The step recorded in a block file, reading only its header."""
+def read_header(path: Path, name: str = "?") -> dict:
+    """A block file's header (step, tensor names, dtypes and shapes), without reading its data."""
     try:
         with open(path, "rb") as f:
-            return _read_header(f, path, name)[0]["step"]
+            return _read_header(f, path, name)[0]
     except FileNotFoundError as e:
         raise StoreError(f"module {name}: file {path} is missing") from e
 
@@ -221,7 +221,10 @@ class BlockStore:
         return write_block(self.path(name), block)
 
     def step_of(self, name: str) -> int:
-        return read_step(self.path(name), name)
+        return read_header(self.path(name), name)["step"]
+
+    def header(self, name: str) -> dict:
+        return read_header(self.path(name), name)
 
     def nbytes(self) -> int:
         return sum(self.path(m).stat().st_size for m in self.modules)

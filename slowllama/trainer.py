@@ -204,9 +204,7 @@ class Trainer:
         return StepResult(step, loss, n_tok)
 
     def _activation_cache(self, shape) -> ActivationCache:
-        b, t = shape
-        per_module = b * t * self.args.dim * self.cfg.act_dtype.itemsize
-        in_ram = self.cfg.ram_budget is None or per_module * len(self.names) <= self.cfg.ram_budget
+        in_ram = activations_in_ram(self.cfg, self.args.dim, len(self.names), shape)
         return ActivationCache(self.work_dir / "acts", in_ram, self.cfg.act_dtype)
 
     @torch.no_grad()
@@ -350,13 +348,8 @@ class Trainer:
             for k, p in master.items():
                 if compute[k].grad is not None:
                     p.grad = compute[k].grad.float()
-        bad = [k for k, p in params.items() if p.grad is not None and not dev.all_finite(p.grad)]
-        if i > 0 and any(not dev.all_finite(g) for g in grads_in):
-            bad.append("input gradient")
-        if bad:
-            done = self.names[i + 1:]
-            raise NonFiniteError(f"step {step}: non-finite gradient in module {name} ({', '.join(bad)}); "
-                                 f"not written. Already updated this step: {', '.join(done) or 'none'}")
+        done = ", ".join(self.names[i + 1:]) or "none"
+        self._check_gradients(step, i, params, grads_in, f"not written. Already updated this step: {done}")
         if i > 0:
             # The gradient this module passes down must be durable before the module
             # is replaced, or a crash in between could not be resumed.
@@ -385,16 +378,22 @@ class Trainer:
     def _commit_adapters(self, step: int, i: int, grads_in):
         name = self.names[i]
         params = self.adapters.named(name)
-        bad = [k for k, p in params.items() if p.grad is None or not dev.all_finite(p.grad)]
-        if i > 0 and any(not dev.all_finite(g) for g in grads_in):
-            bad.append("input gradient")
-        if bad:
-            raise NonFiniteError(f"step {step}: non-finite gradient in module {name} ({', '.join(bad)}); "
-                                 f"adapters not saved")
+        self._check_gradients(step, i, params, grads_in, "adapters not saved", every_param=True)
         if params:
             self.adapters.optim[name] = step_module(self.cfg.optim, params, self.adapters.optim.get(name, {}))
             for p in params.values():
                 p.grad = None
+
+    def _check_gradients(self, step: int, i: int, params: dict, grads_in, consequence: str, every_param=False):
+        """Stop before anything of module i is committed if a gradient holds NaN or Inf
+        (or, with every_param, is missing)."""
+        bad = [k for k, p in params.items()
+               if (p.grad is None and every_param) or (p.grad is not None and not dev.all_finite(p.grad))]
+        if i > 0 and any(not dev.all_finite(g) for g in grads_in):
+            bad.append("input gradient")
+        if bad:
+            raise NonFiniteError(f"step {step}: non-finite gradient in module {self.names[i]} "
+                                 f"({', '.join(bad)}); {consequence}")
 
     def _finish_step(self, step: int, version: int):
         self._write_journal({"step": step + 1, "version": version + 1, "phase": "idle"})
@@ -445,6 +444,12 @@ class Trainer:
         self.streamer.close()
 
 
+def activations_in_ram(cfg: TrainConfig, dim: int, n_modules: int, batch_shape: tuple[int, int]) -> bool:
+    """Whether a step's cached module inputs fit the RAM budget (else they go to scratch files)."""
+    b, t = batch_shape
+    return cfg.ram_budget is None or b * t * dim * cfg.act_dtype.itemsize * n_modules <= cfg.ram_budget
+
+
 def estimate_io(store: BlockStore, cfg: TrainConfig, batch_shape: tuple[int, int]) -> dict:
     """Disk bytes one steady-state step reads and writes, by replaying the streamer's cache policy."""
     b, t = batch_shape
@@ -453,9 +458,11 @@ def estimate_io(store: BlockStore, cfg: TrainConfig, batch_shape: tuple[int, int
     n_state = {"sgd": 1 if cfg.optim.momentum else 0, "adamw": 2}[cfg.optim.name]
     size = {}
     for n in names:
-        block = store.read(n, verify=False)
-        have = len(next(iter(block.optim.values()), {}))
-        numel = sum(p.numel() for p in block.params.values())
+        # Headers only: reading every module here would cost a whole pass over the store.
+        tensors = store.header(n)["tensors"]
+        params = [(name, shape) for name, _, shape, _ in tensors if "#" not in name]
+        have = sum(1 for name, _, _, _ in tensors if name.startswith(params[0][0] + "#"))
+        numel = sum(math.prod(shape) for _, shape in params)
         extra = 0 if lora else max(0, n_state - have) * numel * cfg.optim_state_dtype.itemsize
         size[n] = store.path(n).stat().st_size + extra
     budget = float("inf") if cfg.ram_budget is None else cfg.ram_budget
@@ -476,7 +483,7 @@ def estimate_io(store: BlockStore, cfg: TrainConfig, batch_shape: tuple[int, int
     n_mb = -(-b // (cfg.micro_batch or b))
     hidden = b * t * store.args.dim * cfg.act_dtype.itemsize
     overhead = n_mb * (5056 + 384)  # per file: the cpu RNG state, header and padding
-    in_ram = cfg.ram_budget is None or hidden * len(names) <= cfg.ram_budget
+    in_ram = activations_in_ram(cfg, store.args.dim, len(names), batch_shape)
     # Cached: the inputs of every module but the output layer (and, in LoRA, the embedding);
     # the embedding's input is token ids, the others' hidden states.
     n_hidden = len(names) - 2
