@@ -74,6 +74,12 @@ def split_axis(key: str) -> int | None:
     return SPLIT_AXIS[template(key)]
 
 
+def shard_part(key: str, t: torch.Tensor, n_shards: int, shard: int) -> torch.Tensor:
+    """Shard `shard`'s part of the full tensor `key`: a slice along Meta's axis, or all of it."""
+    axis = split_axis(key)
+    return t if axis is None else t.chunk(n_shards, dim=axis)[shard]
+
+
 def expected_shapes(args: ModelArgs, module: str) -> dict[str, tuple[int, ...]]:
     """Full (unsharded) shapes of one module's parameters."""
     d, h, kv, f = args.dim, args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim, args.ffn_hidden_dim
@@ -383,9 +389,8 @@ def export_meta(
                 t = t.to(dtypes[key])
                 if not all_finite(t):
                     raise ValueError(f"refusing to export {key}: it holds NaN or Inf")
-                axis = split_axis(key)
                 for s, w in enumerate(writers):
-                    w.write(key, t if axis is None else t.chunk(n_shards, dim=axis)[s])
+                    w.write(key, shard_part(key, t, n_shards, s))
             faults.point("export_module")
         for w in writers:
             w.close()
@@ -416,8 +421,7 @@ def save_meta(out_dir: str | Path, params: dict, state_dict: dict[str, torch.Ten
         shard = {}
         for key, t in state_dict.items():
             t = t.detach().to("cpu", dtype or t.dtype)
-            axis = split_axis(key)
-            shard[key] = (t if axis is None else t.chunk(n_shards, dim=axis)[s]).clone()
+            shard[key] = shard_part(key, t, n_shards, s).clone()
         torch.save(shard, out_dir / f"consolidated.{s:02d}.pth")
     (out_dir / "params.json").write_text(json.dumps(params, indent=1))
     if tokenizer is not None and Path(tokenizer).resolve() != (out_dir / "tokenizer.model").resolve():
