@@ -5,7 +5,7 @@ A block file is self-describing and checksummed:
     b"SLLMBLK1" | u32 header length | u32 crc32(header) | header JSON | pad to 64 | data
 
 The header names each tensor (dtype, shape, offset), the training step the module
-belongs to and the crc32 of the data. A file is only ever replaced whole (temp file,
+belongs to and a 64-bit xxh3 checksum of the data. A file is only ever replaced whole (temp file,
 fsync, rename), so a reader sees the old or the new module, never a mix.
 
 Parameters are stored under their names inside the module; optimizer state under
@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
+import xxhash
 
 from . import faults
 from .checkpoint import EXTRAS, MetaCheckpoint, full_key, split_key
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 
 MAGIC = b"SLLMBLK1"
 ALIGN = 64
-FORMAT = 1
+FORMAT = 2  # 2: data checksums are xxh3_64 (crc32 in 1)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "uint8": torch.uint8, "int64": torch.int64}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
@@ -53,7 +54,8 @@ class Block:
     params: dict[str, torch.Tensor]
     optim: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
-    crc: int = 0
+    checksum: int = 0
+    buffer: torch.Tensor | None = field(default=None, repr=False, compare=False)  # what a read put the data in
 
     @property
     def nbytes(self) -> int:
@@ -73,8 +75,8 @@ def _pad(n: int) -> int:
 
 
 def encode_block(block: Block) -> tuple[list, int]:
-    """The file's byte chunks, and the data crc32."""
-    tensors, offset, crc = [], 0, 0
+    """The file's byte chunks, and the data checksum."""
+    tensors, offset, digest = [], 0, xxhash.xxh3_64()
     views = []
     for name, t in _flat(block):
         t = t.detach().to("cpu").contiguous()
@@ -83,24 +85,25 @@ def encode_block(block: Block) -> tuple[list, int]:
         raw = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
         tensors.append([name, DTYPE_NAMES[t.dtype], list(t.shape), offset])
         views.append(raw)
-        crc = zlib.crc32(raw, crc)
+        digest.update(raw)
         pad = _pad(t.nbytes)
         if pad:
             views.append(bytes(pad))
-            crc = zlib.crc32(bytes(pad), crc)
+            digest.update(bytes(pad))
         offset += t.nbytes + pad
-    header = json.dumps({"step": block.step, "crc32": crc, "data_bytes": offset, "tensors": tensors,
+    checksum = digest.intdigest()
+    header = json.dumps({"step": block.step, "xxh3_64": checksum, "data_bytes": offset, "tensors": tensors,
                          "meta": block.meta}).encode()
     prefix = MAGIC + struct.pack("<II", len(header), zlib.crc32(header))
     head = prefix + header
-    return [head + bytes(_pad(len(head))), *views], crc
+    return [head + bytes(_pad(len(head))), *views], checksum
 
 
 def write_block(path: Path, block: Block, durable: bool = True) -> int:
-    """Atomically replace path with block; returns the data crc32."""
-    chunks, crc = encode_block(block)
+    """Atomically replace path with block; returns the data checksum."""
+    chunks, checksum = encode_block(block)
     atomic_write_bytes(path, chunks, durable)
-    return crc
+    return checksum
 
 
 def _read_header(f, path: Path, name: str) -> tuple[dict, int]:
@@ -125,10 +128,11 @@ def read_header(path: Path, name: str = "?") -> dict:
         raise StoreError(f"module {name}: file {path} is missing") from e
 
 
-def read_block(path: Path, name: str = "?", verify: bool = True, pin_memory: bool = False) -> Block:
+def read_block(path: Path, name: str = "?", verify: bool = True,
+               alloc: Callable[[int], torch.Tensor] | None = None) -> Block:
     """Read a whole block file with one large read; tensors are views into one buffer.
 
-    pin_memory puts that buffer in page-locked memory, so copies to CUDA can be asynchronous.
+    alloc(nbytes) supplies that uint8 buffer (a reused or page-locked one); by default it is new.
     """
     try:
         f = open(path, "rb")
@@ -140,7 +144,7 @@ def read_block(path: Path, name: str = "?", verify: bool = True, pin_memory: boo
         if size != start + header["data_bytes"]:
             raise StoreError(f"module {name} ({path}): {size} bytes, expected {start + header['data_bytes']} (truncated?)")
         f.seek(start)
-        buf = torch.empty(header["data_bytes"], dtype=torch.uint8, pin_memory=pin_memory)
+        buf = (alloc or _new_buffer)(header["data_bytes"])
         view = memoryview(buf.numpy())
         got = 0
         while got < len(view):
@@ -149,9 +153,10 @@ def read_block(path: Path, name: str = "?", verify: bool = True, pin_memory: boo
                 raise StoreError(f"module {name} ({path}): truncated")
             got += n
     IO.add(read=start + header["data_bytes"])
-    if verify and zlib.crc32(view) != header["crc32"]:
+    if verify and xxhash.xxh3_64_intdigest(view) != header["xxh3_64"]:
         raise StoreError(f"module {name} ({path}): checksum mismatch, the file is corrupt")
-    block = Block(step=header["step"], params={}, meta=header.get("meta", {}), crc=header["crc32"])
+    block = Block(step=header["step"], params={}, meta=header.get("meta", {}), checksum=header["xxh3_64"],
+                  buffer=buf)
     for tname, dtype, shape, offset in header["tensors"]:
         dt = DTYPES[dtype]
         n = dt.itemsize
@@ -164,6 +169,10 @@ def read_block(path: Path, name: str = "?", verify: bool = True, pin_memory: boo
         else:
             block.params[tname] = t
     return block
+
+
+def _new_buffer(nbytes: int) -> torch.Tensor:
+    return torch.empty(nbytes, dtype=torch.uint8)
 
 
 def file_stem(name: str) -> str:
@@ -198,7 +207,7 @@ class BlockStore:
             self.tensors = [(k, tuple(s), DTYPES[d]) for k, s, d in m["tensors"]]
             self.n_shards: int = m["n_shards"]
             self.source: dict = m["source"]
-            self.initial_crc: dict[str, int] = m["crc"]
+            self.initial_checksums: dict[str, int] = m["checksums"]
             if m["format"] != FORMAT:
                 raise StoreError(f"{path}: store format {m['format']}, this slowllama reads {FORMAT}")
         except FileNotFoundError as e:
@@ -214,8 +223,8 @@ class BlockStore:
     def trainable(self) -> list[str]:
         return [m for m in self.modules if m != EXTRAS]
 
-    def read(self, name: str, verify: bool = True, pin_memory: bool = False) -> Block:
-        return read_block(self.path(name), name, verify, pin_memory)
+    def read(self, name: str, verify: bool = True, alloc: Callable[[int], torch.Tensor] | None = None) -> Block:
+        return read_block(self.path(name), name, verify, alloc)
 
     def write(self, name: str, block: Block) -> int:
         return write_block(self.path(name), block)
@@ -250,7 +259,7 @@ class BlockStore:
         """Check every module against its own checksum and the journal's, and for NaN/Inf."""
         problems = []
         j = self.journal()
-        crcs = j.get("crc") or self.initial_crc
+        sums = j.get("checksums") or self.initial_checksums
         for name in progress(self.modules):
             try:
                 block = self.read(name)
@@ -260,8 +269,8 @@ class BlockStore:
             bad = [p for p, t in block.params.items() if not all_finite(t)]
             if bad:
                 problems.append(f"module {name}: non-finite values in {bad}")
-            if name != EXTRAS and block.step == j["version"] and crcs.get(name) not in (None, block.crc):
-                problems.append(f"module {name}: checksum {block.crc} differs from the journal's {crcs[name]}")
+            if name != EXTRAS and block.step == j["version"] and sums.get(name) not in (None, block.checksum):
+                problems.append(f"module {name}: checksum {block.checksum} differs from the journal's {sums[name]}")
             if name != EXTRAS and block.step not in (j["version"], j["version"] + (j["phase"] == "backward")):
                 problems.append(f"module {name}: at version {block.step}, the journal is at {j['version']}")
         return problems
@@ -290,12 +299,12 @@ def prepare(
         modules = list(dict.fromkeys(split_key(k)[0] for k in ckpt.key_order))
         # Forward order, extras last.
         order = [m for m in module_names(ckpt.args) if m in modules] + ([EXTRAS] if EXTRAS in modules else [])
-        crc = {}
+        checksums = {}
         for name in progress(order):
             tensors = ckpt.read_module(name)
             keep_dtype = name == EXTRAS  # never trained: keep the bytes as they are
             params = {p: (t if keep_dtype else t.to(dtype)) for p, t in tensors.items()}
-            crc[name] = write_block(work / f"{file_stem(name)}.blk", Block(step=0, params=params))
+            checksums[name] = write_block(work / f"{file_stem(name)}.blk", Block(step=0, params=params))
             faults.point("prepare_module")
             del tensors, params
         manifest = {
@@ -306,7 +315,7 @@ def prepare(
             "tensors": [[k, list(ckpt.shapes[k]), DTYPE_NAMES[ckpt.dtypes[k]]] for k in ckpt.key_order],
             "n_shards": ckpt.n_shards,
             "source": source_fingerprint(ckpt),
-            "crc": crc,
+            "checksums": checksums,
         }
         manifest["manifest_crc32"] = _manifest_crc(manifest)
         atomic_write_json(work / "manifest.json", manifest)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from . import device as dev
 from . import faults
-from .blackbox import Streamer, materialize, to_device
+from .blackbox import Streamer, materialize
 from .data import IGNORE
 from .fsutil import atomic_write_json
 from .lora import Adapters, LoraConfig
@@ -108,7 +108,7 @@ class Trainer:
         self.names = store.trainable
         self.args = store.args
         self.streamer = Streamer(store, ram_budget=float("inf") if cfg.ram_budget is None else cfg.ram_budget,
-                                 prefetch=cfg.prefetch, verify=cfg.verify, pin_memory=device.type == "cuda")
+                                 prefetch=cfg.prefetch, verify=cfg.verify, device=device)
         self.progress = progress or (lambda it, **kw: it)
         self.journal_path = store.root / "journal.json"
         self.adapters: Adapters | None = None
@@ -118,7 +118,7 @@ class Trainer:
         else:
             j = self.journal()
             self._step, self._version = j["step"], j["version"]
-            self._crc: dict[str, int] = dict(j.get("crc") or store.initial_crc)
+            self._checksums: dict[str, int] = dict(j.get("checksums") or store.initial_checksums)
         dev.check_compute_dtype(device, cfg.compute_dtype)
         if not 0.0 <= cfg.dropout < 1.0:
             raise ConfigError(f"--dropout must be in [0, 1), got {cfg.dropout}")
@@ -172,7 +172,7 @@ class Trainer:
                 self.streamer.run_in_order(lambda: write_block(self.adapters_path, block))
             return
         # The module checksums are taken when the journal is written, after those commits.
-        self.streamer.run_in_order(lambda: atomic_write_json(self.journal_path, {**j, "crc": dict(self._crc)}))
+        self.streamer.run_in_order(lambda: atomic_write_json(self.journal_path, {**j, "checksums": dict(self._checksums)}))
 
     def _grad_path(self, i: int) -> Path:
         return self.store.root / f"grad_in.{i}.blk"
@@ -233,10 +233,10 @@ class Trainer:
         name, cdt = self.names[i], self.cfg.compute_dtype
         dropout = self.cfg.dropout if dropout and name.startswith("layers.") else 0.0
         if self.adapters is not None:
-            module = materialize(name, self.args, to_device(block, self.device, cdt), dropout).requires_grad_(False)
+            module = materialize(name, self.args, self.streamer.to_device(block, cdt), dropout).requires_grad_(False)
             self.adapters.attach(module, name)
             return module, None
-        master = to_device(block, self.device, torch.float32)
+        master = self.streamer.to_device(block, torch.float32)
         if cdt == torch.float32:
             return materialize(name, self.args, master, dropout), None
         module = materialize(name, self.args, {k: v.to(cdt) for k, v in master.items()}, dropout)
@@ -370,7 +370,7 @@ class Trainer:
         sdt = self.cfg.optim_state_dtype
         new = Block(version + 1, new_params, {k: {s: v.detach().to("cpu", sdt if v.ndim else v.dtype)
                                                   for s, v in st.items()} for k, st in new_state.items()})
-        self.streamer.put(name, new, on_commit=lambda crc: self._crc.__setitem__(name, crc))
+        self.streamer.put(name, new, on_commit=lambda c: self._checksums.__setitem__(name, c))
         if i + 1 < len(self.names):
             stale = self._grad_path(i + 1)
             self.streamer.run_in_order(lambda: stale.unlink(missing_ok=True))

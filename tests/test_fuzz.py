@@ -8,7 +8,7 @@ as many elements as bytes were flipped, and every tensor it returns is finite.
 
 Block store variants (a .blk file truncated, a byte flipped in its header or its data, manifest.json
 truncated or flipped): BlockStore(root) and store.read(name) raise StoreError naming the module, or
-return exactly the original data; a flip in the data area is always caught by the crc32.
+return exactly the original data; a flip in the data area is always caught by the data checksum.
 
 Variants tried: 130 checkpoints, 125 block stores (pytest -s prints the counts and outcomes).
 """

@@ -28,7 +28,7 @@ def _reference(model_dir, optim, batches, seed, dropout, micro_batch):
 def test_lora_steps_equal_autograd_and_leave_the_base_alone(gqa_model, tmp_path, optim):
     ckpt = MetaCheckpoint(gqa_model)
     store = prepare(ckpt, tmp_path / "store", ckpt.checkpoint_dtype())
-    crcs = {m: store.read(m).crc for m in store.modules}
+    sums = {m: store.read(m).checksum for m in store.modules}
     mtimes = {m: store.path(m).stat().st_mtime_ns for m in store.modules}
     batches = [random_batch(store.args.vocab_size, 4, 12, i) for i in range(3)]
     cfg = TrainConfig(optim=optim, seed=4, dropout=0.1, micro_batch=2, lora=LORA)
@@ -44,7 +44,7 @@ def test_lora_steps_equal_autograd_and_leave_the_base_alone(gqa_model, tmp_path,
             torch.testing.assert_close(saved.named(m)[k], want.detach(), atol=1e-6, rtol=0)
             if k.endswith(".B"):
                 assert want.abs().sum() > 0  # B starts at zero: it trained
-    assert {m: store.read(m).crc for m in store.modules} == crcs
+    assert {m: store.read(m).checksum for m in store.modules} == sums
     assert {m: store.path(m).stat().st_mtime_ns for m in store.modules} == mtimes
 
 

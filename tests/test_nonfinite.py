@@ -24,7 +24,7 @@ def _blow_up_output(store):
 def test_nonfinite_loss_touches_no_module(gqa_model, tmp_path, stop):
     store = _store(gqa_model, tmp_path)
     _blow_up_output(store)
-    before = {m: store.read(m).crc for m in store.trainable}
+    before = {m: store.read(m).checksum for m in store.trainable}
     tr = Trainer(store, tmp_path, torch.device("cpu"), TrainConfig(optim=OptimConfig(lr=0.1),
                                                                    stop_on_nonfinite_loss=stop))
     batch = random_batch(store.args.vocab_size, 2, 8, 0)
@@ -35,7 +35,7 @@ def test_nonfinite_loss_touches_no_module(gqa_model, tmp_path, stop):
         res = tr.train_step(*batch)
         assert res.skipped and tr.step == 1
     tr.close()
-    assert {m: store.read(m).crc for m in store.trainable} == before
+    assert {m: store.read(m).checksum for m in store.trainable} == before
     assert all(store.step_of(m) == 0 for m in store.trainable)
     assert store.journal()["version"] == 0
 
@@ -61,7 +61,7 @@ def test_nonfinite_gradient_stops_before_the_module_is_written(gqa_model, tmp_pa
         return module
 
     monkeypatch.setattr(trainer_mod, "materialize", poisoned)
-    before = {m: store.read(m).crc for m in store.trainable}
+    before = {m: store.read(m).checksum for m in store.trainable}
     tr = Trainer(store, tmp_path, torch.device("cpu"), TrainConfig(optim=OptimConfig(lr=0.1)))
     with pytest.raises(NonFiniteError) as e:
         tr.train_step(*random_batch(store.args.vocab_size, 2, 8, 0))
@@ -72,6 +72,6 @@ def test_nonfinite_gradient_stops_before_the_module_is_written(gqa_model, tmp_pa
     # the modules above were updated and committed, layers.1 and below untouched
     assert [store.step_of(m) for m in store.trainable] == [0, 0, 0, 1, 1, 1]
     for m in ("tok_embeddings", "layers.0", "layers.1"):
-        assert store.read(m).crc == before[m]
+        assert store.read(m).checksum == before[m]
     for m in store.trainable:
         assert all(torch.isfinite(t).all() for t in store.read(m).params.values())

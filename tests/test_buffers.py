@@ -1,0 +1,62 @@
+"""The read-buffer pool: a buffer is handed out again only when no tensor still uses it."""
+import torch
+
+from slowllama.blackbox import BufferPool
+
+
+def test_a_buffer_is_reused_only_after_every_view_is_gone():
+    pool = BufferPool()
+    a = pool(1000)
+    ptr = a.data_ptr()
+    weight = a[64:128].view(torch.float32)  # what a module's parameter is
+    del a
+    b = pool(1000)
+    assert b.data_ptr() != ptr  # the parameter still lives in the first buffer
+    del b, weight
+    assert pool(1000).data_ptr() == ptr
+
+
+def test_an_autograd_reference_keeps_a_buffer_busy():
+    pool = BufferPool()
+    a = pool(4096)
+    ptr = a.data_ptr()
+    w = torch.nn.Parameter(a.view(torch.float32)[:16].view(4, 4))
+    y = (torch.ones(2, 4) @ w).sum()  # the graph saves w for the backward
+    del a, w
+    assert pool(4096).data_ptr() != ptr
+    y.backward()
+    del y
+    assert pool(4096).data_ptr() == ptr
+
+
+def test_free_buffers_kept_are_bounded():
+    pool = BufferPool(keep_free=1)
+    bufs = [pool(1000) for _ in range(4)]
+    assert len(pool._held) == 4
+    del bufs
+    pool(500)  # no free buffer of this size: a new one, and only one free buffer is kept
+    assert len(pool._held) == 2
+
+
+def test_a_buffer_waits_for_its_asynchronous_copy():
+    class Event:
+        waited = 0
+
+        def synchronize(self):
+            Event.waited += 1
+
+    pool = BufferPool()
+    a = pool(100)
+    ptr = a.data_ptr()
+    pool.fence(a, Event())
+    del a
+    assert pool(100).data_ptr() == ptr and Event.waited == 1
+    pool.fence(torch.empty(100, dtype=torch.uint8), Event())  # not the pool's: ignored
+    assert len(pool._fences) == 0
+
+
+def test_without_reference_counts_every_read_gets_a_new_buffer(monkeypatch):
+    monkeypatch.delattr(torch._C, "_storage_Use_Count")
+    pool = BufferPool()
+    a = pool(100)
+    assert pool._held == [] and a.numel() == 100
