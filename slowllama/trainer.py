@@ -2,20 +2,21 @@
 
 A step, for modules 0..M-1 (embedding, blocks, norm, output) and micro-batches:
 
-  forward, layer-major: for each module, for each micro-batch, cache the module's
-  input and the RNG state, run it without grad. The output module runs with grad
-  at once, since it is the turning point: its loss is known before anything is
-  written.
-  backward, in reverse: for each module, for each micro-batch, restore the RNG
-  state, recompute from the cached input, backpropagate the gradient of its
-  output; then make the gradient of its input durable, step the optimizer and
-  queue the module for an atomic write.
+  forward, layer-major: for each module below the top three, for each micro-batch,
+  cache the module's input and the RNG state and run it without grad.
+  turn: the last block, the norm and the output layer are resident together; for
+  each micro-batch they run forward with grad and backward at once, so the loss
+  is known before anything is written and the three need no recompute.
+  backward, in reverse: each module below the turn recomputes its forward pass
+  from its cached input with its RNG state restored, and backpropagates the
+  gradient of its output. Every module, from the output layer down, then makes the
+  gradient of its input durable, steps the optimizer and is queued for an atomic write.
 
 Commit rule: each module file records its version (updates applied); the journal
 says which step is in its backward pass. A resume finds the lowest module already
-one version ahead, reloads
-the gradient that module passed down, re-runs the forward pass over the modules
-below it (still at step, with the same seeds, so the same activations) and goes on.
+one version ahead, reloads the gradient that module passed down, re-runs the
+forward pass over the modules below it (still at step, with the same seeds, so the
+same activations) and goes on.
 """
 from __future__ import annotations
 
@@ -190,7 +191,7 @@ class Trainer:
         if n_tok == 0:
             raise ConfigError("batch has no target tokens")
         acts = self._activation_cache(inputs.shape)
-        loss, out_grads = self._forward(step, mbs, acts, upto=len(self.names), n_tok=n_tok)
+        loss, done = self._forward(step, mbs, acts, upto=len(self.names), n_tok=n_tok)
         if not math.isfinite(loss):
             msg = f"step {step}: loss is {loss}; no module was touched"
             if self.cfg.stop_on_nonfinite_loss:
@@ -200,7 +201,7 @@ class Trainer:
             self.streamer.flush()
             return StepResult(step, loss, n_tok, skipped=True)
         self._write_journal({"step": step, "version": version, "phase": "backward", "loss": loss, "tokens": n_tok})
-        self._backward(step, version, mbs, acts, len(self.names) - 1, out_grads, n_tok)
+        self._backward(step, version, mbs, acts, len(self.names) - 1, n_tok, done=done)
         return StepResult(step, loss, n_tok)
 
     def _activation_cache(self, shape) -> ActivationCache:
@@ -251,63 +252,89 @@ class Trainer:
         return module(x)
 
     def _forward(self, step: int, mbs, acts: ActivationCache, upto: int, n_tok: int):
-        """Forward pass over modules [0, upto); returns (loss, grads of the output module) when it reaches it."""
-        names, last = self.names, len(self.names) - 1
+        """Forward pass over modules [0, upto); a full pass ends with the turn and returns
+        (loss, the top modules with their gradients)."""
+        names, full = self.names, upto == len(self.names)
+        stop = self._top if full else upto
         xs = [x.to(self.device) for x, _ in mbs]
         rngs = []
         for m in range(len(mbs)):
             dev.seed_device(self.device, dev.derive_seed(self.cfg.seed, step, m))
             rngs.append(dev.get_rng_state(self.device))
-        loss, grads = 0.0, None
         self.streamer.prefetch(names[:1])
-        for i in self.progress(range(upto), desc="forward", leave=False):
+        for i in self.progress(range(stop), desc="forward", leave=False):
             block = self.streamer.get(names[i])
-            final = i == last
-            # At the turn, the next module needed is the one below the output layer.
-            self.streamer.prefetch(names[i + 1: i + 2] if i + 1 < upto else names[last - 1: last] if final else [])
+            self.streamer.prefetch(names[i + 1: i + 2] if i + 1 < upto else [])
             faults.point("forward")
-            module, master = self._compute_module(i, block)
-            for m, (_, target) in enumerate(mbs):
-                # The output module's backward happens right here; LoRA stops above the embedding.
-                if not final and not (i == 0 and self.adapters is not None):
+            module, _ = self._compute_module(i, block)
+            for m in range(len(mbs)):
+                if not (i == 0 and self.adapters is not None):  # LoRA stops above the embedding
                     acts.put(i, m, xs[m], rngs[m])
                 dev.set_rng_state(self.device, rngs[m])
-                if final:
-                    x = xs[m].to(self.cfg.compute_dtype).requires_grad_()
-                    part = self._run(i, module, x, target.to(self.device), n_tok)
-                    part.backward()
-                    xs[m] = x.grad
-                    loss += part.item()
-                else:
-                    with torch.no_grad():
-                        x = xs[m] if i == 0 else xs[m].to(self.cfg.compute_dtype)
-                        xs[m] = self._run(i, module, x, None, n_tok)
+                with torch.no_grad():
+                    xs[m] = self._run(i, module, xs[m] if i == 0 else xs[m].to(self.cfg.compute_dtype), None, n_tok)
                 rngs[m] = dev.get_rng_state(self.device)
-            if final:  # the backward pass starts with this very module: hand it over
-                grads = (block, module, master, xs)
-            else:
-                self.streamer.release(names[i])
-            del module, master, block
-        return loss, grads
+            self.streamer.release(names[i])
+            del module, block
+        return self._turn(mbs, xs, rngs, n_tok) if full else (0.0, [])
 
-    def _backward(self, step: int, version: int, mbs, acts: ActivationCache, start: int, out_grads, n_tok: int,
-                  grads_in: list[torch.Tensor] | None = None):
+    @property
+    def _top(self) -> int:
+        """The first module of the turn: the last block, then the norm and the output layer."""
+        return len(self.names) - 3
+
+    def _turn(self, mbs, xs, rngs, n_tok: int):
+        """The top modules run forward and backward at once, one micro-batch at a time.
+
+        The loss needs all three, so they are resident together anyway; keeping their
+        graphs instead of their inputs spares recomputing them, and the gradients are
+        exactly those of the layer-major order, since each micro-batch keeps its own RNG
+        state and the parameters' gradients accumulate in the same micro-batch order.
+        Returns (loss, [(i, block, module, master, gradients into module i)] from the top down).
+        """
+        names, top = self.names, self._top
+        blocks, modules = [], []
+        for i in range(top, len(names)):
+            blocks.append(self.streamer.get(names[i]))
+            # Once the output layer is in, the next module needed is the first the backward pass reads.
+            self.streamer.prefetch(names[i + 1: i + 2] if i + 1 < len(names) else names[top - 1: top])
+            faults.point("forward")
+            modules.append(self._compute_module(i, blocks[-1]))
+        grads: list[list[torch.Tensor]] = [[] for _ in modules]
+        loss = 0.0
+        for m, (_, target) in enumerate(mbs):
+            dev.set_rng_state(self.device, rngs[m])
+            h = [xs[m].to(self.cfg.compute_dtype).requires_grad_()]
+            for j, (module, _) in enumerate(modules):
+                i = top + j
+                h.append(self._run(i, module, h[-1], target.to(self.device) if names[i] == "output" else None, n_tok))
+                if names[i] != "output":
+                    h[-1].retain_grad()  # the gradient into the module above: made durable at its commit
+            h[-1].backward()
+            loss += h[-1].item()
+            for j in range(len(modules)):
+                grads[j].append(h[j].grad)
+            del h
+        done = [(top + j, blocks[j], *modules[j], grads[j]) for j in range(len(modules))]
+        return loss, done[::-1]
+
+    def _backward(self, step: int, version: int, mbs, acts: ActivationCache, start: int, n_tok: int,
+                  done: list | None = None, grads_in: list[torch.Tensor] | None = None):
         """Reverse pass from module `start` down to 0, updating and committing each module.
 
-        out_grads, from a full forward pass, is the output module with its gradients computed.
+        done holds the top modules whose gradients the turn already computed, from the top down;
+        grads_in is the gradient into module start + 1 when a resume begins below them.
         """
         names = self.names
-        if start >= 1:
-            self.streamer.prefetch(names[start - 1: start])
+        done = list(done or [])
         for i in self.progress(range(start, -1, -1), desc="backward", leave=False):
             faults.point("backward")
             name = names[i]
             if self.adapters is not None and i == 0:
                 break  # the embedding has no adapters: nothing below needs a gradient
-            if out_grads is not None:
-                block, module, master, grads_in = out_grads
-                out_grads = None
-                if i > 0:
+            if done:
+                _, block, module, master, grads_in = done.pop(0)
+                if not done and i > 0:
                     self.streamer.prefetch(names[i - 1: i])
             else:
                 block = self.streamer.get(name)
@@ -321,20 +348,17 @@ class Trainer:
 
     def _recompute_backward(self, i: int, module, mbs, acts: ActivationCache, grads_out, n_tok: int):
         """Module i's forward again from its cached input and RNG state, then its backward;
-        returns the gradient of its input per micro-batch (None for the embedding)."""
-        name = self.names[i]
+        returns the gradient of its input per micro-batch (None for the embedding).
+        The output layer never comes here: the turn computes it."""
         grads_in = []
-        for m, (_, target) in enumerate(mbs):
+        for m in range(len(mbs)):
             x, rng = acts.get(i, m)
             x = x.to(self.device)
             if i > 0:
                 x = x.to(self.cfg.compute_dtype).requires_grad_()
             dev.set_rng_state(self.device, rng)
-            y = self._run(i, module, x, target.to(self.device) if name == "output" else None, n_tok)
-            if name == "output":
-                y.backward()
-            else:
-                y.backward(grads_out[m].to(y.dtype))
+            y = self._run(i, module, x, None, n_tok)
+            y.backward(grads_out[m].to(y.dtype))
             grads_in.append(x.grad if i > 0 else None)
         return grads_in
 
@@ -434,7 +458,7 @@ class Trainer:
             grads = [g.params[f"g{m}"].to(self.device) for m in range(len(mbs))]
             acts = self._activation_cache(inputs.shape)
             self._forward(step, mbs, acts, upto=k, n_tok=n_tok)
-            self._backward(step, version, mbs, acts, k - 1, None, n_tok, grads_in=grads)
+            self._backward(step, version, mbs, acts, k - 1, n_tok, grads_in=grads)
         else:
             self._finish_step(step, version)
         self.streamer.flush()
@@ -445,9 +469,10 @@ class Trainer:
 
 
 def activations_in_ram(cfg: TrainConfig, dim: int, n_modules: int, batch_shape: tuple[int, int]) -> bool:
-    """Whether a step's cached module inputs fit the RAM budget (else they go to scratch files)."""
+    """Whether a step's cached module inputs fit the RAM budget (else they go to scratch files).
+    Every module below the turn's three caches its input."""
     b, t = batch_shape
-    return cfg.ram_budget is None or b * t * dim * cfg.act_dtype.itemsize * n_modules <= cfg.ram_budget
+    return cfg.ram_budget is None or b * t * dim * cfg.act_dtype.itemsize * (n_modules - 3) <= cfg.ram_budget
 
 
 def estimate_io(store: BlockStore, cfg: TrainConfig, batch_shape: tuple[int, int]) -> dict:
@@ -476,7 +501,8 @@ def estimate_io(store: BlockStore, cfg: TrainConfig, batch_shape: tuple[int, int
             cache.pop(next(iter(cache)))
         return 0 if hit else size[n]
 
-    backward = list(reversed(names[1:] if lora else names))  # LoRA stops above the embedding
+    # The backward pass reads the modules below the turn; LoRA stops above the embedding.
+    backward = list(reversed(names[1 if lora else 0: len(names) - 3]))
     reads = 0
     for _ in range(2):  # the second step is the steady state
         reads = sum(touch(n) for n in names) + sum(touch(n) for n in backward)
@@ -484,9 +510,9 @@ def estimate_io(store: BlockStore, cfg: TrainConfig, batch_shape: tuple[int, int
     hidden = b * t * store.args.dim * cfg.act_dtype.itemsize
     overhead = n_mb * (5056 + 384)  # per file: the cpu RNG state, header and padding
     in_ram = activations_in_ram(cfg, store.args.dim, len(names), batch_shape)
-    # Cached: the inputs of every module but the output layer (and, in LoRA, the embedding);
-    # the embedding's input is token ids, the others' hidden states.
-    n_hidden = len(names) - 2
+    # Cached: the inputs of the modules below the turn (in LoRA, but the embedding);
+    # the embedding's input is token ids, the blocks' hidden states.
+    n_hidden = len(names) - 4
     act_bytes = 0 if in_ram else n_hidden * (hidden + overhead) + (0 if lora else b * t * 8 + overhead)
     if lora:
         grad_bytes = 0
