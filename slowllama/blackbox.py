@@ -154,10 +154,11 @@ class Streamer:
             self._cache.move_to_end(name)
             self._evict()
 
-    def _evict(self):
-        # Keep the most recently used modules within budget; the newest always stays.
+    def _evict(self, keep_newest: bool = True):
+        # Keep the most recently used modules within budget. The newest is the one the
+        # trainer just asked for and stays; a module just written is only kept if it fits.
         total = sum(b.nbytes for b in self._cache.values())
-        while len(self._cache) > 1 and total > self.budget:
+        while len(self._cache) > keep_newest and total > self.budget:
             _, old = self._cache.popitem(last=False)
             total -= old.nbytes
 
@@ -206,7 +207,7 @@ class Streamer:
                             del self._pending[name]
                             self._cache[name] = block
                             self._cache.move_to_end(name)
-                            self._evict()
+                            self._evict(keep_newest=False)
                     if fn is not None:
                         fn(checksum)
                 else:

@@ -323,10 +323,11 @@ class Trainer:
         """Reverse pass from module `start` down to 0, updating and committing each module.
 
         done holds the top modules whose gradients the turn already computed, from the top down;
-        grads_in is the gradient into module start + 1 when a resume begins below them.
+        it is emptied as they commit, so that no module outlives its commit. grads_in is the
+        gradient into module start + 1 when a resume begins below them.
         """
         names = self.names
-        done = list(done or [])
+        done = done if done is not None else []
         for i in self.progress(range(start, -1, -1), desc="backward", leave=False):
             faults.point("backward")
             name = names[i]
@@ -491,21 +492,36 @@ def estimate_io(store: BlockStore, cfg: TrainConfig, batch_shape: tuple[int, int
         extra = 0 if lora else max(0, n_state - have) * numel * cfg.optim_state_dtype.itemsize
         size[n] = store.path(n).stat().st_size + extra
     budget = float("inf") if cfg.ram_budget is None else cfg.ram_budget
-    cache: dict[str, int] = {}
+    cache: dict[str, int] = {}  # the streamer's LRU cache, replayed
 
-    def touch(n) -> int:
-        hit = n in cache
-        cache.pop(n, None)
-        cache[n] = size[n]
-        while len(cache) > 1 and sum(cache.values()) > budget:
+    def evict(keep: int):
+        while len(cache) > keep and sum(cache.values()) > budget:
             cache.pop(next(iter(cache)))
+
+    def get(n) -> int:
+        hit = cache.pop(n, None) is not None
+        cache[n] = size[n]
+        evict(keep=1)
         return 0 if hit else size[n]
 
-    # The backward pass reads the modules below the turn; LoRA stops above the embedding.
-    backward = list(reversed(names[1 if lora else 0: len(names) - 3]))
+    def release(n) -> int:
+        if size[n] > budget:
+            cache.pop(n, None)
+        return 0
+
+    def commit(n) -> int:
+        if not lora:
+            cache.pop(n, None)
+            cache[n] = size[n]
+            evict(keep=0)
+        return 0
+
+    top = len(names) - 3  # the turn's modules are read once per step
+    below = list(reversed(names[1 if lora else 0: top]))  # LoRA stops above the embedding
     reads = 0
     for _ in range(2):  # the second step is the steady state
-        reads = sum(touch(n) for n in names) + sum(touch(n) for n in backward)
+        reads = sum(get(n) + release(n) for n in names[:top]) + sum(get(n) for n in names[top:])
+        reads += sum(commit(n) for n in reversed(names[top:])) + sum(get(n) + commit(n) for n in below)
     n_mb = -(-b // (cfg.micro_batch or b))
     hidden = b * t * store.args.dim * cfg.act_dtype.itemsize
     overhead = n_mb * (5056 + 384)  # per file: the cpu RNG state, header and padding
