@@ -85,8 +85,11 @@ class Streamer:
         self.prefetch_enabled = prefetch
         self.verify = verify
         self.device = device
-        # On CUDA the read buffers are page-locked, so that copies to the device are asynchronous.
+        # On CUDA the read buffers are page-locked, so that copies to the device are asynchronous,
+        # and prefetched modules are copied on a stream of their own while the current one computes.
         self.buffers = BufferPool(pin_memory=device.type == "cuda")
+        self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._staged: collections.OrderedDict[int, tuple[Block, dict, object]] = collections.OrderedDict()
         # Modules this process wrote: a re-read mostly comes from the page cache, where a checksum
         # would only check RAM, so only modules that came from an earlier run are verified.
         self._written: set[str] = set()
@@ -121,16 +124,20 @@ class Streamer:
         return block
 
     def prefetch(self, names: list[str]):
-        """Start reading these modules in the background, in order."""
+        """Start reading these modules in the background, in order (and copying them to the device)."""
         if not self.prefetch_enabled:
             return
+        resident = []
         with self._lock:
             for name in names:
-                if name in self._pending or name in self._cache or name in self._reads:
-                    continue
-                fut: Future = Future()
-                self._reads[name] = fut
-                self._read_q.put((name, fut))
+                if name in self._pending or name in self._cache:
+                    resident.append(self._pending[name] if name in self._pending else self._cache[name])
+                elif name not in self._reads:
+                    fut: Future = Future()
+                    self._reads[name] = fut
+                    self._read_q.put((name, fut))
+        for block in resident:
+            self._stage(block)
 
     def _read_loop(self):
         while True:
@@ -141,7 +148,9 @@ class Streamer:
             if not fut.set_running_or_notify_cancel():
                 continue
             try:
-                fut.set_result(self._read(name))
+                block = self._read(name)
+                self._stage(block)
+                fut.set_result(block)
             except BaseException as e:  # handed to the trainer through the future
                 fut.set_exception(e)
 
@@ -244,17 +253,41 @@ class Streamer:
             self._writer.join()
 
 
+    def _stage(self, block: Block):
+        """On CUDA, start copying the block's parameters to the device on the copy stream."""
+        if self._copy_stream is None:
+            return
+        with self._lock:
+            if id(block) in self._staged:
+                return
+        with torch.cuda.device(self.device), torch.cuda.stream(self._copy_stream):
+            params = {k: t.to(self.device, non_blocking=True) for k, t in block.params.items()}
+            event = torch.cuda.Event()
+            event.record(self._copy_stream)
+        if block.buffer is not None:
+            self.buffers.fence(block.buffer, event)
+        with self._lock:
+            self._staged[id(block)] = (block, params, event)
+            while len(self._staged) > 2:  # the device holds at most the next module or two ahead
+                self._staged.popitem(last=False)
+
     def to_device(self, block: Block, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """The block's parameters on the device; on cpu with a matching dtype they are the block's own tensors."""
-        out = {}
-        for k, t in block.params.items():
-            t = t.to(self.device, non_blocking=True)
-            out[k] = t if dtype is None or t.dtype == dtype else t.to(dtype)
-        if self.device.type == "cuda" and block.buffer is not None:
-            event = torch.cuda.Event()
-            event.record()
-            self.buffers.fence(block.buffer, event)
-        return out
+        with self._lock:
+            staged = self._staged.pop(id(block), None)
+        if staged is not None:
+            _, params, event = staged
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(event)
+            for t in params.values():
+                t.record_stream(stream)  # allocated on the copy stream, used and freed on this one
+        else:
+            params = {k: t.to(self.device, non_blocking=True) for k, t in block.params.items()}
+            if self.device.type == "cuda" and block.buffer is not None:
+                event = torch.cuda.Event()
+                event.record()
+                self.buffers.fence(block.buffer, event)
+        return {k: t if dtype is None or t.dtype == dtype else t.to(dtype) for k, t in params.items()}
 
 
 def materialize(name: str, args: ModelArgs, params: dict[str, torch.Tensor], dropout: float = 0.0) -> nn.Module:
