@@ -72,6 +72,25 @@ def test_sgd_steps_equal_autograd(gqa_model, tmp_path, micro_batch, prefetch, ra
     assert all(store.step_of(m) == 3 for m in store.trainable)
 
 
+def test_only_modules_below_the_turn_are_recomputed(gqa_model, tmp_path, monkeypatch):
+    """Per micro-batch, a module below the turn runs twice (forward, recompute); the last block,
+    the norm and the output layer run once, since the turn keeps their graphs."""
+    calls = {}
+    run = Trainer._run
+
+    def counting(self, i, *a, **kw):
+        calls[self.names[i]] = calls.get(self.names[i], 0) + 1
+        return run(self, i, *a, **kw)
+
+    monkeypatch.setattr(Trainer, "_run", counting)
+    args = MetaCheckpoint(gqa_model).args
+    run_streamed(gqa_model, tmp_path, steps=1, optim=OptimConfig("sgd", lr=0.05),
+                 batches=make_batches(args.vocab_size, 1), micro_batch=2)
+    last = f"layers.{args.n_layers - 1}"
+    assert calls == {"tok_embeddings": 4, **{f"layers.{i}": 4 for i in range(args.n_layers - 1)},
+                     last: 2, "norm": 2, "output": 2}
+
+
 @pytest.mark.parametrize("optim", [
     OptimConfig("adamw", lr=1e-3, weight_decay=0.1, betas=(0.8, 0.95), eps=1e-6),
     OptimConfig("sgd", lr=0.05, momentum=0.9, weight_decay=0.01),

@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -186,6 +187,55 @@ def _sync(torch, device):
         torch.cuda.synchronize(device)
 
 
+def pinned_bandwidth(torch, device, nbytes: int = 256 << 20) -> dict:
+    """Host-to-device and device-to-host copy rates from page-locked memory, GB/s."""
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    gpu = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    out = {}
+    for name, dst, src in (("h2d_GBps", gpu, host), ("d2h_GBps", host, gpu)):
+        dst.copy_(src, non_blocking=True)
+        torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        for _ in range(5):
+            dst.copy_(src, non_blocking=True)
+        torch.cuda.synchronize(device)
+        out[name] = 5 * nbytes / (time.perf_counter() - t) / 1e9
+    return out
+
+
+class GpuBusy:
+    """Samples the GPU's utilisation (NVML, through torch) while the timed steps run; None without NVML."""
+
+    def __init__(self, torch, device):
+        self.samples: list[int] = []
+        self._stop = threading.Event()
+        self._thread = None
+        if device.type == "cuda":
+            try:
+                torch.cuda.utilization(device)
+            except Exception:  # no pynvml: nothing to sample
+                return
+            self._thread = threading.Thread(target=self._run, args=(torch, device), daemon=True)
+
+    def _run(self, torch, device):
+        while not self._stop.wait(0.05):
+            self.samples.append(torch.cuda.utilization(device))
+
+    def __enter__(self):
+        if self._thread:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+
+    @property
+    def mean_percent(self) -> float | None:
+        return sum(self.samples) / len(self.samples) if self.samples else None
+
+
 def _gpu_peak(torch, device) -> dict:
     if device.type != "cuda":
         return {}
@@ -252,6 +302,7 @@ def _start_phase(torch, cfg: dict):
 def phase_stream(cfg: dict) -> dict:
     _imports()
     import torch
+    from slowllama.device import TRANSFERS
     from slowllama.fsutil import IO
     from slowllama.optim import OptimConfig
     from slowllama.store import BlockStore
@@ -274,21 +325,28 @@ def phase_stream(cfg: dict) -> dict:
             _sync(torch, device)
             warm_s.append(time.perf_counter() - t)
         r0, w0 = IO.snapshot()
+        h0, d0 = TRANSFERS.snapshot()
         t0 = time.perf_counter()
-        for _ in range(cfg["steps"]):
-            t = time.perf_counter()
-            losses.append(trainer.train_step(inputs, targets).loss)
-            step_s.append(time.perf_counter() - t)
-        # Writes are queued to a background thread: count them in the timed steps.
-        trainer.streamer.flush()
-        _sync(torch, device)
+        with GpuBusy(torch, device) as busy:
+            for _ in range(cfg["steps"]):
+                t = time.perf_counter()
+                losses.append(trainer.train_step(inputs, targets).loss)
+                step_s.append(time.perf_counter() - t)
+            # Writes are queued to a background thread: count them in the timed steps.
+            trainer.streamer.flush()
+            _sync(torch, device)
         total = time.perf_counter() - t0
         r1, w1 = IO.snapshot()
+        h1, d1 = TRANSFERS.snapshot()
     finally:
         trainer.close()
     k = max(cfg["steps"], 1)
+    extra = {}
+    if device.type == "cuda":
+        extra = {"h2d_bytes_per_step": (h1 - h0) / k, "d2h_bytes_per_step": (d1 - d0) / k,
+                 "gpu_busy_percent": busy.mean_percent, "pinned": pinned_bandwidth(torch, device)}
     return {"s_per_step": total / k, "step_s": step_s, "warmup_s": warm_s, "losses": losses,
-            "bytes_read_per_step": (r1 - r0) / k, "bytes_written_per_step": (w1 - w0) / k,
+            "bytes_read_per_step": (r1 - r0) / k, "bytes_written_per_step": (w1 - w0) / k, **extra,
             "store_bytes_after": store.nbytes(), "rss_baseline_bytes": base, "peak_rss_bytes": peak_rss_bytes(),
             **_gpu_peak(torch, device), **_device_info(torch, device)}
 
@@ -364,14 +422,16 @@ def phase_inmem(cfg: dict) -> dict:
         _sync(torch, device)
         warm_s.append(time.perf_counter() - t)
     t0 = time.perf_counter()
-    for _ in range(cfg["steps"]):
-        t = time.perf_counter()
-        losses.append(step())
-        _sync(torch, device)
-        step_s.append(time.perf_counter() - t)
+    with GpuBusy(torch, device) as busy:
+        for _ in range(cfg["steps"]):
+            t = time.perf_counter()
+            losses.append(step())
+            _sync(torch, device)
+            step_s.append(time.perf_counter() - t)
     total = time.perf_counter() - t0
+    extra = {"gpu_busy_percent": busy.mean_percent} if device.type == "cuda" else {}
     return {"s_per_step": total / max(cfg["steps"], 1), "step_s": step_s, "warmup_s": warm_s, "losses": losses,
-            "rss_baseline_bytes": base, "peak_rss_bytes": peak_rss_bytes(),
+            "rss_baseline_bytes": base, "peak_rss_bytes": peak_rss_bytes(), **extra,
             **_gpu_peak(torch, device), **_device_info(torch, device)}
 
 

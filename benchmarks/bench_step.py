@@ -18,7 +18,11 @@ imports, for reference.
 Figures:
   streamed / in_memory: s_per_step (mean of the K timed steps; for the streamed
     run the background writes are flushed inside the timed region), losses,
-    peak RSS (and peak GPU memory on cuda).
+    peak RSS, useful_TFLOPS (6 x parameters x tokens / s, the recompute not
+    counted); on cuda also peak GPU memory and gpu_busy_percent (NVML, when
+    pynvml is installed).
+  streamed on cuda: h2d_bytes_per_step / d2h_bytes_per_step (slowllama.device.TRANSFERS)
+    and "pinned", the host-to-device and device-to-host copy rates measured here.
   streamed bytes_read_per_step / bytes_written_per_step: deltas of
     slowllama.fsutil.IO over the timed steps (store modules, activation scratch
     files, gradients handed down, journal).
@@ -27,7 +31,8 @@ Figures:
     after posix_fadvise(DONTNEED) estimates cold reads (a VM host may still cache).
   floors: io_s_per_step = bytes read / read bandwidth (after fadvise, else warm)
     + bytes written / write+fsync bandwidth; compute_s_per_step = in-memory step
-    time x 4/3 (the streamed step recomputes the forward pass of every module).
+    time x 4/3 (the streamed step recomputes the forward pass of the modules below
+    the turn); on cuda transfer_s_per_step = bytes each way / its pinned copy rate.
 """
 from __future__ import annotations
 
@@ -105,6 +110,11 @@ def run(a, work: Path) -> dict:
     rd, wr = stream["bytes_read_per_step"], stream["bytes_written_per_step"]
     io_floor = rd / (read_bw * 1e9) + wr / (disk["write_fsync_GBps"] * 1e9)
     io_floor_warm = rd / (disk["read_warm_GBps"] * 1e9) + wr / (disk["write_fsync_GBps"] * 1e9)
+    # Useful work: 6 x parameters x tokens per step (forward and backward), recompute not counted.
+    flop = 6 * prep["n_params"] * a.batch * a.seq
+    stream["useful_TFLOPS"] = flop / stream["s_per_step"] / 1e12
+    if inmem is not None:
+        inmem["useful_TFLOPS"] = flop / inmem["s_per_step"] / 1e12
     out = {
         "config": {k: v for k, v in vars(a).items() if k != "workdir"},
         "model": {"n_params": prep["n_params"], "vocab_size": prep["vocab_size"],
@@ -117,11 +127,15 @@ def run(a, work: Path) -> dict:
         "disk": disk,
         "floors": {"io_s_per_step": io_floor, "io_s_per_step_warm_read": io_floor_warm},
     }
+    if "pinned" in stream:  # cuda: bytes crossing to and from the device at the pinned copy rates
+        out["floors"]["transfer_s_per_step"] = (stream["h2d_bytes_per_step"] / (stream["pinned"]["h2d_GBps"] * 1e9)
+                                                + stream["d2h_bytes_per_step"] / (stream["pinned"]["d2h_GBps"] * 1e9))
     if inmem is not None:
         compute_floor = inmem["s_per_step"] * 4 / 3
         out["ratio_streamed_over_in_memory"] = stream["s_per_step"] / inmem["s_per_step"]
         out["floors"]["compute_s_per_step"] = compute_floor
-        out["floors"]["streamed_over_max_floor"] = stream["s_per_step"] / max(compute_floor, io_floor)
+        out["floors"]["streamed_over_max_floor"] = stream["s_per_step"] / max(
+            compute_floor, io_floor, out["floors"].get("transfer_s_per_step", 0.0))
         n = min(len(stream["losses"]), len(inmem["losses"]))
         out["loss_max_abs_diff"] = max(abs(x - y) for x, y in zip(stream["losses"][:n], inmem["losses"][:n]))
     out["wall_s"] = time.perf_counter() - t_all

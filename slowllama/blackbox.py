@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from . import device as dev
 from .model import ModelArgs, build_module
 from .store import Block, BlockStore
 
@@ -261,7 +262,7 @@ class Streamer:
             if id(block) in self._staged:
                 return
         with torch.cuda.device(self.device), torch.cuda.stream(self._copy_stream):
-            params = {k: t.to(self.device, non_blocking=True) for k, t in block.params.items()}
+            params = {k: dev.to_device(t, self.device, non_blocking=True) for k, t in block.params.items()}
             event = torch.cuda.Event()
             event.record(self._copy_stream)
         if block.buffer is not None:
@@ -282,7 +283,7 @@ class Streamer:
             for t in params.values():
                 t.record_stream(stream)  # allocated on the copy stream, used and freed on this one
         else:
-            params = {k: t.to(self.device, non_blocking=True) for k, t in block.params.items()}
+            params = {k: dev.to_device(t, self.device, non_blocking=True) for k, t in block.params.items()}
             if self.device.type == "cuda" and block.buffer is not None:
                 event = torch.cuda.Event()
                 event.record()

@@ -4,7 +4,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .fsutil import ByteCounter
 from .model import ConfigError
+
+# Bytes copied between host and accelerator; nothing moves on cpu.
+TRANSFERS = ByteCounter("to_device", "to_host")
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -95,3 +99,18 @@ def all_finite(t: torch.Tensor) -> bool:
     if t.numel() == 0 or not t.is_floating_point():
         return True
     return bool(torch.isfinite(t.sum(dtype=torch.float32))) or bool(torch.isfinite(t).all())
+
+
+def to_device(t: torch.Tensor, device: torch.device, non_blocking: bool = False) -> torch.Tensor:
+    if t.device != device and device.type != "cpu":
+        TRANSFERS.add(to_device=t.nbytes)
+    return t.to(device, non_blocking=non_blocking)
+
+
+def to_host(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """t on the cpu in dtype (the cast happens first, so a narrowing one moves fewer bytes)."""
+    if dtype is not None:
+        t = t.to(dtype)
+    if t.device.type != "cpu":
+        TRANSFERS.add(to_host=t.nbytes)
+    return t.to("cpu")

@@ -10,25 +10,24 @@ from pathlib import Path
 from . import faults
 
 
-class IOStats:
-    """Bytes this process read from and wrote to its store, activations and exports."""
+class ByteCounter:
+    """Thread-safe byte counts under fixed names; snapshot() returns them in that order."""
 
-    def __init__(self):
+    def __init__(self, *names: str):
         self._lock = threading.Lock()
-        self.read = 0
-        self.written = 0
+        self._counts = dict.fromkeys(names, 0)
 
-    def add(self, read: int = 0, written: int = 0):
+    def add(self, **nbytes: int):
         with self._lock:
-            self.read += read
-            self.written += written
+            for k, n in nbytes.items():
+                self._counts[k] += n
 
-    def snapshot(self) -> tuple[int, int]:
+    def snapshot(self) -> tuple[int, ...]:
         with self._lock:
-            return self.read, self.written
+            return tuple(self._counts.values())
 
 
-IO = IOStats()
+IO = ByteCounter("read", "written")  # disk: store modules, activations, gradients, exports
 
 
 def fsync_file(path: Path):

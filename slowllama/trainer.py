@@ -82,9 +82,7 @@ class ActivationCache:
             directory.mkdir(parents=True, exist_ok=True)
 
     def put(self, i: int, mb: int, x: torch.Tensor, rng: torch.Tensor):
-        if x.is_floating_point():
-            x = x.to(self.dtype)
-        x = x.detach().to("cpu")
+        x = dev.to_host(x.detach(), self.dtype if x.is_floating_point() else None)
         if self.in_ram:
             self._ram[i, mb] = (x, rng.cpu())
         else:
@@ -354,7 +352,7 @@ class Trainer:
         grads_in = []
         for m in range(len(mbs)):
             x, rng = acts.get(i, m)
-            x = x.to(self.device)
+            x = dev.to_device(x, self.device)
             if i > 0:
                 x = x.to(self.cfg.compute_dtype).requires_grad_()
             dev.set_rng_state(self.device, rng)
@@ -378,22 +376,22 @@ class Trainer:
         if i > 0:
             # The gradient this module passes down must be durable before the module
             # is replaced, or a crash in between could not be resumed.
-            g = Block(version, {f"g{m}": t.detach().to("cpu") for m, t in enumerate(grads_in)})
+            g = Block(version, {f"g{m}": dev.to_host(t.detach()) for m, t in enumerate(grads_in)})
             path = self._grad_path(i)
             self.streamer.run_in_order(lambda: write_block(path, g))
         new_state = step_module(self.cfg.optim, params, block.optim)
         store_dtype = self.store.dtype
         new_params = {}
-        for k, p in params.items():
+        for j, (k, p) in enumerate(params.items()):
             t = p.detach()
-            if not dev.all_finite(t):
-                raise NonFiniteError(f"step {step}: update made module {name}.{k} non-finite; not written")
             if store_dtype == torch.bfloat16 and t.dtype == torch.float32 and self.cfg.store_rounding == "stochastic":
-                gen = torch.Generator(device=t.device).manual_seed(dev.derive_seed(self.cfg.seed, step, i, 0x5217))
-                t = stochastic_round(t, store_dtype, gen)
-            new_params[k] = t.to("cpu", store_dtype)
+                t = stochastic_round(t, store_dtype, dev.derive_seed(self.cfg.seed, step, i, j, 0x5217))
+            t = dev.to_host(t, store_dtype)
+            if not dev.all_finite(t):  # checked as stored: rounding could overflow a huge finite value
+                raise NonFiniteError(f"step {step}: update made module {name}.{k} non-finite; not written")
+            new_params[k] = t
         sdt = self.cfg.optim_state_dtype
-        new = Block(version + 1, new_params, {k: {s: v.detach().to("cpu", sdt if v.ndim else v.dtype)
+        new = Block(version + 1, new_params, {k: {s: dev.to_host(v.detach(), sdt if v.ndim else None)
                                                   for s, v in st.items()} for k, st in new_state.items()})
         self.streamer.put(name, new, on_commit=lambda c: self._checksums.__setitem__(name, c))
         if i + 1 < len(self.names):
@@ -456,7 +454,7 @@ class Trainer:
             g = read_block(self._grad_path(k), f"gradient into {self.names[k]}")
             if g.step != version:
                 raise StoreError(f"{self._grad_path(k)}: gradient of update {g.step}, expected {version}")
-            grads = [g.params[f"g{m}"].to(self.device) for m in range(len(mbs))]
+            grads = [dev.to_device(g.params[f"g{m}"], self.device) for m in range(len(mbs))]
             acts = self._activation_cache(inputs.shape)
             self._forward(step, mbs, acts, upto=k, n_tok=n_tok)
             self._backward(step, version, mbs, acts, k - 1, n_tok, grads_in=grads)

@@ -67,3 +67,17 @@ def test_all_finite(dtype):
     big = torch.full((4,), torch.finfo(dtype).max, dtype=dtype)  # its sum overflows, yet every value is finite
     assert dev.all_finite(big)
     assert dev.all_finite(torch.tensor([], dtype=dtype))
+
+
+def test_host_device_copies_are_counted_only_when_bytes_move():
+    from slowllama.device import TRANSFERS, to_device, to_host
+
+    t = torch.ones(256)  # 1 KiB
+    before = TRANSFERS.snapshot()
+    assert to_device(t, torch.device("cpu")) is t
+    assert to_host(t) is t
+    assert to_host(t, torch.bfloat16).dtype == torch.bfloat16
+    assert TRANSFERS.snapshot() == before
+    # the meta device stands in for an accelerator: the copy is counted, in bytes
+    assert to_device(t, torch.device("meta")).device.type == "meta"
+    assert TRANSFERS.snapshot() == (before[0] + 1024, before[1])

@@ -1,6 +1,8 @@
 """The 16-bit store: stochastic rounding is unbiased, reproducible, and keeps small updates."""
+import pytest
 import torch
 
+from slowllama import optim
 from slowllama.checkpoint import MetaCheckpoint
 from slowllama.optim import OptimConfig, stochastic_round
 from slowllama.store import prepare
@@ -8,11 +10,18 @@ from slowllama.trainer import TrainConfig, Trainer
 from tests.reference import random_batch, reference_model, stored_params
 
 
-def test_stochastic_rounding_is_unbiased():
-    g = torch.Generator().manual_seed(0)
+def _round(rounder: str, x: torch.Tensor, seed: int) -> torch.Tensor:
+    """The cpu path (numpy), or the path cuda and mps take (torch), run here on cpu."""
+    bits = x.float().contiguous().view(torch.int32).reshape(-1)
+    fn = {"cpu": optim._round_numpy, "accelerator": optim._round_torch}[rounder]
+    return fn(bits, seed).view(x.shape)
+
+
+@pytest.mark.parametrize("rounder", ["cpu", "accelerator"])
+def test_stochastic_rounding_is_unbiased(rounder):
     x = torch.tensor([0.01234567, -0.0456789, 1.0000123, 3.3e-5, -7.77e-3])
     n = 200_000
-    r = stochastic_round(x.expand(n, -1).contiguous(), torch.bfloat16, g).float()
+    r = _round(rounder, x.expand(n, -1).contiguous(), 0).float()
     lo = x.to(torch.bfloat16).float()
     # every draw is within one bf16 step of x
     spacing = (torch.nextafter(lo.to(torch.bfloat16), torch.tensor(float("inf"), dtype=torch.bfloat16)).float() - lo).abs()
@@ -23,11 +32,17 @@ def test_stochastic_rounding_is_unbiased():
     assert (err < (lo - x).abs() + 1e-12).all()
 
 
-def test_stochastic_rounding_keeps_specials_and_exact_values():
-    g = torch.Generator().manual_seed(1)
+@pytest.mark.parametrize("rounder", ["cpu", "accelerator"])
+def test_stochastic_rounding_keeps_specials_and_exact_values(rounder):
     x = torch.tensor([0.0, 1.0, -2.0, float("inf"), float("-inf"), 0.5])
-    assert torch.equal(stochastic_round(x, torch.bfloat16, g), x.to(torch.bfloat16))
-    assert stochastic_round(torch.tensor([float("nan")]), torch.bfloat16, g).isnan().all()
+    assert torch.equal(_round(rounder, x, 1), x.to(torch.bfloat16))
+    assert _round(rounder, torch.tensor([float("nan")]), 1).isnan().all()
+
+
+def test_stochastic_rounding_depends_on_the_seed_only():
+    x = torch.randn(1000)
+    assert torch.equal(stochastic_round(x, torch.bfloat16, 5), stochastic_round(x.clone(), torch.bfloat16, 5))
+    assert not torch.equal(stochastic_round(x, torch.bfloat16, 5), stochastic_round(x, torch.bfloat16, 6))
 
 
 def _train(model_dir, work, store_dtype, lr, steps, vocab, seed=0):
