@@ -144,43 +144,22 @@ def _bar(it, **kw):
 def finetune(
     *,
     model_dir: str | Path,
-    data: str | Path,
+    data: str | Path | None,
     out: str | Path | None = None,
     work_dir: str | Path | None = None,
-    iters: int = 100,
-    batch_size: int = 4,
-    micro_batch: int | None = None,
-    seq_len: int = 128,
-    lr: float = 1e-4,
-    optimizer: str = "sgd",
-    momentum: float = 0.0,
-    weight_decay: float = 0.0,
-    dropout: float = 0.0,
-    seed: int = 42,
     device: str = "auto",
-    compute_dtype: str = "float32",
-    store_dtype: str = "float32",
-    act_dtype: str = "float32",
     ram_budget: int | None = 0,
     prefetch: bool = True,
     verify: bool = True,
-    eval_every: int = 0,
-    prompt: str = "",
-    gen_tokens: int = 32,
-    save_every: int = 0,
-    shards: int | None = None,
     resume: bool = False,
     stop_on_nonfinite: bool = False,
-    lora_rank: int = 0,
-    lora_alpha: float = 16.0,
-    lora_targets: str = "wq,wv",
-    merge: bool = False,
-    grad_accum: int = 1,
-    optim_state_dtype: str = "float32",
-    val_data: str | Path | None = None,
-    val_fraction: float = 0.0,
+    **settings,
 ) -> dict:
-    """Fine-tune a Meta-format checkpoint; returns a summary. Everything is checked before any write."""
+    """Fine-tune a Meta-format checkpoint; returns a summary. Everything is checked before any write.
+
+    settings are RunConfig's fields (iters, lr, optimizer, lora_rank, ...), the choices that decide
+    a run's numbers and that a resume repeats; the named arguments only decide where and how fast.
+    """
     model_dir = Path(model_dir)
     out, work_dir = default_dirs(model_dir, out, work_dir)
     check_paths(model_dir, out, work_dir)
@@ -192,22 +171,16 @@ def finetune(
             raise ConfigError(f"--resume: {run_path} not found, there is no run to resume in {work_dir}") from e
         except ValueError as e:
             raise ConfigError(f"--resume: {run_path} is corrupt ({e})") from e
-        cfg = RunConfig(**{**saved, "iters": max(iters, saved["iters"])})
+        cfg = RunConfig(**{**saved, "iters": max(settings.get("iters", RunConfig.iters), saved["iters"])})
         if Path(cfg.model_dir).resolve() != model_dir.resolve():
             raise ConfigError(f"--resume: {work_dir} belongs to a run of {cfg.model_dir}, not {model_dir}")
         data = Path(cfg.data)
         if _sha256(data) != cfg.data_sha256:
             raise ConfigError(f"--resume: {data} changed since the run started; an exact resume needs the same data")
     else:
-        cfg = RunConfig(model_dir=str(model_dir), data=str(data), data_sha256="", out=str(out), iters=iters,
-                        batch_size=batch_size, micro_batch=micro_batch, seq_len=seq_len, lr=lr, optimizer=optimizer,
-                        momentum=momentum, weight_decay=weight_decay, dropout=dropout, seed=seed,
-                        compute_dtype=compute_dtype, store_dtype=store_dtype, act_dtype=act_dtype,
-                        eval_every=eval_every, prompt=prompt, gen_tokens=gen_tokens, save_every=save_every,
-                        shards=shards, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=lora_targets,
-                        merge=merge, grad_accum=grad_accum, optim_state_dtype=optim_state_dtype,
-                        val_data=str(val_data) if val_data else None,
-                        val_fraction=val_fraction)
+        if settings.get("val_data"):
+            settings["val_data"] = str(settings["val_data"])
+        cfg = RunConfig(model_dir=str(model_dir), data=str(data), data_sha256="", out=str(out), **settings)
     _check_numbers(cfg)
     optim = OptimConfig(cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     lora = None
