@@ -46,6 +46,10 @@ class StoreError(ConfigError):
     """A block store that is damaged or does not belong to this run."""
 
 
+class StoreFormatError(StoreError):
+    """A block store written by another version of slowllama."""
+
+
 @dataclass
 class Block:
     """One module as stored: parameters, optimizer state beside them, the step it belongs to."""
@@ -199,6 +203,8 @@ class BlockStore:
         path = self.root / "manifest.json"
         try:
             m = json.loads(path.read_text())
+            if m.get("format") != FORMAT:
+                raise StoreFormatError(f"{path}: store format {m.get('format')}, this slowllama reads {FORMAT}")
             if m["manifest_crc32"] != _manifest_crc(m):
                 raise StoreError("checksum mismatch, the manifest is corrupt")
             self.args = ModelArgs(**m["params"])
@@ -208,8 +214,8 @@ class BlockStore:
             self.n_shards: int = m["n_shards"]
             self.source: dict = m["source"]
             self.initial_checksums: dict[str, int] = m["checksums"]
-            if m["format"] != FORMAT:
-                raise StoreError(f"{path}: store format {m['format']}, this slowllama reads {FORMAT}")
+        except StoreFormatError:
+            raise
         except FileNotFoundError as e:
             raise StoreError(f"{self.root}: not a prepared block store (no manifest.json)") from e
         except (ValueError, KeyError, TypeError) as e:
@@ -342,10 +348,17 @@ def open_or_prepare(ckpt: MetaCheckpoint, root: str | Path, dtype: torch.dtype,
     """
     root = Path(root)
     if (root / "manifest.json").exists():
-        store = BlockStore(root)
-        if store.matches(ckpt) and store.dtype == dtype:
-            return store, False
-        log.info("%s was prepared from a different checkpoint or dtype: preparing again", root)
+        try:
+            store = BlockStore(root)
+        except StoreFormatError as e:
+            if (root / "journal.json").exists():  # trained: preparing again would throw the training away
+                raise StoreFormatError(f"{e}; export it with the slowllama that trained it, or delete {root} "
+                                       f"to start again") from e
+            log.info("%s was prepared by another slowllama version: preparing again", root)
+        else:
+            if store.matches(ckpt) and store.dtype == dtype:
+                return store, False
+            log.info("%s was prepared from a different checkpoint or dtype: preparing again", root)
     return prepare(ckpt, root, dtype, progress), True
 
 

@@ -266,3 +266,25 @@ def test_help_mentions_every_option(script):
     for a in parser._actions:
         if a.help not in (None, argparse.SUPPRESS) and a.dest != "help":
             assert a.help.split()[0] in r.stdout, f"{script} --help lacks the help of {a.dest}"
+
+
+def test_a_store_from_another_slowllama_is_prepared_again_unless_trained(gqa_model, tmp_path):
+    from slowllama.checkpoint import MetaCheckpoint
+    from slowllama.store import FORMAT, BlockStore, StoreFormatError, open_or_prepare, prepare
+
+    ckpt = MetaCheckpoint(gqa_model)
+    root = tmp_path / "store"
+    prepare(ckpt, root)
+    manifest = root / "manifest.json"
+    old = {**json.loads(manifest.read_text()), "format": 1}
+    manifest.write_text(json.dumps(old))
+    with pytest.raises(StoreFormatError, match="store format 1, this slowllama reads"):
+        BlockStore(root)
+    store, fresh = open_or_prepare(ckpt, root, torch.float32)
+    assert fresh and store.manifest["format"] == FORMAT
+    # A trained store is never thrown away: the error says what to do instead.
+    manifest.write_text(json.dumps(old))
+    (root / "journal.json").write_text(json.dumps({"step": 3, "version": 3, "phase": "idle"}))
+    with pytest.raises(StoreFormatError, match="delete"):
+        open_or_prepare(ckpt, root, torch.float32)
+    assert json.loads(manifest.read_text())["format"] == 1
