@@ -262,11 +262,7 @@ class Streamer:
             if id(block) in self._staged:
                 return
         with torch.cuda.device(self.device), torch.cuda.stream(self._copy_stream):
-            params = {k: dev.to_device(t, self.device, non_blocking=True) for k, t in block.params.items()}
-            event = torch.cuda.Event()
-            event.record(self._copy_stream)
-        if block.buffer is not None:
-            self.buffers.fence(block.buffer, event)
+            params, event = self._copy(block, self._copy_stream)
         with self._lock:
             self._staged[id(block)] = (block, params, event)
             while len(self._staged) > 2:  # the device holds at most the next module or two ahead
@@ -283,12 +279,20 @@ class Streamer:
             for t in params.values():
                 t.record_stream(stream)  # allocated on the copy stream, used and freed on this one
         else:
-            params = {k: dev.to_device(t, self.device, non_blocking=True) for k, t in block.params.items()}
-            if self.device.type == "cuda" and block.buffer is not None:
-                event = torch.cuda.Event()
-                event.record()
-                self.buffers.fence(block.buffer, event)
+            params, _ = self._copy(block, torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None)
         return {k: t if dtype is None or t.dtype == dtype else t.to(dtype) for k, t in params.items()}
+
+    def _copy(self, block: Block, stream) -> tuple[dict[str, torch.Tensor], object]:
+        """Copy the block's parameters to the device; on CUDA, also an event on stream after the
+        copies, which fences the read buffer against being refilled while they run."""
+        params = {k: dev.to_device(t, self.device, non_blocking=True) for k, t in block.params.items()}
+        event = None
+        if stream is not None:
+            event = torch.cuda.Event()
+            event.record(stream)
+            if block.buffer is not None:
+                self.buffers.fence(block.buffer, event)
+        return params, event
 
 
 def materialize(name: str, args: ModelArgs, params: dict[str, torch.Tensor], dropout: float = 0.0) -> nn.Module:

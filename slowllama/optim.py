@@ -12,7 +12,6 @@ import numpy as np
 import torch
 
 from .device import to_device
-
 from .model import ConfigError
 
 OPTIMIZERS = ("sgd", "adamw")

@@ -288,7 +288,7 @@ class Trainer:
         graphs instead of their inputs spares recomputing them, and the gradients are
         exactly those of the layer-major order, since each micro-batch keeps its own RNG
         state and the parameters' gradients accumulate in the same micro-batch order.
-        Returns (loss, [(i, block, module, master, gradients into module i)] from the top down).
+        Returns (loss, [(block, module, master, gradients into the module)] from the top down).
         """
         names, top = self.names, self._top
         blocks, modules = [], []
@@ -313,7 +313,7 @@ class Trainer:
             for j in range(len(modules)):
                 grads[j].append(h[j].grad)
             del h
-        done = [(top + j, blocks[j], *modules[j], grads[j]) for j in range(len(modules))]
+        done = [(blocks[j], *modules[j], grads[j]) for j in range(len(modules))]
         return loss, done[::-1]
 
     def _backward(self, step: int, version: int, mbs, acts: ActivationCache, start: int, n_tok: int,
@@ -332,7 +332,7 @@ class Trainer:
             if self.adapters is not None and i == 0:
                 break  # the embedding has no adapters: nothing below needs a gradient
             if done:
-                _, block, module, master, grads_in = done.pop(0)
+                block, module, master, grads_in = done.pop(0)
                 if not done and i > 0:
                     self.streamer.prefetch(names[i - 1: i])
             else:
