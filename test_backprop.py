@@ -120,7 +120,7 @@ def test_small_updates_survive_bf16_checkpoint(model_factory, tmp_path):
     batches = make_batches(args.vocab_size, steps, seq=32)
     optim = OptimConfig("adamw", lr=lr)
     store, _ = run_streamed(src, tmp_path, steps=steps, optim=optim, batches=batches, seed=0)
-    export_store(store, tmp_path / "out")
+    export_store(store, src, tmp_path / "out")
     exported = MetaCheckpoint(tmp_path / "out")
     model, _ = run_reference(src, steps=steps, optim=optim, batches=batches, seed=0)
     start = reference_model(src, dtype=torch.bfloat16).state_dict()
@@ -177,8 +177,10 @@ def test_round_trip_is_bit_identical(gqa_model, tmp_path):
     """Prepare then export, with no training: every tensor, dtype and name as in the input."""
     ckpt = MetaCheckpoint(gqa_model)
     store = prepare(ckpt, tmp_path / "store")
-    export_store(store, tmp_path / "out")
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(p.name for p in Path(gqa_model).iterdir())
+    export_store(store, gqa_model, tmp_path / "out")
+    # Beside the model's own files, only the hidden marker that says slowllama wrote this folder.
+    exported = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert exported == sorted([".slowllama", *(p.name for p in Path(gqa_model).iterdir())])
     for shard in ckpt.shards:
         a = torch.load(shard, weights_only=True)
         b = torch.load(tmp_path / "out" / shard.name, weights_only=True, mmap=True)

@@ -79,6 +79,10 @@ class BufferPool:
 
 
 class Streamer:
+    # One writer thread runs every write and call in the order queued: the commit protocol
+    # (journal.py) relies on it, and checks for this promise.
+    ORDERED_WRITER = True
+
     def __init__(self, store: BlockStore, ram_budget: int = 0, prefetch: bool = True, verify: bool = True,
                  max_pending_writes: int = 1, device: torch.device = torch.device("cpu")):
         self.store = store

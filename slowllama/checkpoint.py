@@ -353,6 +353,7 @@ def export_meta(
     read_module: Callable[[str], dict[str, torch.Tensor]],
     progress: Callable[[Iterator], Iterator] = lambda it: it,
     extra_files: dict[str, bytes] | None = None,
+    marker: dict | None = None,
 ):
     """Write a Meta-format folder at out_dir, module by module, replacing it atomically.
 
@@ -361,16 +362,16 @@ def export_meta(
     once, so each module is read once and sliced into all of them. extra_files
     (name -> bytes) go beside the shards, e.g. the run's log.
     """
-    from .fsutil import atomic_write_bytes, fsync_dir, fsync_file, replace_dir, tmp_path
+    from .fsutil import atomic_write_bytes, fsync_dir, fsync_file
+    from .paths import check_folder, mark_owned, remove_stale_tmp, replace_dir, tmp_path
 
     check_shard_count(args, n_shards)
+    check_folder(out_dir, "export", "--out")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     work = tmp_path(out_dir)
-    # Temp folders that killed exports left (any pid) hold partial models: drop them.
-    for stale in out_dir.parent.iterdir():
-        if stale.name.startswith(f".{out_dir.name}.tmp") and stale.is_dir():
-            shutil.rmtree(stale, ignore_errors=True)
+    remove_stale_tmp(out_dir)  # partial exports that killed processes left
     work.mkdir()
+    mark_owned(work, "export", **(marker or {}))
     try:
         def shard_shape(key, shape):
             axis = split_axis(key)

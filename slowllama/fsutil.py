@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import threading
 from pathlib import Path
 
 from . import faults
+from .paths import tmp_path
 
 
 class ByteCounter:
@@ -42,10 +42,6 @@ def fsync_file(path: Path):
 fsync_dir = fsync_file
 
 
-def tmp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
-
-
 def atomic_write_bytes(path: Path, chunks, durable: bool = True):
     """Write an iterable of byte buffers to path atomically; returns the byte count.
 
@@ -77,30 +73,3 @@ def atomic_write_bytes(path: Path, chunks, durable: bool = True):
 
 def atomic_write_json(path: Path, obj):
     atomic_write_bytes(path, [json.dumps(obj, indent=1, sort_keys=True).encode()])
-
-
-def replace_dir(src: Path, dst: Path):
-    """Move the finished directory src to dst, replacing any dst, never leaving dst half-written.
-
-    POSIX cannot swap directories atomically, so the old dst is first renamed aside:
-    a crash in between leaves either the old or the new one under a name we recognise.
-    """
-    old = dst.with_name(f".{dst.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if dst.exists():
-        os.replace(dst, old)
-    faults.point("export_swap")
-    os.replace(src, dst)
-    fsync_dir(dst.parent)
-    if old.exists():
-        shutil.rmtree(old)
-
-
-def remove_stale_tmp(directory: Path):
-    """Delete temp files left by a process that died mid-write."""
-    for p in Path(directory).glob(".*.tmp*"):
-        if p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)

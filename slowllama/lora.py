@@ -16,6 +16,8 @@ from torch import nn
 from .model import ConfigError, ModelArgs
 from .store import Block, read_block, write_block
 
+ADAPTERS = "lora_adapters"  # what an adapter file's header says it holds
+
 # --lora-targets names -> the linear layer inside a transformer block
 TARGETS = {
     "wq": "attention.wq", "wk": "attention.wk", "wv": "attention.wv", "wo": "attention.wo",
@@ -112,7 +114,7 @@ class Adapters:
 
     # ---- file ----
     def save(self, path: Path, durable: bool = True):
-        write_block(path, self.to_block(), durable)
+        write_block(path, self.to_block(), ADAPTERS, durable)
 
     def to_block(self) -> Block:
         """A copy of the adapters and their optimizer state, safe to write while training goes on."""
@@ -128,7 +130,7 @@ class Adapters:
 
     @classmethod
     def load(cls, path: Path) -> "Adapters":
-        block = read_block(path, f"LoRA adapters {path}")
+        block = read_block(path, ADAPTERS)
         m = block.meta
         try:
             cfg = LoraConfig(rank=m["rank"], alpha=m["alpha"], targets=tuple(m["targets"]))

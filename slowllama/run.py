@@ -5,12 +5,8 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import os
-import re
-import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -25,6 +21,9 @@ from .lora import Adapters, LoraConfig
 from .generate import ModuleCache, complete
 from .model import ConfigError
 from .optim import OptimConfig
+from .options import MATH, OUTPUT, PATHS, RESUME_MAY_CHANGE, SESSION, RunOptions, parse_size
+from .paths import (check_folder, claim_folder, lock_out_dir, lock_work_dir, mark_owned, owner_info,
+                    remove_owned, restore_interrupted_swap)
 from .store import DTYPES, BlockStore, StoreError, export_store, open_or_prepare
 from .tokenizer import Tokenizer
 from .trainer import TrainConfig, Trainer, estimate_io
@@ -33,52 +32,6 @@ log = logging.getLogger("slowllama")
 LOG_NAME = "train_log.jsonl"
 KEEP_ON_EXPORT = (LOG_NAME, "loss.png")
 ADAPTERS_NAME = "lora_adapters.blk"
-
-
-@dataclass
-class RunConfig:
-    """Everything that decides the numbers of a run; a resume repeats it exactly."""
-
-    model_dir: str
-    data: str
-    data_sha256: str
-    out: str
-    iters: int = 100
-    batch_size: int = 4
-    micro_batch: int | None = None
-    seq_len: int = 128
-    lr: float = 1e-4
-    optimizer: str = "sgd"
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    dropout: float = 0.0
-    seed: int = 42
-    compute_dtype: str = "float32"
-    store_dtype: str = "float32"
-    act_dtype: str = "float32"
-    eval_every: int = 0
-    prompt: str = ""
-    gen_tokens: int = 32
-    save_every: int = 0
-    shards: int | None = None
-    lora_rank: int = 0  # 0: full fine-tuning
-    lora_alpha: float = 16.0
-    lora_targets: str = "wq,wv"
-    merge: bool = False  # LoRA: also export the base with the adapters merged in
-    grad_accum: int = 1
-    optim_state_dtype: str = "float32"
-    val_data: str | None = None
-    val_fraction: float = 0.0
-
-
-def parse_size(text: str) -> int | None:
-    """'8G', '512M', '1.5T', '0' or 'none' (no limit) to bytes."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT]?)[bB]?\s*", text)
-    if text.strip().lower() in ("none", "inf", "unlimited"):
-        return None
-    if not m:
-        raise ConfigError(f"--ram-budget {text!r}: expected a size like 0, 512M, 8G or none")
-    return int(float(m.group(1)) * 1024 ** " KMGT".index((m.group(2) or " ").upper()))
 
 
 def _inside(a: Path, b: Path) -> bool:
@@ -93,32 +46,6 @@ def check_paths(model_dir: Path, out: Path, work_dir: Path):
         raise ConfigError(f"--work-dir {work_dir}: must not be the model directory {model_dir} or overlap it")
     if _inside(work_dir, out) or _inside(out, work_dir):
         raise ConfigError(f"--work-dir {work_dir}: must not overlap the output directory {out}")
-
-
-def _check_numbers(cfg: RunConfig):
-    for name in ("iters", "batch_size", "seq_len", "gen_tokens", "grad_accum"):
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
-    for name in ("eval_every", "save_every"):
-        if getattr(cfg, name) < 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be 0 (off) or positive")
-    if cfg.micro_batch is not None and not 1 <= cfg.micro_batch <= cfg.batch_size:
-        raise ConfigError(f"--micro-batch must be between 1 and --batch-size {cfg.batch_size}")
-    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
-        raise ConfigError(f"--lr must be a positive number, got {cfg.lr}")
-    if not 0.0 <= cfg.dropout < 1.0:
-        raise ConfigError(f"--dropout must be in [0, 1), got {cfg.dropout}")
-    if not 0.0 <= cfg.val_fraction < 1.0:
-        raise ConfigError(f"--val-fraction must be in [0, 1), got {cfg.val_fraction}")
-    if cfg.val_fraction and cfg.val_data:
-        raise ConfigError("--val-data and --val-fraction exclude each other")
-    for name in ("compute_dtype", "store_dtype", "act_dtype"):
-        if getattr(cfg, name) not in ("float32", "bfloat16", "float16"):
-            raise ConfigError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: expected float32, bfloat16 or float16")
-    if cfg.optim_state_dtype not in ("float32", "bfloat16"):
-        raise ConfigError("--optim-state-dtype must be float32 or bfloat16")
-    if cfg.store_dtype not in ("float32", "bfloat16"):
-        raise ConfigError("--store-dtype must be float32 or bfloat16")
 
 
 def _sha256(path: Path) -> str:
@@ -141,118 +68,152 @@ def _bar(it, **kw):
     return tqdm(it, dynamic_ncols=True, mininterval=0.5, **kw)
 
 
-def finetune(
-    *,
-    model_dir: str | Path,
-    data: str | Path | None,
-    out: str | Path | None = None,
-    work_dir: str | Path | None = None,
-    device: str = "auto",
-    ram_budget: int | None = 0,
-    prefetch: bool = True,
-    verify: bool = True,
-    resume: bool = False,
-    stop_on_nonfinite: bool = False,
-    **settings,
-) -> dict:
+def resolve_options(given: dict, resume: bool) -> tuple[RunOptions, dict]:
+    """The run's options from what the caller gave and, on resume, the saved run.
+
+    Returns (options, saved run.json or {}). A resume refuses any MATH option given with
+    another value than the run has, listing every difference.
+    """
+    unknown = sorted(set(given) - set(RunOptions.names(MATH, OUTPUT, SESSION)))
+    if unknown:
+        raise TypeError(f"finetune() got unknown options {unknown}")
+    if not given.get("model_dir"):
+        raise ConfigError("MODEL_DIR is required: the folder of the checkpoint to fine-tune")
+    given = {k: str(Path(v).absolute()) if k in PATHS and v is not None else v for k, v in given.items()}
+    model_dir = Path(given["model_dir"])
+    out, work_dir = default_dirs(model_dir, given.get("out"), given.get("work_dir"))
+    if not resume:
+        if not given.get("data"):
+            raise ConfigError("--data is required with a model directory")
+        o = RunOptions(**{**given, "out": str(out), "work_dir": str(work_dir)})
+        o.validate()
+        return o, {}
+    run_path = work_dir / "run.json"
+    saved = json.loads(run_path.read_text()) if run_path.is_file() else None
+    o = RunOptions.from_saved(run_path)
+    diffs = []
+    for name in RunOptions.names(MATH):
+        if name in given and name not in RESUME_MAY_CHANGE and given[name] != getattr(o, name):
+            diffs.append(f"{RunOptions.flag(name)} {given[name]} (the run has {getattr(o, name)})")
+    for name in ("data", "val_data"):
+        if given.get(name) and _sha256(Path(given[name])) != saved.get(f"{name}_sha256"):
+            diffs.append(f"{RunOptions.flag(name)} {given[name]} (its content differs from the run's "
+                         f"{getattr(o, name)})")
+    if diffs:
+        raise ConfigError("--resume: options differ from the saved run, which an exact resume must repeat: "
+                          + "; ".join(diffs) + ". Start a new run with another --work-dir to change them")
+    updates = {k: v for k, v in given.items() if k in ("model_dir", "data", "val_data") or RunOptions.kind(k) != MATH}
+    o = dataclasses.replace(o, **{**updates, "work_dir": str(work_dir), "iters": given.get("iters", o.iters)})
+    if "out" not in given:
+        o.out = saved.get("out", str(out))
+    o.validate()
+    return o, saved
+
+
+def finetune(*, resume: bool = False, **given) -> dict:
     """Fine-tune a Meta-format checkpoint; returns a summary. Everything is checked before any write.
 
-    settings are RunConfig's fields (iters, lr, optimizer, lora_rank, ...), the choices that decide
-    a run's numbers and that a resume repeats; the named arguments only decide where and how fast.
+    given are RunOptions' fields, as a user gave them; on resume, the saved run supplies the rest.
     """
-    model_dir = Path(model_dir)
-    out, work_dir = default_dirs(model_dir, out, work_dir)
+    o, saved = resolve_options(given, resume)
+    model_dir, out, work_dir = Path(o.model_dir), Path(o.out), Path(o.work_dir)
     check_paths(model_dir, out, work_dir)
-    run_path = work_dir / "run.json"
-    if resume:
-        try:
-            saved = json.loads(run_path.read_text())
-        except FileNotFoundError as e:
-            raise ConfigError(f"--resume: {run_path} not found, there is no run to resume in {work_dir}") from e
-        except ValueError as e:
-            raise ConfigError(f"--resume: {run_path} is corrupt ({e})") from e
-        cfg = RunConfig(**{**saved, "iters": max(settings.get("iters", RunConfig.iters), saved["iters"])})
-        if Path(cfg.model_dir).resolve() != model_dir.resolve():
-            raise ConfigError(f"--resume: {work_dir} belongs to a run of {cfg.model_dir}, not {model_dir}")
-        data = Path(cfg.data)
-        if _sha256(data) != cfg.data_sha256:
-            raise ConfigError(f"--resume: {data} changed since the run started; an exact resume needs the same data")
-    else:
-        if settings.get("val_data"):
-            settings["val_data"] = str(settings["val_data"])
-        cfg = RunConfig(model_dir=str(model_dir), data=str(data), data_sha256="", out=str(out), **settings)
-    _check_numbers(cfg)
-    optim = OptimConfig(cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    lora = None
-    if cfg.lora_rank:
-        lora = LoraConfig(cfg.lora_rank, cfg.lora_alpha, tuple(t.strip() for t in cfg.lora_targets.split(",")))
-    elif cfg.merge:
-        raise ConfigError("--merge needs --lora-rank")
-    torch_device = dev.pick_device(device)
-    dev.check_compute_dtype(torch_device, DTYPES[cfg.compute_dtype])
+    check_folder(out, "export", "--out")
+    check_folder(work_dir, "work", "--work-dir")
+    if resume and not (work_dir / "run.json").is_file():
+        raise ConfigError(f"--resume: {work_dir / 'run.json'} not found, there is no run to resume in {work_dir}")
+    optim = OptimConfig(o.optimizer, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    lora = LoraConfig(o.lora_rank, o.lora_alpha, tuple(t.strip() for t in o.lora_targets.split(","))) \
+        if o.lora_rank else None
+    torch_device = dev.pick_device(o.device)
+    dev.check_compute_dtype(torch_device, DTYPES[o.compute_dtype])
     ckpt = MetaCheckpoint(model_dir)
     if ckpt.tokenizer is None:
         raise ConfigError(f"{model_dir}: no tokenizer.model here or in its parent directory")
-    if cfg.shards is not None:
-        check_shard_count(ckpt.args, cfg.shards)
+    if o.shards is not None:
+        check_shard_count(ckpt.args, o.shards)
     tokenizer = Tokenizer(ckpt.tokenizer)
-    windows = load_data(data, tokenizer, cfg.seq_len)
+    windows = load_data(o.data, tokenizer, o.seq_len)
     val = None
-    if cfg.val_data:
-        val = load_data(cfg.val_data, tokenizer, cfg.seq_len)
-    elif cfg.val_fraction:
-        windows, val = windows.split(cfg.val_fraction)
-    val_batches = val.fixed_batches(cfg.batch_size) if val is not None else []
-    if not resume:
-        cfg.data_sha256 = _sha256(Path(data))
+    if o.val_data:
+        val = load_data(o.val_data, tokenizer, o.seq_len)
+    elif o.val_fraction:
+        windows, val = windows.split(o.val_fraction)
+    val_batches = val.fixed_batches(o.batch_size) if val is not None else []
 
-    # -- from here on, files are written --
+    # -- from here on, files are written: first the locks, so that no other process is writing --
+    new_work = not work_dir.exists()
+    claim_folder(work_dir, "work", "--work-dir")
+    locks = [lock_work_dir(work_dir)]
+    try:
+        locks.append(lock_out_dir(out))
+        return _run(o, resume, saved, ckpt, tokenizer, windows, val_batches, optim, lora, torch_device)
+    except BaseException:
+        if new_work and not (work_dir / "run.json").exists():
+            # Preparation found the checkpoint damaged: leave nothing of the run behind.
+            remove_owned(work_dir, "work")
+            if len(locks) > 1 and locks[1].created and not out.exists():
+                locks[1].path.unlink(missing_ok=True)
+        raise
+    finally:
+        for lock in locks:
+            lock.close()
+
+
+def _run(o: RunOptions, resume: bool, saved: dict, ckpt, tokenizer, windows, val_batches, optim, lora,
+         torch_device) -> dict:
+    model_dir, out, work_dir = Path(o.model_dir), Path(o.out), Path(o.work_dir)
+    run_path = work_dir / "run.json"
     # LoRA reads a store that is never written, in the checkpoint's own dtype.
     store_root = work_dir / ("base" if lora else "store")
-    store_dtype = ckpt.checkpoint_dtype() if lora else DTYPES[cfg.store_dtype]
+    store_dtype = ckpt.checkpoint_dtype() if lora else DTYPES[o.store_dtype]
     if resume:
+        if not (store_root / "manifest.json").exists():
+            raise ConfigError(f"--resume: {store_root} is missing; the run in {work_dir} cannot continue")
         store = BlockStore(store_root)
         if not store.matches(ckpt):
-            raise StoreError(f"--resume: {model_dir} changed since {store_root} was prepared")
+            raise StoreError(f"--resume: {model_dir} is not the checkpoint {store_root} was prepared from "
+                             f"(its params.json, tokenizer or shards differ)")
     else:
-        marker = work_dir / ADAPTERS_NAME if lora else store_root / "journal.json"
-        if marker.exists():
-            step = _progress_step(marker)
-            if step:
-                raise ConfigError(f"--work-dir {work_dir} holds a run at step {step}: pass --resume to continue "
-                                  f"it, or delete the directory to start over")
-        new_dirs = [p for p in (work_dir, *work_dir.parents) if not p.exists()]
-        work_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            store, prepared = open_or_prepare(ckpt, store_root, store_dtype,
-                                              progress=lambda it: _bar(it, desc="prepare", unit="module"))
-        except BaseException:
-            # Only reading the checkpoint finds NaN or damaged data: leave nothing of the run behind.
-            if new_dirs:
-                shutil.rmtree(new_dirs[-1], ignore_errors=True)
-            raise
+        progress = _progress(work_dir)
+        if progress:
+            raise ConfigError(f"--work-dir {work_dir} holds a run {progress}: pass --resume to continue it, "
+                              f"or delete the folder to start over")
+        store, prepared = open_or_prepare(ckpt, store_root, store_dtype,
+                                          progress=lambda it: _bar(it, desc="prepare", unit="module"))
         log.info("%s store at %s", "prepared" if prepared else "reusing", store_root)
-        atomic_write_json(run_path, dataclasses.asdict(cfg))
-    old_out = out.with_name(f".{out.name}.old")
-    if resume and not out.exists() and old_out.is_dir():
-        # An export was cut short between its two renames: the previous output, log included, is here.
-        os.replace(old_out, out)
-    out.mkdir(parents=True, exist_ok=True)
+        saved = {**o.saved(), "data_sha256": _sha256(Path(o.data)),
+                 "val_data_sha256": _sha256(Path(o.val_data)) if o.val_data else None}
+    if resume and o.iters != saved["iters"] or not resume:
+        atomic_write_json(run_path, {**saved, **o.saved()})
+    restore_interrupted_swap(out)
+    claim_folder(out, "export", "--out")
     log_path = out / LOG_NAME
     if not resume:
         log_path.unlink(missing_ok=True)
 
-    micro = cfg.micro_batch or (cfg.batch_size if cfg.grad_accum > 1 else None)
-    tcfg = TrainConfig(optim=optim, seed=cfg.seed, dropout=cfg.dropout, micro_batch=micro,
-                       compute_dtype=DTYPES[cfg.compute_dtype], act_dtype=DTYPES[cfg.act_dtype],
-                       ram_budget=ram_budget, prefetch=prefetch, verify=verify,
-                       stop_on_nonfinite_loss=stop_on_nonfinite, lora=lora,
-                       optim_state_dtype=DTYPES[cfg.optim_state_dtype])
+    micro = o.micro_batch or (o.batch_size if o.grad_accum > 1 else None)
+    ram_budget = parse_size(o.ram_budget)
+    tcfg = TrainConfig(optim=optim, seed=o.seed, dropout=o.dropout, micro_batch=micro,
+                       compute_dtype=DTYPES[o.compute_dtype], act_dtype=DTYPES[o.act_dtype],
+                       ram_budget=ram_budget, prefetch=not o.no_prefetch, verify=not o.no_verify,
+                       stop_on_nonfinite_loss=o.stop_on_nan, lora=lora,
+                       optim_state_dtype=DTYPES[o.optim_state_dtype])
     trainer = Trainer(store, work_dir, torch_device, tcfg, progress=_bar)
-    est = estimate_io(store, tcfg, (cfg.batch_size * cfg.grad_accum, cfg.seq_len))
-    remaining = cfg.iters - trainer.step
-    print(f"store: {fmt_bytes(store.nbytes())} ({str(store.dtype).removeprefix('torch.')}) at {store_root}; checkpoint: "
-          f"{fmt_bytes(sum(p.stat().st_size for p in ckpt.shards))}")
+    if trainer.step > o.iters:
+        trainer.close()
+        raise ConfigError(f"--iters {o.iters}: the run in {work_dir} is already at iteration {trainer.step}")
+    run_id = store.model_id
+    if resume and trainer.step == o.iters and trainer.journal().get("phase", "idle") == "idle" \
+            and _export_step(out, run_id) == o.iters:
+        trainer.close()
+        print(f"nothing to do: the run finished its {o.iters} iterations and {out} holds its export "
+              f"(pass --iters N to train further)")
+        return {"out": str(out), "work_dir": str(work_dir), "losses": [], "nothing_to_do": True}
+    est = estimate_io(store, tcfg, (o.batch_size * o.grad_accum, o.seq_len))
+    remaining = o.iters - trainer.step
+    print(f"store: {fmt_bytes(store.nbytes())} ({str(store.dtype).removeprefix('torch.')}) at {store.root}; "
+          f"checkpoint: {fmt_bytes(sum(p.stat().st_size for p in ckpt.shards))}")
     print(f"disk per iteration: ~{fmt_bytes(est['read'])} read, ~{fmt_bytes(est['written'])} written; "
           f"for {remaining} iterations: ~{fmt_bytes(est['read'] * remaining)} read, "
           f"~{fmt_bytes(est['written'] * remaining)} written")
@@ -260,7 +221,7 @@ def finetune(
     def batch_for(step):
         # Gradient accumulation: the iteration's batches all pass through each block in one
         # layer-major pass, so no gradient is kept between them, on disk or in RAM.
-        parts = [windows.batch(step * cfg.grad_accum + k, cfg.batch_size, cfg.seed) for k in range(cfg.grad_accum)]
+        parts = [windows.batch(step * o.grad_accum + k, o.batch_size, o.seed) for k in range(o.grad_accum)]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
     def evaluate(step):
@@ -270,13 +231,13 @@ def finetune(
             tqdm.write(f"[iter {step}] validation loss {v:.4f}")
             _append(log_path, {"iter": step, "val_loss": v})
             summary.setdefault("val_losses", []).append(v)
-        if not cfg.prompt:
+        if not o.prompt:
             return None
         trainer.streamer.flush()
         cache = ModuleCache(store.args, read_tuned, torch_device, torch.float32)
-        text = complete(cache, tokenizer, cfg.prompt, cfg.gen_tokens)
-        tqdm.write(f"[iter {step}] {cfg.prompt}{text}")
-        _append(log_path, {"iter": step, "completion": cfg.prompt + text})
+        text = complete(cache, tokenizer, o.prompt, o.gen_tokens)
+        tqdm.write(f"[iter {step}] {o.prompt}{text}")
+        _append(log_path, {"iter": step, "completion": o.prompt + text})
         return text
 
     def read_tuned(name):
@@ -285,14 +246,17 @@ def finetune(
 
     def save():
         trainer.streamer.flush()
+        marker = {"run": run_id, "step": trainer.step}
         if not lora:
-            export(store, out, cfg.shards)
+            export(store, model_dir, out, o.shards, marker)
             return
         adapters = trainer.adapters_path.read_bytes()
-        if cfg.merge:
-            export(store, out, cfg.shards, transform=trainer.adapters.merge, extra={ADAPTERS_NAME: adapters})
+        if o.merge:
+            export(store, model_dir, out, o.shards, marker, transform=trainer.adapters.merge,
+                   extra={ADAPTERS_NAME: adapters})
         else:
             atomic_write_bytes(out / ADAPTERS_NAME, [adapters])
+            mark_owned(out, "export", **marker)
 
     summary = {"out": str(out), "work_dir": str(work_dir), "losses": []}
     try:
@@ -304,10 +268,10 @@ def finetune(
         if last and last["iter"] not in _logged_iters(log_path):
             _append(log_path, {**last, "resumed": True})  # the crash came before its log record
         start = trainer.step
-        if start == 0 or cfg.eval_every and resume:
+        if start == 0 or o.eval_every and resume:
             summary["before"] = evaluate(start)
         proc = psutil.Process()
-        for step in _bar(range(start, cfg.iters), desc="iterations", unit="it", initial=start, total=cfg.iters):
+        for step in _bar(range(start, o.iters), desc="iterations", unit="it", initial=start, total=o.iters):
             inputs, targets = batch_for(step)
             r0, w0 = IO.snapshot()
             t0 = time.perf_counter()
@@ -323,11 +287,11 @@ def finetune(
             summary["losses"].append(res.loss)
             tqdm.write(f"iter {step:5d}  loss {res.loss:.4f}  {dt:.2f}s  {res.tokens / dt:.0f} tok/s")
             done = step + 1
-            if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.iters:
+            if o.eval_every and done % o.eval_every == 0 and done < o.iters:
                 evaluate(done)
-            if cfg.save_every and done % cfg.save_every == 0 and done < cfg.iters:
+            if o.save_every and done % o.save_every == 0 and done < o.iters:
                 save()
-        summary["after"] = evaluate(cfg.iters)
+        summary["after"] = evaluate(o.iters)
         save()
     finally:
         trainer.close()
@@ -336,35 +300,68 @@ def finetune(
 
 
 def default_dirs(model_dir: Path, out: str | Path | None, work_dir: str | Path | None) -> tuple[Path, Path]:
-    out = Path(out) if out else model_dir.with_name(model_dir.name + "-tuned")
-    return out, Path(work_dir) if work_dir else out.with_name(out.name + ".work")
+    out = Path(out).absolute() if out else model_dir.absolute().with_name(model_dir.absolute().name + "-tuned")
+    return out, Path(work_dir).absolute() if work_dir else out.with_name(out.name + ".work")
 
 
 def verify_store(*, model_dir: str | Path, out: str | Path | None = None, work_dir: str | Path | None = None) -> list[str]:
-    """Check every module of the run's block store; returns the problems found."""
+    """Check every module of the run's block store (and a LoRA run's base and adapters); returns the problems."""
     _, work_dir = default_dirs(Path(model_dir), out, work_dir)
-    store = BlockStore(work_dir / "store")
-    return store.verify(progress=lambda it: _bar(it, desc="verify", unit="module"))
+    check_folder(work_dir, "work", "--work-dir")
+    roots = [r for r in (work_dir / "store", work_dir / "base") if (r / "manifest.json").exists()]
+    if not roots:
+        raise ConfigError(f"--work-dir {work_dir}: holds no block store to verify")
+    lock = lock_work_dir(work_dir, shared=True)
+    try:
+        problems = []
+        for root in roots:
+            problems += BlockStore(root).verify(progress=lambda it: _bar(it, desc="verify", unit="module"))
+        if (work_dir / ADAPTERS_NAME).exists():
+            try:
+                Adapters.load(work_dir / ADAPTERS_NAME)
+            except ConfigError as e:
+                problems.append(str(e))
+        return problems
+    finally:
+        lock.close()
 
 
-def export(store: BlockStore, out: Path, shards: int | None, transform=None, extra: dict | None = None):
+def export(store: BlockStore, source_dir: Path, out: Path, shards: int | None, marker: dict, transform=None,
+           extra: dict | None = None):
     """Export into out, keeping the run's log files that live there."""
     keep = dict(extra or {})
     for name in KEEP_ON_EXPORT:
         if (out / name).exists():
             keep[name] = (out / name).read_bytes()
-    export_store(store, out, n_shards=shards, progress=lambda it: _bar(it, desc="export", unit="module"),
-                 extra_files=keep, transform=transform)
+    export_store(store, source_dir, out, n_shards=shards, progress=lambda it: _bar(it, desc="export", unit="module"),
+                 extra_files=keep, transform=transform, marker=marker)
 
 
-def _progress_step(path: Path) -> int:
-    """The step a run in this work dir reached (journal or adapter file); 0 if none."""
-    if path.suffix == ".blk":
-        return Adapters.load(path).step
-    try:
-        return json.loads(path.read_text()).get("step", 0)
-    except ValueError:
-        return 1  # a damaged journal: treat it as progress rather than overwrite it
+def _progress(work_dir: Path) -> str:
+    """What training a work dir holds, full or LoRA ('at step N', 'inside step 0'); '' if none."""
+    journal, adapters = work_dir / "store" / "journal.json", work_dir / ADAPTERS_NAME
+    if journal.exists():
+        try:
+            j = json.loads(journal.read_text())
+            step, phase = j.get("step", 0), j.get("phase", "idle")
+        except (ValueError, OSError, AttributeError):
+            return "with a damaged journal"
+        if step or phase != "idle":
+            return f"at step {step}" if phase == "idle" else f"inside step {step}"
+    if adapters.exists():
+        try:
+            step = Adapters.load(adapters).step
+        except ConfigError:
+            return "with a damaged adapter file"
+        if step:
+            return f"at step {step} (LoRA)"
+    return ""
+
+
+def _export_step(out: Path, run_id: str) -> int | None:
+    """The step of the export in out if this run wrote it."""
+    info = owner_info(out)
+    return info.get("step") if info.get("run") == run_id else None
 
 
 def _logged_iters(path: Path) -> set[int]:

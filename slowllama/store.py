@@ -4,8 +4,9 @@ A block file is self-describing and checksummed:
 
     b"SLLMBLK1" | u32 header length | u32 crc32(header) | header JSON | pad to 64 | data
 
-The header names each tensor (dtype, shape, offset), the training step the module
-belongs to and a 64-bit xxh3 checksum of the data. A file is only ever replaced whole (temp file,
+The header names each tensor (dtype, shape, offset), the module the file holds and
+the model it belongs to (so a swapped or foreign file is caught on read, not trained on),
+the training step the module belongs to and a 64-bit xxh3 checksum of the data. A file is only ever replaced whole (temp file,
 fsync, rename), so a reader sees the old or the new module, never a mix.
 
 Parameters are stored under their names inside the module; optimizer state under
@@ -18,6 +19,7 @@ import logging
 import os
 import shutil
 import struct
+import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +30,8 @@ import xxhash
 
 from . import faults
 from .checkpoint import EXTRAS, MetaCheckpoint, full_key, split_key
-from .fsutil import IO, atomic_write_bytes, atomic_write_json, fsync_dir, remove_stale_tmp, tmp_path
+from .fsutil import IO, atomic_write_bytes, atomic_write_json, fsync_dir
+from .paths import remove_stale_tmp, tmp_path
 from .device import all_finite
 from .model import ConfigError, ModelArgs, module_names
 
@@ -36,7 +39,7 @@ log = logging.getLogger(__name__)
 
 MAGIC = b"SLLMBLK1"
 ALIGN = 64
-FORMAT = 2  # 2: data checksums are xxh3_64 (crc32 in 1)
+FORMAT = 3  # 3: blocks name their module and model; 2: xxh3_64 data checksums (crc32 in 1)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "uint8": torch.uint8, "int64": torch.int64}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
@@ -78,16 +81,16 @@ def _pad(n: int) -> int:
     return (-n) % ALIGN
 
 
-def encode_block(block: Block) -> tuple[list, int]:
-    """The file's byte chunks, and the data checksum."""
+def encode_block(block: Block, name: str, model: str = "") -> tuple[list, int]:
+    """The file's byte chunks, and the data checksum. name is what the file holds, model whose it is."""
     tensors, offset, digest = [], 0, xxhash.xxh3_64()
     views = []
-    for name, t in _flat(block):
+    for key, t in _flat(block):
         t = t.detach().to("cpu").contiguous()
         if t.dtype not in DTYPE_NAMES:
-            raise TypeError(f"cannot store {name} of dtype {t.dtype}")
+            raise TypeError(f"cannot store {key} of dtype {t.dtype}")
         raw = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
-        tensors.append([name, DTYPE_NAMES[t.dtype], list(t.shape), offset])
+        tensors.append([key, DTYPE_NAMES[t.dtype], list(t.shape), offset])
         views.append(raw)
         digest.update(raw)
         pad = _pad(t.nbytes)
@@ -96,16 +99,16 @@ def encode_block(block: Block) -> tuple[list, int]:
             digest.update(bytes(pad))
         offset += t.nbytes + pad
     checksum = digest.intdigest()
-    header = json.dumps({"step": block.step, "xxh3_64": checksum, "data_bytes": offset, "tensors": tensors,
-                         "meta": block.meta}).encode()
+    header = json.dumps({"module": name, "model": model, "step": block.step, "xxh3_64": checksum,
+                         "data_bytes": offset, "tensors": tensors, "meta": block.meta}).encode()
     prefix = MAGIC + struct.pack("<II", len(header), zlib.crc32(header))
     head = prefix + header
     return [head + bytes(_pad(len(head))), *views], checksum
 
 
-def write_block(path: Path, block: Block, durable: bool = True) -> int:
-    """Atomically replace path with block; returns the data checksum."""
-    chunks, checksum = encode_block(block)
+def write_block(path: Path, block: Block, name: str, durable: bool = True, model: str = "") -> int:
+    """Atomically replace path with block, recorded as module name of model; returns the data checksum."""
+    chunks, checksum = encode_block(block, name, model)
     atomic_write_bytes(path, chunks, durable)
     return checksum
 
@@ -119,11 +122,14 @@ def _read_header(f, path: Path, name: str) -> tuple[dict, int]:
     if len(raw) != hlen or zlib.crc32(raw) != hcrc:
         raise StoreError(f"module {name} ({path}): header is corrupt or truncated")
     header = json.loads(raw)
+    if header.get("module") != name:
+        raise StoreError(f"{path}: holds {header.get('module')!r}, not {name!r}: the file was swapped or copied "
+                         f"from elsewhere")
     start = len(prefix) + hlen
     return header, start + _pad(start)
 
 
-def read_header(path: Path, name: str = "?") -> dict:
+def read_header(path: Path, name: str) -> dict:
     """A block file's header (step, tensor names, dtypes and shapes), without reading its data."""
     try:
         with open(path, "rb") as f:
@@ -132,9 +138,10 @@ def read_header(path: Path, name: str = "?") -> dict:
         raise StoreError(f"module {name}: file {path} is missing") from e
 
 
-def read_block(path: Path, name: str = "?", verify: bool = True,
-               alloc: Callable[[int], torch.Tensor] | None = None) -> Block:
-    """Read a whole block file with one large read; tensors are views into one buffer.
+def read_block(path: Path, name: str, verify: bool = True,
+               alloc: Callable[[int], torch.Tensor] | None = None, model: str | None = None) -> Block:
+    """Read a whole block file, which must hold module name (of model, if given), with one large
+    read; tensors are views into one buffer.
 
     alloc(nbytes) supplies that uint8 buffer (a reused or page-locked one); by default it is new.
     """
@@ -144,6 +151,8 @@ def read_block(path: Path, name: str = "?", verify: bool = True,
         raise StoreError(f"module {name}: file {path} is missing") from e
     with f:
         header, start = _read_header(f, path, name)
+        if model is not None and header.get("model") != model:
+            raise StoreError(f"{path}: module {name} of another model or store, not this one's")
         size = os.fstat(f.fileno()).st_size
         if size != start + header["data_bytes"]:
             raise StoreError(f"module {name} ({path}): {size} bytes, expected {start + header['data_bytes']} (truncated?)")
@@ -186,13 +195,31 @@ def file_stem(name: str) -> str:
     return name
 
 
+SAMPLES, SAMPLE_BYTES = 16, 1 << 16
+
+
+def content_fingerprint(path: Path) -> str:
+    """xxh3 of a file's size and content: all of a small file; 16 spread 64 KiB samples of a big one.
+
+    A checkpoint is known by content, not by path or mtime: `touch` or moving the folder keeps
+    it, while another fine-tune of the same shapes differs in every sample.
+    """
+    h = xxhash.xxh3_64()
+    size = path.stat().st_size
+    h.update(str(size).encode())
+    with open(path, "rb") as f:
+        if size <= SAMPLES * SAMPLE_BYTES:
+            h.update(f.read())
+        else:
+            for k in range(SAMPLES):
+                f.seek((size - SAMPLE_BYTES) * k // (SAMPLES - 1))
+                h.update(f.read(SAMPLE_BYTES))
+    return h.hexdigest()
+
+
 def source_fingerprint(ckpt: MetaCheckpoint) -> dict:
     files = [ckpt.params_path, *ckpt.shards] + ([ckpt.tokenizer] if ckpt.tokenizer else [])
-    out = {}
-    for p in files:
-        st = p.stat()
-        out[p.name] = [st.st_size, st.st_mtime_ns]
-    return {"dir": str(ckpt.dir.resolve()), "files": out}
+    return {p.name: content_fingerprint(p) for p in files}
 
 
 class BlockStore:
@@ -214,6 +241,7 @@ class BlockStore:
             self.n_shards: int = m["n_shards"]
             self.source: dict = m["source"]
             self.initial_checksums: dict[str, int] = m["checksums"]
+            self.model_id: str = m["model_id"]
         except StoreFormatError:
             raise
         except FileNotFoundError as e:
@@ -221,6 +249,11 @@ class BlockStore:
         except (ValueError, KeyError, TypeError) as e:
             raise StoreError(f"{path}: corrupt manifest ({type(e).__name__}: {e})") from e
         self.manifest = m
+        j = self.journal()
+        # What each module file must hold: (version, checksum) as last committed. A file whose
+        # header disagrees was replaced behind our back (an older copy, another run's file).
+        self.expected: dict[str, tuple[int, int]] = {
+            n: (j["version"], c) for n, c in (j.get("checksums") or self.initial_checksums).items()}
 
     def path(self, name: str) -> Path:
         return self.root / f"{file_stem(name)}.blk"
@@ -230,13 +263,27 @@ class BlockStore:
         return [m for m in self.modules if m != EXTRAS]
 
     def read(self, name: str, verify: bool = True, alloc: Callable[[int], torch.Tensor] | None = None) -> Block:
-        return read_block(self.path(name), name, verify, alloc)
+        block = read_block(self.path(name), name, verify, alloc, self.model_id)
+        self._check_expected(name, block.step, block.checksum)
+        return block
 
     def write(self, name: str, block: Block) -> int:
-        return write_block(self.path(name), block)
+        checksum = write_block(self.path(name), block, name, model=self.model_id)
+        self.expected[name] = (block.step, checksum)
+        return checksum
+
+    def _check_expected(self, name: str, step: int, checksum: int):
+        version, want = self.expected.get(name, (None, None))
+        if step == version and checksum != want:
+            raise StoreError(f"{self.path(name)}: module {name} at version {step} has checksum {checksum}, the "
+                             f"journal recorded {want}: the file was replaced by another copy")
 
     def step_of(self, name: str) -> int:
-        return read_header(self.path(name), name)["step"]
+        header = read_header(self.path(name), name)
+        if header.get("model") != self.model_id:
+            raise StoreError(f"{self.path(name)}: module {name} of another model or store, not this one's")
+        self._check_expected(name, header["step"], header["xxh3_64"])
+        return header["step"]
 
     def header(self, name: str) -> dict:
         return read_header(self.path(name), name)
@@ -278,7 +325,8 @@ class BlockStore:
             if name != EXTRAS and block.step == j["version"] and sums.get(name) not in (None, block.checksum):
                 problems.append(f"module {name}: checksum {block.checksum} differs from the journal's {sums[name]}")
             if name != EXTRAS and block.step not in (j["version"], j["version"] + (j["phase"] == "backward")):
-                problems.append(f"module {name}: at version {block.step}, the journal is at {j['version']}")
+                problems.append(f"{self.path(name)}: module {name} at version {block.step}, the journal is at "
+                                f"{j['version']}")
         return problems
 
     def matches(self, ckpt: MetaCheckpoint) -> bool:
@@ -299,7 +347,10 @@ def prepare(
     root = Path(root)
     root.parent.mkdir(parents=True, exist_ok=True)
     work = tmp_path(root)
-    remove_stale_tmp(root.parent)
+    remove_stale_tmp(root)
+    source = source_fingerprint(ckpt)
+    # Every block names the model it belongs to: the checkpoint's content and this preparation.
+    model_id = xxhash.xxh3_64_hexdigest(json.dumps([source, DTYPE_NAMES[dtype], os.getpid(), time.time_ns()]).encode())
     work.mkdir()
     try:
         modules = list(dict.fromkeys(split_key(k)[0] for k in ckpt.key_order))
@@ -310,7 +361,8 @@ def prepare(
             tensors = ckpt.read_module(name)
             keep_dtype = name == EXTRAS  # never trained: keep the bytes as they are
             params = {p: (t if keep_dtype else t.to(dtype)) for p, t in tensors.items()}
-            checksums[name] = write_block(work / f"{file_stem(name)}.blk", Block(step=0, params=params))
+            checksums[name] = write_block(work / f"{file_stem(name)}.blk", Block(step=0, params=params), name,
+                                          model=model_id)
             faults.point("prepare_module")
             del tensors, params
         manifest = {
@@ -320,7 +372,8 @@ def prepare(
             "store_dtype": DTYPE_NAMES[dtype],
             "tensors": [[k, list(ckpt.shapes[k]), DTYPE_NAMES[ckpt.dtypes[k]]] for k in ckpt.key_order],
             "n_shards": ckpt.n_shards,
-            "source": source_fingerprint(ckpt),
+            "source": source,
+            "model_id": model_id,
             "checksums": checksums,
         }
         manifest["manifest_crc32"] = _manifest_crc(manifest)
@@ -362,16 +415,17 @@ def open_or_prepare(ckpt: MetaCheckpoint, root: str | Path, dtype: torch.dtype,
     return prepare(ckpt, root, dtype, progress), True
 
 
-def export_store(store: BlockStore, out_dir: Path, *, n_shards: int | None = None,
+def export_store(store: BlockStore, source_dir: Path, out_dir: Path, *, n_shards: int | None = None,
                  progress: Callable[[Iterator], Iterator] = lambda it: it, extra_files: dict[str, bytes] | None = None,
-                 transform: Callable[[str, dict], dict] | None = None):
-    """Export the store to out_dir in Meta's format, atomically.
+                 transform: Callable[[str, dict], dict] | None = None, marker: dict | None = None):
+    """Export the store to out_dir in Meta's format, atomically, with params.json and the tokenizer
+    from source_dir (the checkpoint the store was prepared from, wherever it lives now).
 
     transform(module, params) may change a module's parameters on the way out (LoRA merging).
     """
     from .checkpoint import export_meta, find_tokenizer
 
-    src = Path(store.source["dir"])
+    src = Path(source_dir)
 
     def read(module):
         params = store.module_tensors(module)
@@ -379,7 +433,7 @@ def export_store(store: BlockStore, out_dir: Path, *, n_shards: int | None = Non
 
     export_meta(Path(out_dir), args=store.args, params_src=src / "params.json", tokenizer_src=find_tokenizer(src),
                 tensors=store.tensors, n_shards=n_shards or store.n_shards, modules=store.modules,
-                read_module=read, progress=progress, extra_files=extra_files)
+                read_module=read, progress=progress, extra_files=extra_files, marker=marker)
 
 
 __all__ = ["Block", "BlockStore", "StoreError", "prepare", "open_or_prepare", "export_store",

@@ -12,11 +12,8 @@ A step, for modules 0..M-1 (embedding, blocks, norm, output) and micro-batches:
   gradient of its output. Every module, from the output layer down, then makes the
   gradient of its input durable, steps the optimizer and is queued for an atomic write.
 
-Commit rule: each module file records its version (updates applied); the journal
-says which step is in its backward pass. A resume finds the lowest module already
-one version ahead, reloads the gradient that module passed down, re-runs the
-forward pass over the modules below it (still at step, with the same seeds, so the
-same activations) and goes on.
+What a step updates and how it commits is its update rule's (update.py: full fine-tuning,
+LoRA); the commit order and the journal that a resume reads are journal.py's.
 """
 from __future__ import annotations
 
@@ -31,19 +28,16 @@ import torch.nn.functional as F
 
 from . import device as dev
 from . import faults
-from .blackbox import Streamer, materialize
+from .blackbox import Streamer
 from .data import IGNORE
-from .fsutil import atomic_write_json
-from .lora import Adapters, LoraConfig
+from .journal import batch_hash
+from .lora import ADAPTERS, Adapters, LoraConfig
 from .model import ConfigError
-from .optim import OptimConfig, step_module, stochastic_round
-from .store import Block, BlockStore, StoreError, read_block, write_block
+from .optim import OptimConfig
+from .store import Block, BlockStore, read_block, write_block
+from .update import FullUpdate, LoraUpdate, NonFiniteError
 
 log = logging.getLogger(__name__)
-
-
-class NonFiniteError(RuntimeError):
-    """A NaN or Inf loss or gradient; the message says which modules were already written."""
 
 
 @dataclass
@@ -87,94 +81,56 @@ class ActivationCache:
             self._ram[i, mb] = (x, rng.cpu())
         else:
             # Scratch: a crash loses nothing that a resume cannot recompute, so no fsync.
-            write_block(self.dir / f"act.{i}.{mb}.blk", Block(0, {"x": x, "rng": rng.cpu()}), durable=False)
+            write_block(self.dir / f"act.{i}.{mb}.blk", Block(0, {"x": x, "rng": rng.cpu()}), f"act.{i}.{mb}",
+                        durable=False)
 
     def get(self, i: int, mb: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.in_ram:
             return self._ram.pop((i, mb))
         path = self.dir / f"act.{i}.{mb}.blk"
-        b = read_block(path, f"activation {i}.{mb}")
+        b = read_block(path, f"act.{i}.{mb}")
         path.unlink()
         # The RNG setter reads a whole storage: give it one of its own, not a view.
         return b.params["x"], b.params["rng"].clone()
 
 
 class Trainer:
+    """The layer-major schedule of a step; what a step updates and commits is its update rule's."""
+
     def __init__(self, store: BlockStore, work_dir: str | Path, device: torch.device, cfg: TrainConfig,
                  progress: Callable[..., Iterator] | None = None):
         self.store, self.device, self.cfg = store, device, cfg
         self.work_dir = Path(work_dir)
         self.names = store.trainable
         self.args = store.args
-        self.streamer = Streamer(store, ram_budget=float("inf") if cfg.ram_budget is None else cfg.ram_budget,
-                                 prefetch=cfg.prefetch, verify=cfg.verify, device=device)
-        self.progress = progress or (lambda it, **kw: it)
-        self.journal_path = store.root / "journal.json"
-        self.adapters: Adapters | None = None
-        self._last: dict | None = None  # the log record of the step in its backward pass
-        if cfg.lora is not None:
-            self._init_lora(cfg.lora)
-        else:
-            j = self.journal()
-            self._step, self._version = j["step"], j["version"]
-            self._checksums: dict[str, int] = dict(j.get("checksums") or store.initial_checksums)
         dev.check_compute_dtype(device, cfg.compute_dtype)
         if not 0.0 <= cfg.dropout < 1.0:
             raise ConfigError(f"--dropout must be in [0, 1), got {cfg.dropout}")
+        self.streamer = Streamer(store, ram_budget=float("inf") if cfg.ram_budget is None else cfg.ram_budget,
+                                 prefetch=cfg.prefetch, verify=cfg.verify, device=device)
+        self.progress = progress or (lambda it, **kw: it)
+        try:
+            self.update = (LoraUpdate(store, self.streamer, cfg, self.adapters_path, device) if cfg.lora is not None
+                           else FullUpdate(store, self.streamer, cfg))
+        except BaseException:
+            self.streamer.close()
+            raise
 
-    # ---- LoRA ----
     @property
     def adapters_path(self) -> Path:
         return self.work_dir / "lora_adapters.blk"
 
-    def _init_lora(self, cfg: LoraConfig):
-        if self.store.journal()["version"] != 0:
-            raise ConfigError(f"{self.store.root}: LoRA needs the base weights as prepared, this store was trained")
-        if self.adapters_path.exists():
-            ad = Adapters.load(self.adapters_path)
-            if ad.cfg != cfg:
-                raise ConfigError(f"{self.adapters_path}: adapters of rank {ad.cfg.rank}, alpha {ad.cfg.alpha}, "
-                                  f"targets {','.join(ad.cfg.targets)} do not match the LoRA options")
-            ad.check_args(self.args, self.adapters_path)
-        else:
-            ad = Adapters.init(self.args, cfg, dev.derive_seed(self.cfg.seed, 0x10A))
-        self.adapters = ad.to(self.device)
-        self._step, self._version = ad.step, ad.version
+    @property
+    def adapters(self) -> Adapters | None:
+        return getattr(self.update, "adapters", None)
 
-    # ---- journal ----
     def journal(self) -> dict:
-        return self.store.journal()
+        return self.update.state()
 
     @property
     def step(self) -> int:
         """The next step to run. The journal on disk may lag behind it while writes are queued."""
-        return self._step
-
-    def _write_journal(self, j: dict):
-        """Queue a journal update behind the writes before it.
-
-        "step" counts the batches done, "version" the updates committed (a skipped step
-        has no update); every module file records the version it is at.
-        """
-        if j["phase"] == "backward":
-            self._last = {"iter": j["step"], "loss": j["loss"], "tokens": j["tokens"]}
-        elif self._last and self._last["iter"] == j["step"] - 1:
-            j = {**j, "last": self._last}  # the finished step's loss: a resume logs it if the log lost it
-        if j["phase"] == "idle":
-            self._step, self._version = j["step"], j["version"]
-        if self.adapters is not None:
-            # LoRA never writes the store: the adapter file is the whole journal, and a step
-            # cut short is simply run again, since nothing of it was made durable.
-            if j["phase"] == "idle":
-                self.adapters.step, self.adapters.version = j["step"], j["version"]
-                block = self.adapters.to_block()
-                self.streamer.run_in_order(lambda: write_block(self.adapters_path, block))
-            return
-        # The module checksums are taken when the journal is written, after those commits.
-        self.streamer.run_in_order(lambda: atomic_write_json(self.journal_path, {**j, "checksums": dict(self._checksums)}))
-
-    def _grad_path(self, i: int) -> Path:
-        return self.store.root / f"grad_in.{i}.blk"
+        return self.update.step
 
     # ---- a step ----
     def micro_batches(self, inputs: torch.Tensor, targets: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -183,7 +139,7 @@ class Trainer:
 
     def train_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> StepResult:
         """Run step `self.step` on this batch (B, T) and commit it; returns its loss."""
-        step, version = self._step, self._version
+        step, version = self.update.step, self.update.version
         mbs = self.micro_batches(inputs, targets)
         n_tok = int((targets != IGNORE).sum())
         if n_tok == 0:
@@ -195,10 +151,10 @@ class Trainer:
             if self.cfg.stop_on_nonfinite_loss:
                 raise NonFiniteError(msg)
             log.warning("%s, skipping the step", msg)
-            self._write_journal({"step": step + 1, "version": version, "phase": "idle"})
+            self.update.skip(step)
             self.streamer.flush()
             return StepResult(step, loss, n_tok, skipped=True)
-        self._write_journal({"step": step, "version": version, "phase": "backward", "loss": loss, "tokens": n_tok})
+        self.update.begin(step, loss, n_tok, batch_hash(inputs, targets))
         self._backward(step, version, mbs, acts, len(self.names) - 1, n_tok, done=done)
         return StepResult(step, loss, n_tok)
 
@@ -226,20 +182,8 @@ class Trainer:
         return total
 
     def _compute_module(self, i: int, block: Block, dropout: bool = True):
-        """(module, master): with fp32 compute the module's parameters are the fp32 master
-        itself and master is None; otherwise the module holds a cast copy and master
-        holds the fp32 parameters that the optimizer updates."""
-        name, cdt = self.names[i], self.cfg.compute_dtype
-        dropout = self.cfg.dropout if dropout and name.startswith("layers.") else 0.0
-        if self.adapters is not None:
-            module = materialize(name, self.args, self.streamer.to_device(block, cdt), dropout).requires_grad_(False)
-            self.adapters.attach(module, name)
-            return module, None
-        master = self.streamer.to_device(block, torch.float32)
-        if cdt == torch.float32:
-            return materialize(name, self.args, master, dropout), None
-        module = materialize(name, self.args, {k: v.to(cdt) for k, v in master.items()}, dropout)
-        return module, {k: torch.nn.Parameter(v) for k, v in master.items()}
+        dropout = self.cfg.dropout if dropout and self.names[i].startswith("layers.") else 0.0
+        return self.update.module(i, block, dropout)
 
     def _run(self, i: int, module, x: torch.Tensor, target: torch.Tensor | None, n_tok: int):
         """Module i's output; for the output module, its share of the loss."""
@@ -266,7 +210,7 @@ class Trainer:
             faults.point("forward")
             module, _ = self._compute_module(i, block)
             for m in range(len(mbs)):
-                if not (i == 0 and self.adapters is not None):  # LoRA stops above the embedding
+                if i >= self.update.lowest:  # the reverse pass recomputes only down to there
                     acts.put(i, m, xs[m], rngs[m])
                 dev.set_rng_state(self.device, rngs[m])
                 with torch.no_grad():
@@ -326,24 +270,22 @@ class Trainer:
         """
         names = self.names
         done = done if done is not None else []
-        for i in self.progress(range(start, -1, -1), desc="backward", leave=False):
+        for i in self.progress(range(start, self.update.lowest - 1, -1), desc="backward", leave=False):
             faults.point("backward")
             name = names[i]
-            if self.adapters is not None and i == 0:
-                break  # the embedding has no adapters: nothing below needs a gradient
             if done:
                 block, module, master, grads_in = done.pop(0)
-                if not done and i > 0:
+                if not done and i > self.update.lowest:
                     self.streamer.prefetch(names[i - 1: i])
             else:
                 block = self.streamer.get(name)
-                if i > 0:  # read the next module down while this one computes
+                if i > self.update.lowest:  # read the next module down while this one computes
                     self.streamer.prefetch(names[i - 1: i])
                 module, master = self._compute_module(i, block)
                 grads_in = self._recompute_backward(i, module, mbs, acts, grads_in, n_tok)
-            self._commit_module(step, version, i, block, module, master, grads_in)
+            self.update.commit(step, version, i, block, module, master, grads_in)
             del module, master, block
-        self._finish_step(step, version)
+        self.update.finish(step, version)
 
     def _recompute_backward(self, i: int, module, mbs, acts: ActivationCache, grads_out, n_tok: int):
         """Module i's forward again from its cached input and RNG state, then its backward;
@@ -361,107 +303,30 @@ class Trainer:
             grads_in.append(x.grad if i > 0 else None)
         return grads_in
 
-    def _commit_module(self, step: int, version: int, i: int, block: Block, module, master, grads_in):
-        name = self.names[i]
-        if self.adapters is not None:
-            return self._commit_adapters(step, i, grads_in)
-        compute = dict(module.named_parameters())
-        params = compute if master is None else master
-        if master is not None:
-            for k, p in master.items():
-                if compute[k].grad is not None:
-                    p.grad = compute[k].grad.float()
-        done = ", ".join(self.names[i + 1:]) or "none"
-        self._check_gradients(step, i, params, grads_in, f"not written. Already updated this step: {done}")
-        if i > 0:
-            # The gradient this module passes down must be durable before the module
-            # is replaced, or a crash in between could not be resumed.
-            g = Block(version, {f"g{m}": dev.to_host(t.detach()) for m, t in enumerate(grads_in)})
-            path = self._grad_path(i)
-            self.streamer.run_in_order(lambda: write_block(path, g))
-        new_state = step_module(self.cfg.optim, params, block.optim)
-        store_dtype = self.store.dtype
-        new_params = {}
-        for j, (k, p) in enumerate(params.items()):
-            t = p.detach()
-            if store_dtype == torch.bfloat16 and t.dtype == torch.float32 and self.cfg.store_rounding == "stochastic":
-                t = stochastic_round(t, store_dtype, dev.derive_seed(self.cfg.seed, step, i, j, 0x5217))
-            t = dev.to_host(t, store_dtype)
-            if not dev.all_finite(t):  # checked as stored: rounding could overflow a huge finite value
-                raise NonFiniteError(f"step {step}: update made module {name}.{k} non-finite; not written")
-            new_params[k] = t
-        sdt = self.cfg.optim_state_dtype
-        new = Block(version + 1, new_params, {k: {s: dev.to_host(v.detach(), sdt if v.ndim else None)
-                                                  for s, v in st.items()} for k, st in new_state.items()})
-        self.streamer.put(name, new, on_commit=lambda c: self._checksums.__setitem__(name, c))
-        if i + 1 < len(self.names):
-            stale = self._grad_path(i + 1)
-            self.streamer.run_in_order(lambda: stale.unlink(missing_ok=True))
-
-    def _commit_adapters(self, step: int, i: int, grads_in):
-        name = self.names[i]
-        params = self.adapters.named(name)
-        self._check_gradients(step, i, params, grads_in, "adapters not saved", every_param=True)
-        if params:
-            self.adapters.optim[name] = step_module(self.cfg.optim, params, self.adapters.optim.get(name, {}))
-            for p in params.values():
-                p.grad = None
-
-    def _check_gradients(self, step: int, i: int, params: dict, grads_in, consequence: str, every_param=False):
-        """Stop before anything of module i is committed if a gradient holds NaN or Inf
-        (or, with every_param, is missing)."""
-        bad = [k for k, p in params.items()
-               if (p.grad is None and every_param) or (p.grad is not None and not dev.all_finite(p.grad))]
-        if i > 0 and any(not dev.all_finite(g) for g in grads_in):
-            bad.append("input gradient")
-        if bad:
-            raise NonFiniteError(f"step {step}: non-finite gradient in module {self.names[i]} "
-                                 f"({', '.join(bad)}); {consequence}")
-
-    def _finish_step(self, step: int, version: int):
-        self._write_journal({"step": step + 1, "version": version + 1, "phase": "idle"})
-        stale = self._grad_path(1)
-        self.streamer.run_in_order(lambda: stale.unlink(missing_ok=True))
-
     # ---- resume ----
     def recover(self, batch_for_step: Callable[[int], tuple[torch.Tensor, torch.Tensor]]) -> StepResult | None:
         """Finish a step that was cut short in its backward pass; None when there is none."""
-        if self.adapters is not None:
+        point = self.update.resume_point()
+        if point is None:
             return None
-        j = self.journal()
-        step, version = j["step"], j["version"]
-        have = [self.store.step_of(n) for n in self.names]
-        if j["phase"] == "idle":
-            bad = [(n, v) for n, v in zip(self.names, have) if v != version]
-            if bad:
-                raise StoreError(f"{self.store.root}: module {bad[0][0]} is at version {bad[0][1]} but the journal "
-                                 f"says {version}: the store is inconsistent, prepare it again")
-            return None
-        # Modules k.. are already updated: the backward pass had reached module k.
-        k = next((i for i, v in enumerate(have) if v == version + 1), len(have))
-        if any(v != version for v in have[:k]) or any(v != version + 1 for v in have[k:]):
-            raise StoreError(f"{self.store.root}: module versions {have} do not fit a cut-short update {version}")
-        inputs, targets = batch_for_step(step)
+        inputs, targets = batch_for_step(point.step)
+        self.update.journal.check_batch(point, batch_hash(inputs, targets))
         mbs = self.micro_batches(inputs, targets)
-        n_tok = j["tokens"]
-        self._last = {"iter": step, "loss": j["loss"], "tokens": n_tok}
-        if k == len(have):
-            log.info("resuming step %d from its start: no module was updated yet", step)
+        k, n_tok = point.first_updated, point.tokens
+        if k == len(self.names):
+            log.info("resuming step %d from its start: no module was updated yet", point.step)
             return self.train_step(inputs, targets)
         if k > 0:
-            log.info("resuming step %d at module %s (%d of %d already updated)", step, self.names[k - 1],
-                     len(have) - k, len(have))
-            g = read_block(self._grad_path(k), f"gradient into {self.names[k]}")
-            if g.step != version:
-                raise StoreError(f"{self._grad_path(k)}: gradient of update {g.step}, expected {version}")
-            grads = [dev.to_device(g.params[f"g{m}"], self.device) for m in range(len(mbs))]
+            log.info("resuming step %d at module %s (%d of %d already updated)", point.step, self.names[k - 1],
+                     len(self.names) - k, len(self.names))
+            grads = self.update.journal.boundary_grads(point, len(mbs), self.device)
             acts = self._activation_cache(inputs.shape)
-            self._forward(step, mbs, acts, upto=k, n_tok=n_tok)
-            self._backward(step, version, mbs, acts, k - 1, n_tok, grads_in=grads)
+            self._forward(point.step, mbs, acts, upto=k, n_tok=n_tok)
+            self._backward(point.step, point.version, mbs, acts, k - 1, n_tok, grads_in=grads)
         else:
-            self._finish_step(step, version)
+            self.update.finish(point.step, point.version)
         self.streamer.flush()
-        return StepResult(step, j["loss"], n_tok)
+        return StepResult(point.step, point.loss, n_tok)
 
     def close(self):
         self.streamer.close()
@@ -552,5 +417,5 @@ def _adapter_file_bytes(args, cfg: TrainConfig) -> int:
             if cfg.optim.name == "adamw":
                 state[k]["step"] = torch.zeros(())
         ad.optim[m] = state
-    chunks, _ = encode_block(ad.to_block())
+    chunks, _ = encode_block(ad.to_block(), ADAPTERS)
     return sum(len(memoryview(c).cast("B")) for c in chunks)

@@ -45,10 +45,10 @@ def test_real_model_shapes(tmp_path, name):
 def test_reshard_round_trip_is_bit_identical(gqa_model, tmp_path):
     ckpt = MetaCheckpoint(gqa_model)
     store = prepare(ckpt, tmp_path / "store")
-    export_store(store, tmp_path / "one", n_shards=1)
+    export_store(store, gqa_model, tmp_path / "one", n_shards=1)
     assert len(list((tmp_path / "one").glob("*.pth"))) == 1
     again = prepare(MetaCheckpoint(tmp_path / "one"), tmp_path / "store1")
-    export_store(again, tmp_path / "two", n_shards=2)
+    export_store(again, tmp_path / "one", tmp_path / "two", n_shards=2)
     for shard in ckpt.shards:
         a = torch.load(shard, weights_only=True)
         b = load_tensor_file(tmp_path / "two" / shard.name)
@@ -80,6 +80,6 @@ def test_code_llama_style_checkpoint_trains_and_exports(model_factory, tmp_path)
     x = torch.randint(0, pieces, (2, 9))
     assert torch.isfinite(torch.tensor(tr.train_step(x[:, :-1], x[:, 1:]).loss))
     tr.close()
-    export_store(store, tmp_path / "out")
+    export_store(store, model, tmp_path / "out")
     out = MetaCheckpoint(tmp_path / "out")
     assert out.args.vocab_size == pieces + 16 and out.checkpoint_dtype() == torch.bfloat16

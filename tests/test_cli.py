@@ -16,11 +16,10 @@ PROMPT = "The clock tower of Vellmoor Island"
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    """Run the demo exactly as `python finetune.py` does, into a temp folder."""
+    """Run the demo as `python finetune.py` does, into a temp folder instead of ./demo-out."""
     tmp = tmp_path_factory.mktemp("demo")
-    rc = finetune.main(["--out", str(tmp / "out"), "--work-dir", str(tmp / "work")])
-    assert rc == 0
-    return tmp / "out"
+    assert finetune.demo(tmp) == 0
+    return tmp / "tiny-tuned"
 
 
 def _log(out):
@@ -42,8 +41,8 @@ def test_demo_learns_the_fact(demo):
     continuation = FACT[len(PROMPT):len(PROMPT) + 30]  # " chimes thirteen times at dusk."
     assert continuation not in before
     assert continuation in after
-    assert sorted(p.name for p in demo.iterdir()) == ["consolidated.00.pth", "params.json", "tokenizer.model",
-                                                       "train_log.jsonl"]
+    assert sorted(p.name for p in demo.iterdir()) == [".slowllama", "consolidated.00.pth", "params.json",
+                                                       "tokenizer.model", "train_log.jsonl"]
 
 
 @pytest.mark.slow
@@ -70,7 +69,8 @@ def test_lora_cli_end_to_end(tmp_path):
                         "--seq-len", "16", "--optimizer", "adamw", "--lr", "1e-2", "--lora-rank", "4", "--merge"])
     assert rc == 0
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["consolidated.00.pth", "lora_adapters.blk", "params.json", "tokenizer.model", "train_log.jsonl"]
+    assert names == [".slowllama", "consolidated.00.pth", "lora_adapters.blk", "params.json", "tokenizer.model",
+                     "train_log.jsonl"]
     recs = [r for r in _log(out) if "loss" in r]
     adapter_bytes = (out / "lora_adapters.blk").stat().st_size
     # LoRA writes only activations and the adapters: far less than the model per step

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from slowllama import trainer as trainer_mod
+from slowllama import update as update_mod
 from slowllama.checkpoint import MetaCheckpoint
 from slowllama.optim import OptimConfig
 from slowllama.store import Block, prepare
@@ -52,7 +52,7 @@ class _NanGrad(torch.autograd.Function):
 
 def test_nonfinite_gradient_stops_before_the_module_is_written(gqa_model, tmp_path, monkeypatch):
     store = _store(gqa_model, tmp_path)
-    real = trainer_mod.materialize
+    real = update_mod.materialize
 
     def poisoned(name, args, params, dropout=0.0):
         module = real(name, args, params, dropout)
@@ -60,7 +60,7 @@ def test_nonfinite_gradient_stops_before_the_module_is_written(gqa_model, tmp_pa
             module.attention.wq.register_forward_hook(lambda m, i, o: _NanGrad.apply(o) if o.requires_grad else o)
         return module
 
-    monkeypatch.setattr(trainer_mod, "materialize", poisoned)
+    monkeypatch.setattr(update_mod, "materialize", poisoned)
     before = {m: store.read(m).checksum for m in store.trainable}
     tr = Trainer(store, tmp_path, torch.device("cpu"), TrainConfig(optim=OptimConfig(lr=0.1)))
     with pytest.raises(NonFiniteError) as e:

@@ -1,0 +1,137 @@
+"""The commit protocol of a streamed full-fine-tuning step, and the journal a resume reads.
+
+A step at update version v commits its modules from the top down. For module i, in order:
+  1. `grad_in.i.blk` (i > 0): the gradient module i passes down is durable;
+  2. module i's file is replaced by version v + 1;
+  3. `grad_in.(i+1).blk`, the gradient module i consumed, is removed.
+`journal.json` says "backward" (with the step's loss, token count and a hash of its batch)
+before the first commit, and "idle" (step + 1, version v + 1, every module's checksum) after
+the last. A crash at any point leaves modules 0..k-1 at v and k.. at v + 1, and by rule 1 the
+gradient into module k - 1 on disk: recovery re-runs the forward pass below k on the same
+batch (checked against the hash) and goes on down.
+
+The order holds because every job goes through one writer that runs them in submission
+order: `Journal` takes only a writer that says so (`ORDERED_WRITER`), and has no other way
+to write.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import xxhash
+
+from . import device as dev
+from .fsutil import atomic_write_json
+from .store import Block, BlockStore, StoreError, read_block, write_block
+
+log = logging.getLogger(__name__)
+
+
+def batch_hash(inputs: torch.Tensor, targets: torch.Tensor) -> str:
+    """xxh3 of a step's token ids: a resume must finish a step on the batch that began it."""
+    h = xxhash.xxh3_64()
+    for t in (inputs, targets):
+        t = t.detach().to("cpu", torch.int64).contiguous()
+        h.update(json.dumps(list(t.shape)).encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class ResumePoint:
+    """A step cut short in its backward pass: modules first_updated.. are already at version + 1."""
+
+    step: int
+    version: int
+    first_updated: int
+    loss: float
+    tokens: int
+    batch: str
+
+
+class Journal:
+    def __init__(self, store: BlockStore, writer):
+        if not getattr(writer, "ORDERED_WRITER", False):
+            raise TypeError("the commit protocol needs a writer that runs its jobs in submission order")
+        self.store, self.writer = store, writer
+        self.path = store.root / "journal.json"
+        j = self.read()
+        self.step, self.version = j["step"], j["version"]
+        self.checksums: dict[str, int] = dict(j.get("checksums") or store.initial_checksums)
+        self._last: dict | None = None  # the log record of the step in its backward pass
+
+    def read(self) -> dict:
+        return self.store.journal()
+
+    def grad_path(self, i: int) -> Path:
+        return self.store.root / f"grad_in.{i}.blk"
+
+    # ---- writing, always through the ordered writer ----
+    def _write(self, j: dict):
+        if j["phase"] == "backward":
+            self._last = {"iter": j["step"], "loss": j["loss"], "tokens": j["tokens"]}
+        elif self._last and self._last["iter"] == j["step"] - 1:
+            j = {**j, "last": self._last}  # the finished step's loss: a resume logs it if the log lost it
+        if j["phase"] == "idle":
+            self.step, self.version = j["step"], j["version"]
+        # The checksums are taken when the journal is written, after the commits queued before it.
+        self.writer.run_in_order(lambda: atomic_write_json(self.path, {**j, "checksums": dict(self.checksums)}))
+
+    def begin(self, step: int, version: int, loss: float, tokens: int, batch: str):
+        self._write({"step": step, "version": version, "phase": "backward", "loss": loss, "tokens": tokens,
+                     "batch": batch})
+
+    def skip(self, step: int, version: int):
+        """A step with a non-finite loss: counted as done, with no update."""
+        self._write({"step": step + 1, "version": version, "phase": "idle"})
+
+    def commit(self, i: int, name: str, version: int, new: Block, grads_in: list[torch.Tensor] | None):
+        """Rules 1-3 for module i, whose new version is `new` and which passes grads_in down."""
+        if i > 0:
+            g = Block(version, {f"g{m}": dev.to_host(t.detach()) for m, t in enumerate(grads_in)})
+            path = self.grad_path(i)
+            self.writer.run_in_order(lambda: write_block(path, g, path.stem, model=self.store.model_id))
+        self.writer.put(name, new, on_commit=lambda c: self.checksums.__setitem__(name, c))
+        stale = self.grad_path(i + 1)
+        self.writer.run_in_order(lambda: stale.unlink(missing_ok=True))
+
+    def finish(self, step: int, version: int):
+        self._write({"step": step + 1, "version": version + 1, "phase": "idle"})
+        stale = self.grad_path(1)
+        self.writer.run_in_order(lambda: stale.unlink(missing_ok=True))
+
+    # ---- recovery ----
+    def resume_point(self, names: list[str]) -> ResumePoint | None:
+        """Where a step cut short stands; None when the last step finished. Stops on a store
+        whose module versions fit no crash of this protocol."""
+        j = self.read()
+        step, version = j["step"], j["version"]
+        have = [self.store.step_of(n) for n in names]
+        if j["phase"] == "idle":
+            bad = [(n, v) for n, v in zip(names, have) if v != version]
+            if bad:
+                raise StoreError(f"{self.store.path(bad[0][0])}: module {bad[0][0]} is at version {bad[0][1]} but "
+                                 f"the journal says {version}: the file was replaced, the store is inconsistent")
+            return None
+        k = next((i for i, v in enumerate(have) if v == version + 1), len(have))
+        if any(v != version for v in have[:k]) or any(v != version + 1 for v in have[k:]):
+            raise StoreError(f"{self.store.root}: module versions {have} do not fit a cut-short update {version}")
+        self._last = {"iter": step, "loss": j["loss"], "tokens": j["tokens"]}
+        return ResumePoint(step, version, k, j["loss"], j["tokens"], j.get("batch", ""))
+
+    def check_batch(self, point: ResumePoint, batch: str):
+        if point.batch and point.batch != batch:
+            raise StoreError(f"{self.path}: step {point.step} began on another batch than the data now gives; "
+                             f"the data or the options changed since, and the step cannot be finished exactly")
+
+    def boundary_grads(self, point: ResumePoint, n_micro: int, device: torch.device) -> list[torch.Tensor]:
+        """The gradient into the highest module not yet updated, as made durable by rule 1."""
+        path = self.grad_path(point.first_updated)
+        g = read_block(path, path.stem, model=self.store.model_id)
+        if g.step != point.version:
+            raise StoreError(f"{path}: gradient of update {g.step}, expected {point.version}")
+        return [dev.to_device(g.params[f"g{m}"], device) for m in range(n_micro)]

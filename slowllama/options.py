@@ -1,0 +1,182 @@
+"""The options of a fine-tuning run, defined once.
+
+Each field of `RunOptions` carries its command-line help and its kind:
+- MATH: decides the run's numbers; saved in run.json, and a resume that is given another
+  value is refused (`--iters` alone may grow, to extend a run);
+- OUTPUT: what the run reports and exports; saved, and a value given on resume wins;
+- SESSION: where and how fast this process runs; never saved.
+The parser, the defaults, validation, run.json and the resume comparison all come from here.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from .model import ConfigError
+
+MATH, OUTPUT, SESSION = "math", "output", "session"
+DTYPE_CHOICES = ("float32", "bfloat16", "float16")
+
+
+# Options that name files: made absolute, so that a run resumes from any working directory.
+PATHS = ("model_dir", "data", "val_data", "out", "work_dir")
+# MATH options that a resume checks by content instead of by value: the model and data may have
+# moved (same bytes, new path); the work dir is where the run was found; iters may grow.
+RESUME_MAY_CHANGE = ("iters", "model_dir", "data", "val_data", "work_dir")
+
+
+def opt(default, help: str, kind: str = MATH, **argparse_kw):
+    return field(default=default, metadata={"help": help, "kind": kind, **argparse_kw})
+
+
+def parse_size(text: str | int | None) -> int | None:
+    """'8G', '512M', '1.5T', '0' or 'none' (no limit) to bytes."""
+    if text is None or isinstance(text, int):
+        return text
+    if text.strip().lower() in ("none", "inf", "unlimited"):
+        return None
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT]?)[bB]?\s*", text)
+    if not m:
+        raise ConfigError(f"--ram-budget {text!r}: expected a size like 0, 512M, 8G or none")
+    return int(float(m.group(1)) * 1024 ** " KMGT".index((m.group(2) or " ").upper()))
+
+
+@dataclass
+class RunOptions:
+    # What to train and where: paths are made absolute, so a resume works from any folder.
+    model_dir: str | None = opt(None, "Meta checkpoint folder (params.json, consolidated.NN.pth)", MATH,
+                                positional=True)
+    data: str | None = opt(None, 'UTF-8 text to train on, or .jsonl records of {"text"} or {"prompt", "completion"}')
+    val_data: str | None = opt(None, "text or .jsonl whose loss is reported every --eval-every iterations")
+    val_fraction: float = opt(0.0, "hold out this fraction of --data for the validation loss")
+    out: str | None = opt(None, "output folder for the tuned model (default: MODEL_DIR-tuned)", OUTPUT)
+    work_dir: str | None = opt(None, "where the block store and cached activations live (default: OUT.work)", MATH)
+    # The math.
+    iters: int = opt(100, "training iterations; on --resume, a larger number extends a run")
+    batch_size: int = opt(4, "sequences per iteration")
+    micro_batch: int | None = opt(None, "sequences run through each block at once; each block is still loaded "
+                                        "once per pass")
+    seq_len: int = opt(128, "tokens per sequence")
+    grad_accum: int = opt(1, "batches per optimizer step; they pass through each block together, so no gradients "
+                             "are stored")
+    lr: float = opt(1e-4, "learning rate")
+    optimizer: str = opt("sgd", "optimizer; its state is stored beside each module", choices=("sgd", "adamw"))
+    optim_state_dtype: str = opt("float32", "dtype of the stored optimizer moments (bfloat16 halves AdamW's state "
+                                            "on disk)", choices=("float32", "bfloat16"))
+    momentum: float = opt(0.0, "SGD momentum")
+    weight_decay: float = opt(0.0, "weight decay")
+    dropout: float = opt(0.0, "residual dropout probability in each block")
+    seed: int = opt(42, "seed for batch sampling and dropout")
+    compute_dtype: str = opt("float32", "dtype blocks compute in; updates always go to float32 masters",
+                             choices=DTYPE_CHOICES)
+    store_dtype: str = opt("float32", "dtype of the block store's master weights (bfloat16 rounds updates "
+                                      "stochastically)", choices=("float32", "bfloat16"))
+    act_dtype: str = opt("float32", "dtype of the cached activations", choices=DTYPE_CHOICES)
+    lora_rank: int = opt(0, "train LoRA adapters of this rank instead of all weights (0: full fine-tuning)")
+    lora_alpha: float = opt(16.0, "LoRA scale numerator: adapters add alpha/rank * B @ A")
+    lora_targets: str = opt("wq,wv", "comma-separated layers that get adapters: wq, wk, wv, wo, w1, w2, w3")
+    # What the run reports and writes.
+    eval_every: int = opt(0, "print a greedy completion of --prompt every N iterations (0: only before and after)",
+                          OUTPUT)
+    prompt: str = opt("", "prompt for the completions printed during training", OUTPUT)
+    gen_tokens: int = opt(32, "tokens per completion", OUTPUT)
+    save_every: int = opt(0, "export the tuned model every N iterations (0: only at the end)", OUTPUT)
+    shards: int | None = opt(None, "shard count of the exported model (default: as the original)", OUTPUT)
+    merge: bool = opt(False, "LoRA: also export the model with the adapters merged in (Meta format)", OUTPUT)
+    # Where and how fast: free to change between a run and its resume.
+    device: str = opt("auto", "auto, cpu, cuda or mps (auto: mps, then cuda, then cpu)", SESSION)
+    ram_budget: str = opt("0", "RAM for keeping modules and activations resident, e.g. 8G; 0 keeps only the "
+                               "current and next module; none: no limit", SESSION)
+    no_prefetch: bool = opt(False, "read each module only when it is needed", SESSION)
+    no_verify: bool = opt(False, "skip checking each module's checksum as it is read", SESSION)
+    stop_on_nan: bool = opt(False, "stop the run on a NaN or Inf loss instead of skipping the step", SESSION)
+
+    @staticmethod
+    def flag(name: str) -> str:
+        return "--" + name.replace("_", "-")
+
+    @classmethod
+    def kind(cls, name: str) -> str:
+        return _FIELDS[name].metadata["kind"]
+
+    @classmethod
+    def names(cls, *kinds: str) -> list[str]:
+        return [f.name for f in fields(cls) if f.metadata["kind"] in kinds]
+
+    def validate(self):
+        """Refuse impossible values with one line naming the option."""
+        for name in ("iters", "batch_size", "seq_len", "gen_tokens", "grad_accum"):
+            _at_least(self, name, 1)
+        for name in ("eval_every", "save_every", "lora_rank"):
+            _at_least(self, name, 0)
+        if self.shards is not None:
+            _at_least(self, "shards", 1)
+        if self.micro_batch is not None and not 1 <= self.micro_batch <= self.batch_size:
+            raise ConfigError(f"--micro-batch must be between 1 and --batch-size {self.batch_size}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"--lr must be a positive number, got {self.lr}")
+        for name in ("momentum", "weight_decay"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise ConfigError(f"{self.flag(name)} must be 0 or positive, got {v}")
+        if self.momentum >= 1:
+            raise ConfigError(f"--momentum must be below 1, got {self.momentum}")
+        for name in ("dropout", "val_fraction"):
+            v = getattr(self, name)
+            if not 0.0 <= v < 1.0:
+                raise ConfigError(f"{self.flag(name)} must be in [0, 1), got {v}")
+        if self.val_fraction and self.val_data:
+            raise ConfigError("--val-data and --val-fraction exclude each other")
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ConfigError(f"{self.flag(f.name)} {getattr(self, f.name)!r}: expected one of {', '.join(choices)}")
+        if self.merge and not self.lora_rank:
+            raise ConfigError("--merge needs --lora-rank")
+        parse_size(self.ram_budget)
+
+    def saved(self) -> dict:
+        """What run.json keeps: every option but the SESSION ones."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if self.kind(k) != SESSION}
+
+    @classmethod
+    def from_saved(cls, path: Path) -> "RunOptions":
+        try:
+            raw = json.loads(path.read_text())
+            if not isinstance(raw, dict):
+                raise ValueError("not a JSON object")
+            return cls(**{k: v for k, v in raw.items() if k in _FIELDS and cls.kind(k) != SESSION})
+        except FileNotFoundError as e:
+            raise ConfigError(f"--resume: {path} not found, there is no run to resume in {path.parent}") from e
+        except (OSError, ValueError, TypeError) as e:
+            raise ConfigError(f"--resume: {path} is unreadable or corrupt ({e}); delete the folder to start over") from e
+
+
+def _at_least(o: RunOptions, name: str, low: int):
+    v = getattr(o, name)
+    if not isinstance(v, int) or isinstance(v, bool) or v < low:
+        raise ConfigError(f"{o.flag(name)} must be an integer of at least {low}, got {v!r}")
+
+
+_FIELDS = {f.name: f for f in fields(RunOptions)}
+
+
+def add_arguments(p: argparse.ArgumentParser):
+    """RunOptions as command-line flags. Defaults are left out of the namespace (SUPPRESS),
+    so that what a user typed can be told from what they did not."""
+    for f in fields(RunOptions):
+        md = f.metadata
+        hint = f"{md['help']} (default: {f.default})" if f.default not in (None, False, "") else md["help"]
+        if md.get("positional"):
+            p.add_argument(f.name, nargs="?", default=argparse.SUPPRESS, help=md["help"])
+        elif isinstance(f.default, bool):
+            p.add_argument(RunOptions.flag(f.name), action="store_true", default=argparse.SUPPRESS, help=md["help"])
+        else:
+            typ = {"int": int, "float": float, "int | None": int, "str": str, "str | None": str}[str(f.type)]
+            p.add_argument(RunOptions.flag(f.name), type=typ, default=argparse.SUPPRESS, choices=md.get("choices"),
+                           help=hint)

@@ -1,0 +1,213 @@
+"""What slowllama may delete, and who owns a folder right now.
+
+slowllama deletes or replaces only what it can prove it wrote:
+- temp files and folders whose names carry TMP_MARK (every atomic write makes them);
+- inside a folder that holds its OWNER file (it created the folder), only entries
+  whose names the folder's kind allows (see OWNED_NAMES).
+
+A folder with anything else in it is refused before any work. One process at a time
+owns a work dir and an output folder: `FolderLock` holds an exclusive `flock` that the
+kernel drops when the process dies, so a crash never leaves a stale lock.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+from . import faults
+from .model import ConfigError
+
+TMP_MARK = ".slowllama-tmp"  # in every temp name: `.NAME.slowllama-tmp.PID`
+OLD_MARK = ".slowllama-old"  # an output folder moved aside while its replacement is renamed in
+OWNER = ".slowllama"  # in every folder slowllama created: {"kind": "work" | "export"}
+LOCK = ".slowllama.lock"
+
+# The names each kind of folder may hold, besides OWNER and LOCK. Anything else is the user's.
+OWNED_NAMES = {
+    "work": [r"run\.json", r"store", r"base", r"acts", r"lora_adapters\.blk"],
+    "export": [r"params\.json", r"consolidated\.\d+\.pth", r"tokenizer\.model", r"train_log\.jsonl", r"loss\.png",
+               r"lora_adapters\.blk"],
+}
+
+
+def tmp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}{TMP_MARK}.{os.getpid()}")
+
+
+def is_tmp_of(entry: Path, target: Path) -> bool:
+    """Whether entry is a temp file or folder that slowllama made for target."""
+    return re.fullmatch(rf"\.{re.escape(target.name)}{re.escape(TMP_MARK)}\.\d+", entry.name) is not None
+
+
+TMP_NAME = rf"\..+{re.escape(TMP_MARK)}\.\d+"  # any temp name of ours
+
+
+def remove_stale_tmp(target: Path):
+    """Delete the temp files and folders that dead processes left for target (ours by name)."""
+    parent = target.parent
+    if not parent.is_dir():
+        return
+    for entry in parent.iterdir():
+        if is_tmp_of(entry, target) and not _pid_alive(int(entry.name.rsplit(".", 1)[1])):
+            remove_tree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink(missing_ok=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # our own leftovers from an earlier failure in this process
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_tree(path: Path):
+    """rmtree for folders that slowllama made itself (temp names, its own subfolders)."""
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def owner_info(folder: Path) -> dict:
+    """What the OWNER file says of folder ({"kind": ..., and for an export "run", "step"}); {} if none."""
+    try:
+        info = json.loads((folder / OWNER).read_text())
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def owner_kind(folder: Path) -> str | None:
+    return owner_info(folder).get("kind")
+
+
+def foreign_entries(folder: Path, kind: str) -> list[str]:
+    """Names in folder that slowllama did not write there: all of them unless it owns the folder."""
+    if not folder.is_dir():
+        return []
+    names = sorted(p.name for p in folder.iterdir())
+    if owner_kind(folder) != kind:
+        # A folder we did not create is ours only while it is empty.
+        return names
+    allowed = re.compile("|".join([re.escape(OWNER), re.escape(LOCK), TMP_NAME, *OWNED_NAMES[kind]]))
+    return [n for n in names if not allowed.fullmatch(n)]
+
+
+def check_folder(folder: Path, kind: str, flag: str):
+    """Refuse a folder that is a file, or holds anything slowllama did not write."""
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{flag} {folder}: exists and is not a folder")
+    foreign = foreign_entries(folder, kind)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise ConfigError(f"{flag} {folder}: holds files slowllama did not write ({shown}); "
+                          f"choose an empty or new folder")
+
+
+def claim_folder(folder: Path, kind: str, flag: str):
+    """Create folder (or adopt an empty one) and mark it as slowllama's."""
+    check_folder(folder, kind, flag)
+    folder.mkdir(parents=True, exist_ok=True)
+    if owner_kind(folder) != kind:
+        mark_owned(folder, kind)
+
+
+def mark_owned(folder: Path, kind: str, **info):
+    from .fsutil import atomic_write_json
+
+    atomic_write_json(folder / OWNER, {"kind": kind, **info})
+
+
+def remove_owned(folder: Path, kind: str, keep_folder: bool = False):
+    """Delete what slowllama wrote in folder, then the folder if that leaves it empty
+    (keep_folder: leave the folder, its OWNER file and its lock)."""
+    if owner_kind(folder) != kind:
+        return
+    foreign = set(foreign_entries(folder, kind))
+    for p in folder.iterdir():
+        if p.name in foreign or p.name in (LOCK, OWNER):
+            continue
+        remove_tree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+    if keep_folder:
+        return
+    try:
+        folder.joinpath(OWNER).unlink(missing_ok=True)
+        folder.joinpath(LOCK).unlink(missing_ok=True)
+        folder.rmdir()
+    except OSError:
+        pass  # something of the user's is still in it: it stays
+
+
+def replace_dir(src: Path, dst: Path):
+    """Move the finished export src to dst, replacing a previous export there.
+
+    POSIX cannot swap folders atomically, so the old dst is first renamed aside under
+    OLD_MARK: a crash in between leaves either the old or the new one under a name
+    `restore_interrupted_swap` recognises. Files in dst that slowllama did not write stop it.
+    """
+    from .fsutil import fsync_dir
+
+    check_folder(dst, "export", "--out")
+    old = old_path(dst)
+    if old.exists():
+        remove_owned(old, "export")
+    if dst.exists():
+        os.replace(dst, old)
+    faults.point("export_swap")
+    os.replace(src, dst)
+    fsync_dir(dst.parent)
+    if old.exists():
+        remove_owned(old, "export")
+
+
+def old_path(dst: Path) -> Path:
+    return dst.with_name(f".{dst.name}{OLD_MARK}")
+
+
+def restore_interrupted_swap(dst: Path):
+    """An export cut short between its two renames left the previous output aside: put it back."""
+    old = old_path(dst)
+    if not dst.exists() and old.is_dir() and owner_kind(old) == "export":
+        os.replace(old, dst)
+
+
+class FolderLock:
+    """An exclusive (or shared) flock on a folder's lock file, held until close or process death."""
+
+    def __init__(self, path: Path, what: str, shared: bool = False):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.created = not path.exists()
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.pread(self.fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(self.fd)
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                raise ConfigError(f"{what} is in use by another slowllama process (pid {holder}); "
+                                  f"wait for it to finish or stop it") from e
+            raise
+        if not shared:
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+
+    def close(self):
+        if self.fd >= 0:
+            os.close(self.fd)  # closing releases the flock
+            self.fd = -1
+
+
+def lock_work_dir(work_dir: Path, shared: bool = False) -> FolderLock:
+    return FolderLock(work_dir / LOCK, f"--work-dir {work_dir}", shared)
+
+
+def lock_out_dir(out: Path) -> FolderLock:
+    # The output folder itself is replaced by each export, so its lock lives beside it.
+    return FolderLock(out.with_name(f".{out.name}{LOCK}"), f"--out {out}")

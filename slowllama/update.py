@@ -1,0 +1,182 @@
+"""The update rules a streamed step applies module by module: full fine-tuning and LoRA.
+
+Each rule owns what differs between the two kinds of run: how a stored module becomes a
+module to compute with, what a module's gradients update and how that is committed, what
+marks a step done, and what a resume finds. `Trainer` keeps only the layer-major schedule.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from . import device as dev
+from .blackbox import Streamer, materialize
+from .journal import Journal, ResumePoint
+from .lora import ADAPTERS, Adapters, LoraConfig
+from .model import ConfigError
+from .optim import step_module, stochastic_round
+from .store import Block, BlockStore, write_block
+
+
+class NonFiniteError(RuntimeError):
+    """A NaN or Inf loss or gradient; the message says which modules were already written."""
+
+
+def check_gradients(names: list[str], step: int, i: int, params: dict, grads_in, consequence: str,
+                    every_param: bool = False):
+    """Stop before anything of module i is committed if a gradient holds NaN or Inf
+    (or, with every_param, is missing)."""
+    bad = [k for k, p in params.items()
+           if (p.grad is None and every_param) or (p.grad is not None and not dev.all_finite(p.grad))]
+    if i > 0 and any(not dev.all_finite(g) for g in grads_in):
+        bad.append("input gradient")
+    if bad:
+        raise NonFiniteError(f"step {step}: non-finite gradient in module {names[i]} ({', '.join(bad)}); "
+                             f"{consequence}")
+
+
+class FullUpdate:
+    """Every module's fp32 master takes an optimizer step; commits follow the journal's protocol."""
+
+    lowest = 0  # the embedding trains too, so the reverse pass goes all the way down
+
+    def __init__(self, store: BlockStore, streamer: Streamer, cfg):
+        self.store, self.streamer, self.cfg = store, streamer, cfg
+        self.names, self.args = store.trainable, store.args
+        self.journal = Journal(store, streamer)
+
+    @property
+    def step(self) -> int:
+        return self.journal.step
+
+    @property
+    def version(self) -> int:
+        return self.journal.version
+
+    def state(self) -> dict:
+        return self.journal.read()
+
+    def module(self, i: int, block: Block, dropout: float):
+        """(module, master): with fp32 compute the module's parameters are the fp32 master
+        itself and master is None; otherwise the module holds a cast copy and master
+        holds the fp32 parameters that the optimizer updates."""
+        name, cdt = self.names[i], self.cfg.compute_dtype
+        master = self.streamer.to_device(block, torch.float32)
+        if cdt == torch.float32:
+            return materialize(name, self.args, master, dropout), None
+        module = materialize(name, self.args, {k: v.to(cdt) for k, v in master.items()}, dropout)
+        return module, {k: torch.nn.Parameter(v) for k, v in master.items()}
+
+    def begin(self, step: int, loss: float, tokens: int, batch: str):
+        self.journal.begin(step, self.version, loss, tokens, batch)
+
+    def skip(self, step: int):
+        self.journal.skip(step, self.version)
+
+    def commit(self, step: int, version: int, i: int, block: Block, module, master, grads_in):
+        name = self.names[i]
+        compute = dict(module.named_parameters())
+        params = compute if master is None else master
+        if master is not None:
+            for k, p in master.items():
+                if compute[k].grad is not None:
+                    p.grad = compute[k].grad.float()
+        done = ", ".join(self.names[i + 1:]) or "none"
+        check_gradients(self.names, step, i, params, grads_in, f"not written. Already updated this step: {done}")
+        new_state = step_module(self.cfg.optim, params, block.optim)
+        store_dtype = self.store.dtype
+        new_params = {}
+        for j, (k, p) in enumerate(params.items()):
+            t = p.detach()
+            if store_dtype == torch.bfloat16 and t.dtype == torch.float32 and self.cfg.store_rounding == "stochastic":
+                t = stochastic_round(t, store_dtype, dev.derive_seed(self.cfg.seed, step, i, j, 0x5217))
+            t = dev.to_host(t, store_dtype)
+            if not dev.all_finite(t):  # checked as stored: rounding could overflow a huge finite value
+                raise NonFiniteError(f"step {step}: update made module {name}.{k} non-finite; not written")
+            new_params[k] = t
+        sdt = self.cfg.optim_state_dtype
+        new = Block(version + 1, new_params, {k: {s: dev.to_host(v.detach(), sdt if v.ndim else None)
+                                                  for s, v in st.items()} for k, st in new_state.items()})
+        self.journal.commit(i, name, version, new, grads_in)
+
+    def finish(self, step: int, version: int):
+        self.journal.finish(step, version)
+
+    def resume_point(self) -> ResumePoint | None:
+        return self.journal.resume_point(self.names)
+
+    def tuned(self, name: str, params: dict) -> dict:
+        return params
+
+
+class LoraUpdate:
+    """Adapters train, in RAM; the base store is never written. The adapter file is the whole
+    journal: it is written when a step ends, and a step cut short is simply run again, since
+    nothing of it was made durable."""
+
+    lowest = 1  # the embedding has no adapters: nothing below the first block needs a gradient
+
+    def __init__(self, store: BlockStore, streamer: Streamer, cfg, path: Path, device: torch.device):
+        self.store, self.streamer, self.cfg, self.path = store, streamer, cfg, path
+        self.names, self.args = store.trainable, store.args
+        if store.journal()["version"] != 0:
+            raise ConfigError(f"{store.root}: LoRA needs the base weights as prepared, this store was trained")
+        lora: LoraConfig = cfg.lora
+        if path.exists():
+            ad = Adapters.load(path)
+            if ad.cfg != lora:
+                raise ConfigError(f"{path}: adapters of rank {ad.cfg.rank}, alpha {ad.cfg.alpha}, targets "
+                                  f"{','.join(ad.cfg.targets)} do not match the LoRA options")
+            ad.check_args(self.args, path)
+        else:
+            ad = Adapters.init(self.args, lora, dev.derive_seed(cfg.seed, 0x10A))
+        self.adapters = ad.to(device)
+        self._last: dict | None = None
+
+    @property
+    def step(self) -> int:
+        return self.adapters.step
+
+    @property
+    def version(self) -> int:
+        return self.adapters.version
+
+    def state(self) -> dict:
+        return {"step": self.step, "version": self.version, "phase": "idle", "last": self._last}
+
+    def module(self, i: int, block: Block, dropout: float):
+        name = self.names[i]
+        module = materialize(name, self.args, self.streamer.to_device(block, self.cfg.compute_dtype), dropout)
+        module.requires_grad_(False)
+        self.adapters.attach(module, name)
+        return module, None
+
+    def begin(self, step: int, loss: float, tokens: int, batch: str):
+        self._last = {"iter": step, "loss": loss, "tokens": tokens}
+
+    def skip(self, step: int):
+        self._save(step + 1, self.version)
+
+    def commit(self, step: int, version: int, i: int, block: Block, module, master, grads_in):
+        name = self.names[i]
+        params = self.adapters.named(name)
+        check_gradients(self.names, step, i, params, grads_in, "adapters not saved", every_param=True)
+        if params:
+            self.adapters.optim[name] = step_module(self.cfg.optim, params, self.adapters.optim.get(name, {}))
+            for p in params.values():
+                p.grad = None
+
+    def finish(self, step: int, version: int):
+        self._save(step + 1, version + 1)
+
+    def _save(self, step: int, version: int):
+        self.adapters.step, self.adapters.version = step, version
+        block, path = self.adapters.to_block(), self.path
+        self.streamer.run_in_order(lambda: write_block(path, block, ADAPTERS))
+
+    def resume_point(self) -> None:
+        return None
+
+    def tuned(self, name: str, params: dict) -> dict:
+        return self.adapters.merge(name, params)
