@@ -170,13 +170,19 @@ class MetaCheckpoint:
     def _check_layout(self):
         """Check every shard's names, dtypes and shapes against params.json before any work."""
         a = self.args
-        expected = {full_key(m, k): s for m in module_names(a) for k, s in expected_shapes(a, m).items()}
-        metas = []
+        metas = []  # names, shapes and dtypes from the mmapped headers: nothing is read yet
         for path in self.shards:
             sd = load_tensor_file(path)
             metas.append({k: (tuple(v.shape), v.dtype) for k, v in sd.items()})
             del sd
         first = metas[0]
+        # Count the layers the shards hold before anything loops over params.json's n_layers,
+        # which may be any number (a million layers once cost half a minute and 3 GB here).
+        held = {int(m.group(1)) for m in map(_LAYER.match, first) if m}
+        if len(held) != a.n_layers:
+            raise ConfigError(f"{self.params_path}: n_layers is {a.n_layers}, but {self.shards[0]} holds "
+                              f"{len(held)} layers")
+        expected = {full_key(m, k): s for m in module_names(a) for k, s in expected_shapes(a, m).items()}
         self.key_order = list(first)
         for path, meta in zip(self.shards, metas):
             if set(meta) != set(first):
@@ -212,7 +218,8 @@ class MetaCheckpoint:
             if bad is not None:
                 raise ConfigError(f"{self.shards[bad]}: {key} has shape {list(shapes[bad])}, inconsistent with the other shards")
             if key in expected and full != expected[key]:
-                raise ConfigError(f"{self.shards[0]}: {key} has full shape {list(full)}, params.json implies {list(expected[key])}")
+                raise ConfigError(f"{self.params_path}: implies {key} of shape {list(expected[key])}, but the shards "
+                                  f"hold {list(full)} ({self.shards[0].name})")
             self.shapes[key] = full
             self.dtypes[key] = first[key][1]
 
@@ -281,7 +288,9 @@ class ShardWriter:
             return fn(*a)
         except OSError as e:
             self.zf.abort()
-            raise OSError(e.errno, f"{self.path}: write failed ({e.strerror or e}); is the disk full?") from e
+            err = OSError(f"{self.path}: write failed ({e.strerror or e}); is the disk full?")
+            err.errno = e.errno
+            raise err from e
         except BaseException:
             self.zf.abort()
             raise

@@ -142,5 +142,5 @@ def test_a_full_disk_is_an_oserror_and_a_clean_close_with_either_writer(tmp_path
     r = subprocess.run([sys.executable, "-c", textwrap.dedent(_FULL_DISK.format(
         root=str(ROOT), backend=backend, path=str(path)))], capture_output=True, text=True, timeout=60)
     assert r.returncode == 3, r.stderr  # not 134: no C++ exception escaped a destructor
-    assert r.stdout.startswith("OSError 27 ") and str(path) in r.stdout and "disk full" in r.stdout
+    assert r.stdout.startswith(f"OSError 27 {path}: write failed") and str(path) in r.stdout and "disk full" in r.stdout
     assert r.stderr == ""
