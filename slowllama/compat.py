@@ -134,10 +134,8 @@ class _TorchWriter:
         except BaseException:
             self._file.close()
             raise
-        # What torch.save writes; .storage_alignment lets torch.load compute offsets in miniz's layout.
-        align = str(ser._get_storage_alignment())
-        self.write_record(".format_version", b"1")
-        self.write_record(".storage_alignment", align.encode())
+        # No .format_version record, unlike torch.save: with it, torch.load may compute each record's
+        # offset assuming records follow the pickle's order, and ours are written in any order.
 
     def write_record(self, name: str, data: bytes | torch.Tensor):
         if isinstance(data, torch.Tensor):

@@ -42,7 +42,12 @@ def _bits(t):
 
 
 @pytest.mark.parametrize("mmap", [True, False])
-def test_both_writers_write_files_torch_load_reads_bit_exactly(tmp_path, backend, mmap):
+@pytest.mark.parametrize("computed_offsets", [False, True])
+def test_both_writers_write_files_torch_load_reads_bit_exactly(tmp_path, backend, mmap, computed_offsets, monkeypatch):
+    from torch.utils.serialization import config
+
+    # torch.load may compute offsets instead of reading them; records written out of order must still load
+    monkeypatch.setattr(config.load, "calculate_storage_offsets", computed_offsets)
     path = tmp_path / "consolidated.00.pth"
     _write(path, TENSORS)
     got = torch.load(path, mmap=mmap, weights_only=True, map_location="cpu")
