@@ -117,10 +117,7 @@ def test_a_use_count_that_fails_its_check_means_no_buffer_is_reused(monkeypatch,
     a = pool(256)
     b = pool(256)
     assert a.data_ptr() != b.data_ptr()  # a is still live: never handed out twice
-    ptr = b.data_ptr()
-    del a, b
-    assert pool._held == [] and pool(256).numel() == 256
-    del ptr
+    assert pool._held == []  # nothing is kept for reuse
 
 
 _FULL_DISK = """
