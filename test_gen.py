@@ -12,7 +12,7 @@ import torch
 
 from slowllama.checkpoint import MetaCheckpoint
 from slowllama.device import pick_device
-from slowllama.generate import ModuleCache, complete
+from slowllama.generate import ModuleCache, check_context, complete
 from slowllama.lora import Adapters
 from slowllama.model import ConfigError
 from slowllama.tokenizer import Tokenizer
@@ -26,7 +26,11 @@ def generate_text(*, model_dir: str, device: str = "auto", prompt: str, max_new_
     ckpt = MetaCheckpoint(model_dir)
     if ckpt.tokenizer is None:
         raise ConfigError(f"{model_dir}: no tokenizer.model here or in its parent directory")
-    # Computing in fp32 keeps greedy decoding identical on every device that has fp32 kernels.
+    tokenizer = Tokenizer(ckpt.tokenizer)
+    try:
+        check_context(ckpt.args, len(tokenizer.encode(prompt, bos=True)), max_new_tokens)
+    except ConfigError as e:
+        raise ConfigError(f"--max-new-tokens {max_new_tokens}: {e}") from e
     adapters = Adapters.load(Path(lora)) if lora else None
     if adapters:
         adapters.check_args(ckpt.args, Path(lora))
@@ -35,8 +39,9 @@ def generate_text(*, model_dir: str, device: str = "auto", prompt: str, max_new_
         params = ckpt.read_module(name)
         return adapters.merge(name, params) if adapters else params
 
+    # Computing in fp32 keeps greedy decoding identical on every device that has fp32 kernels.
     cache = ModuleCache(ckpt.args, read, torch_device, torch.float32)
-    return complete(cache, Tokenizer(ckpt.tokenizer), prompt, max_new_tokens)
+    return complete(cache, tokenizer, prompt, max_new_tokens)
 
 
 def main(argv=None) -> int:

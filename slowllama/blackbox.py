@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from . import compat
 from . import device as dev
 from .model import ModelArgs, build_module
 from .store import Block, BlockStore
@@ -36,25 +37,23 @@ class BufferPool:
     read of a 50 MB module ran at 2.0 GB/s into new buffers and 5.1 GB/s into a
     reused one, with a third of the CPU time. A buffer is free when nothing else holds
     its storage, which the storage's reference count says exactly. Torch exposes that
-    count only privately; without it every read gets a new buffer.
+    count only privately (compat.storage_use_count); without it, or when it fails its
+    self-check, every read gets a new buffer: a buffer still in use is never handed out.
     """
 
     def __init__(self, pin_memory: bool = False, keep_free: int = 1):
         self.pin_memory = pin_memory
         self.keep_free = keep_free  # free buffers kept beyond those in use: RAM that holds no module
-        self._count = getattr(torch._C, "_storage_Use_Count", None)
+        self._refs = compat.storage_use_count()  # None: every read gets a new buffer
         self._held: list[torch.Tensor] = []
         self._fences: dict[int, object] = {}  # buffer data_ptr -> event after its last asynchronous copy
         self._lock = threading.Lock()
-        self._idle = self._refs(torch.empty(1)) if self._count is not None else None
-
-    def _refs(self, t: torch.Tensor) -> int:
-        return self._count(t.untyped_storage()._cdata)
+        self._idle = self._refs(torch.empty(1)) if self._refs is not None else None
 
     def __call__(self, nbytes: int) -> torch.Tensor:
         with self._lock:
             buf = None
-            if self._count is not None:
+            if self._refs is not None:
                 free = [b for b in self._held if self._refs(b) == self._idle]
                 buf = next((b for b in free if b.numel() == nbytes), None)
                 drop = [b for b in free if b is not buf][self.keep_free:]
@@ -63,7 +62,7 @@ class BufferPool:
                     self._fences.pop(b.data_ptr(), None)
             if buf is None:
                 buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin_memory)
-                if self._count is not None:
+                if self._refs is not None:
                     self._held.append(buf)
             fence = self._fences.pop(buf.data_ptr(), None)
         if fence is not None:

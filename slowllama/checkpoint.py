@@ -5,8 +5,6 @@ tensor at a time into the torch zip format, so neither holds a whole shard.
 """
 from __future__ import annotations
 
-import collections
-import io
 import json
 import logging
 import pickle
@@ -18,7 +16,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from . import faults
+from . import compat, faults
 from .device import all_finite
 from .model import ConfigError, ModelArgs, module_names
 
@@ -172,13 +170,19 @@ class MetaCheckpoint:
     def _check_layout(self):
         """Check every shard's names, dtypes and shapes against params.json before any work."""
         a = self.args
-        expected = {full_key(m, k): s for m in module_names(a) for k, s in expected_shapes(a, m).items()}
-        metas = []
+        metas = []  # names, shapes and dtypes from the mmapped headers: nothing is read yet
         for path in self.shards:
             sd = load_tensor_file(path)
             metas.append({k: (tuple(v.shape), v.dtype) for k, v in sd.items()})
             del sd
         first = metas[0]
+        # Count the layers the shards hold before anything loops over params.json's n_layers,
+        # which may be any number (a million layers once cost half a minute and 3 GB here).
+        held = {int(m.group(1)) for m in map(_LAYER.match, first) if m}
+        if len(held) != a.n_layers:
+            raise ConfigError(f"{self.params_path}: n_layers is {a.n_layers}, but {self.shards[0]} holds "
+                              f"{len(held)} layers")
+        expected = {full_key(m, k): s for m in module_names(a) for k, s in expected_shapes(a, m).items()}
         self.key_order = list(first)
         for path, meta in zip(self.shards, metas):
             if set(meta) != set(first):
@@ -214,7 +218,8 @@ class MetaCheckpoint:
             if bad is not None:
                 raise ConfigError(f"{self.shards[bad]}: {key} has shape {list(shapes[bad])}, inconsistent with the other shards")
             if key in expected and full != expected[key]:
-                raise ConfigError(f"{self.shards[0]}: {key} has full shape {list(full)}, params.json implies {list(expected[key])}")
+                raise ConfigError(f"{self.params_path}: implies {key} of shape {list(expected[key])}, but the shards "
+                                  f"hold {list(full)} ({self.shards[0].name})")
             self.shapes[key] = full
             self.dtypes[key] = first[key][1]
 
@@ -259,62 +264,36 @@ def check_shard_count(args: ModelArgs, n: int):
 
 # ---- writing -----------------------------------------------------------------
 
-_STORAGE_TYPES = {torch.float32: "FloatStorage", torch.bfloat16: "BFloat16Storage", torch.float16: "HalfStorage"}
-
-
-class _StorageRef:
-    def __init__(self, key: str, dtype: torch.dtype, numel: int):
-        self.key, self.dtype, self.numel = key, dtype, numel
-
-
-class _TensorRef:
-    """Pickles as the tensor torch.save would write, without holding its data."""
-
-    def __init__(self, storage: _StorageRef, shape: tuple[int, ...]):
-        self.storage, self.shape = storage, tuple(shape)
-
-    def __reduce_ex__(self, protocol):
-        stride, acc = [], 1
-        for s in reversed(self.shape):
-            stride.append(acc)
-            acc *= s
-        return (torch._utils._rebuild_tensor_v2,
-                (self.storage, 0, self.shape, tuple(reversed(stride)), False, collections.OrderedDict()))
-
-
-class _Pickler(pickle.Pickler):
-    def persistent_id(self, obj):
-        if isinstance(obj, _StorageRef):
-            return ("storage", getattr(torch, _STORAGE_TYPES[obj.dtype]), obj.key, "cpu", obj.numel)
-        return None
-
-
-def _file_writer(path: Path):
-    ser = torch.serialization
-    try:
-        return torch._C.PyTorchFileWriter(str(path), ser.get_crc32_options(), ser._get_storage_alignment())
-    except (AttributeError, TypeError):  # older torch: single-argument writer
-        return torch._C.PyTorchFileWriter(str(path))
-
-
 class ShardWriter:
-    """Writes one torch.save-compatible dict of tensors, one tensor at a time, in any order."""
+    """Writes one torch.save-compatible dict of tensors, one tensor at a time, in any order.
+
+    A failed write (a full disk) is an OSError naming the file; the writer is then closed
+    and its file left for the caller to delete.
+    """
 
     def __init__(self, path: Path, specs: list[tuple[str, tuple[int, ...], torch.dtype]]):
         self.path = path
         self.specs = {name: (i, tuple(shape), dtype) for i, (name, shape, dtype) in enumerate(specs)}
         self.written: set[str] = set()
-        refs = {name: _TensorRef(_StorageRef(str(i), dtype, _numel(shape)), shape)
-                for name, (i, shape, dtype) in self.specs.items()}
-        buf = io.BytesIO()
-        _Pickler(buf, protocol=2).dump(refs)
-        data = buf.getvalue()
-        self.zf = _file_writer(path)
-        self.zf.write_record("data.pkl", data, len(data))
-        self.zf.write_record(".format_version", "1", 1)
-        align = str(getattr(torch.serialization, "_get_storage_alignment", lambda: 64)())
-        self.zf.write_record(".storage_alignment", align, len(align))
-        self.zf.write_record("byteorder", sys.byteorder, len(sys.byteorder))
+        self.zf = compat.open_torch_zip(path)
+        self._guarded(self._header)
+
+    def _header(self):
+        self.zf.write_record("data.pkl", compat.torch_pickle(
+            {name: (str(i), shape, dtype) for name, (i, shape, dtype) in self.specs.items()}))
+        self.zf.write_record("byteorder", sys.byteorder.encode())
+
+    def _guarded(self, fn, *a):
+        try:
+            return fn(*a)
+        except OSError as e:
+            self.zf.abort()
+            err = OSError(f"{self.path}: write failed ({e.strerror or e}); is the disk full?")
+            err.errno = e.errno
+            raise err from e
+        except BaseException:
+            self.zf.abort()
+            raise
 
     def write(self, name: str, tensor: torch.Tensor):
         i, shape, dtype = self.specs[name]
@@ -323,22 +302,19 @@ class ShardWriter:
         t = tensor.detach().to("cpu").contiguous()
         if t.storage_offset() or t.untyped_storage().nbytes() != t.nbytes:
             t = t.clone()  # the record is the whole storage, so it must hold this tensor alone
-        self.zf.write_record(f"data/{i}", t.untyped_storage(), t.nbytes)
+        self._guarded(self.zf.write_record, f"data/{i}", t)
         self.written.add(name)
 
     def close(self):
         missing = set(self.specs) - self.written
         if missing:
+            self.zf.abort()
             raise RuntimeError(f"{self.path}: tensors never written: {sorted(missing)[:5]}")
-        self.zf.write_end_of_file()
-        del self.zf
+        self._guarded(self.zf.finish)
 
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
+    def abort(self):
+        """Stop writing; the file is incomplete."""
+        self.zf.abort()
 
 
 def export_meta(
@@ -372,6 +348,7 @@ def export_meta(
     remove_stale_tmp(out_dir)  # partial exports that killed processes left
     work.mkdir()
     mark_owned(work, "export", **(marker or {}))
+    writers: list[ShardWriter] = []
     try:
         def shard_shape(key, shape):
             axis = split_axis(key)
@@ -383,7 +360,8 @@ def export_meta(
         specs = [(k, shard_shape(k, s), dt) for k, s, dt in tensors]
         dtypes = {k: dt for k, _, dt in tensors}
         paths = [work / f"consolidated.{s:02d}.pth" for s in range(n_shards)]
-        writers = [ShardWriter(p, specs) for p in paths]
+        for p in paths:
+            writers.append(ShardWriter(p, specs))
         for module in progress(modules):
             for param, t in read_module(module).items():
                 key = full_key(module, param)
@@ -405,6 +383,8 @@ def export_meta(
         fsync_dir(work)
         replace_dir(work, out_dir)
     except BaseException:
+        for w in writers:
+            w.abort()  # closes its file, so that the temp folder can go
         shutil.rmtree(work, ignore_errors=True)
         raise
     log.info("exported %s", out_dir)

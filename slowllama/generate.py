@@ -8,7 +8,7 @@ import psutil
 import torch
 
 from .blackbox import materialize
-from .model import ModelArgs, module_names
+from .model import ConfigError, ModelArgs, module_names
 
 
 class ModuleCache:
@@ -36,9 +36,17 @@ class ModuleCache:
         return module
 
 
+def check_context(args: ModelArgs, n_prompt: int, max_new_tokens: int):
+    """Refuse a completion longer than the model's context, before any module is read."""
+    if n_prompt + max_new_tokens > args.max_seq_len:
+        raise ConfigError(f"{n_prompt} prompt tokens and {max_new_tokens} new tokens exceed the model's context of "
+                          f"{args.max_seq_len} tokens (max_seq_len)")
+
+
 @torch.no_grad()
 def greedy(cache: ModuleCache, tokens: list[int], max_new_tokens: int, eos_id: int | None = None) -> list[int]:
     """Append max_new_tokens argmax tokens to tokens (stopping at eos); returns the new ones."""
+    check_context(cache.args, len(tokens), max_new_tokens)
     names = module_names(cache.args)
     out: list[int] = []
     seq = list(tokens)

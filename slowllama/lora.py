@@ -7,6 +7,7 @@ module keeps Meta's parameter names and loads from the store unchanged.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from .model import ConfigError, ModelArgs
 from .store import Block, read_block, write_block
 
 ADAPTERS = "lora_adapters"  # what an adapter file's header says it holds
+_LAYER = re.compile(r"layers\.(0|[1-9]\d*)")  # an adapter's module: a transformer block
 
 # --lora-targets names -> the linear layer inside a transformer block
 TARGETS = {
@@ -138,8 +140,14 @@ class Adapters:
             raise ConfigError(f"{path}: not a LoRA adapter file") from e
         params: dict[str, dict[str, list]] = {}
         for key, t in block.params.items():
-            module, target, ab = key.rsplit(".", 2)
+            module, target, ab = (key.rsplit(".", 2) + ["", ""])[:3]
+            if not _LAYER.fullmatch(module) or target not in TARGETS or ab not in ("A", "B") or t.dim() != 2:
+                raise ConfigError(f"{path}: unexpected tensor {key!r} {list(t.shape)} for a LoRA adapter file")
             params.setdefault(module, {}).setdefault(target, [None, None])["AB".index(ab)] = t.clone().requires_grad_()
+        for module, layer in params.items():
+            for target, (a, b) in layer.items():
+                if a is None or b is None:
+                    raise ConfigError(f"{path}: adapter {module}.{target} lacks its {'A' if a is None else 'B'} matrix")
         ad = cls(cfg, {m: {t: tuple(p) for t, p in layer.items()} for m, layer in params.items()})
         for key, st in block.optim.items():
             module, rest = key.rsplit(".", 2)[0], ".".join(key.rsplit(".", 2)[1:])
@@ -148,8 +156,20 @@ class Adapters:
         return ad
 
     def check_args(self, args: ModelArgs, path: Path):
-        for m, layer in self.params.items():
+        """The adapters must be exactly those of this model: one set per layer, the file's targets, its shapes."""
+        want = [f"layers.{i}" for i in range(args.n_layers)]
+        have = sorted(self.params, key=lambda m: int(m.split(".")[1]))
+        if have != want:
+            span = f" ({have[0]} to {have[-1]})" if have else ""
+            raise ConfigError(f"{path}: adapters on {len(have)} layers{span}, the model has {args.n_layers} layers")
+        for m in want:
+            layer = self.params[m]
+            if set(layer) != set(self.cfg.targets):
+                raise ConfigError(f"{path}: {m} has adapters on {','.join(sorted(layer))}, the file's targets are "
+                                  f"{','.join(self.cfg.targets)}")
             for t, (a, b) in layer.items():
                 out_f, in_f = _shape(args, t)
-                if tuple(a.shape) != (self.cfg.rank, in_f) or tuple(b.shape) != (out_f, self.cfg.rank):
-                    raise ConfigError(f"{path}: adapter {m}.{t} does not fit this model")
+                want_a, want_b = (self.cfg.rank, in_f), (out_f, self.cfg.rank)
+                if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
+                    raise ConfigError(f"{path}: adapter {m}.{t} has A {list(a.shape)} and B {list(b.shape)}, this model "
+                                      f"needs {list(want_a)} and {list(want_b)}")

@@ -17,7 +17,17 @@ from slowllama.model import ConfigError  # noqa: E402
 from slowllama.run import _bar, check_paths  # noqa: E402
 
 
+def check_out(base: Path, out: Path):
+    """OUT must be new (or an empty folder) and apart from BASE: the merge replaces nothing it did not write."""
+    b, o = base.resolve(), out.resolve()
+    if o == b or b in o.parents:
+        raise ConfigError(f"{out}: the output folder must not be the base model folder {base} or lie inside it")
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+        raise ConfigError(f"{out}: already exists and is not an empty folder; choose a new output folder")
+
+
 def merge_lora(base: Path, adapters_path: Path, out: Path, shards: int | None = None):
+    check_out(base, out)
     ckpt = MetaCheckpoint(base)
     adapters = Adapters.load(adapters_path)
     adapters.check_args(ckpt.args, adapters_path)
