@@ -141,3 +141,50 @@ def test_no_template_and_refusals_are_config_errors(folders, tmp_path, gqa_model
         encode_chat(tok, [{"role": "tool", "content": "x"}])
     with pytest.raises(ConfigError, match=r"d.jsonl:3: messages\[1\] must be"):
         encode_chat(tok, [{"role": "user", "content": "x"}, {"role": "assistant"}], where="d.jsonl:3")
+
+
+# --- chat records in JSONL training data ---
+
+def test_messages_records_train_on_assistant_tokens_only(folders, tmp_path):
+    from transformers import AutoTokenizer
+
+    from slowllama.data import IGNORE, load_data
+
+    folder = folders["llama3", "generation"]
+    ref = AutoTokenizer.from_pretrained(folder)
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in CONVERSATIONS))
+    tok = load_tokenizer(folder)
+    ex = load_data(path, tok, seq_len=512)
+    everything = load_data(path, tok, seq_len=512, train_on_prompt=True)
+    for row, messages in enumerate(CONVERSATIONS):
+        want = ref.apply_chat_template(messages, return_dict=True, return_assistant_tokens_mask=True)
+        ids, mask = want["input_ids"], want["assistant_masks"]
+        n = len(ids)
+        assert ex.inputs[row, : n - 1].tolist() == ids[:-1]
+        assert ex.targets[row, : n - 1].tolist() == [i if m else IGNORE for i, m in zip(ids[1:], mask[1:])]
+        assert everything.targets[row, : n - 1].tolist() == ids[1:]
+        assert (ex.targets[row, n - 1:] == IGNORE).all() and (everything.targets[row, n - 1:] == IGNORE).all()
+
+
+def test_train_on_prompt_reaches_prompt_completion_records(folders, tmp_path):
+    from slowllama.data import IGNORE, load_data
+
+    tok = load_tokenizer(folders["chatml", "plain"])
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"prompt": "Q: the fox?", "completion": " A: quick."}) + "\n")
+    ids = tok.encode("Q: the fox?", bos=True) + tok.encode(" A: quick.", bos=False, eos=True)
+    n_prompt = len(tok.encode("Q: the fox?", bos=True))
+    masked, full = load_data(path, tok, 32), load_data(path, tok, 32, train_on_prompt=True)
+    assert full.targets[0, : len(ids) - 1].tolist() == ids[1:]
+    assert masked.targets[0, : len(ids) - 1].tolist() == [IGNORE] * (n_prompt - 1) + ids[n_prompt:]
+
+
+def test_messages_without_a_template_name_the_line(gqa_model, tmp_path):
+    from slowllama.checkpoint import MetaCheckpoint
+    from slowllama.data import load_data
+
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"messages": CONVERSATIONS[0]}) + "\n")
+    with pytest.raises(ConfigError, match="d.jsonl:2: chat messages need a chat template"):
+        load_data(path, load_tokenizer(MetaCheckpoint(gqa_model).tokenizer), 16)
