@@ -97,7 +97,31 @@ _LLAMA3_NAMED = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_tok
 LLAMA3_SPECIAL = _LLAMA3_NAMED + [f"<|reserved_special_token_{2 + i}|>"
                                   for i in range(LLAMA3_N_SPECIAL - len(_LLAMA3_NAMED))]
 LLAMA3_STOP = ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>")  # as Meta's generator stops
+# Meta's ChatFormat as a template: BOS, then per message a header, "\n\n", the stripped content and <|eot_id|>.
+LLAMA3_CHAT_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] "
+                        "+ '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+                        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+                        "{% endif %}")
+# Meta encodes long texts in pieces: tiktoken's Rust side overflows its stack on very long runs.
+_MAX_ENCODE_CHARS, _MAX_RUN_CHARS = 400_000, 25_000
 _TIKTOKEN_LINE = re.compile(rb"[A-Za-z0-9+/=]+ [0-9]+")
+
+
+def _meta_pieces(text: str):
+    """(start, piece): `text` in 400k-character chunks, each cut where a whitespace or non-whitespace run
+    passes 25k characters, as Meta's Tokenizer.encode cuts it."""
+    for base in range(0, len(text), _MAX_ENCODE_CHARS):
+        chunk = text[base: base + _MAX_ENCODE_CHARS]
+        run, is_space, start = 0, chunk[:1].isspace(), 0
+        for i, c in enumerate(chunk):
+            if c.isspace() != is_space:
+                run, is_space = 1, not is_space
+            else:
+                run += 1
+                if run > _MAX_RUN_CHARS:
+                    yield base + start, chunk[start:i]
+                    start, run = i, 1
+        yield base + start, chunk[start:]
 
 
 def read_tiktoken_ranks(path: Path) -> dict[bytes, int]:
@@ -117,7 +141,7 @@ def read_tiktoken_ranks(path: Path) -> dict[bytes, int]:
 
 
 class TiktokenTokenizer(Tokenizer):
-    """Meta's Llama 3 tokenizer.model, read with tiktoken.
+    """Meta's Llama 3 tokenizer.model, read with tiktoken, with Meta's chat format as its chat template.
 
     Special-token strings in the text encode as their special ids, as Hugging Face's copy of this
     tokenizer does; that is how a rendered chat gets its header and end-of-turn tokens.
@@ -135,23 +159,28 @@ class TiktokenTokenizer(Tokenizer):
         self.bos_id, self.eos_id = self.special[self.bos_token], self.special[self.eos_token]
         self.stop_ids = frozenset(self.special[t] for t in LLAMA3_STOP)
         self.template_tokens = {"bos_token": self.bos_token, "eos_token": self.eos_token}
+        self.chat_template = LLAMA3_CHAT_TEMPLATE
 
     @property
     def vocab_size(self) -> int:
         return self.enc.n_vocab
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
-        ids = self.enc.encode(text, allowed_special="all")
+        ids = [i for _, piece in _meta_pieces(text) for i in self.enc.encode(piece, allowed_special="all")]
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
     def decode(self, ids: list[int]) -> str:
         return self.enc.decode(list(ids))
 
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        ids = self.enc.encode(text, allowed_special="all")
-        decoded, starts = self.enc.decode_with_offsets(ids)
-        if decoded != text:  # only lone surrogates fail to round-trip
-            raise ConfigError(f"{self.path}: text does not survive encode/decode, cannot place its tokens")
+        ids, starts = [], []
+        for base, piece in _meta_pieces(text):
+            piece_ids = self.enc.encode(piece, allowed_special="all")
+            decoded, piece_starts = self.enc.decode_with_offsets(piece_ids)
+            if decoded != piece:  # only lone surrogates fail to round-trip
+                raise ConfigError(f"{self.path}: text does not survive encode/decode, cannot place its tokens")
+            ids += piece_ids
+            starts += [base + s for s in piece_starts]
         return ids, list(zip(starts, starts[1:] + [len(text)]))
 
 

@@ -215,3 +215,35 @@ def test_a_token_declared_only_in_tokenizer_config_is_added(tmp_path):
     tok = load_tokenizer(make_smollm_like(tmp_path / "s"))
     n = int(next(iter(json.loads((tmp_path / "s" / "tokenizer_config.json").read_text())["added_tokens_decoder"])))
     assert tok.encode("<tool>x", bos=False)[0] == n == tok.vocab_size - 1
+
+
+def test_tiktoken_encodes_long_texts_in_metas_pieces(tmp_path):
+    ranks = write_tiktoken_file(tmp_path / "tokenizer.model")
+    ref, _ = reference_encoding(ranks)
+    tok = load_tokenizer(tmp_path / "tokenizer.model")
+    run = "the" * 10_000  # a 30k-character run without whitespace: Meta cuts it after 25k characters
+    assert tok.encode(run, bos=False) == ref.encode(run[:25_000]) + ref.encode(run[25_000:]) != ref.encode(run)
+    text = "and then " * 44_445  # 400,005 characters: Meta encodes 400k-character chunks apart
+    assert tok.encode(text, bos=False) == ref.encode(text[:400_000]) + ref.encode(text[400_000:]) != ref.encode(text)
+    ids, offsets = tok.encode_with_offsets(run)
+    assert ids == tok.encode(run, bos=False) and "".join(run[a:b] for a, b in offsets) == run
+
+
+def test_tiktoken_chat_follows_metas_chat_format(tmp_path):
+    from slowllama.chat import encode_chat
+
+    ranks = write_tiktoken_file(tmp_path / "tokenizer.model")
+    ref, named = reference_encoding(ranks)
+    tok = load_tokenizer(tmp_path / "tokenizer.model")
+    messages = [{"role": "system", "content": " Be kind.\n"}, {"role": "user", "content": "the thing 123?"},
+                {"role": "assistant", "content": "  and the answer 12345!\n\n"}, {"role": "user", "content": "in"},
+                {"role": "assistant", "content": "the end"}]
+    # Meta's ChatFormat.encode_dialog_prompt, written out: header, "\n\n", stripped content, <|eot_id|>
+    want, trained = [named["<|begin_of_text|>"]], [False]
+    for m in messages:
+        head = [named["<|start_header_id|>"], *ref.encode(m["role"]), named["<|end_header_id|>"], *ref.encode("\n\n")]
+        body = ref.encode(m["content"].strip()) + [named["<|eot_id|>"]]
+        want += head + body
+        trained += [False] * len(head) + [m["role"] == "assistant"] * len(body)
+    assert encode_chat(tok, messages) == (want, trained)
+
