@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .chat import encode_chat
 from .model import ConfigError
 from .tokenizer import Tokenizer
 
@@ -77,24 +78,27 @@ IGNORE = -100  # a target id the loss skips: masked prompt tokens and padding
 
 
 class Examples:
-    """Instruction or document records from JSONL, one example per sequence.
+    """Instruction, chat or document records from JSONL, one example per sequence.
 
     {"text": ...} trains on every token; {"prompt": ..., "completion": ...} trains
-    only on the completion. Each example is BOS + tokens + EOS, cut to seq_len + 1
-    tokens and padded on the right; padded targets are IGNORE.
+    only on the completion, each BOS + tokens + EOS; {"messages": [...]} is rendered
+    with the model's chat template and trains only on the assistant turns. With
+    train_on_prompt every token is trained on. Examples are cut to seq_len + 1 tokens
+    and padded on the right; padded and untrained targets are IGNORE.
     """
 
-    def __init__(self, examples: list[tuple[list[int], int]], seq_len: int, pad_id: int, source: str = "data"):
+    def __init__(self, examples: list[tuple[list[int], list[bool]]], seq_len: int, pad_id: int,
+                 source: str = "data"):
         if not examples:
             raise ConfigError(f"{source}: no records")
         self.seq_len, self.source = seq_len, source
         rows, masks = [], []
-        for ids, n_prompt in examples:
-            ids = ids[: seq_len + 1]
+        for ids, trained in examples:
+            ids, trained = ids[: seq_len + 1], torch.tensor(trained[: seq_len + 1], dtype=torch.bool)
             row = ids + [pad_id] * (seq_len + 1 - len(ids))
             target = torch.tensor(row[1:])
             target[len(ids) - 1:] = IGNORE
-            target[: max(0, n_prompt - 1)] = IGNORE
+            target[: len(ids) - 1][~trained[1:]] = IGNORE  # target t is token t+1
             rows.append(torch.tensor(row[:-1]))
             masks.append(target)
         self.inputs, self.targets = torch.stack(rows), torch.stack(masks)
@@ -102,7 +106,8 @@ class Examples:
             raise ConfigError(f"{source}: no example has a completion token within --seq-len {seq_len}")
 
     @classmethod
-    def from_jsonl(cls, path: str | Path, tokenizer: Tokenizer, seq_len: int) -> "Examples":
+    def from_jsonl(cls, path: str | Path, tokenizer: Tokenizer, seq_len: int,
+                   train_on_prompt: bool = False) -> "Examples":
         text = read_text(path)
         examples = []
         for n, line in enumerate(text.splitlines(), 1):
@@ -113,16 +118,20 @@ class Examples:
             except ValueError as e:
                 raise ConfigError(f"{path}:{n}: not valid JSON ({e})") from e
             if isinstance(rec, dict) and set(rec) == {"text"} and isinstance(rec["text"], str):
-                examples.append((tokenizer.encode(rec["text"], bos=True, eos=True), 0))
+                ids = tokenizer.encode(rec["text"], bos=True, eos=True)
+                examples.append((ids, [True] * len(ids)))
             elif (isinstance(rec, dict) and set(rec) == {"prompt", "completion"}
                   and isinstance(rec["prompt"], str) and isinstance(rec["completion"], str)):
                 prompt = tokenizer.encode(rec["prompt"], bos=True, eos=False)
                 completion = tokenizer.encode(rec["completion"], bos=False, eos=True)
-                examples.append((prompt + completion, len(prompt)))
+                examples.append((prompt + completion, [train_on_prompt] * len(prompt) + [True] * len(completion)))
+            elif isinstance(rec, dict) and set(rec) == {"messages"}:
+                examples.append(encode_chat(tokenizer, rec["messages"], train_on_prompt=train_on_prompt,
+                                            where=f"{path}:{n}"))
             else:
-                raise ConfigError(f"{path}:{n}: expected {{\"text\": ...}} or {{\"prompt\": ..., \"completion\": ...}} "
-                                  f"with string values")
-        return cls(examples, seq_len, tokenizer.eos_id, str(path))
+                raise ConfigError(f"{path}:{n}: expected {{\"text\": ...}}, {{\"prompt\": ..., \"completion\": ...}} "
+                                  f"with string values, or {{\"messages\": [...]}}")
+        return cls(examples, seq_len, tokenizer.pad_id, str(path))
 
     def __len__(self) -> int:
         return len(self.inputs)
@@ -148,10 +157,10 @@ class Examples:
         return list(zip(self.inputs[:k].split(batch_size), self.targets[:k].split(batch_size)))
 
 
-def load_data(path: str | Path, tokenizer: Tokenizer, seq_len: int):
-    """TokenWindows for plain text, Examples for .jsonl."""
+def load_data(path: str | Path, tokenizer: Tokenizer, seq_len: int, train_on_prompt: bool = False):
+    """TokenWindows for plain text, Examples for .jsonl (train_on_prompt: prompts and non-assistant turns too)."""
     if seq_len < 1:
         raise ConfigError(f"--seq-len must be positive, got {seq_len}")
     if str(path).endswith(".jsonl"):
-        return Examples.from_jsonl(path, tokenizer, seq_len)
+        return Examples.from_jsonl(path, tokenizer, seq_len, train_on_prompt)
     return TokenWindows.from_file(path, tokenizer, seq_len)
