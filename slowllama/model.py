@@ -32,8 +32,8 @@ class ModelArgs:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     max_seq_len: int = 4096
-    # Later Llamas. Meta's params.json for Llama 3.1+ says use_scaled_rope; Hugging Face
-    # configs give the other four directly (see slowllama/formats/hf.py).
+    # Later Llamas. Meta's params.json for Llama 3.1+ says use_scaled_rope; the fields
+    # below it come from Hugging Face configs (see slowllama/formats/hf.py).
     use_scaled_rope: bool = False
     rope_scaling: dict | None = None  # {"rope_type": "llama3" | "linear", ...}, see ROPE_SCALING_KEYS
     head_dim: int | None = None  # None: dim // n_heads
@@ -41,7 +41,7 @@ class ModelArgs:
     # The output layer multiplies by the embedding matrix and has no weight of its own.
     tie_word_embeddings: bool = False
     # Mistral's attention window. The attention here is plain causal, which equals the
-    # window only for sequences no longer than it: check_seq_len refuses longer ones.
+    # window only for sequences no longer than it: check_sliding_window refuses longer ones.
     sliding_window: int | None = None
 
     def __post_init__(self):
@@ -116,8 +116,8 @@ class ModelArgs:
             raise ConfigError(f"{path}: {e}") from e
 
 
-def check_seq_len(args: ModelArgs, seq_len: int, option: str = "--seq-len"):
-    """Refuse sequences this model's attention would compute differently from its checkpoint."""
+def check_sliding_window(args: ModelArgs, seq_len: int, option: str = "--seq-len"):
+    """Refuse sequences longer than Mistral's attention window: the attention here is full causal."""
     if args.sliding_window is not None and seq_len > args.sliding_window:
         raise ConfigError(f"{option} {seq_len} is longer than the model's sliding_window {args.sliding_window}; "
                           f"slowllama's attention is full causal, exact only up to the window: use {option} {args.sliding_window} or less")

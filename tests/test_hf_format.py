@@ -17,9 +17,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from slowllama.formats import open_checkpoint
-from slowllama.formats.hf import (HF_TO_META, HFCheckpoint, args_from_config, check_sliding_window, export_hf, from_meta,
+from slowllama.formats.hf import (HF_TO_META, HFCheckpoint, args_from_config, export_hf, from_meta,
                                   plan_shards, to_hf_name, to_meta, to_meta_name)
-from slowllama.model import ConfigError, module_names
+from slowllama.model import ConfigError, check_sliding_window, module_names
 
 transformers = pytest.importorskip("transformers")
 

@@ -190,13 +190,6 @@ def args_from_config(config_json_path: str | Path) -> ModelArgs:
         raise ConfigError(f"{path}: {e}") from e
 
 
-def check_sliding_window(args: ModelArgs, seq_len: int, option: str = "--seq-len"):
-    """Refuse a sequence length beyond Mistral's window (slowllama's attention is full causal)."""
-    from ..model import check_seq_len
-
-    check_seq_len(args, seq_len, option)
-
-
 def expected_shapes(args: ModelArgs, module: str) -> dict[str, tuple[int, ...]]:
     """checkpoint.expected_shapes, less the output weight of a tied model (it has none of its own)."""
     from ..checkpoint import expected_shapes as meta_shapes
