@@ -1,4 +1,4 @@
-"""The Llama 2 / Code Llama architecture, with Meta's parameter names.
+"""The Llama architecture (Llama 2, Code Llama, Llama 3.x, Mistral, TinyLlama, SmolLM2), with Meta's parameter names.
 
 Every piece that the block store streams (embedding, each block, the final
 norm, the output layer) is a module of its own, so that `Transformer` is only
@@ -33,18 +33,43 @@ class ModelArgs:
     rope_theta: float = 10000.0
     # The context the model was trained for (Llama 2: 4096 tokens); params.json may set it.
     max_seq_len: int = 4096
+    # Later Llamas. Meta's params.json for Llama 3.1+ says use_scaled_rope; the fields
+    # below it come from Hugging Face configs (see slowllama/formats/hf.py).
+    use_scaled_rope: bool = False
+    rope_scaling: dict | None = None  # {"rope_type": "llama3" | "linear", ...}, see ROPE_SCALING_KEYS
+    head_dim: int | None = None  # None: dim // n_heads
+    intermediate_size: int | None = None  # None: Meta's multiple_of rule
+    # The output layer multiplies by the embedding matrix and has no weight of its own.
+    tie_word_embeddings: bool = False
+    # Mistral's attention window. The attention here is plain causal, which equals the
+    # window only for sequences no longer than it: check_sliding_window refuses longer ones.
+    sliding_window: int | None = None
 
     def __post_init__(self):
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "max_seq_len"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+            _check_positive_int(name, getattr(self, name))
+        if self.head_dim is None:
+            if self.dim % self.n_heads:
+                raise ConfigError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+            self.head_dim = self.dim // self.n_heads
+        _check_positive_int("head_dim", self.head_dim)
+        for name in ("intermediate_size", "sliding_window"):
+            if getattr(self, name) is not None:
+                _check_positive_int(name, getattr(self, name))
+        for name in ("use_scaled_rope", "tie_word_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.use_scaled_rope:
+            if self.rope_scaling is None:
+                self.rope_scaling = dict(META_LLAMA3_SCALING)
+            elif self.rope_scaling != META_LLAMA3_SCALING:
+                raise ConfigError(f"use_scaled_rope is true but rope_scaling is {self.rope_scaling!r}, not Meta's {META_LLAMA3_SCALING!r}")
+        if self.rope_scaling is not None:
+            _check_rope_scaling(self.rope_scaling)
         if not isinstance(self.vocab_size, int) or isinstance(self.vocab_size, bool) or self.vocab_size < 1 and self.vocab_size != -1:
             raise ConfigError(f"vocab_size must be a positive integer or -1, got {self.vocab_size!r}")
-        if self.dim % self.n_heads:
-            raise ConfigError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}")
         if self.head_dim % 2:
@@ -58,11 +83,9 @@ class ModelArgs:
             raise ConfigError(f"ffn_dim_multiplier must be a positive number, got {m!r}")
 
     @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
-
-    @property
     def ffn_hidden_dim(self) -> int:
+        if self.intermediate_size is not None:  # Hugging Face configs give the width directly
+            return self.intermediate_size
         # Meta's rule: 2/3 of 4*dim, scaled, rounded up to a multiple of multiple_of.
         hidden = int(2 * (4 * self.dim) / 3)
         if self.ffn_dim_multiplier is not None:
@@ -94,6 +117,41 @@ class ModelArgs:
             raise ConfigError(f"{path}: {e}") from e
 
 
+def check_sliding_window(args: ModelArgs, seq_len: int, option: str = "--seq-len"):
+    """Refuse sequences longer than Mistral's attention window: the attention here is full causal."""
+    if args.sliding_window is not None and seq_len > args.sliding_window:
+        raise ConfigError(f"{option} {seq_len} is longer than the model's sliding_window {args.sliding_window}; "
+                          f"slowllama's attention is full causal, exact only up to the window: use {option} {args.sliding_window} or less")
+
+
+# Meta's Llama 3.1 constants (use_scaled_rope in params.json), from llama-models' apply_scaling.
+META_LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                       "original_max_position_embeddings": 8192}
+ROPE_SCALING_KEYS = {
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "linear": ("factor",),
+}
+
+
+def _check_positive_int(name: str, v):
+    if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+        raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+
+
+def _check_rope_scaling(s):
+    if not isinstance(s, dict) or s.get("rope_type") not in ROPE_SCALING_KEYS:
+        raise ConfigError(f"rope_scaling must be a dict with rope_type one of {sorted(ROPE_SCALING_KEYS)}, got {s!r}")
+    want = {"rope_type", *ROPE_SCALING_KEYS[s["rope_type"]]}
+    if set(s) != want:
+        raise ConfigError(f"rope_scaling of type {s['rope_type']} needs exactly the keys {sorted(want)}, got {sorted(s)}")
+    for k in want - {"rope_type"}:
+        v = s[k]
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
+            raise ConfigError(f"rope_scaling.{k} must be a positive number, got {v!r}")
+    if s["rope_type"] == "llama3" and s["high_freq_factor"] <= s["low_freq_factor"]:
+        raise ConfigError(f"rope_scaling: high_freq_factor {s['high_freq_factor']} must exceed low_freq_factor {s['low_freq_factor']}")
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -107,9 +165,28 @@ class RMSNorm(nn.Module):
         return out.type_as(x) * self.weight
 
 
-def rope_tables(seqlen: int, head_dim: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of Meta's rotary angles, (seqlen, head_dim // 2), in fp32."""
+def rope_frequencies(head_dim: int, theta: float, scaling: dict | None, device=None) -> torch.Tensor:
+    """The rotary frequencies, (head_dim // 2,) in fp32, with Llama 3's or linear scaling applied."""
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device)[: head_dim // 2].float() / head_dim))
+    if scaling is None:
+        return freqs
+    factor = scaling["factor"]
+    if scaling["rope_type"] == "linear":  # positions divided by factor
+        return freqs / factor
+    # llama3: keep short wavelengths, divide long ones by factor, blend in between
+    # (Meta's apply_scaling; transformers' _compute_llama3_parameters).
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / freqs
+    smooth = (old_len / wavelen - low) / (high - low)
+    blended = (1 - smooth) * freqs / factor + smooth * freqs
+    out = torch.where(wavelen > old_len / low, freqs / factor, freqs)
+    return torch.where((wavelen >= old_len / high) & (wavelen <= old_len / low), blended, out)
+
+
+def rope_tables(seqlen: int, head_dim: int, theta: float, device, scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of Meta's rotary angles, (seqlen, head_dim // 2), in fp32."""
+    freqs = rope_frequencies(head_dim, theta, scaling, device)
     angles = torch.outer(torch.arange(seqlen, device=device, dtype=torch.float32), freqs)
     return angles.cos(), angles.sin()
 
@@ -128,7 +205,7 @@ class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.rope_theta = args.rope_theta
+        self.rope_theta, self.rope_scaling = args.rope_theta, args.rope_scaling
         self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
         self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
@@ -139,7 +216,7 @@ class Attention(nn.Module):
         q = self.wq(x).view(bs, seqlen, self.n_heads, self.head_dim)
         k = self.wk(x).view(bs, seqlen, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(bs, seqlen, self.n_kv_heads, self.head_dim)
-        cos, sin = rope_tables(seqlen, self.head_dim, self.rope_theta, x.device)
+        cos, sin = rope_tables(seqlen, self.head_dim, self.rope_theta, x.device, self.rope_scaling)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         rep = self.n_heads // self.n_kv_heads
         if rep > 1:  # grouped-query attention: each kv head serves `rep` query heads
@@ -178,6 +255,17 @@ class TransformerBlock(nn.Module):
         return h + self.dropout(self.feed_forward(self.ffn_norm(h)))
 
 
+class TiedOutput(nn.Module):
+    """The output layer of a tied model: no weight of its own, it multiplies by the embedding matrix.
+
+    A store keeps it as an "output" module with no tensors; its caller passes the
+    embedding's weight, and the gradient that reaches that weight belongs to the embedding.
+    """
+
+    def forward(self, h: torch.Tensor, embedding_weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, embedding_weight)
+
+
 def module_names(args: ModelArgs) -> list[str]:
     """The streamed modules in forward order; names are Meta's key prefixes."""
     return ["tok_embeddings", *(f"layers.{i}" for i in range(args.n_layers)), "norm", "output"]
@@ -192,7 +280,7 @@ def build_module(name: str, args: ModelArgs, dropout: float = 0.0) -> nn.Module:
         if name == "norm":
             return RMSNorm(args.dim, args.norm_eps)
         if name == "output":
-            return nn.Linear(args.dim, args.vocab_size, bias=False)
+            return TiedOutput() if args.tie_word_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
         if name.startswith("layers."):
             return TransformerBlock(args, dropout)
     raise ConfigError(f"unknown module name {name!r}")
@@ -207,10 +295,16 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(TransformerBlock(args, dropout) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:
+            self.output = TiedOutput()
+        else:
+            self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
 
     def forward(self, tokens):
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
             h = layer(h)
-        return self.output(self.norm(h))
+        h = self.norm(h)
+        if self.args.tie_word_embeddings:
+            return self.output(h, self.tok_embeddings.weight)
+        return self.output(h)

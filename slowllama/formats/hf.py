@@ -1,0 +1,479 @@
+"""Hugging Face's format: config.json and model*.safetensors, for Llama and Mistral models.
+
+Names and layouts map onto Meta's (the names model.py uses) through one table read in
+both directions; wq and wk rows are permuted between Hugging Face's rotate-half RoPE
+layout and Meta's interleaved one. Reading and writing stream one tensor at a time.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from .. import faults
+from ..device import all_finite
+from ..model import ROPE_SCALING_KEYS, ConfigError, ModelArgs, module_names
+from .safetensors_writer import DTYPE_CODES, SafetensorsWriter
+
+log = logging.getLogger(__name__)
+
+# Hugging Face name <-> Meta name; "{}" stands for a layer index. The order is
+# transformers' state_dict order, which export follows.
+HF_TO_META: dict[str, str] = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.layers.{}.self_attn.q_proj.weight": "layers.{}.attention.wq.weight",
+    "model.layers.{}.self_attn.k_proj.weight": "layers.{}.attention.wk.weight",
+    "model.layers.{}.self_attn.v_proj.weight": "layers.{}.attention.wv.weight",
+    "model.layers.{}.self_attn.o_proj.weight": "layers.{}.attention.wo.weight",
+    "model.layers.{}.mlp.gate_proj.weight": "layers.{}.feed_forward.w1.weight",
+    "model.layers.{}.mlp.up_proj.weight": "layers.{}.feed_forward.w3.weight",
+    "model.layers.{}.mlp.down_proj.weight": "layers.{}.feed_forward.w2.weight",
+    "model.layers.{}.input_layernorm.weight": "layers.{}.attention_norm.weight",
+    "model.layers.{}.post_attention_layernorm.weight": "layers.{}.ffn_norm.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+}
+META_TO_HF = {m: h for h, m in HF_TO_META.items()}
+# Tensors some checkpoints carry that the model recomputes or ignores: skipped on read.
+IGNORED = {"model.layers.{}.self_attn.rotary_emb.inv_freq"}
+
+SUPPORTED = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
+SAFETENSORS_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
+SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
+# Files beside the weights that an export carries over unchanged (config.json is always kept).
+SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+              "tokenizer.model", "chat_template.jinja")
+DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # transformers' "5GB"
+_LAYER = re.compile(r"^(model\.layers\.|layers\.)(\d+)\.(.+)$")
+
+
+def _template(key: str) -> tuple[str, int | None]:
+    m = _LAYER.match(key)
+    return (f"{m.group(1)}{{}}.{m.group(3)}", int(m.group(2))) if m else (key, None)
+
+
+def _rename(key: str, table: dict[str, str]) -> str:
+    t, i = _template(key)
+    if t not in table:
+        raise ConfigError(f"unknown tensor name {key!r}")
+    return table[t].format(i) if i is not None else table[t]
+
+
+def to_meta_name(hf_key: str) -> str:
+    """'model.layers.3.mlp.gate_proj.weight' -> 'layers.3.feed_forward.w1.weight'."""
+    return _rename(hf_key, HF_TO_META)
+
+
+def to_hf_name(meta_key: str) -> str:
+    return _rename(meta_key, META_TO_HF)
+
+
+# ---- the RoPE layout ---------------------------------------------------------
+# Meta rotates adjacent pairs (2i, 2i+1) of each head; Hugging Face rotates (i, i + head_dim/2).
+# Both are row permutations of wq/wk within each head, exact in any dtype.
+
+def to_meta(w: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
+    """wq or wk rows from Hugging Face's rotate-half layout to Meta's interleaved one."""
+    return w.reshape(n_heads, 2, head_dim // 2, -1).transpose(1, 2).reshape(w.shape)
+
+
+def from_meta(w: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
+    """The inverse of to_meta."""
+    return w.reshape(n_heads, head_dim // 2, 2, -1).transpose(1, 2).reshape(w.shape)
+
+
+def _rope_heads(args: ModelArgs, meta_key: str) -> int | None:
+    """The head count whose rows a Meta key's RoPE permutation acts on, None if it has none."""
+    if meta_key.endswith("attention.wq.weight"):
+        return args.n_heads
+    if meta_key.endswith("attention.wk.weight"):
+        return args.n_kv_heads
+    return None
+
+
+# ---- config.json -------------------------------------------------------------
+
+def _read_json(path: Path) -> dict:
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise ConfigError(f"{path}: missing") from e
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    return raw
+
+
+def _rope(path: Path, raw: dict) -> tuple[float, dict | None]:
+    """rope_theta and ModelArgs.rope_scaling from transformers 5's rope_parameters or 4's rope_theta/rope_scaling."""
+    if raw.get("rope_parameters") is not None:
+        if raw.get("rope_scaling") is not None:
+            raise ConfigError(f"{path}: both rope_parameters and rope_scaling are set; keep one")
+        key, params = "rope_parameters", raw["rope_parameters"]
+        if not isinstance(params, dict) or "rope_theta" not in params:
+            raise ConfigError(f"{path}: rope_parameters must be one object with rope_theta, got {params!r}")
+        theta = params["rope_theta"]
+    else:
+        key, params = "rope_scaling", raw.get("rope_scaling") or {}
+        if not isinstance(params, dict):
+            raise ConfigError(f"{path}: rope_scaling must be an object or null, got {params!r}")
+        theta = raw.get("rope_theta", 10000.0)
+    params = dict(params)
+    rope_type = params.pop("rope_type", params.pop("type", "default"))
+    if rope_type not in ("default", *ROPE_SCALING_KEYS):
+        raise ConfigError(f"{path}: {key}.rope_type {rope_type!r} is not supported "
+                          f"(supported: default, {', '.join(ROPE_SCALING_KEYS)})")
+    params.pop("rope_theta", None)
+    if params.pop("partial_rotary_factor", 1.0) != 1.0:
+        raise ConfigError(f"{path}: {key}.partial_rotary_factor is not supported")
+    needed = ROPE_SCALING_KEYS.get(rope_type, ())
+    missing = [k for k in needed if k not in params]
+    if missing:
+        raise ConfigError(f"{path}: {key} of type {rope_type} lacks {missing}")
+    extra = sorted(set(params) - set(needed))
+    if extra:
+        raise ConfigError(f"{path}: {key}.{extra[0]} is not supported for rope_type {rope_type}")
+    scaling = {"rope_type": rope_type, **{k: params[k] for k in needed}} if needed else None
+    return theta, scaling
+
+
+def args_from_config(config_json_path: str | Path) -> ModelArgs:
+    """The architecture from a Llama or Mistral config.json; anything that changes the math is refused by name."""
+    path = Path(config_json_path)
+    raw = _read_json(path)
+
+    def refuse(key: str, why: str):
+        raise ConfigError(f"{path}: {key} {why}")
+
+    model_type = raw.get("model_type")
+    if model_type not in SUPPORTED:
+        refuse("model_type", f"{model_type!r} is not supported (supported: {', '.join(SUPPORTED)})")
+    archs = raw.get("architectures") or [SUPPORTED[model_type]]
+    if archs != [SUPPORTED[model_type]]:
+        refuse("architectures", f"{archs!r} is not supported for model_type {model_type!r} (expected [{SUPPORTED[model_type]!r}])")
+    for key, want in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False),
+                      ("attention_dropout", 0.0), ("quantization_config", None)):
+        if raw.get(key, want) != want:
+            refuse(key, f"{raw[key]!r} is not supported (slowllama implements {want!r})")
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
+        if key not in raw:
+            refuse(key, "is missing")
+    theta, scaling = _rope(path, raw)
+    sliding = raw.get("sliding_window") if model_type == "mistral" else None
+    dtype = raw.get("dtype", raw.get("torch_dtype"))
+    if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
+        refuse("dtype" if "dtype" in raw else "torch_dtype", f"{dtype!r} is not supported (float32, bfloat16, float16)")
+    try:
+        return ModelArgs(
+            dim=raw["hidden_size"],
+            n_layers=raw["num_hidden_layers"],
+            n_heads=raw["num_attention_heads"],
+            n_kv_heads=raw.get("num_key_value_heads") or raw["num_attention_heads"],
+            vocab_size=raw["vocab_size"],
+            head_dim=raw.get("head_dim"),
+            intermediate_size=raw["intermediate_size"],
+            norm_eps=raw.get("rms_norm_eps", 1e-6),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            # transformers' defaults when the key is absent
+            max_seq_len=raw.get("max_position_embeddings", 2048 if model_type == "llama" else 131072),
+            tie_word_embeddings=raw.get("tie_word_embeddings", False),
+            sliding_window=sliding,
+        )
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from e
+
+
+def expected_shapes(args: ModelArgs, module: str) -> dict[str, tuple[int, ...]]:
+    """checkpoint.expected_shapes, less the output weight of a tied model (it has none of its own)."""
+    from ..checkpoint import expected_shapes as meta_shapes
+
+    if module == "output" and args.tie_word_embeddings:
+        return {}
+    return meta_shapes(args, module)
+
+
+def expected_keys(args: ModelArgs) -> list[str]:
+    """Every Meta key the model holds, modules in forward order, each in transformers' order."""
+    keys = []
+    for module in module_names(args):
+        shapes = expected_shapes(args, module)
+        layer = module.split(".")[1] if module.startswith("layers.") else None
+        for meta in META_TO_HF:
+            if ("{}" in meta) == (layer is not None):
+                key = meta.format(layer)
+                owner, param = split_meta_key(key)
+                if owner == module and param in shapes:
+                    keys.append(key)
+    return keys
+
+
+def split_meta_key(key: str) -> tuple[str, str]:
+    """'layers.3.attention.wq.weight' -> ('layers.3', 'attention.wq.weight')."""
+    t, i = _template(key)
+    if i is not None:
+        return f"layers.{i}", t.split(".{}.", 1)[1]
+    module, _, param = key.partition(".")
+    return module, param
+
+
+# ---- reading -----------------------------------------------------------------
+
+def _safe_open(path: Path):
+    from safetensors import safe_open
+
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except Exception as e:  # safetensors raises its own SafetensorError and OSError
+        raise ConfigError(f"{path}: unreadable safetensors file ({type(e).__name__}: {e})") from e
+
+
+class HFCheckpoint:
+    """A validated Hugging Face Llama/Mistral folder, read one module at a time in Meta's names and layout."""
+
+    def __init__(self, folder: str | Path):
+        self.dir = Path(folder)
+        if not self.dir.is_dir():
+            raise ConfigError(f"{self.dir}: not a directory")
+        self.config_path = self.dir / "config.json"
+        self.args = args_from_config(self.config_path)
+        config = _read_json(self.config_path)
+        self.config_dtype: str | None = config.get("dtype", config.get("torch_dtype"))
+        self.index_path: Path | None = None
+        self._index: dict[str, str] | None = None  # the index's weight_map, when sharded
+        self.shards = self._shard_paths()
+        self.side_files = [self.dir / n for n in SIDE_FILES if (self.dir / n).is_file()]
+        self.key_order: list[str] = []  # Meta keys, transformers' order
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.dtypes: dict[str, torch.dtype] = {}
+        self._where: dict[str, tuple[Path, str]] = {}  # Meta key -> (shard, Hugging Face key)
+        self._check_layout()
+
+    @property
+    def files(self) -> list[Path]:
+        """Every file the model is read from (for a fingerprint of the source)."""
+        return [self.config_path, *([self.index_path] if self.index_path else []), *self.shards, *self.side_files]
+
+    def _shard_paths(self) -> list[Path]:
+        index = self.dir / INDEX_FILE
+        if index.is_file():
+            self.index_path = index
+            weight_map = _read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise ConfigError(f"{index}: no weight_map")
+            self._index = weight_map
+            names = sorted(set(weight_map.values()))
+            for n in names:
+                if not isinstance(n, str) or "/" in n or not (self.dir / n).is_file():
+                    raise ConfigError(f"{index}: names shard {n!r}, which is not in {self.dir}")
+            return [self.dir / n for n in names]
+        if (self.dir / SINGLE_FILE).is_file():
+            return [self.dir / SINGLE_FILE]
+        if any(self.dir.glob("*.bin")):
+            raise ConfigError(f"{self.dir}: only .bin (pickle) weights; slowllama reads safetensors, "
+                              f"convert them with transformers' save_pretrained first")
+        raise ConfigError(f"{self.dir}: no {SINGLE_FILE} or {INDEX_FILE}")
+
+    def _check_layout(self):
+        """Check every tensor's name, dtype and shape against config.json, from the file headers alone."""
+        a = self.args
+        expected = {k: s for m in module_names(a) for k, s in
+                    ((f"{m}.{p}", s) for p, s in expected_shapes(a, m).items())}
+        seen: dict[str, tuple[Path, str]] = {}
+        for path in self.shards:
+            with _safe_open(path) as f:
+                for hf_key in f.keys():
+                    if self._index is not None and self._index.get(hf_key) != path.name:
+                        where = self._index.get(hf_key)
+                        raise ConfigError(f"{path}: holds {hf_key!r}, which {INDEX_FILE} "
+                                          + (f"places in {where}" if where else "does not list"))
+                    if _template(hf_key)[0] in IGNORED or (hf_key == "lm_head.weight" and a.tie_word_embeddings):
+                        log.info("%s: ignoring %s, which the model does not use", path, hf_key)
+                        continue
+                    try:
+                        key = to_meta_name(hf_key)
+                    except ConfigError as e:
+                        raise ConfigError(f"{path}: {e}") from e
+                    if key not in expected:
+                        raise ConfigError(f"{path}: unexpected tensor {hf_key!r} for {self.config_path.name}")
+                    sl = f.get_slice(hf_key)
+                    code, shape = sl.get_dtype(), tuple(sl.get_shape())
+                    if code not in SAFETENSORS_DTYPES:
+                        raise ConfigError(f"{path}: {hf_key} has dtype {code}, expected F32, BF16 or F16")
+                    if shape != expected[key]:
+                        raise ConfigError(f"{path}: {hf_key} has shape {list(shape)}, {self.config_path.name} implies {list(expected[key])}")
+                    seen[key] = (path, hf_key)
+                    self.shapes[key], self.dtypes[key] = shape, SAFETENSORS_DTYPES[code]
+        if self._index is not None:
+            listed = {k for k in self._index if _template(k)[0] not in IGNORED}
+            absent = sorted(listed - {h for _, h in seen.values()} - ({"lm_head.weight"} if a.tie_word_embeddings else set()))
+            if absent:
+                raise ConfigError(f"{self.index_path}: lists {absent[0]!r}, which no shard holds")
+        missing = [to_hf_name(k) for k in expected if k not in seen]
+        if missing:
+            raise ConfigError(f"{self.dir}: missing tensor {missing[0]!r}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+        self._where = seen
+        self.key_order = expected_keys(a)
+
+    def checkpoint_dtype(self) -> torch.dtype:
+        return self.dtypes["tok_embeddings.weight"]
+
+    def module_keys(self, module: str) -> list[str]:
+        return [k for k in self.key_order if split_meta_key(k)[0] == module]
+
+    def read_module(self, module: str) -> dict[str, torch.Tensor]:
+        """One module's tensors in the checkpoint's dtype, Meta's names and layout.
+
+        Tensors are read one at a time and each file is reopened per module, so the
+        pages its mapping touched are released: peak RSS stays near one module.
+        """
+        out = {}
+        keys = self.module_keys(module)
+        for path in dict.fromkeys(self._where[k][0] for k in keys):
+            with _safe_open(path) as f:
+                for key in keys:
+                    where, hf_key = self._where[key]
+                    if where != path:
+                        continue
+                    t = f.get_tensor(hf_key)
+                    heads = _rope_heads(self.args, key)
+                    if heads is not None:
+                        t = to_meta(t, heads, self.args.head_dim)
+                    if not all_finite(t):
+                        raise ConfigError(f"{path}: tensor {hf_key} holds NaN or Inf")
+                    out[key] = t
+        return {split_meta_key(k)[1]: out[k] for k in keys}
+
+
+# ---- writing -----------------------------------------------------------------
+
+def plan_shards(tensors: list[tuple[str, tuple[int, ...], torch.dtype]], max_shard_size: int) -> list[list[int]]:
+    """Indices of `tensors` per shard, split as huggingface_hub's split_torch_state_dict_into_shards does."""
+    shards, current, size = [], [], 0
+    for i, (_, shape, dtype) in enumerate(tensors):
+        n = dtype.itemsize
+        for s in shape:
+            n *= s
+        if n > max_shard_size:  # alone in a shard of its own
+            shards.append([i])
+            continue
+        if current and size + n > max_shard_size:
+            shards.append(current)
+            current, size = [], 0
+        current.append(i)
+        size += n
+    if current:
+        shards.append(current)
+    return shards
+
+
+def _generation_config(config: dict) -> dict:
+    # What transformers' GenerationConfig.from_model_config keeps when the source had none.
+    out = {"_from_model_config": True}
+    for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if config.get(k) is not None:
+            out[k] = config[k]
+    return out
+
+
+def export_hf(
+    out_dir: Path,
+    *,
+    args: ModelArgs,
+    config_src: Path,
+    tensors: list[tuple[str, tuple[int, ...], torch.dtype]],
+    modules: list[str],
+    read_module: Callable[[str], dict[str, torch.Tensor]],
+    side_files: list[Path] = (),
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+    progress: Callable[[Iterator], Iterator] = lambda it: it,
+    extra_files: dict[str, bytes] | None = None,
+) -> Path:
+    """Write a Hugging Face folder for out_dir into a temp folder beside it and return that folder.
+
+    `tensors` lists (Meta key, shape, dtype) for every tensor to write (a tied model has no
+    output.weight); read_module returns one module's tensors in Meta's names and layout.
+    Everything in it is fsynced; the caller renames it into place (fsutil.replace_dir).
+    config.json is copied unchanged; side_files (tokenizer, generation_config.json) too.
+    """
+    from ..fsutil import atomic_write_bytes, fsync_dir, fsync_file, tmp_path
+
+    out_dir = Path(out_dir)
+    order = {k: i for i, k in enumerate(expected_keys(args))}
+    unknown = [k for k, _, _ in tensors if k not in order]
+    if unknown:
+        raise ConfigError(f"unknown tensor name {unknown[0]!r} for this model")
+    tensors = sorted(tensors, key=lambda t: order[t[0]])  # transformers' order
+    plan = plan_shards(tensors, max_shard_size)
+    n = len(plan)
+    names = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    shard_of = {tensors[i][0]: s for s, idx in enumerate(plan) for i in idx}
+    dtypes = {k: dt for k, _, dt in tensors}
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = tmp_path(out_dir)
+    work.mkdir()
+    writers: dict[int, SafetensorsWriter] = {}
+    try:
+        def writer(s: int) -> SafetensorsWriter:
+            if s not in writers:  # opened when first needed, so few are open at once
+                specs = [(to_hf_name(tensors[i][0]), tensors[i][1], tensors[i][2]) for i in plan[s]]
+                writers[s] = SafetensorsWriter(work / names[s], specs)
+            return writers[s]
+
+        for module in progress(modules):
+            params = read_module(module)
+            for key in sorted((f"{module}.{p}" for p in params), key=lambda k: order.get(k, -1)):
+                if key not in shard_of:
+                    raise ConfigError(f"module {module} holds {key!r}, which the export does not list")
+                t = params[key[len(module) + 1:]].to(dtypes[key])
+                if not all_finite(t):
+                    raise ValueError(f"refusing to export {key}: it holds NaN or Inf")
+                heads = _rope_heads(args, key)
+                if heads is not None:
+                    t = from_meta(t, heads, args.head_dim)
+                w = writer(shard_of[key])
+                w.write(to_hf_name(key), t)
+                if w.done:
+                    w.close()
+            del params
+            faults.point("export_module")
+        unwritten = [names[s] for s in range(n) if s not in writers or not writers[s].done]
+        if unwritten:
+            raise RuntimeError(f"export: {unwritten[0]} was not completed; `modules` lacks some of `tensors`")
+        if n > 1:
+            index = {"metadata": {"total_parameters": sum(_numel(s) for _, s, _ in tensors),
+                                  "total_size": sum(_numel(s) * dt.itemsize for _, s, dt in tensors)},
+                     "weight_map": {to_hf_name(k): names[shard_of[k]] for k, _, _ in tensors}}
+            atomic_write_bytes(work / INDEX_FILE, [(json.dumps(index, indent=2, sort_keys=True) + "\n").encode()], durable=False)
+        shutil.copyfile(config_src, work / "config.json")
+        for src in side_files:
+            shutil.copyfile(src, work / Path(src).name)
+        if not (work / "generation_config.json").exists():
+            gen = _generation_config(_read_json(Path(config_src)))
+            atomic_write_bytes(work / "generation_config.json", [(json.dumps(gen, indent=2) + "\n").encode()], durable=False)
+        for name, data in (extra_files or {}).items():
+            atomic_write_bytes(work / name, [data], durable=False)
+        for p in work.iterdir():
+            fsync_file(p)
+        fsync_dir(work)
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    log.info("exported %s (rename into place: %s)", work, out_dir)
+    return work
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
