@@ -178,28 +178,41 @@ def restore_interrupted_swap(dst: Path):
 
 
 class FolderLock:
-    """An exclusive (or shared) flock on a folder's lock file, held until close or process death."""
+    """An exclusive (or shared) flock on a lock file, held until close or the process's death.
 
-    def __init__(self, path: Path, what: str, shared: bool = False):
-        self.path = path
+    remove=True deletes the lock file on close, for locks kept beside a folder rather than in
+    it. That is safe because a process that got the lock checks that the path still names the
+    file it locked; one that locked a file unlinked meanwhile tries again.
+    """
+
+    def __init__(self, path: Path, what: str, shared: bool = False, remove: bool = False):
+        self.path, self.remove = path, remove and not shared
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.created = not path.exists()
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self.fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-        except OSError as e:
-            holder = os.pread(self.fd, 64, 0).decode(errors="replace").strip() or "?"
-            os.close(self.fd)
-            if e.errno in (errno.EAGAIN, errno.EACCES):
-                raise ConfigError(f"{what} is in use by another slowllama process (pid {holder}); "
-                                  f"wait for it to finish or stop it") from e
-            raise
+        while True:
+            self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(self.fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+            except OSError as e:
+                holder = os.pread(self.fd, 64, 0).decode(errors="replace").strip() or "?"
+                os.close(self.fd)
+                if e.errno in (errno.EAGAIN, errno.EACCES):
+                    raise ConfigError(f"{what} is in use by another slowllama process (pid {holder}); "
+                                      f"wait for it to finish or stop it") from e
+                raise
+            try:
+                if os.stat(path).st_ino == os.fstat(self.fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(self.fd)  # the holder before us removed this file as we opened it
         if not shared:
             os.ftruncate(self.fd, 0)
             os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
 
     def close(self):
         if self.fd >= 0:
+            if self.remove:
+                self.path.unlink(missing_ok=True)
             os.close(self.fd)  # closing releases the flock
             self.fd = -1
 
@@ -209,5 +222,5 @@ def lock_work_dir(work_dir: Path, shared: bool = False) -> FolderLock:
 
 
 def lock_out_dir(out: Path) -> FolderLock:
-    # The output folder itself is replaced by each export, so its lock lives beside it.
-    return FolderLock(out.with_name(f".{out.name}{LOCK}"), f"--out {out}")
+    # Each export replaces the output folder itself, so its lock lives beside it, while held.
+    return FolderLock(out.with_name(f".{out.name}{LOCK}"), f"--out {out}", remove=True)

@@ -152,8 +152,6 @@ def finetune(*, resume: bool = False, **given) -> dict:
         if new_work and not (work_dir / "run.json").exists():
             # Preparation found the checkpoint damaged: leave nothing of the run behind.
             remove_owned(work_dir, "work")
-            if len(locks) > 1 and locks[1].created and not out.exists():
-                locks[1].path.unlink(missing_ok=True)
         raise
     finally:
         for lock in locks:

@@ -12,7 +12,7 @@ import torch
 import merge_lora
 import test_gen
 from slowllama.checkpoint import MetaCheckpoint, export_meta, split_key
-from slowllama.lora import Adapters, LoraConfig
+from slowllama.lora import ADAPTERS, Adapters, LoraConfig
 from slowllama.model import ModelArgs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,7 +132,7 @@ def test_a_damaged_adapter_file_is_one_error(tmp_path):
     block.params["layers.0.wq.C"] = block.params.pop("layers.0.wq.B")
     from slowllama.store import write_block
 
-    write_block(tmp_path / "bad.blk", block, durable=False)
+    write_block(tmp_path / "bad.blk", block, ADAPTERS, durable=False)
     with pytest.raises(ValueError, match=r"bad.blk: unexpected tensor 'layers.0.wq.C'"):
         Adapters.load(tmp_path / "bad.blk")
 
@@ -155,7 +155,7 @@ def test_merge_lora_refuses_an_out_folder_that_holds_files(tmp_path, capsys):
     (out / "notes.txt").write_text("mine")
     before = _tree(tmp_path)
     assert merge_lora.main([str(TINY), str(path), str(out)]) == 2
-    assert "already exists and is not an empty folder" in _error_line(capsys)
+    assert "holds files slowllama did not write" in _error_line(capsys)
     assert _tree(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["ad.blk", "merged"]
 
 
@@ -166,7 +166,7 @@ def test_merge_lora_refuses_out_inside_or_equal_to_base(tmp_path, capsys):
     before = _tree(base)
     for out in (base, base / "merged", base / "." / "x" / ".."):
         assert merge_lora.main([str(base), str(path), str(out)]) == 2
-        assert "must not be the base model folder" in _error_line(capsys)
+        assert "must not be the model directory" in _error_line(capsys)
     assert _tree(base) == before
 
 
@@ -174,7 +174,8 @@ def test_merge_lora_writes_into_a_new_folder(tmp_path, capsys):
     path = _adapters(tmp_path, "ad")
     out = tmp_path / "merged"
     assert merge_lora.main([str(TINY), str(path), str(out)]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["consolidated.00.pth", "params.json", "tokenizer.model"]
+    assert sorted(p.name for p in out.iterdir()) == [".slowllama", "consolidated.00.pth", "params.json",
+                                                      "tokenizer.model"]
     # the merged weight is the base plus scale * B @ A, from the files alone
     base = torch.load(TINY / "consolidated.00.pth", weights_only=True)
     merged = torch.load(out / "consolidated.00.pth", weights_only=True, mmap=True)

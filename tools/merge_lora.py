@@ -14,30 +14,28 @@ sys.path.insert(0, str(ROOT))
 from slowllama.checkpoint import MetaCheckpoint, export_meta, split_key  # noqa: E402
 from slowllama.lora import Adapters  # noqa: E402
 from slowllama.model import ConfigError  # noqa: E402
+from slowllama.paths import check_folder, lock_out_dir  # noqa: E402
 from slowllama.run import _bar, check_paths  # noqa: E402
 
 
-def check_out(base: Path, out: Path):
-    """OUT must be new (or an empty folder) and apart from BASE: the merge replaces nothing it did not write."""
-    b, o = base.resolve(), out.resolve()
-    if o == b or b in o.parents:
-        raise ConfigError(f"{out}: the output folder must not be the base model folder {base} or lie inside it")
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
-        raise ConfigError(f"{out}: already exists and is not an empty folder; choose a new output folder")
-
-
 def merge_lora(base: Path, adapters_path: Path, out: Path, shards: int | None = None):
-    check_out(base, out)
+    """OUT must be apart from BASE and new, empty or an earlier slowllama export: the merge
+    replaces nothing it did not write."""
+    check_paths(base, out, out.with_name(out.name + ".work"))
+    check_folder(out, "export", "OUT")
     ckpt = MetaCheckpoint(base)
     adapters = Adapters.load(adapters_path)
     adapters.check_args(ckpt.args, adapters_path)
-    check_paths(base, out, out.with_name(out.name + ".work"))
     modules = list(dict.fromkeys(split_key(k)[0] for k in ckpt.key_order))
-    export_meta(out, args=ckpt.args, params_src=ckpt.params_path, tokenizer_src=ckpt.tokenizer,
-                tensors=[(k, ckpt.shapes[k], ckpt.dtypes[k]) for k in ckpt.key_order],
-                n_shards=shards or ckpt.n_shards, modules=modules,
-                read_module=lambda m: adapters.merge(m, ckpt.read_module(m)),
-                progress=lambda it: _bar(it, desc="merge", unit="module"))
+    lock = lock_out_dir(out)
+    try:
+        export_meta(out, args=ckpt.args, params_src=ckpt.params_path, tokenizer_src=ckpt.tokenizer,
+                    tensors=[(k, ckpt.shapes[k], ckpt.dtypes[k]) for k in ckpt.key_order],
+                    n_shards=shards or ckpt.n_shards, modules=modules,
+                    read_module=lambda m: adapters.merge(m, ckpt.read_module(m)),
+                    progress=lambda it: _bar(it, desc="merge", unit="module"))
+    finally:
+        lock.close()
 
 
 def main(argv=None) -> int:
