@@ -75,7 +75,10 @@ def test_a_module_file_rolled_back_to_an_older_copy_is_refused(probe_model, prob
 
 @pytest.fixture(scope="module")
 def finished(probe_model, probe_data, tmp_path_factory):
-    """A finished 2-iteration run in base/work and base/out, and base/other.txt: different data."""
+    """A finished 2-iteration run in base/work and base/out, and base/other.txt: different data.
+
+    Shared: the tests that use it make requests that must change nothing (refusals, a bare resume).
+    """
     base = tmp_path_factory.mktemp("resume-rules")
     train(probe_model, probe_data, base / "out", base / "work", "--iters", "2", "--lr", "0.01")
     (base / "other.txt").write_text(CORPUS.read_text(encoding="utf-8")[4000:8000], encoding="utf-8")
@@ -112,27 +115,33 @@ def test_resume_accepts_options_that_do_not_change_the_numbers(probe_model, prob
 
 
 @pytest.mark.slow
-def test_bare_resume_of_a_finished_run_has_nothing_to_do(probe_model, probe_data, tmp_path):
-    train(probe_model, probe_data, tmp_path / "out", tmp_path / "work", "--iters", "2")
-    before = snapshot(tmp_path / "work", tmp_path / "out")
-    r = run_cli(probe_model, "--resume", "--work-dir", tmp_path / "work", "--out", tmp_path / "out", timeout=60)
+def test_bare_resume_of_a_finished_run_has_nothing_to_do(finished, probe_model):
+    before = snapshot(finished / "work", finished / "out")
+    r = run_cli(probe_model, "--resume", "--work-dir", finished / "work", "--out", finished / "out", timeout=60)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "nothing to do" in (r.stdout + r.stderr).lower(), r.stdout + r.stderr
-    assert_unchanged(before, tmp_path / "work", tmp_path / "out", what="bare --resume")
+    assert_unchanged(before, finished / "work", finished / "out", what="bare --resume")
 
 
 # -- 6. a work dir holds one run --
 
+def _other_kind_is_refused(base: Path, model: Path, data: Path, second: list[str], what: str):
+    before = snapshot(base, model, data.parent)
+    r = run_cli(model, "--data", data, "--out", base / "out", "--work-dir", base / "work", *SMALL, "--iters", "2",
+                *second, timeout=60)
+    assert_refused(r, what)
+    assert_unchanged(before, base, model, data.parent, what=what)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("first,second", [("full", "lora"), ("lora", "full")])
-def test_a_run_of_the_other_kind_is_refused_in_a_work_dir(first, second, probe_model, probe_data, tmp_path):
-    kind = {"full": [], "lora": ["--lora-rank", "2"]}
-    train(probe_model, probe_data, tmp_path / "out", tmp_path / "work", "--iters", "2", *kind[first])
-    before = snapshot(tmp_path, probe_model, probe_data.parent)
-    r = run_cli(probe_model, "--data", probe_data, "--out", tmp_path / "out", "--work-dir", tmp_path / "work",
-                *SMALL, "--iters", "2", *kind[second], timeout=60)
-    assert_refused(r, f"{second} run on a {first} run's work dir")
-    assert_unchanged(before, tmp_path, probe_model, probe_data.parent, what=f"{second} on {first}")
+def test_a_lora_run_is_refused_in_a_full_runs_work_dir(finished, probe_model, probe_data):
+    _other_kind_is_refused(finished, probe_model, probe_data, ["--lora-rank", "2"], "LoRA run on a full run")
+
+
+@pytest.mark.slow
+def test_a_full_run_is_refused_in_a_lora_runs_work_dir(probe_model, probe_data, tmp_path):
+    train(probe_model, probe_data, tmp_path / "out", tmp_path / "work", "--iters", "2", "--lora-rank", "2")
+    _other_kind_is_refused(tmp_path, probe_model, probe_data, [], "full run on a LoRA run")
 
 
 @pytest.mark.slow
@@ -164,23 +173,18 @@ def test_resume_from_another_cwd_with_absolute_paths(model_copy, probe_data, tmp
 
 
 @pytest.mark.slow
-def test_resume_after_params_json_is_touched(model_copy, probe_data, tmp_path):
-    train(model_copy, probe_data, tmp_path / "out", tmp_path / "work", "--iters", "2")
-    params = model_copy / "params.json"
-    st = params.stat()
-    os.utime(params, ns=(st.st_atime_ns + 10**10, st.st_mtime_ns + 10**10))
-    r = resume(model_copy, tmp_path, "--iters", "3")
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert loss_iters(tmp_path / "out") == [0, 1, 2]
-
-
-@pytest.mark.slow
-def test_resume_after_the_model_folder_moved(model_copy, probe_data, tmp_path):
+def test_resume_after_params_json_is_touched_and_the_model_folder_moved(model_copy, probe_data, tmp_path):
+    """Neither an mtime nor a folder's name is part of a model: both resumes are accepted."""
     params = (model_copy / "params.json").read_bytes()
     train(model_copy, probe_data, tmp_path / "out", tmp_path / "work", "--iters", "2")
+    st = (model_copy / "params.json").stat()
+    os.utime(model_copy / "params.json", ns=(st.st_atime_ns + 10**10, st.st_mtime_ns + 10**10))
+    r = resume(model_copy, tmp_path, "--iters", "3")
+    assert r.returncode == 0, f"after touch: {r.stderr[-3000:]}"
+    assert loss_iters(tmp_path / "out") == [0, 1, 2]
     moved = tmp_path / "moved-model"
     os.rename(model_copy, moved)
-    r = resume(moved, tmp_path, "--iters", "3")
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert loss_iters(tmp_path / "out") == [0, 1, 2]
+    r = resume(moved, tmp_path, "--iters", "4")
+    assert r.returncode == 0, f"after move: {r.stderr[-3000:]}"
+    assert loss_iters(tmp_path / "out") == [0, 1, 2, 3]
     assert (tmp_path / "out" / "params.json").read_bytes() == params

@@ -6,6 +6,7 @@ owns (work dir, out dir, model dir, data) byte-identical, with no new path in th
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -13,13 +14,23 @@ from tests.cli_helpers import (SMALL, assert_refused, assert_unchanged, loss_ite
                                run_cli, snapshot, train)
 
 
-@pytest.fixture
-def finished(probe_model, probe_data, tmp_path):
-    """tmp_path/W: a run at step 2; tmp_path/X: its export plus the user's notes.txt; tmp_path/f.txt: data."""
-    train(probe_model, probe_data, tmp_path / "X", tmp_path / "W", "--iters", "2")
-    (tmp_path / "X" / "notes.txt").write_text("my notes about this model\n")
-    shutil.copy(probe_data, tmp_path / "f.txt")
-    return tmp_path
+@pytest.fixture(scope="module")
+def finished(probe_model, probe_data, tmp_path_factory):
+    """base/W: a run at step 2; base/X: its export plus the user's notes.txt; base/f.txt: data.
+
+    Shared: the tests that use it only make requests that must be refused, which change nothing.
+    A copy of W made at once (spare_w) serves the tests that damage it.
+    """
+    base = tmp_path_factory.mktemp("user-files")
+    train(probe_model, probe_data, base / "X", base / "W", "--iters", "2")
+    shutil.copytree(base / "W", base.parent / f"{base.name}-W-spare")
+    (base / "X" / "notes.txt").write_text("my notes about this model\n")
+    shutil.copy(probe_data, base / "f.txt")
+    return base
+
+
+def spare_w(base: Path) -> Path:
+    return base.parent / f"{base.name}-W-spare"
 
 
 NO_MODEL = {
@@ -120,10 +131,11 @@ def test_out_dot_inside_the_model_folder_is_refused(model_copy, probe_data, tmp_
 
 
 @pytest.mark.slow
-def test_malformed_run_json_is_refused_on_resume(finished, probe_model):
-    (finished / "W" / "run.json").write_text('{"lr": ')
-    before = snapshot(finished, probe_model)
-    r = run_cli(probe_model, "--resume", "--work-dir", finished / "W", "--out", finished / "X", "--device", "cpu",
-                timeout=60)
+def test_malformed_run_json_is_refused_on_resume(finished, probe_model, tmp_path):
+    work = tmp_path / "W"
+    shutil.copytree(spare_w(finished), work)
+    (work / "run.json").write_text('{"lr": ')
+    before = snapshot(tmp_path, probe_model)
+    r = run_cli(probe_model, "--resume", "--work-dir", work, "--out", tmp_path / "X", "--device", "cpu", timeout=60)
     assert_refused(r, "malformed run.json")
-    assert_unchanged(before, finished, probe_model, what="malformed run.json")
+    assert_unchanged(before, tmp_path, probe_model, what="malformed run.json")
