@@ -145,12 +145,13 @@ class RunOptions:
         return {k: v for k, v in dataclasses.asdict(self).items() if self.kind(k) != SESSION}
 
     @classmethod
-    def from_saved(cls, path: Path) -> "RunOptions":
+    def from_saved(cls, path: Path) -> tuple["RunOptions", dict]:
+        """The options a run saved, and the whole of run.json (which also holds the data's hashes)."""
         try:
             raw = json.loads(path.read_text())
             if not isinstance(raw, dict):
                 raise ValueError("not a JSON object")
-            return cls(**{k: v for k, v in raw.items() if k in _FIELDS and cls.kind(k) != SESSION})
+            return cls(**{k: v for k, v in raw.items() if k in _FIELDS and cls.kind(k) != SESSION}), raw
         except FileNotFoundError as e:
             raise ConfigError(f"--resume: {path} not found, there is no run to resume in {path.parent}") from e
         except (OSError, ValueError, TypeError) as e:

@@ -218,7 +218,7 @@ class FolderLock:
 
 
 def lock_work_dir(work_dir: Path, shared: bool = False) -> FolderLock:
-    return FolderLock(work_dir / LOCK, f"--work-dir {work_dir}", shared)
+    return FolderLock(work_dir / LOCK, f"--work-dir {work_dir}", shared, remove=True)
 
 
 def lock_out_dir(out: Path) -> FolderLock:

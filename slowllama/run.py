@@ -89,8 +89,7 @@ def resolve_options(given: dict, resume: bool) -> tuple[RunOptions, dict]:
         o.validate()
         return o, {}
     run_path = work_dir / "run.json"
-    saved = json.loads(run_path.read_text()) if run_path.is_file() else None
-    o = RunOptions.from_saved(run_path)
+    o, saved = RunOptions.from_saved(run_path)
     diffs = []
     for name in RunOptions.names(MATH):
         if name in given and name not in RESUME_MAY_CHANGE and given[name] != getattr(o, name):
@@ -182,6 +181,26 @@ def _run(o: RunOptions, resume: bool, saved: dict, ckpt, tokenizer, windows, val
         log.info("%s store at %s", "prepared" if prepared else "reusing", store_root)
         saved = {**o.saved(), "data_sha256": _sha256(Path(o.data)),
                  "val_data_sha256": _sha256(Path(o.val_data)) if o.val_data else None}
+    micro = o.micro_batch or (o.batch_size if o.grad_accum > 1 else None)
+    tcfg = TrainConfig(optim=optim, seed=o.seed, dropout=o.dropout, micro_batch=micro,
+                       compute_dtype=DTYPES[o.compute_dtype], act_dtype=DTYPES[o.act_dtype],
+                       ram_budget=parse_size(o.ram_budget), prefetch=not o.no_prefetch, verify=not o.no_verify,
+                       stop_on_nonfinite_loss=o.stop_on_nan, lora=lora,
+                       optim_state_dtype=DTYPES[o.optim_state_dtype])
+    trainer = Trainer(store, work_dir, torch_device, tcfg, progress=_bar)
+    try:
+        trainer.update.resume_point()  # reads every module's header: a swapped or stale file stops here
+        if trainer.step > o.iters:
+            raise ConfigError(f"--iters {o.iters}: the run in {work_dir} is already at iteration {trainer.step}")
+        if resume and trainer.step == o.iters and trainer.journal().get("phase", "idle") == "idle" \
+                and _export_step(out, store.model_id) == o.iters:
+            print(f"nothing to do: the run finished its {o.iters} iterations and {out} holds its export "
+                  f"(pass --iters N to train further)")
+            trainer.close()
+            return {"out": str(out), "work_dir": str(work_dir), "losses": [], "nothing_to_do": True}
+    except BaseException:
+        trainer.close()
+        raise
     if resume and o.iters != saved["iters"] or not resume:
         atomic_write_json(run_path, {**saved, **o.saved()})
     restore_interrupted_swap(out)
@@ -189,25 +208,7 @@ def _run(o: RunOptions, resume: bool, saved: dict, ckpt, tokenizer, windows, val
     log_path = out / LOG_NAME
     if not resume:
         log_path.unlink(missing_ok=True)
-
-    micro = o.micro_batch or (o.batch_size if o.grad_accum > 1 else None)
-    ram_budget = parse_size(o.ram_budget)
-    tcfg = TrainConfig(optim=optim, seed=o.seed, dropout=o.dropout, micro_batch=micro,
-                       compute_dtype=DTYPES[o.compute_dtype], act_dtype=DTYPES[o.act_dtype],
-                       ram_budget=ram_budget, prefetch=not o.no_prefetch, verify=not o.no_verify,
-                       stop_on_nonfinite_loss=o.stop_on_nan, lora=lora,
-                       optim_state_dtype=DTYPES[o.optim_state_dtype])
-    trainer = Trainer(store, work_dir, torch_device, tcfg, progress=_bar)
-    if trainer.step > o.iters:
-        trainer.close()
-        raise ConfigError(f"--iters {o.iters}: the run in {work_dir} is already at iteration {trainer.step}")
     run_id = store.model_id
-    if resume and trainer.step == o.iters and trainer.journal().get("phase", "idle") == "idle" \
-            and _export_step(out, run_id) == o.iters:
-        trainer.close()
-        print(f"nothing to do: the run finished its {o.iters} iterations and {out} holds its export "
-              f"(pass --iters N to train further)")
-        return {"out": str(out), "work_dir": str(work_dir), "losses": [], "nothing_to_do": True}
     est = estimate_io(store, tcfg, (o.batch_size * o.grad_accum, o.seq_len))
     remaining = o.iters - trainer.step
     print(f"store: {fmt_bytes(store.nbytes())} ({str(store.dtype).removeprefix('torch.')}) at {store.root}; "

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from slowllama.paths import LOCK
+
 ROOT = Path(__file__).resolve().parents[1]
 FINETUNE = ROOT / "finetune.py"
 CORPUS = ROOT / "test_data" / "corpus.txt"
@@ -56,12 +58,16 @@ def train(model: Path, data: Path, out: Path, work: Path, *extra, cwd: Path = RO
 
 
 def snapshot(*dirs: Path) -> dict[str, str]:
-    """Every path under dirs (folders included): 'dir' for a folder, the sha256 of a file's bytes."""
+    """Every path under dirs (folders included): 'dir' for a folder, the sha256 of a file's bytes.
+
+    slowllama's lock files are left out: they exist only while a process holds them, and a
+    killed process leaves one that the next process takes over or removes."""
     got = {}
     for d in dirs:
         d = Path(d)
         for p in sorted([d, *d.rglob("*")]) if d.exists() else []:
-            got[str(p)] = "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+            if not p.name.endswith(LOCK):
+                got[str(p)] = "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
     return got
 
 

@@ -91,7 +91,7 @@ def load_export(out: Path) -> dict:
     for p in sorted(out.iterdir()):
         if p.name.endswith(".pth"):
             got[p.name] = torch.load(p, map_location="cpu", weights_only=True)
-        elif p.name != "train_log.jsonl":
+        elif p.name not in ("train_log.jsonl", ".slowllama"):  # the marker names the run that wrote it
             got[p.name] = p.read_bytes()
     return got
 
