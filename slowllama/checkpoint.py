@@ -130,12 +130,10 @@ def load_tensor_file(path: Path) -> dict[str, torch.Tensor]:
 
 
 def tokenizer_vocab_size(path: Path) -> int:
-    import sentencepiece as spm
+    """Pieces of a tokenizer.model: sentencepiece (Llama 2) or tiktoken's BPE (Llama 3)."""
+    from .tokenizer import load_tokenizer
 
-    try:
-        return spm.SentencePieceProcessor(model_file=str(path)).vocab_size()
-    except Exception as e:  # sentencepiece raises RuntimeError/OSError with C++ text
-        raise ConfigError(f"{path}: not a sentencepiece model ({e})") from e
+    return load_tokenizer(path).vocab_size
 
 
 class MetaCheckpoint:
@@ -162,6 +160,11 @@ class MetaCheckpoint:
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.dtypes: dict[str, torch.dtype] = {}
         self._check_layout()
+
+    @property
+    def files(self) -> list[Path]:
+        """Every file the model is read from (for a fingerprint of the source)."""
+        return [self.params_path, *self.shards, *([self.tokenizer] if self.tokenizer else [])]
 
     @property
     def n_shards(self) -> int:

@@ -49,9 +49,11 @@ def parse_size(text: str | int | None) -> int | None:
 @dataclass
 class RunOptions:
     # What to train and where: paths are made absolute, so a resume works from any folder.
-    model_dir: str | None = opt(None, "Meta checkpoint folder (params.json, consolidated.NN.pth)", MATH,
+    model_dir: str | None = opt(None, "checkpoint folder: Meta (params.json, consolidated.NN.pth) or Hugging Face "
+                                      "(config.json, *.safetensors)", MATH,
                                 positional=True)
-    data: str | None = opt(None, 'UTF-8 text to train on, or .jsonl records of {"text"} or {"prompt", "completion"}')
+    data: str | None = opt(None, 'UTF-8 text to train on, or .jsonl records of {"text"}, {"prompt", "completion"} '
+                                 'or {"messages"} (rendered with the model\'s chat template)')
     val_data: str | None = opt(None, "text or .jsonl whose loss is reported every --eval-every iterations")
     val_fraction: float = opt(0.0, "hold out this fraction of --data for the validation loss")
     out: str | None = opt(None, "output folder for the tuned model (default: MODEL_DIR-tuned)", OUTPUT)
@@ -77,6 +79,8 @@ class RunOptions:
     store_dtype: str = opt("float32", "dtype of the block store's master weights (bfloat16 rounds updates "
                                       "stochastically)", choices=("float32", "bfloat16"))
     act_dtype: str = opt("float32", "dtype of the cached activations", choices=DTYPE_CHOICES)
+    train_on_prompt: bool = opt(False, "also train on prompts and non-assistant turns of .jsonl records "
+                                       "(default: completions and assistant turns only)")
     lora_rank: int = opt(0, "train LoRA adapters of this rank instead of all weights (0: full fine-tuning)")
     lora_alpha: float = opt(16.0, "LoRA scale numerator: adapters add alpha/rank * B @ A")
     lora_targets: str = opt("wq,wv", "comma-separated layers that get adapters: wq, wk, wv, wo, w1, w2, w3")

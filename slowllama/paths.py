@@ -3,7 +3,7 @@
 slowllama deletes or replaces only what it can prove it wrote:
 - temp files and folders whose names carry TMP_MARK (every atomic write makes them);
 - inside a folder that holds its OWNER file (it created the folder), only entries
-  whose names the folder's kind allows (see OWNED_NAMES).
+  whose names the folder's kind allows (see owned_names).
 
 A folder with anything else in it is refused before any work. One process at a time
 owns a work dir and an output folder: `FolderLock` holds an exclusive `flock` that the
@@ -28,11 +28,17 @@ OWNER = ".slowllama"  # in every folder slowllama created: {"kind": "work" | "ex
 LOCK = ".slowllama.lock"
 
 # The names each kind of folder may hold, besides OWNER and LOCK. Anything else is the user's.
-OWNED_NAMES = {
-    "work": [r"run\.json", r"store", r"base", r"acts", r"lora_adapters\.blk"],
-    "export": [r"params\.json", r"consolidated\.\d+\.pth", r"tokenizer\.model", r"train_log\.jsonl", r"loss\.png",
-               r"lora_adapters\.blk"],
-}
+# An export holds what the formats write (formats.EXPORT_NAMES) and the run's own files.
+RUN_FILES = [r"train_log\.jsonl", r"loss\.png", r"lora_adapters\.blk"]
+WORK_NAMES = [r"run\.json", r"store", r"base", r"acts", r"lora_adapters\.blk"]
+
+
+def owned_names(kind: str) -> list[str]:
+    if kind == "work":
+        return WORK_NAMES
+    from .formats import EXPORT_NAMES
+
+    return [*EXPORT_NAMES, *RUN_FILES]
 
 
 def tmp_path(path: Path) -> Path:
@@ -95,7 +101,7 @@ def foreign_entries(folder: Path, kind: str) -> list[str]:
     if owner_kind(folder) != kind:
         # A folder we did not create is ours only while it is empty.
         return names
-    allowed = re.compile("|".join([re.escape(OWNER), re.escape(LOCK), TMP_NAME, *OWNED_NAMES[kind]]))
+    allowed = re.compile("|".join([re.escape(OWNER), re.escape(LOCK), TMP_NAME, *owned_names(kind)]))
     return [n for n in names if not allowed.fullmatch(n)]
 
 

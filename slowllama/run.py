@@ -18,14 +18,15 @@ from .checkpoint import MetaCheckpoint, check_shard_count
 from .data import load_data
 from .fsutil import IO, atomic_write_bytes, atomic_write_json
 from .lora import Adapters, LoraConfig
-from .generate import ModuleCache, complete
-from .model import ConfigError
+from .formats import open_checkpoint
+from .generate import ModuleCache, check_context, complete
+from .model import ConfigError, check_sliding_window
 from .optim import OptimConfig
 from .options import MATH, OUTPUT, PATHS, RESUME_MAY_CHANGE, SESSION, RunOptions, parse_size
 from .paths import (check_folder, claim_folder, lock_out_dir, lock_work_dir, mark_owned, owner_info,
                     remove_owned, restore_interrupted_swap)
 from .store import DTYPES, BlockStore, StoreError, export_store, open_or_prepare
-from .tokenizer import Tokenizer
+from .tokenizer import load_tokenizer
 from .trainer import TrainConfig, Trainer, estimate_io
 
 log = logging.getLogger("slowllama")
@@ -126,16 +127,22 @@ def finetune(*, resume: bool = False, **given) -> dict:
         if o.lora_rank else None
     torch_device = dev.pick_device(o.device)
     dev.check_compute_dtype(torch_device, DTYPES[o.compute_dtype])
-    ckpt = MetaCheckpoint(model_dir)
-    if ckpt.tokenizer is None:
-        raise ConfigError(f"{model_dir}: no tokenizer.model here or in its parent directory")
+    ckpt = open_checkpoint(model_dir)
     if o.shards is not None:
+        if not isinstance(ckpt, MetaCheckpoint):
+            raise ConfigError(f"--shards: {model_dir} is a Hugging Face folder; its export is sharded by size")
         check_shard_count(ckpt.args, o.shards)
-    tokenizer = Tokenizer(ckpt.tokenizer)
-    windows = load_data(o.data, tokenizer, o.seq_len)
+    check_sliding_window(ckpt.args, o.seq_len)
+    tokenizer = load_tokenizer(model_dir)
+    if o.prompt:
+        try:
+            check_context(ckpt.args, len(tokenizer.encode(o.prompt)), o.gen_tokens)
+        except ConfigError as e:
+            raise ConfigError(f"--prompt and --gen-tokens: {e}") from e
+    windows = load_data(o.data, tokenizer, o.seq_len, o.train_on_prompt)
     val = None
     if o.val_data:
-        val = load_data(o.val_data, tokenizer, o.seq_len)
+        val = load_data(o.val_data, tokenizer, o.seq_len, o.train_on_prompt)
     elif o.val_fraction:
         windows, val = windows.split(o.val_fraction)
     val_batches = val.fixed_batches(o.batch_size) if val is not None else []
@@ -170,7 +177,7 @@ def _run(o: RunOptions, resume: bool, saved: dict, ckpt, tokenizer, windows, val
         store = BlockStore(store_root)
         if not store.matches(ckpt):
             raise StoreError(f"--resume: {model_dir} is not the checkpoint {store_root} was prepared from "
-                             f"(its params.json, tokenizer or shards differ)")
+                             f"(its config, tokenizer or weights differ)")
     else:
         progress = _progress(work_dir)
         if progress:

@@ -217,9 +217,8 @@ def content_fingerprint(path: Path) -> str:
     return h.hexdigest()
 
 
-def source_fingerprint(ckpt: MetaCheckpoint) -> dict:
-    files = [ckpt.params_path, *ckpt.shards] + ([ckpt.tokenizer] if ckpt.tokenizer else [])
-    return {p.name: content_fingerprint(p) for p in files}
+def source_fingerprint(ckpt) -> dict:
+    return {p.name: content_fingerprint(p) for p in ckpt.files}
 
 
 class BlockStore:
@@ -329,8 +328,12 @@ class BlockStore:
                                 f"{j['version']}")
         return problems
 
-    def matches(self, ckpt: MetaCheckpoint) -> bool:
+    def matches(self, ckpt) -> bool:
         return self.source == source_fingerprint(ckpt)
+
+    @property
+    def source_format(self) -> str:
+        return self.manifest.get("source_format", "meta")
 
 
 def prepare(
@@ -371,7 +374,8 @@ def prepare(
             "modules": order,
             "store_dtype": DTYPE_NAMES[dtype],
             "tensors": [[k, list(ckpt.shapes[k]), DTYPE_NAMES[ckpt.dtypes[k]]] for k in ckpt.key_order],
-            "n_shards": ckpt.n_shards,
+            "n_shards": getattr(ckpt, "n_shards", 1),
+            "source_format": source_format(ckpt),
             "source": source,
             "model_id": model_id,
             "checksums": checksums,
@@ -418,22 +422,44 @@ def open_or_prepare(ckpt: MetaCheckpoint, root: str | Path, dtype: torch.dtype,
 def export_store(store: BlockStore, source_dir: Path, out_dir: Path, *, n_shards: int | None = None,
                  progress: Callable[[Iterator], Iterator] = lambda it: it, extra_files: dict[str, bytes] | None = None,
                  transform: Callable[[str, dict], dict] | None = None, marker: dict | None = None):
-    """Export the store to out_dir in Meta's format, atomically, with params.json and the tokenizer
-    from source_dir (the checkpoint the store was prepared from, wherever it lives now).
+    """Export the store to out_dir atomically, in the format its checkpoint came in, with the
+    config and tokenizer files from source_dir (the checkpoint the store was prepared from,
+    wherever it lives now).
 
     transform(module, params) may change a module's parameters on the way out (LoRA merging).
     """
     from .checkpoint import export_meta, find_tokenizer
 
-    src = Path(source_dir)
+    src, out_dir = Path(source_dir), Path(out_dir)
 
     def read(module):
         params = store.module_tensors(module)
         return transform(module, params) if transform else params
 
-    export_meta(Path(out_dir), args=store.args, params_src=src / "params.json", tokenizer_src=find_tokenizer(src),
-                tensors=store.tensors, n_shards=n_shards or store.n_shards, modules=store.modules,
-                read_module=read, progress=progress, extra_files=extra_files, marker=marker)
+    if store.source_format == "meta":
+        export_meta(out_dir, args=store.args, params_src=src / "params.json", tokenizer_src=find_tokenizer(src),
+                    tensors=store.tensors, n_shards=n_shards or store.n_shards, modules=store.modules,
+                    read_module=read, progress=progress, extra_files=extra_files, marker=marker)
+        return
+    from .formats.hf import SIDE_FILES, export_hf
+    from .paths import check_folder, mark_owned, remove_stale_tmp, replace_dir
+
+    check_folder(out_dir, "export", "--out")
+    remove_stale_tmp(out_dir)
+    work = export_hf(out_dir, args=store.args, config_src=src / "config.json", tensors=store.tensors,
+                     modules=store.modules, read_module=read, side_files=[src / n for n in SIDE_FILES if (src / n).is_file()],
+                     progress=progress, extra_files=extra_files)
+    try:
+        mark_owned(work, "export", **(marker or {}))
+        replace_dir(work, out_dir)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    log.info("exported %s", out_dir)
+
+
+def source_format(ckpt) -> str:
+    return "meta" if isinstance(ckpt, MetaCheckpoint) else "hf"
 
 
 __all__ = ["Block", "BlockStore", "StoreError", "prepare", "open_or_prepare", "export_store",

@@ -1,0 +1,143 @@
+"""Hugging Face folders through the whole engine: prepare, streamed training, export in the same format.
+
+transformers is the reference: its in-memory step, its loader and its logits.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from slowllama.formats import open_checkpoint
+from slowllama.optim import OptimConfig
+from slowllama.store import export_store, prepare
+from slowllama.trainer import TrainConfig, Trainer
+from tests.test_hf_format import LLAMA3_ROPE, make_config
+from tests.test_tokenizers import make_llama3_like
+
+transformers = pytest.importorskip("transformers")
+
+ROOT = Path(__file__).resolve().parents[1]
+VOCAB = 512  # above the test tokenizer's 400 pieces and specials
+
+
+def make_model(folder: Path, kind: str = "llama", seed: int = 0, dtype=torch.float32, **kw) -> Path:
+    """A tiny HF model with a Llama-3-like tokenizer, weights moved off their init."""
+    make_llama3_like(folder)
+    torch.manual_seed(seed)
+    cls = transformers.MistralForCausalLM if kind == "mistral" else transformers.LlamaForCausalLM
+    model = cls(make_config(kind, **{"vocab_size": VOCAB, "num_key_value_heads": 2, **kw}))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    model.to(dtype).save_pretrained(folder)
+    return folder
+
+
+VARIANTS = {
+    "llama31_gqa": dict(rope_parameters=LLAMA3_ROPE),
+    "mistral": dict(kind="mistral", sliding_window=None),
+    "bf16": dict(rope_parameters=LLAMA3_ROPE, dtype=torch.bfloat16),
+}
+
+
+@pytest.fixture(scope="module")
+def hf_model(tmp_path_factory):
+    made = {}
+
+    def get(variant: str) -> Path:
+        if variant not in made:
+            made[variant] = make_model(tmp_path_factory.mktemp(variant), **VARIANTS[variant])
+        return made[variant]
+    return get
+
+
+def tensors_of(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+@pytest.mark.parametrize("variant", ["llama31_gqa", "mistral"])
+def test_streamed_sgd_step_equals_transformers(hf_model, variant, tmp_path):
+    folder = hf_model(variant)
+    store = prepare(open_checkpoint(folder), tmp_path / "store")
+    tr = Trainer(store, tmp_path, torch.device("cpu"), TrainConfig(optim=OptimConfig("sgd", lr=0.5), micro_batch=1))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, VOCAB, (2, 17), generator=g)
+    loss = tr.train_step(x[:, :-1], x[:, 1:]).loss
+    tr.close()
+    export_store(store, folder, tmp_path / "out")
+
+    ref = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    logits = ref(x[:, :-1]).logits
+    ref_loss = F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
+    ref_loss.backward()
+    torch.optim.SGD(ref.parameters(), lr=0.5).step()
+    assert loss == pytest.approx(ref_loss.item(), abs=1e-5)
+    got = tensors_of(tmp_path / "out")
+    want = {k: v for k, v in ref.state_dict().items()}
+    assert set(got) == set(want)
+    for k, v in want.items():
+        torch.testing.assert_close(got[k], v, atol=1e-5, rtol=0, msg=k)
+
+
+@pytest.mark.parametrize("variant", ["llama31_gqa", "bf16"])
+def test_import_export_without_training_is_bit_identical(hf_model, variant, tmp_path):
+    folder = hf_model(variant)
+    store = prepare(open_checkpoint(folder), tmp_path / "store")
+    export_store(store, folder, tmp_path / "out")
+    a, b = tensors_of(folder), tensors_of(tmp_path / "out")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (tmp_path / "out" / name).read_bytes() == (folder / name).read_bytes(), name
+
+
+def test_finetune_cli_on_an_hf_folder_exports_what_transformers_loads(hf_model, tmp_path):
+    folder = hf_model("llama31_gqa")
+    data = tmp_path / "d.txt"
+    data.write_text("The quick brown fox jumps over the lazy dog. 1234567 numbers! " * 40)
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, str(ROOT / "finetune.py"), str(folder), "--data", str(data), "--out", str(out),
+                        "--iters", "2", "--seq-len", "16", "--batch-size", "2", "--lr", "0.05", "--device", "cpu",
+                        "--prompt", "The quick", "--gen-tokens", "4"],
+                       capture_output=True, text=True, cwd=ROOT, env={"TQDM_DISABLE": "1", "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 0, r.stderr
+    names = sorted(p.name for p in out.iterdir())
+    assert {"config.json", "model.safetensors", "tokenizer.json", "train_log.jsonl"} <= set(names)
+    assert not any(n.endswith(".pth") or n == "params.json" for n in names)
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
+    assert not any(info.values()), info
+    # The export holds the trained weights: they moved, and slowllama's own reading of them gives transformers' logits.
+    before = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    assert not torch.equal(model.model.layers[0].self_attn.q_proj.weight, before.model.layers[0].self_attn.q_proj.weight)
+    from slowllama.model import Transformer
+
+    ckpt = open_checkpoint(out)
+    mine = Transformer(ckpt.args)
+    mine.load_state_dict({f"{m}.{k}": t for m in ("tok_embeddings", *(f"layers.{i}" for i in range(ckpt.args.n_layers)),
+                                                    "norm", "output") for k, t in ckpt.read_module(m).items()})
+    x = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(mine(x), model(x).logits, atol=1e-5, rtol=0)
+    recs = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in recs if "loss" in r] == [0, 1]
+
+
+def test_mistral_window_shorter_than_seq_len_is_refused_before_any_work(tmp_path):
+    folder = make_model(tmp_path / "m", kind="mistral", sliding_window=8)
+    data = tmp_path / "d.txt"
+    data.write_text("hello world " * 50)
+    r = subprocess.run([sys.executable, str(ROOT / "finetune.py"), str(folder), "--data", str(data), "--out",
+                        str(tmp_path / "out"), "--seq-len", "16"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and "sliding_window" in r.stderr.strip().splitlines()[-1], r.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.work").exists()
