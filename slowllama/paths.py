@@ -94,15 +94,15 @@ def owner_kind(folder: Path) -> str | None:
 
 
 def foreign_entries(folder: Path, kind: str) -> list[str]:
-    """Names in folder that slowllama did not write there: all of them unless it owns the folder."""
+    """Names in folder that slowllama did not write there. Temp and lock files are ours by
+    name anywhere; the rest only in a folder that holds our OWNER file."""
     if not folder.is_dir():
         return []
-    names = sorted(p.name for p in folder.iterdir())
-    if owner_kind(folder) != kind:
-        # A folder we did not create is ours only while it is empty.
-        return names
-    allowed = re.compile("|".join([re.escape(OWNER), re.escape(LOCK), TMP_NAME, *owned_names(kind)]))
-    return [n for n in names if not allowed.fullmatch(n)]
+    ours = [TMP_NAME, re.escape(LOCK)]
+    if owner_kind(folder) == kind:
+        ours += [re.escape(OWNER), *owned_names(kind)]
+    allowed = re.compile("|".join(ours))
+    return sorted(p.name for p in folder.iterdir() if not allowed.fullmatch(p.name))
 
 
 def check_folder(folder: Path, kind: str, flag: str):
