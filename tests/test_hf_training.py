@@ -141,3 +141,31 @@ def test_mistral_window_shorter_than_seq_len_is_refused_before_any_work(tmp_path
                         str(tmp_path / "out"), "--seq-len", "16"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and "sliding_window" in r.stderr.strip().splitlines()[-1], r.stderr
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.work").exists()
+
+
+def test_meta_llama3_folder_trains_and_exports_its_own_files(tmp_path):
+    """Meta's Llama 3.1 layout: a tiktoken tokenizer.model and params.json with use_scaled_rope."""
+    from slowllama.checkpoint import save_meta
+    from slowllama.model import ModelArgs
+    from slowllama.tokenizer import TiktokenTokenizer, load_tokenizer
+    from tests.test_tokenizers import write_tiktoken_file
+    from tools.make_test_model import random_state_dict
+
+    model = tmp_path / "llama3"
+    model.mkdir()
+    ranks = write_tiktoken_file(model / "tokenizer.model")
+    params = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "multiple_of": 32, "norm_eps": 1e-5,
+              "rope_theta": 500000.0, "use_scaled_rope": True, "vocab_size": len(ranks) + 256}
+    save_meta(model, params, random_state_dict(ModelArgs(**params)))
+    ckpt = open_checkpoint(model)
+    assert ckpt.args.rope_scaling["rope_type"] == "llama3"
+    assert isinstance(load_tokenizer(model), TiktokenTokenizer)
+    data = tmp_path / "d.txt"
+    data.write_text("the and then thing 123456 " * 60)
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, str(ROOT / "finetune.py"), str(model), "--data", str(data), "--out", str(out),
+                        "--iters", "1", "--seq-len", "16", "--batch-size", "2", "--device", "cpu"],
+                       capture_output=True, text=True, cwd=ROOT, env={"TQDM_DISABLE": "1", "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 0, r.stderr
+    assert (out / "tokenizer.model").read_bytes() == (model / "tokenizer.model").read_bytes()
+    assert json.loads((out / "params.json").read_text()) == params
