@@ -19,6 +19,7 @@ import torch
 from slowllama.device import pick_device
 from slowllama.formats import open_checkpoint
 from slowllama.generate import ModuleCache, TextStream, check_context, greedy
+from slowllama.lora import load_adapters
 from slowllama.model import ConfigError
 from slowllama.tokenizer import load_tokenizer
 
@@ -30,19 +31,6 @@ class Generation:
     text: str  # the new tokens' text, without the stop token
     tokens_per_s: float
     first_token_s: float  # from the first module read to the first token
-
-
-def load_adapters(path: Path, args):
-    """A lora_adapters.blk file, or a PEFT folder (adapter_config.json), checked against the model."""
-    if path.is_dir():
-        from slowllama.formats.peft import load_peft
-
-        return load_peft(path, args)
-    from slowllama.lora import Adapters
-
-    adapters = Adapters.load(path)
-    adapters.check_args(args, path)
-    return adapters
 
 
 def prompt_ids(tokenizer, prompt: str, chat: bool) -> list[int]:

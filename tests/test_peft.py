@@ -158,3 +158,21 @@ def test_export_peft_refuses_a_folder_of_the_user(base_dir, tmp_path):
     with pytest.raises(ConfigError, match="holds files slowllama did not write"):
         export_peft(tmp_path / "mine", random_adapters(args), args, "base")
     assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes.txt"]
+
+
+def test_merge_lora_writes_a_hugging_face_folder_equal_to_peft_s_merge(base_dir, tmp_path):
+    """tools/merge_lora.py on an HF base and a PEFT folder: transformers loads the result, whose logits are
+    those of peft's merge_and_unload."""
+    import merge_lora
+
+    args = HFCheckpoint(base_dir).args
+    adapter = export_peft(tmp_path / "adapter", random_adapters(args, seed=7), args, str(base_dir))
+    assert merge_lora.main([str(base_dir), str(adapter), str(tmp_path / "merged")]) == 0
+    merged = tmp_path / "merged"
+    assert owner_kind(merged) == "export"
+    assert json.loads((merged / "config.json").read_text()) == json.loads((base_dir / "config.json").read_text())
+    with torch.no_grad():
+        want = peft.PeftModel.from_pretrained(hf_model(base_dir), adapter).merge_and_unload()(IDS).logits
+        got = hf_model(merged)(IDS).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert merge_lora.main([str(base_dir), str(adapter), str(tmp_path / "m2"), "--shards", "2"]) == 2
