@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import collections
-from typing import Callable
+from typing import Callable, Collection
 
 import psutil
 import torch
@@ -44,28 +44,71 @@ def check_context(args: ModelArgs, n_prompt: int, max_new_tokens: int):
 
 
 @torch.no_grad()
-def greedy(cache: ModuleCache, tokens: list[int], max_new_tokens: int, eos_id: int | None = None) -> list[int]:
-    """Append max_new_tokens argmax tokens to tokens (stopping at eos); returns the new ones."""
+def greedy(cache: ModuleCache, tokens: list[int], max_new_tokens: int, stop_ids: Collection[int] | int | None = None,
+           on_token: Callable[[int], None] | None = None) -> list[int]:
+    """Up to max_new_tokens argmax tokens after `tokens`; the first stop id ends it and is the last token returned.
+
+    on_token sees each token as soon as it is chosen.
+    """
     check_context(cache.args, len(tokens), max_new_tokens)
+    stop = {stop_ids} if isinstance(stop_ids, int) else set(stop_ids or ())
     names = module_names(cache.args)
+    tied = cache.args.tie_word_embeddings
     out: list[int] = []
     seq = list(tokens)
     for _ in range(max_new_tokens):
         x = torch.tensor([seq], dtype=torch.long, device=cache.device)
         for name in names:
-            x = cache.get(name)(x)
+            module = cache.get(name)
+            # A tied output layer multiplies by the embedding's matrix, which it does not hold.
+            x = module(x, cache.get("tok_embeddings").weight) if tied and name == "output" else module(x)
         nxt = int(x[0, -1].float().argmax())
-        if eos_id is not None and nxt == eos_id:
-            break
         out.append(nxt)
         seq.append(nxt)
+        if on_token is not None:
+            on_token(nxt)
+        if nxt in stop:
+            break
     return out
 
 
+class TextStream:
+    """The text of tokens generated after a prompt, as it grows.
+
+    Tokens decode in context (decode(prompt + new) less decode(prompt)), so a tokenizer that
+    drops a word's leading space at the start of a text still gives it after the prompt.
+    """
+
+    def __init__(self, tokenizer, prompt_ids: list[int]):
+        self.tok = tokenizer
+        lead = 1 if prompt_ids[:1] == [tokenizer.bos_id] and tokenizer.bos_id is not None else 0
+        self.prompt = list(prompt_ids[lead:])
+        self.prefix = tokenizer.decode(self.prompt)
+        self.new: list[int] = []
+        self.shown = ""  # the text more() has handed out
+
+    def add(self, token: int):
+        self.new.append(token)
+
+    def text(self, ids: list[int] | None = None) -> str:
+        ids = self.new if ids is None else ids
+        full = self.tok.decode(self.prompt + ids)
+        return full[len(self.prefix):] if full.startswith(self.prefix) else self.tok.decode(ids)
+
+    def more(self, final: bool = False) -> str:
+        """Text not handed out yet; held back while it ends inside a multi-byte character (U+FFFD)
+        or while a later token rewrites what was handed out."""
+        text = self.text()
+        if (not final and text.endswith("\ufffd")) or not text.startswith(self.shown):
+            return ""
+        piece, self.shown = text[len(self.shown):], text
+        return piece
+
+
 def complete(cache: ModuleCache, tokenizer, prompt: str, max_new_tokens: int) -> str:
-    """The prompt's greedy continuation as text (without the prompt)."""
+    """The prompt's greedy continuation as text (without the prompt or the stop token)."""
     ids = tokenizer.encode(prompt, bos=True)
-    new = greedy(cache, ids, max_new_tokens, tokenizer.eos_id)
-    full = tokenizer.decode(ids[1:] + new)
-    prefix = tokenizer.decode(ids[1:])
-    return full[len(prefix):] if full.startswith(prefix) else tokenizer.decode(new)
+    new = greedy(cache, ids, max_new_tokens, tokenizer.stop_ids)
+    if new and new[-1] in tokenizer.stop_ids:
+        new = new[:-1]
+    return TextStream(tokenizer, ids).text(new)

@@ -1,0 +1,170 @@
+"""LoRA adapters in PEFT's format: adapter_config.json and adapter_model.safetensors.
+
+`peft.PeftModel.from_pretrained(hf_model, folder)` loads what export_peft writes. Module
+names come from hf.py's name table; B's rows for wq and wk take the same rotate-half
+permutation as the Hugging Face weights, so that B @ A is the permuted delta (A's columns
+index the layer's input, which no permutation touches).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..lora import TARGETS, Adapters, LoraConfig, _shape
+from ..model import ConfigError, ModelArgs
+from .hf import _rope_heads, from_meta, to_hf_name, to_meta, to_meta_name
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+PREFIX = "base_model.model."  # PeftModel wraps the causal LM, whose own names start with "model."
+_AB = {"A": "lora_A", "B": "lora_B"}
+# Config values that change what the adapter computes: load_peft reads only adapters with these.
+_PLAIN = {"peft_type": "LORA", "use_rslora": False, "use_dora": False, "fan_in_fan_out": False, "bias": "none",
+          "lora_bias": False, "modules_to_save": None, "layers_to_transform": None, "rank_pattern": {},
+          "alpha_pattern": {}, "target_parameters": None, "trainable_token_indices": None}
+
+
+def _hf_module(layer: str, target: str) -> str:
+    """('layers.3', 'wq') -> 'model.layers.3.self_attn.q_proj', through hf.py's name table."""
+    return to_hf_name(f"{layer}.{TARGETS[target]}.weight").removesuffix(".weight")
+
+
+def _meta_target(hf_module: str) -> tuple[str, str]:
+    """'model.layers.3.self_attn.q_proj' -> ('layers.3', 'wq'); ConfigError for anything else."""
+    meta = to_meta_name(hf_module + ".weight").removesuffix(".weight")  # 'layers.3.attention.wq'
+    layer, _, inner = meta.partition(".")[2].partition(".")
+    by_module = {m: t for t, m in TARGETS.items()}
+    if not meta.startswith("layers.") or inner not in by_module:
+        raise ConfigError(f"{hf_module} is not a layer slowllama puts adapters on")
+    return f"layers.{layer}", by_module[inner]
+
+
+def _rope(args: ModelArgs, layer: str, target: str, b: torch.Tensor, convert) -> torch.Tensor:
+    heads = _rope_heads(args, f"{layer}.{TARGETS[target]}.weight")
+    return b if heads is None else convert(b, heads, args.head_dim)
+
+
+def peft_files(adapters: Adapters, args: ModelArgs, base_model_name_or_path: str) -> dict[str, bytes]:
+    """{file name: bytes} of a PEFT LoRA folder holding these adapters (small: rank x layer width)."""
+    from safetensors.torch import save
+
+    cfg = adapters.cfg
+    tensors = {}
+    for layer in sorted(adapters.params, key=lambda m: int(m.split(".")[1])):
+        for t, (a, b) in adapters.params[layer].items():
+            name = PREFIX + _hf_module(layer, t)
+            tensors[f"{name}.lora_A.weight"] = a.detach().to("cpu", torch.float32).contiguous()
+            b = _rope(args, layer, t, b.detach().to("cpu", torch.float32), from_meta)
+            tensors[f"{name}.lora_B.weight"] = b.contiguous()
+    alpha = int(cfg.alpha) if float(cfg.alpha).is_integer() else cfg.alpha
+    config = {
+        **_PLAIN, "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path, "revision": None,
+        "inference_mode": True, "r": cfg.rank, "lora_alpha": alpha, "lora_dropout": 0.0,
+        "target_modules": sorted({_hf_module("layers.0", t).rsplit(".", 1)[1] for t in cfg.targets}),
+        "init_lora_weights": True, "layers_pattern": None, "exclude_modules": None,
+    }
+    return {CONFIG_FILE: (json.dumps(config, indent=2, sort_keys=True) + "\n").encode(),
+            WEIGHTS_FILE: save(tensors, metadata={"format": "pt"})}
+
+
+def export_peft(out_dir: Path, adapters: Adapters, args: ModelArgs, base_model_name_or_path: str,
+                marker: dict | None = None) -> Path:
+    """Write a PEFT folder at out_dir, replacing an earlier slowllama export there atomically."""
+    from ..fsutil import atomic_write_bytes, fsync_dir
+    from ..paths import check_folder, mark_owned, remove_stale_tmp, replace_dir, tmp_path
+
+    out_dir = Path(out_dir)
+    check_folder(out_dir, "export", "--out")
+    files = peft_files(adapters, args, base_model_name_or_path)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = tmp_path(out_dir)
+    remove_stale_tmp(out_dir)
+    work.mkdir()
+    try:
+        mark_owned(work, "export", **(marker or {}))
+        for name, data in files.items():
+            atomic_write_bytes(work / name, [data])
+        fsync_dir(work)
+        replace_dir(work, out_dir)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    log.info("exported PEFT adapters to %s", out_dir)
+    return out_dir
+
+
+def _read_config(path: Path) -> dict:
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise ConfigError(f"{path}: missing") from e
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    for key, want in _PLAIN.items():
+        value = raw.get(key, want)
+        if value != want and not (want in (None, {}) and not value):  # null, {} and [] all mean "none"
+            raise ConfigError(f"{path}: {key} {raw[key]!r} is not supported (slowllama reads {want!r})")
+    return raw
+
+
+def load_peft(folder: str | Path, args: ModelArgs) -> Adapters:
+    """The adapters of a PEFT LoRA folder, in slowllama's layout, checked against args."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    config_path, weights = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+    raw = _read_config(config_path)
+    try:
+        cfg_rank, cfg_alpha = raw["r"], raw["lora_alpha"]
+    except KeyError as e:
+        raise ConfigError(f"{config_path}: {e.args[0]} is missing") from e
+    if not weights.is_file():
+        raise ConfigError(f"{weights}: missing (slowllama reads safetensors adapters only)")
+    params: dict[str, dict[str, list]] = {}
+    try:
+        f = safe_open(str(weights), framework="pt", device="cpu")
+    except Exception as e:  # safetensors raises its own SafetensorError
+        raise ConfigError(f"{weights}: unreadable safetensors file ({type(e).__name__}: {e})") from e
+    with f:
+        for key in f.keys():
+            name, _, ab = key.removeprefix(PREFIX).removesuffix(".weight").rpartition(".")
+            which = {v: k for k, v in _AB.items()}.get(ab)
+            try:
+                if not key.startswith(PREFIX) or not key.endswith(".weight") or which is None:
+                    raise ConfigError("not a LoRA A or B weight")
+                layer, target = _meta_target(name)
+            except ConfigError as e:
+                raise ConfigError(f"{weights}: unexpected tensor {key!r} ({e})") from e
+            t = f.get_tensor(key)
+            if t.dim() != 2:
+                raise ConfigError(f"{weights}: {key} has shape {list(t.shape)}, expected a matrix")
+            slot = params.setdefault(layer, {}).setdefault(target, [None, None])
+            slot["AB".index(which)] = t
+    targets = tuple(t for t in TARGETS if any(t in layer for layer in params.values()))
+    try:
+        cfg = LoraConfig(rank=cfg_rank, alpha=float(cfg_alpha), targets=targets)
+    except (ConfigError, TypeError) as e:
+        raise ConfigError(f"{folder}: {e}") from e
+    out = {}
+    for layer, by_target in params.items():
+        out[layer] = {}
+        for t, (a, b) in by_target.items():
+            if a is None or b is None:
+                raise ConfigError(f"{weights}: {_hf_module(layer, t)} lacks its {'lora_A' if a is None else 'lora_B'}")
+            out_f, in_f = _shape(args, t)
+            if tuple(a.shape) != (cfg.rank, in_f) or tuple(b.shape) != (out_f, cfg.rank):
+                raise ConfigError(f"{weights}: {_hf_module(layer, t)} has lora_A {list(a.shape)} and lora_B "
+                                  f"{list(b.shape)}, this model with r={cfg.rank} needs {[cfg.rank, in_f]} and "
+                                  f"{[out_f, cfg.rank]}")
+            out[layer][t] = (a.float().requires_grad_(), _rope(args, layer, t, b.float(), to_meta).requires_grad_())
+    adapters = Adapters(cfg, out)
+    adapters.check_args(args, folder)
+    return adapters
+
