@@ -19,6 +19,7 @@ from .data import load_data
 from .fsutil import IO, atomic_write_bytes, atomic_write_json
 from .lora import Adapters, LoraConfig
 from .formats import open_checkpoint
+from .formats.peft import peft_files
 from .generate import ModuleCache, check_context, complete
 from .model import ConfigError, check_sliding_window
 from .optim import OptimConfig
@@ -256,12 +257,14 @@ def _run(o: RunOptions, resume: bool, saved: dict, ckpt, tokenizer, windows, val
         if not lora:
             export(store, model_dir, out, o.shards, marker)
             return
-        adapters = trainer.adapters_path.read_bytes()
+        files = {ADAPTERS_NAME: trainer.adapters_path.read_bytes()}
+        if store.source_format == "hf":  # PEFT's files, which peft.PeftModel.from_pretrained(base, out) reads
+            files.update(peft_files(trainer.adapters, store.args, str(model_dir)))
         if o.merge:
-            export(store, model_dir, out, o.shards, marker, transform=trainer.adapters.merge,
-                   extra={ADAPTERS_NAME: adapters})
+            export(store, model_dir, out, o.shards, marker, transform=trainer.adapters.merge, extra=files)
         else:
-            atomic_write_bytes(out / ADAPTERS_NAME, [adapters])
+            for name, data in files.items():
+                atomic_write_bytes(out / name, [data])
             mark_owned(out, "export", **marker)
 
     summary = {"out": str(out), "work_dir": str(work_dir), "losses": []}

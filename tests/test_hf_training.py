@@ -169,3 +169,33 @@ def test_meta_llama3_folder_trains_and_exports_its_own_files(tmp_path):
     assert r.returncode == 0, r.stderr
     assert (out / "tokenizer.model").read_bytes() == (model / "tokenizer.model").read_bytes()
     assert json.loads((out / "params.json").read_text()) == params
+
+
+def test_lora_run_on_an_hf_model_writes_adapters_peft_loads(hf_model, tmp_path):
+    peft = pytest.importorskip("peft")
+    folder = hf_model("llama31_gqa")
+    data = tmp_path / "d.txt"
+    data.write_text("The quick brown fox jumps over the lazy dog. 1234567 numbers! " * 40)
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, str(ROOT / "finetune.py"), str(folder), "--data", str(data), "--out", str(out),
+                        "--iters", "2", "--seq-len", "16", "--batch-size", "2", "--lr", "0.05", "--device", "cpu",
+                        "--lora-rank", "4", "--lora-targets", "wq,wk,wv,w2", "--optimizer", "adamw"],
+                       capture_output=True, text=True, cwd=ROOT, env={"TQDM_DISABLE": "1", "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 0, r.stderr
+    base = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    x = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        plain = base(x).logits
+        tuned = peft.PeftModel.from_pretrained(base, out)(x).logits
+    assert not torch.allclose(plain, tuned, atol=1e-4)  # the adapters trained (B moved off zero)
+    from slowllama.lora import Adapters
+    from slowllama.model import Transformer
+
+    ckpt = open_checkpoint(folder)
+    adapters = Adapters.load(out / "lora_adapters.blk")
+    mine = Transformer(ckpt.args)
+    mine.load_state_dict({f"{m}.{k}": t for m in ("tok_embeddings", *(f"layers.{i}" for i in range(ckpt.args.n_layers)),
+                                                    "norm", "output")
+                          for k, t in adapters.merge(m, ckpt.read_module(m)).items()})
+    with torch.no_grad():
+        torch.testing.assert_close(mine(x), tuned, atol=1e-5, rtol=0)
