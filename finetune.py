@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from slowllama.model import ConfigError
-from slowllama.options import add_arguments
+from slowllama.options import add_arguments, read_config
 from slowllama.paths import check_folder, lock_work_dir, remove_owned
 from slowllama.run import finetune, verify_store
 from slowllama.trainer import NonFiniteError
@@ -32,6 +32,7 @@ def parser() -> argparse.ArgumentParser:
                    "may differ from the saved run")
     p.add_argument("--verify", action="store_true", help="check every module of the block store in --work-dir "
                    "against its checksums, then exit")
+    p.add_argument("--config", help="a TOML or JSON file of options (a run's run.json is one); flags given here win")
     p.add_argument("-v", "--verbose", action="store_true", help="log more")
     return p
 
@@ -41,9 +42,11 @@ def main(argv=None) -> int:
     if not argv:
         return demo(Path("demo-out"))
     a = vars(parser().parse_args(argv))
-    resume, check, verbose = a.pop("resume"), a.pop("verify"), a.pop("verbose")
+    resume, check, verbose, config = a.pop("resume"), a.pop("verify"), a.pop("verbose"), a.pop("config")
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
+        if config:
+            a = {**read_config(config), **a}
         if not a.get("model_dir"):
             raise ConfigError("MODEL_DIR is required (only `finetune.py` with no arguments at all runs the demo)")
         if check:

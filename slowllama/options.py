@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from .model import ConfigError
+from .schedule import SCHEDULES
 
 MATH, OUTPUT, SESSION = "math", "output", "session"
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
@@ -25,6 +26,8 @@ DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 
 # Options that name files: made absolute, so that a run resumes from any working directory.
 PATHS = ("model_dir", "data", "val_data", "out", "work_dir")
+# What run.json keeps beside the options: the content hashes a resume checks the data against.
+SAVED_EXTRAS = ("data_sha256", "val_data_sha256")
 # MATH options that a resume checks by content instead of by value: the model and data may have
 # moved (same bytes, new path); the work dir is where the run was found; iters may grow.
 RESUME_MAY_CHANGE = ("iters", "model_dir", "data", "val_data", "work_dir")
@@ -66,7 +69,11 @@ class RunOptions:
     seq_len: int = opt(128, "tokens per sequence")
     grad_accum: int = opt(1, "batches per optimizer step; they pass through each block together, so no gradients "
                              "are stored")
-    lr: float = opt(1e-4, "learning rate")
+    lr: float = opt(1e-4, "learning rate (the peak, with a schedule)")
+    lr_schedule: str = opt("constant", "how the lr moves after warmup: constant, or a linear or cosine decay to "
+                                       "--min-lr at the last iteration", choices=SCHEDULES)
+    warmup_iters: int = opt(0, "iterations of linear warmup from lr/W to lr")
+    min_lr: float = opt(0.0, "the lr that linear and cosine schedules decay to")
     optimizer: str = opt("sgd", "optimizer; its state is stored beside each module", choices=("sgd", "adamw"))
     optim_state_dtype: str = opt("float32", "dtype of the stored optimizer moments (bfloat16 halves AdamW's state "
                                             "on disk)", choices=("float32", "bfloat16"))
@@ -116,7 +123,7 @@ class RunOptions:
         """Refuse impossible values with one line naming the option."""
         for name in ("iters", "batch_size", "seq_len", "gen_tokens", "grad_accum"):
             _at_least(self, name, 1)
-        for name in ("eval_every", "save_every", "lora_rank"):
+        for name in ("eval_every", "save_every", "lora_rank", "warmup_iters"):
             _at_least(self, name, 0)
         if self.shards is not None:
             _at_least(self, "shards", 1)
@@ -128,6 +135,8 @@ class RunOptions:
             v = getattr(self, name)
             if not (math.isfinite(v) and v >= 0):
                 raise ConfigError(f"{self.flag(name)} must be 0 or positive, got {v}")
+        if not (math.isfinite(self.min_lr) and 0 <= self.min_lr <= self.lr):
+            raise ConfigError(f"--min-lr must be between 0 and --lr {self.lr}, got {self.min_lr}")
         if self.momentum >= 1:
             raise ConfigError(f"--momentum must be below 1, got {self.momentum}")
         for name in ("dropout", "val_fraction"):
@@ -185,3 +194,49 @@ def add_arguments(p: argparse.ArgumentParser):
             typ = {"int": int, "float": float, "int | None": int, "str": str, "str | None": str}[str(f.type)]
             p.add_argument(RunOptions.flag(f.name), type=typ, default=argparse.SUPPRESS, choices=md.get("choices"),
                            help=hint)
+
+
+def read_config(path: str | Path) -> dict:
+    """Options from a TOML or JSON file (a run's run.json is one), keyed by field name.
+
+    Keys may use dashes or underscores; relative paths are taken from the file's folder.
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+        if path.suffix == ".json":
+            data = json.loads(raw)
+        else:
+            import tomllib
+
+            data = tomllib.loads(raw.decode("utf-8"))
+    except OSError as e:
+        raise ConfigError(f"--config {path}: cannot read it ({e.strerror})") from e
+    except (ValueError, UnicodeDecodeError) as e:  # tomllib.TOMLDecodeError and JSONDecodeError are ValueErrors
+        raise ConfigError(f"--config {path}: not valid {'JSON' if path.suffix == '.json' else 'TOML'} ({e})") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a table of options")
+    out = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name in SAVED_EXTRAS:
+            continue
+        if name not in _FIELDS:
+            raise ConfigError(f"--config {path}: unknown option {key!r}")
+        if value is not None and not _fits(_FIELDS[name], value):
+            raise ConfigError(f"--config {path}: {key} = {value!r} is not a {_FIELDS[name].type}")
+        if name in PATHS and value is not None:
+            value = str((path.parent / value).absolute()) if not Path(value).is_absolute() else value
+        out[name] = value
+    return out
+
+
+def _fits(f, value) -> bool:
+    kind = str(f.type).split(" | ")[0]
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, str) or (f.name == "ram_budget" and isinstance(value, int))

@@ -23,9 +23,10 @@ from .formats.peft import peft_files
 from .generate import ModuleCache, check_context, complete
 from .model import ConfigError, check_sliding_window
 from .optim import OptimConfig
-from .options import MATH, OUTPUT, PATHS, RESUME_MAY_CHANGE, SESSION, RunOptions, parse_size
+from .options import MATH, OUTPUT, PATHS, RESUME_MAY_CHANGE, SAVED_EXTRAS, SESSION, RunOptions, parse_size
 from .paths import (check_folder, claim_folder, lock_out_dir, lock_work_dir, mark_owned, owner_info,
                     remove_owned, restore_interrupted_swap)
+from .schedule import lr_at
 from .store import DTYPES, BlockStore, StoreError, export_store, open_or_prepare
 from .tokenizer import load_tokenizer
 from .trainer import TrainConfig, Trainer, estimate_io
@@ -34,6 +35,7 @@ log = logging.getLogger("slowllama")
 LOG_NAME = "train_log.jsonl"
 KEEP_ON_EXPORT = (LOG_NAME, "loss.png")
 ADAPTERS_NAME = "lora_adapters.blk"
+WEAR_WARNING_BYTES = 1e12  # a run that writes more is told what that costs a laptop's SSD
 
 
 def _inside(a: Path, b: Path) -> bool:
@@ -187,14 +189,15 @@ def _run(o: RunOptions, resume: bool, saved: dict, ckpt, tokenizer, windows, val
         store, prepared = open_or_prepare(ckpt, store_root, store_dtype,
                                           progress=lambda it: _bar(it, desc="prepare", unit="module"))
         log.info("%s store at %s", "prepared" if prepared else "reusing", store_root)
-        saved = {**o.saved(), "data_sha256": _sha256(Path(o.data)),
-                 "val_data_sha256": _sha256(Path(o.val_data)) if o.val_data else None}
+        hashes = (_sha256(Path(o.data)), _sha256(Path(o.val_data)) if o.val_data else None)
+        saved = {**o.saved(), **dict(zip(SAVED_EXTRAS, hashes))}
     micro = o.micro_batch or (o.batch_size if o.grad_accum > 1 else None)
     tcfg = TrainConfig(optim=optim, seed=o.seed, dropout=o.dropout, micro_batch=micro,
                        compute_dtype=DTYPES[o.compute_dtype], act_dtype=DTYPES[o.act_dtype],
                        ram_budget=parse_size(o.ram_budget), prefetch=not o.no_prefetch, verify=not o.no_verify,
                        stop_on_nonfinite_loss=o.stop_on_nan, lora=lora,
-                       optim_state_dtype=DTYPES[o.optim_state_dtype])
+                       optim_state_dtype=DTYPES[o.optim_state_dtype],
+                       lr_at=lambda step: lr_at(step, o.iters, o.lr, o.lr_schedule, o.warmup_iters, o.min_lr))
     trainer = Trainer(store, work_dir, torch_device, tcfg, progress=_bar)
     try:
         trainer.update.resume_point()  # reads every module's header: a swapped or stale file stops here
@@ -223,7 +226,15 @@ def _run(o: RunOptions, resume: bool, saved: dict, ckpt, tokenizer, windows, val
           f"checkpoint: {fmt_bytes(sum(p.stat().st_size for p in ckpt.shards))}")
     print(f"disk per iteration: ~{fmt_bytes(est['read'])} read, ~{fmt_bytes(est['written'])} written; "
           f"for {remaining} iterations: ~{fmt_bytes(est['read'] * remaining)} read, "
-          f"~{fmt_bytes(est['written'] * remaining)} written")
+          f"~{fmt_bytes(est['written'] * remaining)} written ({est['written'] * remaining / 1e12:.2f} TB)")
+    if est["written"] * remaining > WEAR_WARNING_BYTES:
+        cheaper = [c for c, on in (("--store-dtype bfloat16", o.store_dtype == "float32" and not lora),
+                                   ("LoRA (--lora-rank 8)", not lora)) if on]
+        print(f"warning: this run writes {est['written'] * remaining / 1e12:.1f} TB to {store.root}'s disk "
+              f"({fmt_bytes(est['written'])} per iteration), a large share of a consumer SSD's rated endurance"
+              + (f"; cheaper: {', '.join(cheaper)}" if cheaper else ""))
+    if resume and o.lr_schedule != "constant" and o.iters != saved["iters"]:
+        print(f"the lr schedule now spans {o.iters} iterations (it spanned {saved['iters']})")
 
     def batch_for(step):
         # Gradient accumulation: the iteration's batches all pass through each block in one
@@ -289,7 +300,8 @@ def _run(o: RunOptions, resume: bool, saved: dict, ckpt, tokenizer, windows, val
             dt = time.perf_counter() - t0
             r1, w1 = IO.snapshot()
             rec = {"iter": step, "loss": res.loss, "seconds": round(dt, 4), "tokens": res.tokens,
-                   "peak_rss_bytes": _peak_rss(proc), "bytes_read": r1 - r0, "bytes_written": w1 - w0}
+                   "peak_rss_bytes": _peak_rss(proc), "bytes_read": r1 - r0, "bytes_written": w1 - w0,
+                   "lr": tcfg.optim_at(step).lr}
             if res.skipped:
                 rec["skipped"] = True
             _append(log_path, rec)

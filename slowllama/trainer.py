@@ -17,6 +17,7 @@ LoRA); the commit order and the journal that a resume reads are journal.py's.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
@@ -56,6 +57,11 @@ class TrainConfig:
     # How a 16-bit store rounds updated masters; "nearest" exists only as the control that shows why.
     store_rounding: str = "stochastic"
     optim_state_dtype: torch.dtype = torch.float32  # bfloat16 halves the optimizer state on disk
+    lr_at: Callable[[int], float] | None = None  # step -> lr; None: optim.lr throughout
+
+    def optim_at(self, step: int) -> OptimConfig:
+        """The optimizer settings of a step: a resumed step gets the lr it began with."""
+        return self.optim if self.lr_at is None else dataclasses.replace(self.optim, lr=self.lr_at(step))
 
 
 @dataclass

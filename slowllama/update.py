@@ -84,7 +84,7 @@ class FullUpdate:
                     p.grad = compute[k].grad.float()
         done = ", ".join(self.names[i + 1:]) or "none"
         check_gradients(self.names, step, i, params, grads_in, f"not written. Already updated this step: {done}")
-        new_state = step_module(self.cfg.optim, params, block.optim)
+        new_state = step_module(self.cfg.optim_at(step), params, block.optim)
         store_dtype = self.store.dtype
         new_params = {}
         for j, (k, p) in enumerate(params.items()):
@@ -163,7 +163,8 @@ class LoraUpdate:
         params = self.adapters.named(name)
         check_gradients(self.names, step, i, params, grads_in, "adapters not saved", every_param=True)
         if params:
-            self.adapters.optim[name] = step_module(self.cfg.optim, params, self.adapters.optim.get(name, {}))
+            self.adapters.optim[name] = step_module(self.cfg.optim_at(step), params,
+                                                    self.adapters.optim.get(name, {}))
             for p in params.values():
                 p.grad = None
 
