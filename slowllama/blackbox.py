@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import queue
 import threading
 from concurrent.futures import Future
@@ -21,7 +22,7 @@ from torch import nn
 from . import compat
 from . import device as dev
 from .model import ModelArgs, build_module
-from .store import Block, BlockStore
+from .store import DTYPES, Block, BlockStore
 
 log = logging.getLogger(__name__)
 
@@ -39,42 +40,81 @@ class BufferPool:
     its storage, which the storage's reference count says exactly. Torch exposes that
     count only privately (compat.storage_use_count); without it, or when it fails its
     self-check, every read gets a new buffer: a buffer still in use is never handed out.
+
+    With size set, every buffer has at least that many bytes and any free one serves any
+    request up to it: the page-locked staging buffers, sized once for the largest module,
+    since the pinned allocator rounds each allocation up to a power of two and caches it.
     """
 
-    def __init__(self, pin_memory: bool = False, keep_free: int = 1):
+    def __init__(self, pin_memory: bool = False, keep_free: int = 1, size: int = 0):
         self.pin_memory = pin_memory
         self.keep_free = keep_free  # free buffers kept beyond those in use: RAM that holds no module
+        self.size = size
         self._refs = compat.storage_use_count()  # None: every read gets a new buffer
         self._held: list[torch.Tensor] = []
-        self._fences: dict[int, object] = {}  # buffer data_ptr -> event after its last asynchronous copy
+        # buffer data_ptr -> events after the asynchronous copies out of it that may still run
+        self._fences: dict[int, list] = {}
         self._lock = threading.Lock()
         self._idle = self._refs(torch.empty(1)) if self._refs is not None else None
+
+    def _fits(self, b: torch.Tensor, nbytes: int) -> bool:
+        return b.numel() >= nbytes if self.size else b.numel() == nbytes
 
     def __call__(self, nbytes: int) -> torch.Tensor:
         with self._lock:
             buf = None
             if self._refs is not None:
                 free = [b for b in self._held if self._refs(b) == self._idle]
-                buf = next((b for b in free if b.numel() == nbytes), None)
+                buf = next((b for b in free if self._fits(b, nbytes)), None)
                 drop = [b for b in free if b is not buf][self.keep_free:]
                 self._held = [b for b in self._held if all(b is not d for d in drop)]
                 for b in drop:
-                    self._fences.pop(b.data_ptr(), None)
+                    for event in self._fences.pop(b.data_ptr(), []):
+                        event.synchronize()  # freed memory could be reused by the allocator at once
             if buf is None:
-                buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin_memory)
+                buf = torch.empty(max(nbytes, self.size), dtype=torch.uint8, pin_memory=self.pin_memory)
                 if self._refs is not None:
                     self._held.append(buf)
-            fence = self._fences.pop(buf.data_ptr(), None)
-        if fence is not None:
-            fence.synchronize()  # an asynchronous copy out of this buffer may still be running
+            fences = self._fences.pop(buf.data_ptr(), [])
+        for event in fences:
+            event.synchronize()  # an asynchronous copy out of this buffer may still be running
         # A view, not the pool's own tensor: holding the returned tensor must count as a use.
-        return buf[:]
+        return buf[:nbytes]
 
     def fence(self, buffer: torch.Tensor, event):
         """The buffer must not be refilled before event, which follows a non_blocking copy out of it."""
+        if event is None:
+            return
         with self._lock:
-            if any(b.data_ptr() == buffer.data_ptr() for b in self._held):
-                self._fences[buffer.data_ptr()] = event
+            held = next((b for b in self._held if b.data_ptr() == buffer.data_ptr()), None)
+        if held is None:
+            # Not a pooled buffer (no reference counts): it is freed, never refilled, but the allocator
+            # could hand its memory out again, so wait here instead.
+            event.synchronize()
+            return
+        with self._lock:
+            self._fences.setdefault(buffer.data_ptr(), []).append(event)
+
+    def pending(self, buffer: torch.Tensor) -> int:
+        """How many copies out of this buffer may still be running."""
+        with self._lock:
+            return len(self._fences.get(buffer.data_ptr(), []))
+
+
+def _oom_errors() -> tuple[type[BaseException], ...]:
+    return tuple(e for e in (getattr(torch, "OutOfMemoryError", None),
+                             getattr(torch.cuda, "OutOfMemoryError", None)) if e is not None) or (RuntimeError,)
+
+
+def module_sizes(store: BlockStore) -> tuple[int, int]:
+    """(bytes of the largest module with its optimizer state, bytes of the largest module's parameters),
+    from the headers alone."""
+    block = params = 0
+    for name in store.trainable:
+        sizes = [(key, DTYPES[dt].itemsize * math.prod(shape)) for key, dt, shape, _ in store.header(name)["tensors"]]
+        block = max(block, sum(n for _, n in sizes))
+        params = max(params, sum(n for k, n in sizes if "#" not in k))
+    return block, params
 
 
 class Streamer:
@@ -85,13 +125,20 @@ class Streamer:
     def __init__(self, store: BlockStore, ram_budget: int = 0, prefetch: bool = True, verify: bool = True,
                  max_pending_writes: int = 1, device: torch.device = torch.device("cpu")):
         self.store = store
-        self.budget = ram_budget
         self.prefetch_enabled = prefetch
         self.verify = verify
         self.device = device
-        # On CUDA the read buffers are page-locked, so that copies to the device are asynchronous,
-        # and prefetched modules are copied on a stream of their own while the current one computes.
-        self.buffers = BufferPool(pin_memory=device.type == "cuda")
+        self.budget = ram_budget
+        sizes = module_sizes(store) if device.type != "cpu" else (0, 0)
+        if dev.unified_memory(device):
+            # The module computing lives a second time in the same RAM: its parameters, their compute
+            # cast and its optimizer state on the device. The cache gets what is left.
+            self.budget = max(0, ram_budget - sizes[0] - sizes[1])
+        # Read buffers are pageable. On CUDA, a prefetched module's parameters (not its optimizer
+        # state) go through a page-locked staging buffer, sized once for the largest module, so
+        # that the copy is asynchronous on a stream of its own while the current module computes.
+        self.buffers = BufferPool()
+        self.staging = BufferPool(pin_memory=True, keep_free=2, size=sizes[1]) if device.type == "cuda" else None
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._staged: collections.OrderedDict[int, tuple[Block, dict, object]] = collections.OrderedDict()
         # Modules this process wrote: a re-read mostly comes from the page cache, where a checksum
@@ -264,8 +311,14 @@ class Streamer:
         with self._lock:
             if id(block) in self._staged:
                 return
-        with torch.cuda.device(self.device), torch.cuda.stream(self._copy_stream):
-            params, event = self._copy(block, self._copy_stream)
+        try:
+            with torch.cuda.device(self.device), torch.cuda.stream(self._copy_stream):
+                params, event = self._copy_staged(block)
+        except _oom_errors() as e:
+            # The device is full of the module computing: the trainer copies this one directly when it needs it.
+            log.warning("no device memory to prefetch a module (%s); copying it when needed instead",
+                        str(e).splitlines()[0] if str(e) else "out of memory")
+            return
         with self._lock:
             self._staged[id(block)] = (block, params, event)
             while len(self._staged) > 2:  # the device holds at most the next module or two ahead
@@ -282,19 +335,36 @@ class Streamer:
             for t in params.values():
                 t.record_stream(stream)  # allocated on the copy stream, used and freed on this one
         else:
-            params, _ = self._copy(block, torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None)
+            params = self._copy(block)
         return {k: t if dtype is None or t.dtype == dtype else t.to(dtype) for k, t in params.items()}
 
-    def _copy(self, block: Block, stream) -> tuple[dict[str, torch.Tensor], object]:
-        """Copy the block's parameters to the device; on CUDA, also an event on stream after the
-        copies, which fences the read buffer against being refilled while they run."""
-        params = {k: dev.to_device(t, self.device, non_blocking=True) for k, t in block.params.items()}
-        event = None
-        if stream is not None:
-            event = torch.cuda.Event()
-            event.record(stream)
-            if block.buffer is not None:
-                self.buffers.fence(block.buffer, event)
+    def _copy(self, block: Block) -> dict[str, torch.Tensor]:
+        """The direct copy. To mps it is non_blocking and fenced: the read buffer waits for it before it is
+        refilled. To cuda it is blocking: the read buffer is pageable, where a copy could not overlap anyway."""
+        non_blocking = self.device.type == "mps"
+        params = {k: dev.to_device(t, self.device, non_blocking=non_blocking) for k, t in block.params.items()}
+        if non_blocking and block.buffer is not None:
+            self.buffers.fence(block.buffer, dev.copy_fence(self.device))
+        return params
+
+    def _copy_staged(self, block: Block) -> tuple[dict[str, torch.Tensor], object]:
+        """Copy the block's parameters through a page-locked staging buffer to the device, on the
+        current (copy) stream; returns them and the event after the copies, which also fences the
+        staging buffer against being refilled while they run."""
+        offsets, total = {}, 0
+        for k, t in block.params.items():
+            offsets[k] = total
+            total += t.nbytes + (-t.nbytes) % 64
+        stage = self.staging(total)
+        params, host = {}, None
+        for k, t in block.params.items():
+            src = t.contiguous()
+            host = stage[offsets[k]: offsets[k] + src.nbytes].view(src.dtype).view(src.shape)
+            host.copy_(src)
+            params[k] = dev.to_device(host, self.device, non_blocking=True)
+        del host
+        event = dev.copy_fence(self.device, self._copy_stream)
+        self.staging.fence(stage, event)
         return params, event
 
 

@@ -60,3 +60,33 @@ def test_without_reference_counts_every_read_gets_a_new_buffer(monkeypatch):
     pool = BufferPool()
     a = pool(100)
     assert pool._held == [] and a.numel() == 100
+
+
+def test_a_buffer_keeps_every_pending_copy():
+    waited = []
+
+    class Event:
+        def __init__(self, n):
+            self.n = n
+
+        def synchronize(self):
+            waited.append(self.n)
+
+    pool = BufferPool()
+    a = pool(100)
+    ptr = a.data_ptr()
+    pool.fence(a, Event(1))
+    pool.fence(a, Event(2))  # a second copy out of the same buffer, on another stream
+    assert pool.pending(a) == 2
+    del a
+    assert pool(100).data_ptr() == ptr and waited == [1, 2]
+
+
+def test_a_sized_pool_serves_any_request_from_one_buffer():
+    pool = BufferPool(size=4096)
+    a = pool(1000)
+    ptr = a.data_ptr()
+    assert a.numel() == 1000
+    del a
+    b = pool(3000)
+    assert b.data_ptr() == ptr and b.numel() == 3000 and len(pool._held) == 1
