@@ -81,8 +81,9 @@ class RunOptions:
     weight_decay: float = opt(0.0, "weight decay")
     dropout: float = opt(0.0, "residual dropout probability in each block")
     seed: int = opt(42, "seed for batch sampling and dropout")
+    # float16 is not offered: without loss scaling it flushes small gradients to zero.
     compute_dtype: str = opt("float32", "dtype blocks compute in; updates always go to float32 masters",
-                             choices=DTYPE_CHOICES)
+                             choices=("float32", "bfloat16"))
     store_dtype: str = opt("float32", "dtype of the block store's master weights (bfloat16 rounds updates "
                                       "stochastically)", choices=("float32", "bfloat16"))
     act_dtype: str = opt("float32", "dtype of the cached activations", choices=DTYPE_CHOICES)
@@ -106,6 +107,8 @@ class RunOptions:
     no_prefetch: bool = opt(False, "read each module only when it is needed", SESSION)
     no_verify: bool = opt(False, "skip checking each module's checksum as it is read", SESSION)
     stop_on_nan: bool = opt(False, "stop the run on a NaN or Inf loss instead of skipping the step", SESSION)
+    deterministic: bool = opt(False, "bit-reproducible kernels on cuda (deterministic algorithms, math attention); "
+                                     "slower", SESSION)
 
     @staticmethod
     def flag(name: str) -> str:

@@ -128,8 +128,16 @@ def finetune(*, resume: bool = False, **given) -> dict:
     optim = OptimConfig(o.optimizer, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
     lora = LoraConfig(o.lora_rank, o.lora_alpha, tuple(t.strip() for t in o.lora_targets.split(","))) \
         if o.lora_rank else None
-    torch_device = dev.pick_device(o.device)
+    torch_device, why = dev.choose_device(o.device)
+    print(f"device: {torch_device} ({why})")
+    if "unavailable" in why:
+        log.warning(why)
+    dev.check_torch_for_device(torch_device)
     dev.check_compute_dtype(torch_device, DTYPES[o.compute_dtype])
+    dev.check_dtypes(torch_device, compute=DTYPES[o.compute_dtype], store=DTYPES[o.store_dtype],
+                     act=DTYPES[o.act_dtype], optim_state=DTYPES[o.optim_state_dtype])
+    if o.deterministic:
+        dev.use_deterministic(torch_device)  # before the first kernel runs on the device
     ckpt = open_checkpoint(model_dir)
     if o.shards is not None:
         if not isinstance(ckpt, MetaCheckpoint):
