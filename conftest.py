@@ -12,6 +12,8 @@ sys.path.insert(0, str(ROOT / "tools"))
 from make_test_model import make_test_model  # noqa: E402
 
 CORPUS = ROOT / "test_data" / "corpus.txt"
+# Fixtures the CLI tests share (probe_model, probe_data) live with their helpers.
+pytest_plugins = ["tests.cli_helpers"]
 
 
 def pytest_configure(config):

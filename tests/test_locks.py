@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli_helpers import SMALL, assert_refused, probe_data, probe_model, run_cli, start_cli  # noqa: F401
+from tests.cli_helpers import SMALL, assert_refused, run_cli, start_cli
 
 FOREVER = "100000"  # iterations: the first run is still training whenever the test looks
 

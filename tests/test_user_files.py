@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli_helpers import (SMALL, assert_refused, assert_unchanged, loss_iters, probe_data, probe_model,  # noqa: F401
-                               run_cli, snapshot, train)
+from tests.cli_helpers import SMALL, assert_refused, assert_unchanged, loss_iters, run_cli, snapshot, train
 
 
 @pytest.fixture(scope="module")
