@@ -97,7 +97,9 @@ class RunOptions:
                           OUTPUT)
     prompt: str = opt("", "prompt for the completions printed during training", OUTPUT)
     gen_tokens: int = opt(32, "tokens per completion", OUTPUT)
-    save_every: int = opt(0, "export the tuned model every N iterations (0: only at the end)", OUTPUT)
+    save_every: int = opt(0, "also export the model every N iterations, into OUT/checkpoint-NNNNNN (0: only at the "
+                             "end, into OUT)", OUTPUT)
+    keep: int = opt(2, "numbered checkpoints to keep; older ones are deleted", OUTPUT)
     shards: int | None = opt(None, "shard count of the exported model (default: as the original)", OUTPUT)
     merge: bool = opt(False, "LoRA: also export the model with the adapters merged in (Meta format)", OUTPUT)
     # Where and how fast: free to change between a run and its resume.
@@ -124,7 +126,7 @@ class RunOptions:
 
     def validate(self):
         """Refuse impossible values with one line naming the option."""
-        for name in ("iters", "batch_size", "seq_len", "gen_tokens", "grad_accum"):
+        for name in ("iters", "batch_size", "seq_len", "gen_tokens", "grad_accum", "keep"):
             _at_least(self, name, 1)
         for name in ("eval_every", "save_every", "lora_rank", "warmup_iters"):
             _at_least(self, name, 0)

@@ -29,7 +29,8 @@ LOCK = ".slowllama.lock"
 
 # The names each kind of folder may hold, besides OWNER and LOCK. Anything else is the user's.
 # An export holds what the formats write (formats.EXPORT_NAMES) and the run's own files.
-RUN_FILES = [r"train_log\.jsonl", r"loss\.png", r"lora_adapters\.blk"]
+RUN_FILES = [r"train_log\.jsonl", r"loss\.png", r"lora_adapters\.blk", r"checkpoint-\d+"]
+CHECKPOINT = re.compile(r"checkpoint-(\d+)")  # OUT/checkpoint-000100: the export after iteration 100
 WORK_NAMES = [r"run\.json", r"store", r"base", r"acts", r"lora_adapters\.blk"]
 
 
@@ -51,6 +52,7 @@ def is_tmp_of(entry: Path, target: Path) -> bool:
 
 
 TMP_NAME = rf"\..+{re.escape(TMP_MARK)}\.\d+"  # any temp name of ours
+OLD_NAME = rf"\..+{re.escape(OLD_MARK)}"  # a previous export moved aside during a swap
 
 
 def remove_stale_tmp(target: Path):
@@ -60,7 +62,11 @@ def remove_stale_tmp(target: Path):
         return
     for entry in parent.iterdir():
         if is_tmp_of(entry, target) and not _pid_alive(int(entry.name.rsplit(".", 1)[1])):
-            remove_tree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink(missing_ok=True)
+            if entry.is_dir() and not entry.is_symlink():
+                _carry_checkpoints(entry, target)  # a swap cut short had moved them here
+                remove_tree(entry)
+            else:
+                entry.unlink(missing_ok=True)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -98,7 +104,7 @@ def foreign_entries(folder: Path, kind: str) -> list[str]:
     name anywhere; the rest only in a folder that holds our OWNER file."""
     if not folder.is_dir():
         return []
-    ours = [TMP_NAME, re.escape(LOCK)]
+    ours = [TMP_NAME, OLD_NAME, re.escape(LOCK)]
     if owner_kind(folder) == kind:
         ours += [re.escape(OWNER), *owned_names(kind)]
     allowed = re.compile("|".join(ours))
@@ -164,6 +170,7 @@ def replace_dir(src: Path, dst: Path):
     if old.exists():
         remove_owned(old, "export")
     if dst.exists():
+        _carry_checkpoints(dst, src)  # the run's numbered checkpoints stay in the output folder
         os.replace(dst, old)
     faults.point("export_swap")
     os.replace(src, dst)
@@ -181,6 +188,33 @@ def restore_interrupted_swap(dst: Path):
     old = old_path(dst)
     if not dst.exists() and old.is_dir() and owner_kind(old) == "export":
         os.replace(old, dst)
+    if dst.is_dir():
+        remove_stale_tmp(dst)
+
+
+def _carry_checkpoints(src: Path, dst: Path):
+    """Move the numbered checkpoints of export folder src into dst (each rename is atomic)."""
+    if not (src.is_dir() and dst.is_dir()):
+        return
+    for c in src.iterdir():
+        if CHECKPOINT.fullmatch(c.name) and c.is_dir() and not (dst / c.name).exists():
+            os.replace(c, dst / c.name)
+
+
+def checkpoint_dir(out: Path, step: int) -> Path:
+    return out / f"checkpoint-{step:06d}"
+
+
+def prune_checkpoints(out: Path, keep: int):
+    """Keep the newest `keep` numbered checkpoints in out; drop the rest and the temp folders
+    that killed checkpoint exports left."""
+    found = sorted((int(m.group(1)), p) for p in out.iterdir() if (m := CHECKPOINT.fullmatch(p.name)))
+    for _, p in found[:max(0, len(found) - keep)]:
+        remove_owned(p, "export")
+    for p in out.iterdir():
+        m = re.fullmatch(rf"\.(checkpoint-\d+){re.escape(TMP_MARK)}\.\d+", p.name)
+        if m:
+            remove_stale_tmp(out / m.group(1))
 
 
 class FolderLock:

@@ -24,8 +24,8 @@ from .generate import ModuleCache, check_context, complete
 from .model import ConfigError, check_sliding_window
 from .optim import OptimConfig
 from .options import MATH, OUTPUT, PATHS, RESUME_MAY_CHANGE, SAVED_EXTRAS, SESSION, RunOptions, parse_size
-from .paths import (check_folder, claim_folder, lock_out_dir, lock_work_dir, mark_owned, owner_info,
-                    remove_owned, restore_interrupted_swap)
+from .paths import (check_folder, checkpoint_dir, claim_folder, lock_out_dir, lock_work_dir, mark_owned, owner_info,
+                    prune_checkpoints, remove_owned, restore_interrupted_swap)
 from .schedule import lr_at
 from .store import DTYPES, BlockStore, StoreError, export_store, open_or_prepare
 from .tokenizer import load_tokenizer
@@ -270,21 +270,28 @@ def _run(o: RunOptions, resume: bool, saved: dict, ckpt, tokenizer, windows, val
         params = store.module_tensors(name)
         return trainer.adapters.merge(name, params) if trainer.adapters else params
 
-    def save():
+    def save(final: bool = True):
+        """The export: into out at the end, into out/checkpoint-NNNNNN every --save-every iterations."""
         trainer.streamer.flush()
         marker = {"run": run_id, "step": trainer.step}
+        target = out if final else checkpoint_dir(out, trainer.step)
+        logs = {n: (out / n).read_bytes() for n in KEEP_ON_EXPORT if final and (out / n).exists()}
         if not lora:
-            export(store, model_dir, out, o.shards, marker)
-            return
-        files = {ADAPTERS_NAME: trainer.adapters_path.read_bytes()}
-        if store.source_format == "hf":  # PEFT's files, which peft.PeftModel.from_pretrained(base, out) reads
-            files.update(peft_files(trainer.adapters, store.args, str(model_dir)))
-        if o.merge:
-            export(store, model_dir, out, o.shards, marker, transform=trainer.adapters.merge, extra=files)
+            export(store, model_dir, target, o.shards, marker, extra=logs)
         else:
-            for name, data in files.items():
-                atomic_write_bytes(out / name, [data])
-            mark_owned(out, "export", **marker)
+            files = {ADAPTERS_NAME: trainer.adapters_path.read_bytes()}
+            if store.source_format == "hf":  # PEFT's files, which peft.PeftModel.from_pretrained(base, out) reads
+                files.update(peft_files(trainer.adapters, store.args, str(model_dir)))
+            if o.merge:
+                export(store, model_dir, target, o.shards, marker, transform=trainer.adapters.merge,
+                       extra={**files, **logs})
+            else:
+                claim_folder(target, "export", "--out")
+                for name, data in files.items():
+                    atomic_write_bytes(target / name, [data])
+                mark_owned(target, "export", **marker)
+        if not final:
+            prune_checkpoints(out, o.keep)
 
     summary = {"out": str(out), "work_dir": str(work_dir), "losses": []}
     try:
@@ -296,6 +303,9 @@ def _run(o: RunOptions, resume: bool, saved: dict, ckpt, tokenizer, windows, val
         if last and last["iter"] not in _logged_iters(log_path):
             _append(log_path, {**last, "resumed": True})  # the crash came before its log record
         start = trainer.step
+        if o.save_every and 0 < start < o.iters and start % o.save_every == 0 \
+                and _export_step(checkpoint_dir(out, start), run_id) != start:
+            save(final=False)  # the run was stopped while it saved this checkpoint
         if start == 0 or o.eval_every and resume:
             summary["before"] = evaluate(start)
         proc = psutil.Process()
@@ -319,7 +329,7 @@ def _run(o: RunOptions, resume: bool, saved: dict, ckpt, tokenizer, windows, val
             if o.eval_every and done % o.eval_every == 0 and done < o.iters:
                 evaluate(done)
             if o.save_every and done % o.save_every == 0 and done < o.iters:
-                save()
+                save(final=False)
         summary["after"] = evaluate(o.iters)
         save()
     finally:
@@ -357,13 +367,8 @@ def verify_store(*, model_dir: str | Path, out: str | Path | None = None, work_d
 
 def export(store: BlockStore, source_dir: Path, out: Path, shards: int | None, marker: dict, transform=None,
            extra: dict | None = None):
-    """Export into out, keeping the run's log files that live there."""
-    keep = dict(extra or {})
-    for name in KEEP_ON_EXPORT:
-        if (out / name).exists():
-            keep[name] = (out / name).read_bytes()
     export_store(store, source_dir, out, n_shards=shards, progress=lambda it: _bar(it, desc="export", unit="module"),
-                 extra_files=keep, transform=transform, marker=marker)
+                 extra_files=extra, transform=transform, marker=marker)
 
 
 def _progress(work_dir: Path) -> str:

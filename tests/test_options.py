@@ -34,6 +34,7 @@ def test_many_options_in_one_run(gqa_model, tmp_path):
              "--weight-decay", "0.01", "--seed", "3", "--dropout", "0.1", "--device", "cpu")
     assert r.returncode == 0, r.stderr
     assert r.stderr.count("exported") == 3  # after iterations 1 and 2 (--save-every 1), and at the end
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-000001", "checkpoint-000002"]
     assert sorted(p.name for p in out.glob("*.pth")) == ["consolidated.00.pth"]  # re-sharded from 2 to 1
     ck = MetaCheckpoint(out)
     assert ck.n_shards == 1 and ck.checkpoint_dtype() == MetaCheckpoint(gqa_model).checkpoint_dtype()
