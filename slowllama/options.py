@@ -100,6 +100,9 @@ class RunOptions:
     save_every: int = opt(0, "also export the model every N iterations, into OUT/checkpoint-NNNNNN (0: only at the "
                              "end, into OUT)", OUTPUT)
     keep: int = opt(2, "numbered checkpoints to keep; older ones are deleted", OUTPUT)
+    export_format: str | None = opt(None, "format of the export: hf or meta (default: the format the model came "
+                                          "in; a Meta checkpoint can come out as a Hugging Face folder)", OUTPUT,
+                                    choices=("hf", "meta"))
     shards: int | None = opt(None, "shard count of the exported model (default: as the original)", OUTPUT)
     merge: bool = opt(False, "LoRA: also export the model with the adapters merged in (Meta format)", OUTPUT)
     # Where and how fast: free to change between a run and its resume.
@@ -152,7 +155,7 @@ class RunOptions:
             raise ConfigError("--val-data and --val-fraction exclude each other")
         for f in fields(self):
             choices = f.metadata.get("choices")
-            if choices and getattr(self, f.name) not in choices:
+            if choices and getattr(self, f.name) not in (*choices, *([None] if f.default is None else [])):
                 raise ConfigError(f"{self.flag(f.name)} {getattr(self, f.name)!r}: expected one of {', '.join(choices)}")
         if self.merge and not self.lora_rank:
             raise ConfigError("--merge needs --lora-rank")

@@ -139,9 +139,12 @@ def finetune(*, resume: bool = False, **given) -> dict:
     if o.deterministic:
         dev.use_deterministic(torch_device)  # before the first kernel runs on the device
     ckpt = open_checkpoint(model_dir)
+    export_format = o.export_format or ("meta" if isinstance(ckpt, MetaCheckpoint) else "hf")
+    if export_format == "meta" and not isinstance(ckpt, MetaCheckpoint):
+        raise ConfigError(f"--export-format meta: {model_dir} is a Hugging Face folder; it exports as one")
     if o.shards is not None:
-        if not isinstance(ckpt, MetaCheckpoint):
-            raise ConfigError(f"--shards: {model_dir} is a Hugging Face folder; its export is sharded by size")
+        if export_format != "meta":
+            raise ConfigError("--shards: a Hugging Face export is sharded by size (5 GB), not by count")
         check_shard_count(ckpt.args, o.shards)
     check_sliding_window(ckpt.args, o.seq_len)
     tokenizer = load_tokenizer(model_dir)
@@ -277,13 +280,13 @@ def _run(o: RunOptions, resume: bool, saved: dict, ckpt, tokenizer, windows, val
         target = out if final else checkpoint_dir(out, trainer.step)
         logs = {n: (out / n).read_bytes() for n in KEEP_ON_EXPORT if final and (out / n).exists()}
         if not lora:
-            export(store, model_dir, target, o.shards, marker, extra=logs)
+            export(store, model_dir, target, o, marker, extra=logs)
         else:
             files = {ADAPTERS_NAME: trainer.adapters_path.read_bytes()}
             if store.source_format == "hf":  # PEFT's files, which peft.PeftModel.from_pretrained(base, out) reads
                 files.update(peft_files(trainer.adapters, store.args, str(model_dir)))
             if o.merge:
-                export(store, model_dir, target, o.shards, marker, transform=trainer.adapters.merge,
+                export(store, model_dir, target, o, marker, transform=trainer.adapters.merge,
                        extra={**files, **logs})
             else:
                 claim_folder(target, "export", "--out")
@@ -365,10 +368,10 @@ def verify_store(*, model_dir: str | Path, out: str | Path | None = None, work_d
         lock.close()
 
 
-def export(store: BlockStore, source_dir: Path, out: Path, shards: int | None, marker: dict, transform=None,
+def export(store: BlockStore, source_dir: Path, out: Path, o: RunOptions, marker: dict, transform=None,
            extra: dict | None = None):
-    export_store(store, source_dir, out, n_shards=shards, progress=lambda it: _bar(it, desc="export", unit="module"),
-                 extra_files=extra, transform=transform, marker=marker)
+    export_store(store, source_dir, out, n_shards=o.shards, progress=lambda it: _bar(it, desc="export", unit="module"),
+                 extra_files=extra, transform=transform, marker=marker, export_format=o.export_format)
 
 
 def _progress(work_dir: Path) -> str:

@@ -421,10 +421,11 @@ def open_or_prepare(ckpt: MetaCheckpoint, root: str | Path, dtype: torch.dtype,
 
 def export_store(store: BlockStore, source_dir: Path, out_dir: Path, *, n_shards: int | None = None,
                  progress: Callable[[Iterator], Iterator] = lambda it: it, extra_files: dict[str, bytes] | None = None,
-                 transform: Callable[[str, dict], dict] | None = None, marker: dict | None = None):
-    """Export the store to out_dir atomically, in the format its checkpoint came in, with the
-    config and tokenizer files from source_dir (the checkpoint the store was prepared from,
-    wherever it lives now).
+                 transform: Callable[[str, dict], dict] | None = None, marker: dict | None = None,
+                 export_format: str | None = None):
+    """Export the store to out_dir atomically, in the format its checkpoint came in (or
+    export_format: a Meta checkpoint may go out as a Hugging Face folder), with the config and
+    tokenizer files from source_dir (the checkpoint the store was prepared from, wherever it lives now).
 
     transform(module, params) may change a module's parameters on the way out (LoRA merging).
     """
@@ -436,19 +437,36 @@ def export_store(store: BlockStore, source_dir: Path, out_dir: Path, *, n_shards
         params = store.module_tensors(module)
         return transform(module, params) if transform else params
 
-    if store.source_format == "meta":
+    export_format = export_format or store.source_format
+    if export_format == "meta" and store.source_format != "meta":
+        raise ConfigError("--export-format meta: only a Meta checkpoint can be exported in Meta's format")
+    if export_format == "meta":
         export_meta(out_dir, args=store.args, params_src=src / "params.json", tokenizer_src=find_tokenizer(src),
                     tensors=store.tensors, n_shards=n_shards or store.n_shards, modules=store.modules,
                     read_module=read, progress=progress, extra_files=extra_files, marker=marker)
         return
-    from .formats.hf import SIDE_FILES, export_hf
+    from .formats.hf import SIDE_FILES, config_from_args, export_hf
     from .paths import check_folder, mark_owned, remove_stale_tmp, replace_dir
 
     check_folder(out_dir, "export", "--out")
     remove_stale_tmp(out_dir)
-    work = export_hf(out_dir, args=store.args, config_src=src / "config.json", tensors=store.tensors,
-                     modules=store.modules, read_module=read, side_files=[src / n for n in SIDE_FILES if (src / n).is_file()],
-                     progress=progress, extra_files=extra_files)
+    config, config_src, extra = None, src / "config.json", dict(extra_files or {})
+    side = [src / n for n in SIDE_FILES if (src / n).is_file()]
+    if store.source_format == "meta":  # converting: the config and tokenizer files come from the Meta folder
+        from .tokenizer import SentencePieceTokenizer, load_tokenizer
+
+        tok_path = find_tokenizer(src)
+        tok = load_tokenizer(tok_path)
+        config = config_from_args(store.args, DTYPE_NAMES[store.tensors[0][2]], tok.bos_id, tok.eos_id)
+        side = [tok_path]
+        if isinstance(tok, SentencePieceTokenizer):  # what transformers' LlamaTokenizer reads beside it
+            extra.setdefault("tokenizer_config.json", json.dumps(
+                {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+                 "add_bos_token": True, "add_eos_token": False, "legacy": True}, indent=2).encode())
+    keys = [t for t in store.tensors if t[0] in _hf_keys(store.args)]
+    work = export_hf(out_dir, args=store.args, config_src=config_src, config=config, tensors=keys,
+                     modules=[m for m in store.modules if m != EXTRAS], read_module=read, side_files=side,
+                     progress=progress, extra_files=extra)
     try:
         mark_owned(work, "export", **(marker or {}))
         replace_dir(work, out_dir)
@@ -456,6 +474,12 @@ def export_store(store: BlockStore, source_dir: Path, out_dir: Path, *, n_shards
         shutil.rmtree(work, ignore_errors=True)
         raise
     log.info("exported %s", out_dir)
+
+
+def _hf_keys(args: ModelArgs) -> set[str]:
+    from .formats.hf import expected_keys
+
+    return set(expected_keys(args))
 
 
 def source_format(ckpt) -> str:

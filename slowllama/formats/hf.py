@@ -190,6 +190,26 @@ def args_from_config(config_json_path: str | Path) -> ModelArgs:
         raise ConfigError(f"{path}: {e}") from e
 
 
+def config_from_args(args: ModelArgs, dtype: str, bos_id: int | None = None, eos_id: int | None = None) -> dict:
+    """A transformers 5 config.json for a Meta checkpoint's architecture (the inverse of args_from_config)."""
+    rope = {"rope_type": "default", "rope_theta": float(args.rope_theta)}
+    if args.rope_scaling:
+        rope.update(args.rope_scaling)
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+        "hidden_size": args.dim, "intermediate_size": args.ffn_hidden_dim, "num_hidden_layers": args.n_layers,
+        "num_attention_heads": args.n_heads, "num_key_value_heads": args.n_kv_heads, "head_dim": args.head_dim,
+        "vocab_size": args.vocab_size, "rms_norm_eps": args.norm_eps, "max_position_embeddings": args.max_seq_len,
+        "rope_parameters": rope, "tie_word_embeddings": args.tie_word_embeddings, "attention_bias": False,
+        "mlp_bias": False, "attention_dropout": 0.0, "initializer_range": 0.02, "use_cache": True, "dtype": dtype,
+    }
+    if bos_id is not None:
+        config["bos_token_id"] = bos_id
+    if eos_id is not None:
+        config["eos_token_id"] = eos_id
+    return config
+
+
 def expected_shapes(args: ModelArgs, module: str) -> dict[str, tuple[int, ...]]:
     """checkpoint.expected_shapes, less the output weight of a tied model (it has none of its own)."""
     from ..checkpoint import expected_shapes as meta_shapes
@@ -386,7 +406,7 @@ def export_hf(
     out_dir: Path,
     *,
     args: ModelArgs,
-    config_src: Path,
+    config_src: Path | None,
     tensors: list[tuple[str, tuple[int, ...], torch.dtype]],
     modules: list[str],
     read_module: Callable[[str], dict[str, torch.Tensor]],
@@ -394,13 +414,15 @@ def export_hf(
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
     progress: Callable[[Iterator], Iterator] = lambda it: it,
     extra_files: dict[str, bytes] | None = None,
+    config: dict | None = None,
 ) -> Path:
     """Write a Hugging Face folder for out_dir into a temp folder beside it and return that folder.
 
     `tensors` lists (Meta key, shape, dtype) for every tensor to write (a tied model has no
     output.weight); read_module returns one module's tensors in Meta's names and layout.
     Everything in it is fsynced; the caller renames it into place (fsutil.replace_dir).
-    config.json is copied unchanged; side_files (tokenizer, generation_config.json) too.
+    config.json is copied unchanged from config_src (or written from `config`, converting a Meta
+    checkpoint); side_files (tokenizer, generation_config.json) are copied too.
     """
     from ..fsutil import atomic_write_bytes, fsync_dir, fsync_file, tmp_path
 
@@ -452,11 +474,14 @@ def export_hf(
                                   "total_size": sum(_numel(s) * dt.itemsize for _, s, dt in tensors)},
                      "weight_map": {to_hf_name(k): names[shard_of[k]] for k, _, _ in tensors}}
             atomic_write_bytes(work / INDEX_FILE, [(json.dumps(index, indent=2, sort_keys=True) + "\n").encode()], durable=False)
-        shutil.copyfile(config_src, work / "config.json")
+        if config is None:
+            shutil.copyfile(config_src, work / "config.json")
+        else:
+            atomic_write_bytes(work / "config.json", [(json.dumps(config, indent=2) + "\n").encode()], durable=False)
         for src in side_files:
             shutil.copyfile(src, work / Path(src).name)
         if not (work / "generation_config.json").exists():
-            gen = _generation_config(_read_json(Path(config_src)))
+            gen = _generation_config(config if config is not None else _read_json(Path(config_src)))
             atomic_write_bytes(work / "generation_config.json", [(json.dumps(gen, indent=2) + "\n").encode()], durable=False)
         for name, data in (extra_files or {}).items():
             atomic_write_bytes(work / name, [data], durable=False)
