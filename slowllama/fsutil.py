@@ -73,3 +73,18 @@ def atomic_write_bytes(path: Path, chunks, durable: bool = True):
 
 def atomic_write_json(path: Path, obj):
     atomic_write_bytes(path, [json.dumps(obj, indent=1, sort_keys=True).encode()])
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON file that must hold one object; any problem is one ConfigError line naming the file."""
+    from .model import ConfigError
+
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise ConfigError(f"{path}: missing") from e
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    return raw

@@ -99,15 +99,9 @@ def _rope_heads(args: ModelArgs, meta_key: str) -> int | None:
 # ---- config.json -------------------------------------------------------------
 
 def _read_json(path: Path) -> dict:
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise ConfigError(f"{path}: missing") from e
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a JSON object")
-    return raw
+    from ..fsutil import read_json_object
+
+    return read_json_object(path)
 
 
 def _rope(path: Path, raw: dict) -> tuple[float, dict | None]:

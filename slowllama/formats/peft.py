@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..lora import TARGETS, Adapters, LoraConfig, _shape
+from ..fsutil import read_json_object
 from ..model import ConfigError, ModelArgs
 from .hf import _rope_heads, from_meta, to_hf_name, to_meta, to_meta_name
 
@@ -99,14 +100,7 @@ def export_peft(out_dir: Path, adapters: Adapters, args: ModelArgs, base_model_n
 
 
 def _read_config(path: Path) -> dict:
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise ConfigError(f"{path}: missing") from e
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a JSON object")
+    raw = read_json_object(path)
     for key, want in _PLAIN.items():
         value = raw.get(key, want)
         if value != want and not (want in (None, {}) and not value):  # null, {} and [] all mean "none"
