@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import IGNORE, Examples, TokenWindows
-from .generate import ModuleCache
+from .generate import ModuleCache, memory_budget
 from .model import ModelArgs
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # inputs (bs, seq_len) and targets (bs, seq_len), IGNORE where untrained
@@ -37,11 +37,20 @@ def eval_batches(data: TokenWindows | Examples, batch_size: int) -> list[Batch]:
 
 @torch.no_grad()
 def evaluate(read_module: Callable[[str], dict[str, torch.Tensor]], args: ModelArgs, batches: list[Batch],
-             device: torch.device, dtype: torch.dtype = torch.float32) -> tuple[float, int]:
+             device: torch.device, dtype: torch.dtype = torch.float32,
+             offload: bool | None = None) -> tuple[float, int]:
     """(summed next-token loss, number of target tokens) over the batches; one read of each module,
-    the next one read ahead while every batch passes through the current one."""
+    the next one read ahead while every batch passes through the current one.
+
+    offload keeps the activations in host RAM between modules (None: when those of every batch
+    would take more than half the device's free memory).
+    """
     cache = ModuleCache(args, read_module, device, dtype, budget=0)  # nothing resident: each module read once
-    xs = [x.to(device) for x, _ in batches]
+    if offload is None:
+        acts = sum(x.numel() for x, _ in batches) * args.dim * dtype.itemsize
+        offload = device.type != "cpu" and acts > memory_budget(device) // 2
+    home = torch.device("cpu") if offload else device
+    xs = [x.to(home) for x, _ in batches]
     n_tokens = sum(int((y != IGNORE).sum()) for _, y in batches)
     names = cache.names
     loss_sum = 0.0
@@ -54,10 +63,11 @@ def evaluate(read_module: Callable[[str], dict[str, torch.Tensor]], args: ModelA
             if name == "tok_embeddings" and args.tie_word_embeddings:
                 embedding = module.weight  # the tied output layer multiplies by it again
             for m, (_, y) in enumerate(batches):
+                x = xs[m].to(device, non_blocking=True)
                 if name != "output":
-                    xs[m] = module(xs[m])
+                    xs[m] = module(x).to(home)
                     continue
-                logits = module(xs[m], embedding) if embedding is not None else module(xs[m])
+                logits = module(x, embedding) if embedding is not None else module(x)
                 loss = F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), ignore_index=IGNORE,
                                        reduction="sum")
                 loss_sum += float(loss)

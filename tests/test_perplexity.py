@@ -95,6 +95,8 @@ def test_each_module_is_read_once_for_the_whole_file(models, kind, tmp_path):
     loss_sum, n = evaluate(read, ckpt.args, batches, torch.device("cpu"))
     assert reads == module_names(ckpt.args)
     assert n == len(data.tokens) - 1 and math.isfinite(loss_sum) and loss_sum > 0
+    # Activations kept in host RAM between modules give the same loss.
+    assert evaluate(ckpt.read_module, ckpt.args, batches, torch.device("cpu"), offload=True) == (loss_sum, n)
 
 
 def load_data_text(folder, tmp_path, seq_len):
