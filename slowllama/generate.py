@@ -86,6 +86,9 @@ class ModuleCache:
             if n not in self.resident:
                 del self._mods[n]
 
+    def loaded(self, name: str) -> bool:
+        return name in self._mods
+
     @property
     def streamed(self) -> list[str]:
         return [n for n in self.names if n not in self.resident]
@@ -226,8 +229,9 @@ def _forward(cache: ModuleCache, x: torch.Tensor, kv: KVCache | None) -> torch.T
 
     def get(j: int) -> torch.nn.Module:
         module = cache.get(order[j])
-        # Start reading the next streamed module (cyclically: the last reads ahead for the next token).
-        ahead = next((n for n in order[j + 1:] + order[:j + 1] if n not in cache.resident), None)
+        # Start reading the next module not on the device: the next resident one during the first token,
+        # then the next streamed one (cyclically: the last reads ahead for the next token).
+        ahead = next((n for n in order[j + 1:] + order[:j + 1] if not cache.loaded(n)), None)
         if ahead is not None:
             cache.prefetch(ahead)
         return module
