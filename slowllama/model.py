@@ -188,9 +188,10 @@ def rope_tables(seqlen: int, head_dim: int, theta: float, device, scaling: dict 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # Meta rotates adjacent pairs (x[2i], x[2i+1]) as one complex number; done here
     # in real arithmetic because MPS has no complex kernels. x: (bs, seqlen, heads, head_dim)
+    # cos, sin: (seqlen, head_dim // 2) shared by the batch, or (bs, seqlen, head_dim // 2) per sequence.
     xf = x.float().unflatten(-1, (-1, 2))
     x0, x1 = xf[..., 0], xf[..., 1]
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    cos, sin = (cos[None, :, None, :], sin[None, :, None, :]) if cos.dim() == 2 else (cos[:, :, None], sin[:, :, None])
     out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
     return out.flatten(-2).type_as(x)
 
@@ -205,7 +206,9 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
-    def forward(self, x):
+    def forward(self, x, kv: "KVCache | None" = None, layer: int = 0):
+        if kv is not None:
+            return self._cached(x, kv, layer)
         bs, seqlen, _ = x.shape
         q = self.wq(x).view(bs, seqlen, self.n_heads, self.head_dim)
         k = self.wk(x).view(bs, seqlen, self.n_kv_heads, self.head_dim)
@@ -219,6 +222,64 @@ class Attention(nn.Module):
         # (bs, heads, seqlen, head_dim)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
         return self.wo(out.transpose(1, 2).reshape(bs, seqlen, -1))
+
+    def _cached(self, x, kv: "KVCache", layer: int):
+        """x's queries against the keys and values of every token so far; x's own are added to the cache."""
+        bs, seqlen, _ = x.shape
+        q = self.wq(x).view(bs, seqlen, self.n_heads, self.head_dim)
+        k = self.wk(x).view(bs, seqlen, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(bs, seqlen, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, kv.cos, kv.sin), apply_rope(k, kv.cos, kv.sin)
+        k, v = kv.store(layer, k, v)  # (bs, tokens so far, n_kv_heads, head_dim)
+        rep = self.n_heads // self.n_kv_heads
+        if rep > 1:
+            k = k.repeat_interleave(rep, dim=2)
+            v = v.repeat_interleave(rep, dim=2)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             attn_mask=kv.mask)
+        return self.wo(out.transpose(1, 2).reshape(bs, seqlen, -1))
+
+
+class KVCache:
+    """Keys and values of every block for a batch of sequences, filled as tokens arrive.
+
+    Sequences are left-padded to a common length: `advance(valid)` takes the next
+    columns' padding mask, gives each real token its position in its own sequence
+    (so a padded prompt ropes as it would alone) and builds the attention mask, which
+    hides padding from every query. Buffers: (bs, max_len, n_kv_heads, head_dim) per block.
+    """
+
+    def __init__(self, args: ModelArgs, bs: int, max_len: int, device, dtype: torch.dtype):
+        shape = (bs, max_len, args.n_kv_heads, args.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
+        self.valid = torch.zeros(bs, max_len, dtype=torch.bool, device=device)
+        self.cos_table, self.sin_table = rope_tables(max_len, args.head_dim, args.rope_theta, device, args.rope_scaling)
+        self.len = 0  # columns filled
+        self.start = 0  # the first column of the tokens now passing through
+
+    @staticmethod
+    def nbytes(args: ModelArgs, bs: int, max_len: int, dtype: torch.dtype) -> int:
+        return 2 * args.n_layers * bs * max_len * args.n_kv_heads * args.head_dim * dtype.itemsize
+
+    def advance(self, valid: torch.Tensor):
+        """Make room for the next columns; valid (bs, seqlen) is False where a column is padding."""
+        bs, seqlen = valid.shape
+        self.start, end = self.len, self.len + seqlen
+        self.valid[:, self.start:end] = valid
+        pos = (self.valid[:, :end].long().cumsum(1) - 1).clamp(min=0)[:, self.start:end]
+        self.cos, self.sin = self.cos_table[pos], self.sin_table[pos]  # (bs, seqlen, head_dim // 2)
+        causal = torch.ones(seqlen, end, dtype=torch.bool, device=valid.device).tril(self.start)
+        # A padding query sees only itself, so that its row is finite and no NaN reaches real tokens.
+        itself = torch.zeros_like(causal)
+        itself[:, self.start:] = torch.eye(seqlen, dtype=torch.bool, device=valid.device)
+        self.mask = ((causal[None] & self.valid[:, None, :end]) | itself[None])[:, None]  # (bs, 1, seqlen, end)
+        self.len = end
+
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k[layer][:, self.start:self.len] = k
+        self.v[layer][:, self.start:self.len] = v
+        return self.k[layer][:, :self.len], self.v[layer][:, :self.len]
 
 
 class FeedForward(nn.Module):
@@ -244,8 +305,9 @@ class TransformerBlock(nn.Module):
         # saves before the forward pass and restores before the recompute.
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x):
-        h = x + self.dropout(self.attention(self.attention_norm(x)))
+    def forward(self, x, kv: KVCache | None = None, layer: int = 0):
+        """kv (generation only): attend to the cached tokens too; layer is this block's index in it."""
+        h = x + self.dropout(self.attention(self.attention_norm(x), kv, layer))
         return h + self.dropout(self.feed_forward(self.ffn_norm(h)))
 
 
