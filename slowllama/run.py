@@ -18,9 +18,11 @@ from .checkpoint import MetaCheckpoint, check_shard_count
 from .data import load_data
 from .fsutil import IO, atomic_write_bytes, atomic_write_json
 from .lora import Adapters, LoraConfig
+from .evaluate import eval_batches, perplexity
+from .evaluate import evaluate as evaluate_layer_major
 from .formats import open_checkpoint
 from .formats.peft import peft_files
-from .generate import ModuleCache, check_context, complete
+from .generate import ModuleCache, check_context, complete, memory_budget
 from .model import ConfigError, check_sliding_window
 from .optim import OptimConfig
 from .options import MATH, OUTPUT, PATHS, RESUME_MAY_CHANGE, SAVED_EXTRAS, SESSION, RunOptions, parse_size
@@ -159,7 +161,7 @@ def finetune(*, resume: bool = False, **given) -> dict:
         val = load_data(o.val_data, tokenizer, o.seq_len, o.train_on_prompt)
     elif o.val_fraction:
         windows, val = windows.split(o.val_fraction)
-    val_batches = val.fixed_batches(o.batch_size) if val is not None else []
+    val_batches = eval_batches(val, o.batch_size) if val is not None else []  # every held-out token once
 
     # -- from here on, files are written: first the locks, so that no other process is writing --
     new_work = not work_dir.exists()
@@ -244,6 +246,10 @@ def _run(o: RunOptions, resume: bool, saved: dict, ckpt, tokenizer, windows, val
         print(f"warning: this run writes {est['written'] * remaining / 1e12:.1f} TB to {store.root}'s disk "
               f"({fmt_bytes(est['written'])} per iteration), a large share of a consumer SSD's rated endurance"
               + (f"; cheaper: {', '.join(cheaper)}" if cheaper else ""))
+    evals = eval_reads(o, trainer.step, store.nbytes(), bool(val_batches), memory_budget(torch_device))
+    if evals:
+        print(f"evaluations: ~{fmt_bytes(evals)} more read (validation passes read the store once each; a "
+              f"completion reads it once, or once per token when it does not fit the device)")
     if resume and o.lr_schedule != "constant" and o.iters != saved["iters"]:
         print(f"the lr schedule now spans {o.iters} iterations (it spanned {saved['iters']})")
 
@@ -256,9 +262,10 @@ def _run(o: RunOptions, resume: bool, saved: dict, ckpt, tokenizer, windows, val
     def evaluate(step):
         if val_batches:
             trainer.streamer.flush()
-            v = trainer.eval_loss(val_batches)
-            tqdm.write(f"[iter {step}] validation loss {v:.4f}")
-            _append(log_path, {"iter": step, "val_loss": v})
+            v, ppl = perplexity(*evaluate_layer_major(read_tuned, store.args, val_batches, torch_device,
+                                                      DTYPES[o.compute_dtype]))
+            tqdm.write(f"[iter {step}] validation loss {v:.4f} (perplexity {ppl:.2f})")
+            _append(log_path, {"iter": step, "val_loss": v, "val_ppl": ppl})
             summary.setdefault("val_losses", []).append(v)
         if not o.prompt:
             return None
@@ -339,6 +346,14 @@ def _run(o: RunOptions, resume: bool, saved: dict, ckpt, tokenizer, windows, val
         trainer.close()
     summary["estimate"] = est
     return summary
+
+
+def eval_reads(o: RunOptions, start: int, store_bytes: int, validation: bool, device_budget: int) -> int:
+    """Disk bytes the run's validation passes and sample completions will read, from iteration start on."""
+    points = {i for i in range(o.eval_every, o.iters, o.eval_every)} if o.eval_every else set()
+    points = {i for i in points | {o.iters} | ({0} if start == 0 else set()) if i >= start}
+    per_completion = store_bytes * (1 if store_bytes <= device_budget else o.gen_tokens)
+    return len(points) * (store_bytes * validation + per_completion * bool(o.prompt))
 
 
 def default_dirs(model_dir: Path, out: str | Path | None, work_dir: str | Path | None) -> tuple[Path, Path]:

@@ -168,25 +168,6 @@ class Trainer:
         in_ram = activations_in_ram(self.cfg, self.args.dim, len(self.names), shape)
         return ActivationCache(self.work_dir / "acts", in_ram, self.cfg.act_dtype)
 
-    @torch.no_grad()
-    def eval_loss(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-        """Mean next-token loss over these batches, dropout off, each module read once for all of them."""
-        xs = [x.to(self.device) for x, _ in batches]
-        n_tok = sum(int((y != IGNORE).sum()) for _, y in batches)
-        total = 0.0
-        for i, name in enumerate(self.names):
-            module, _ = self._compute_module(i, self.streamer.get(name), dropout=False)
-            self.streamer.prefetch(self.names[i + 1: i + 2])
-            for m, (_, y) in enumerate(batches):
-                x = xs[m] if i == 0 else xs[m].to(self.cfg.compute_dtype)
-                out = self._run(i, module, x, y.to(self.device), n_tok)
-                if name == "output":
-                    total += out.item()
-                else:
-                    xs[m] = out
-            self.streamer.release(name)
-        return total
-
     def _compute_module(self, i: int, block: Block, dropout: bool = True):
         dropout = self.cfg.dropout if dropout and self.names[i].startswith("layers.") else 0.0
         return self.update.module(i, block, dropout)

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from slowllama.checkpoint import MetaCheckpoint
 from slowllama.data import IGNORE, Examples, TokenWindows, load_data
+from slowllama.evaluate import evaluate
 from slowllama.model import ConfigError
 from slowllama.optim import OptimConfig
 from slowllama.run import finetune
@@ -82,14 +83,12 @@ def test_validation_loss_equals_the_reference(gqa_model, tmp_path):
     w = TokenWindows(list(range(3, 200)), seq_len=16)
     batches = w.fixed_batches(3, n=2)
     store = prepare(MetaCheckpoint(gqa_model), tmp_path / "store")
-    tr = Trainer(store, tmp_path, torch.device("cpu"), TrainConfig(dropout=0.5))
-    got = tr.eval_loss(batches)
-    tr.close()
+    total, n = evaluate(store.module_tensors, store.args, batches, torch.device("cpu"))
     model = reference_model(gqa_model, dropout=0.5).eval()
-    n = sum(int((y != IGNORE).sum()) for _, y in batches)
+    assert n == sum(int((y != IGNORE).sum()) for _, y in batches)
     with torch.no_grad():
         want = sum(F.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="sum").item() / n for x, y in batches)
-    assert got == pytest.approx(want, abs=1e-6)
+    assert total / n == pytest.approx(want, abs=1e-6)
 
 
 def test_grad_accum_and_val_fraction_through_finetune(gqa_model, tmp_path):

@@ -117,3 +117,15 @@ def test_a_run_that_writes_more_than_the_threshold_warns_up_front(gqa_model, tmp
     monkeypatch.setattr(run_mod, "WEAR_WARNING_BYTES", 1e12)
     finetune(model_dir=gqa_model, data=data, out=tmp_path / "out2", iters=1, seq_len=16, batch_size=2, device="cpu")
     assert "warning:" not in capsys.readouterr().out
+
+
+def test_the_estimate_counts_evaluation_passes_and_completions():
+    from slowllama.options import RunOptions
+    from slowllama.run import eval_reads
+
+    o = RunOptions(model_dir="m", data="d", iters=10, eval_every=4, prompt="Hi", gen_tokens=5)
+    # evaluations at 0, 4, 8 and 10: each a validation pass and a completion
+    assert eval_reads(o, 0, 100, True, device_budget=10**9) == 4 * (100 + 100)
+    # a resumed run at 5 evaluates at 8 and 10; a store too big for the device is read once per token
+    assert eval_reads(o, 5, 100, True, device_budget=10) == 2 * (100 + 5 * 100)
+    assert eval_reads(RunOptions(model_dir="m", data="d", iters=10), 0, 100, False, 10**9) == 0
