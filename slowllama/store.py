@@ -218,7 +218,9 @@ def content_fingerprint(path: Path) -> str:
 
 
 def source_fingerprint(ckpt: MetaCheckpoint) -> dict:
-    files = [ckpt.params_path, *ckpt.shards] + ([ckpt.tokenizer] if ckpt.tokenizer else [])
+    files = getattr(ckpt, "files", None)  # a Hugging Face folder lists its own files
+    if files is None:
+        files = [ckpt.params_path, *ckpt.shards] + ([ckpt.tokenizer] if ckpt.tokenizer else [])
     return {p.name: content_fingerprint(p) for p in files}
 
 
@@ -353,9 +355,10 @@ def prepare(
     model_id = xxhash.xxh3_64_hexdigest(json.dumps([source, DTYPE_NAMES[dtype], os.getpid(), time.time_ns()]).encode())
     work.mkdir()
     try:
-        modules = list(dict.fromkeys(split_key(k)[0] for k in ckpt.key_order))
-        # Forward order, extras last.
-        order = [m for m in module_names(ckpt.args) if m in modules] + ([EXTRAS] if EXTRAS in modules else [])
+        # Forward order, extras last. Every module is stored, one without tensors too (a tied
+        # model's output layer), so that the trainer's schedule and the journal see one list.
+        extras = any(split_key(k)[0] == EXTRAS for k in ckpt.key_order)
+        order = module_names(ckpt.args) + ([EXTRAS] if extras else [])
         checksums = {}
         for name in progress(order):
             tensors = ckpt.read_module(name)
@@ -371,7 +374,7 @@ def prepare(
             "modules": order,
             "store_dtype": DTYPE_NAMES[dtype],
             "tensors": [[k, list(ckpt.shapes[k]), DTYPE_NAMES[ckpt.dtypes[k]]] for k in ckpt.key_order],
-            "n_shards": ckpt.n_shards,
+            "n_shards": getattr(ckpt, "n_shards", 1),  # Meta's model-parallel shards; 1 for other formats
             "source": source,
             "model_id": model_id,
             "checksums": checksums,
