@@ -53,7 +53,10 @@ def greedy(cache: ModuleCache, tokens: list[int], max_new_tokens: int, eos_id: i
     for _ in range(max_new_tokens):
         x = torch.tensor([seq], dtype=torch.long, device=cache.device)
         for name in names:
-            x = cache.get(name)(x)
+            if name == "output" and cache.args.tie_word_embeddings:
+                x = cache.get(name)(x, cache.get(names[0]).weight)  # the output layer is the embedding's matrix
+            else:
+                x = cache.get(name)(x)
         nxt = int(x[0, -1].float().argmax())
         if eos_id is not None and nxt == eos_id:
             break
