@@ -12,6 +12,9 @@ A step, for modules 0..M-1 (embedding, blocks, norm, output) and micro-batches:
   gradient of its output. Every module, from the output layer down, then makes the
   gradient of its input durable, steps the optimizer and is queued for an atomic write.
 
+A tied model's output layer runs on the embedding's weight, read once more at the turn; the
+gradient it leaves there waits for the embedding's commit (update.py; journal.py's rule 0).
+
 What a step updates and how it commits is its update rule's (update.py: full fine-tuning,
 LoRA); the commit order and the journal that a resume reads are journal.py's.
 """
@@ -394,11 +397,12 @@ def estimate_io(store: BlockStore, cfg: TrainConfig, batch_shape: tuple[int, int
     top = len(names) - 3  # the turn's modules are read once per step
     below = list(reversed(names[1 if lora else 0: top]))  # LoRA stops above the embedding
     tied = store.args.tie_word_embeddings
-    reads = 0
+    reads = turn_read = 0
     for _ in range(2):  # the second step is the steady state
         reads = sum(get(n) + release(n) for n in names[:top]) + sum(get(n) for n in names[top:])
         if tied:  # the output layer runs on the embedding's weight: read it once more at the turn
-            reads += get(names[0]) + release(names[0])
+            turn_read = get(names[0]) + release(names[0])
+            reads += turn_read
         reads += sum(commit(n) for n in reversed(names[top:])) + sum(get(n) + commit(n) for n in below)
     n_mb = -(-b // (cfg.micro_batch or b))
     hidden = b * t * store.args.dim * cfg.act_dtype.itemsize
@@ -425,7 +429,8 @@ def estimate_io(store: BlockStore, cfg: TrainConfig, batch_shape: tuple[int, int
     grad_bytes += tied_written
     written = module_bytes + act_bytes + grad_bytes + 2 * 400
     return {"read": reads + act_bytes + tied_read, "written": written, "store": sum(size.values()),
-            "activations": act_bytes, "gradients": grad_bytes}
+            "activations": act_bytes, "gradients": grad_bytes,
+            "tied": turn_read + tied_written + tied_read}  # what tying adds to a step (in read and written)
 
 
 def _adapter_file_bytes(args, cfg: TrainConfig) -> int:

@@ -156,7 +156,7 @@ class FullUpdate:
                         consequence)
         grad = out.weight.grad.float()
         if self.tied_in_ram:
-            self._partial = grad
+            self._partial = dev.to_host(grad)  # host RAM: the device holds one module at a time
             self._saved = self.journal.save_tied(version, "inputs", {f"h{m}": h for m, h in enumerate(out.inputs)})
         else:
             self._partial = None
@@ -170,9 +170,9 @@ class FullUpdate:
         if grad is None:
             if self._saved is not None and not self._saved.is_set():
                 self.streamer.flush()  # rule 0's write is queued far ahead; this rarely waits
-            grad = dev.to_device(self.journal.load_tied(version).params["grad"], self.streamer.device)
+            grad = self.journal.load_tied(version).params["grad"]
         self._saved = None
-        return grad
+        return dev.to_device(grad, self.streamer.device)
 
     def restore_tied(self, version: int, recompute: Callable[[BoundOutput, list[torch.Tensor]], None]):
         """On resume, before the reverse pass goes on: the output side's gradient as rule 0 left it.
@@ -184,7 +184,7 @@ class FullUpdate:
             return
         out = bind_output(self)
         recompute(out, [b.params[f"h{m}"] for m in range(len(b.params))])
-        self._partial = out.weight.grad.float()
+        self._partial = dev.to_host(out.weight.grad.float())
 
     def finish(self, step: int, version: int):
         self.journal.finish(step, version)
