@@ -81,6 +81,8 @@ def shard_part(key: str, t: torch.Tensor, n_shards: int, shard: int) -> torch.Te
 def expected_shapes(args: ModelArgs, module: str) -> dict[str, tuple[int, ...]]:
     """Full (unsharded) shapes of one module's parameters."""
     d, h, kv, f = args.dim, args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim, args.ffn_hidden_dim
+    if module == "output" and args.tie_word_embeddings:
+        return {}  # the output layer multiplies by the embedding's weight
     if module in ("tok_embeddings", "output"):
         return {"weight": (args.vocab_size, d)}
     if module == "norm":

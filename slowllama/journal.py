@@ -10,6 +10,20 @@ the last. A crash at any point leaves modules 0..k-1 at v and k.. at v + 1, and 
 gradient into module k - 1 on disk: recovery re-runs the forward pass below k on the same
 batch (checked against the hash) and goes on down.
 
+A tied model (one matrix for the embedding and the output layer, whose module then has no
+tensors) adds rule 0, run once per step after the "backward" journal and before rule 1 of the
+output module:
+  0. `tied.blk` (tagged with version v) is durable. It holds the output side's gradient for
+     the embedding's matrix when that gradient does not fit the RAM budget ("grad"), else the
+     output layer's input per micro-batch ("inputs"), while the gradient itself stays in RAM.
+The embedding's commit (rule 2 for module 0) adds that gradient to its own and steps once.
+A crash before rule 0 leaves every module at v: the step starts again from the top. After
+it, recovery reads `tied.blk` back: the gradient as saved, or recomputed from the inputs and
+the embedding, which is still at v until its own commit (the same operations on the same
+bits, so the same gradient). The output module's empty file is replaced at v + 1 like any
+other, so that every module's version follows the rule above. `tied.blk` is removed after
+the "idle" journal; a stale one carries an older version tag and is never read.
+
 The order holds because every job goes through one writer that runs them in submission
 order: `Journal` takes only a writer that says so (`ORDERED_WRITER`), and has no other way
 to write.
@@ -18,6 +32,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +85,10 @@ class Journal:
     def grad_path(self, i: int) -> Path:
         return self.store.root / f"grad_in.{i}.blk"
 
+    @property
+    def tied_path(self) -> Path:
+        return self.store.root / "tied.blk"
+
     # ---- writing, always through the ordered writer ----
     def _write(self, j: dict):
         if j["phase"] == "backward":
@@ -99,10 +118,23 @@ class Journal:
         stale = self.grad_path(i + 1)
         self.writer.run_in_order(lambda: stale.unlink(missing_ok=True))
 
+    def save_tied(self, version: int, kind: str, tensors: dict[str, torch.Tensor]) -> threading.Event:
+        """Rule 0: queue `tied.blk` of update `version`; the event is set once it is durable."""
+        if kind not in TIED_KINDS:
+            raise ValueError(f"tied.blk holds one of {TIED_KINDS}, not {kind!r}")
+        block = Block(version, {k: dev.to_host(t.detach()) for k, t in tensors.items()}, meta={"kind": kind})
+        path, done = self.tied_path, threading.Event()
+
+        def write():
+            write_block(path, block, path.stem, model=self.store.model_id)
+            done.set()
+        self.writer.run_in_order(write)
+        return done
+
     def finish(self, step: int, version: int):
         self._write({"step": step + 1, "version": version + 1, "phase": "idle"})
-        stale = self.grad_path(1)
-        self.writer.run_in_order(lambda: stale.unlink(missing_ok=True))
+        for stale in (self.grad_path(1), self.tied_path):
+            self.writer.run_in_order(lambda stale=stale: stale.unlink(missing_ok=True))
 
     # ---- recovery ----
     def resume_point(self, names: list[str]) -> ResumePoint | None:
@@ -135,3 +167,14 @@ class Journal:
         if g.step != point.version:
             raise StoreError(f"{path}: gradient of update {g.step}, expected {point.version}")
         return [dev.to_device(g.params[f"g{m}"], device) for m in range(n_micro)]
+
+    def load_tied(self, version: int) -> Block:
+        """`tied.blk` as rule 0 made it durable for update `version`."""
+        path = self.tied_path
+        b = read_block(path, path.stem, model=self.store.model_id)
+        if b.step != version or b.meta.get("kind") not in TIED_KINDS:
+            raise StoreError(f"{path}: {b.meta.get('kind')!r} of update {b.step}, expected one of update {version}")
+        return b
+
+
+TIED_KINDS = ("grad", "inputs")  # what tied.blk holds: the gradient, or what recomputes it

@@ -32,6 +32,7 @@ from .schedule import lr_at
 from .store import DTYPES, BlockStore, StoreError, export_store, open_or_prepare
 from .tokenizer import load_tokenizer
 from .trainer import TrainConfig, Trainer, estimate_io
+from .update import tied_grad_in_ram
 
 log = logging.getLogger("slowllama")
 LOG_NAME = "train_log.jsonl"
@@ -246,6 +247,11 @@ def _run(o: RunOptions, resume: bool, saved: dict, ckpt, tokenizer, windows, val
         print(f"warning: this run writes {est['written'] * remaining / 1e12:.1f} TB to {store.root}'s disk "
               f"({fmt_bytes(est['written'])} per iteration), a large share of a consumer SSD's rated endurance"
               + (f"; cheaper: {', '.join(cheaper)}" if cheaper else ""))
+    if store.args.tie_word_embeddings and not lora:
+        where = "kept in RAM" if tied_grad_in_ram(tcfg, store.args) else "written to disk and read back"
+        print(f"tied embeddings: the output side's gradient ({fmt_bytes(store.args.vocab_size * store.args.dim * 4)}) "
+              f"is {where} each iteration (a --ram-budget that holds it keeps it in RAM); tying adds "
+              f"~{fmt_bytes(est['tied'])} of disk traffic per iteration, counted above")
     evals = eval_reads(o, trainer.step, store.nbytes(), bool(val_batches), memory_budget(torch_device))
     if evals:
         print(f"evaluations: ~{fmt_bytes(evals)} more read (validation passes read the store once each; a "

@@ -356,9 +356,10 @@ def prepare(
     model_id = xxhash.xxh3_64_hexdigest(json.dumps([source, DTYPE_NAMES[dtype], os.getpid(), time.time_ns()]).encode())
     work.mkdir()
     try:
-        modules = list(dict.fromkeys(split_key(k)[0] for k in ckpt.key_order))
-        # Forward order, extras last.
-        order = [m for m in module_names(ckpt.args) if m in modules] + ([EXTRAS] if EXTRAS in modules else [])
+        # Forward order, extras last. Every module is stored, one without tensors too (a tied
+        # model's output layer), so that the trainer's schedule and the journal see one list.
+        extras = any(split_key(k)[0] == EXTRAS for k in ckpt.key_order)
+        order = module_names(ckpt.args) + ([EXTRAS] if extras else [])
         checksums = {}
         for name in progress(order):
             tensors = ckpt.read_module(name)

@@ -12,6 +12,9 @@ A step, for modules 0..M-1 (embedding, blocks, norm, output) and micro-batches:
   gradient of its output. Every module, from the output layer down, then makes the
   gradient of its input durable, steps the optimizer and is queued for an atomic write.
 
+A tied model's output layer runs on the embedding's weight, read once more at the turn; the
+gradient it leaves there waits for the embedding's commit (update.py; journal.py's rule 0).
+
 What a step updates and how it commits is its update rule's (update.py: full fine-tuning,
 LoRA); the commit order and the journal that a resume reads are journal.py's.
 """
@@ -36,7 +39,7 @@ from .lora import ADAPTERS, Adapters, LoraConfig
 from .model import ConfigError
 from .optim import OptimConfig
 from .store import Block, BlockStore, read_block, write_block
-from .update import FullUpdate, LoraUpdate, NonFiniteError
+from .update import FullUpdate, LoraUpdate, NonFiniteError, tied_grad_in_ram
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +229,10 @@ class Trainer:
         for i in range(top, len(names)):
             blocks.append(self.streamer.get(names[i]))
             # Once the output layer is in, the next module needed is the first the backward pass reads.
-            self.streamer.prefetch(names[i + 1: i + 2] if i + 1 < len(names) else names[top - 1: top])
+            nxt = names[i + 1: i + 2] if i + 1 < len(names) else names[top - 1: top]
+            if self.args.tie_word_embeddings and nxt == names[-1:]:
+                nxt.append(names[0])  # a tied output layer runs on the embedding's weight
+            self.streamer.prefetch(nxt)
             faults.point("forward")
             modules.append(self._compute_module(i, blocks[-1]))
         grads: list[list[torch.Tensor]] = [[] for _ in modules]
@@ -290,6 +296,13 @@ class Trainer:
             grads_in.append(x.grad if i > 0 else None)
         return grads_in
 
+    def _output_backward(self, out, hs: list[torch.Tensor], mbs, n_tok: int):
+        """A tied output layer's forward and backward again on the turn's inputs, in its micro-batch
+        order: the gradient it leaves on the embedding's weight is the turn's, bit for bit."""
+        i = len(self.names) - 1
+        for h, (_, target) in zip(hs, mbs):
+            self._run(i, out, dev.to_device(h, self.device), target.to(self.device), n_tok).backward()
+
     # ---- resume ----
     def recover(self, batch_for_step: Callable[[int], tuple[torch.Tensor, torch.Tensor]]) -> StepResult | None:
         """Finish a step that was cut short in its backward pass; None when there is none."""
@@ -307,6 +320,8 @@ class Trainer:
             log.info("resuming step %d at module %s (%d of %d already updated)", point.step, self.names[k - 1],
                      len(self.names) - k, len(self.names))
             grads = self.update.journal.boundary_grads(point, len(mbs), self.device)
+            if self.args.tie_word_embeddings:
+                self.update.restore_tied(point.version, lambda out, hs: self._output_backward(out, hs, mbs, n_tok))
             acts = self._activation_cache(inputs.shape)
             self._forward(point.step, mbs, acts, upto=k, n_tok=n_tok)
             self._backward(point.step, point.version, mbs, acts, k - 1, n_tok, grads_in=grads)
@@ -337,7 +352,7 @@ def estimate_io(store: BlockStore, cfg: TrainConfig, batch_shape: tuple[int, int
         # Headers only: reading every module here would cost a whole pass over the store.
         tensors = store.header(n)["tensors"]
         params = [(name, shape) for name, _, shape, _ in tensors if "#" not in name]
-        have = sum(1 for name, _, _, _ in tensors if name.startswith(params[0][0] + "#"))
+        have = sum(1 for name, _, _, _ in tensors if params and name.startswith(params[0][0] + "#"))
         numel = sum(math.prod(shape) for _, shape in params)
         extra = 0 if lora else max(0, n_state - have) * numel * cfg.optim_state_dtype.itemsize
         size[n] = store.path(n).stat().st_size + extra
@@ -368,9 +383,13 @@ def estimate_io(store: BlockStore, cfg: TrainConfig, batch_shape: tuple[int, int
 
     top = len(names) - 3  # the turn's modules are read once per step
     below = list(reversed(names[1 if lora else 0: top]))  # LoRA stops above the embedding
-    reads = 0
+    tied = store.args.tie_word_embeddings
+    reads = turn_read = 0
     for _ in range(2):  # the second step is the steady state
         reads = sum(get(n) + release(n) for n in names[:top]) + sum(get(n) for n in names[top:])
+        if tied:  # the output layer runs on the embedding's weight: read it once more at the turn
+            turn_read = get(names[0]) + release(names[0])
+            reads += turn_read
         reads += sum(commit(n) for n in reversed(names[top:])) + sum(get(n) + commit(n) for n in below)
     n_mb = -(-b // (cfg.micro_batch or b))
     hidden = b * t * store.args.dim * cfg.act_dtype.itemsize
@@ -386,9 +405,19 @@ def estimate_io(store: BlockStore, cfg: TrainConfig, batch_shape: tuple[int, int
     else:
         grad_bytes = (len(names) - 1) * (b * t * store.args.dim * cfg.compute_dtype.itemsize + n_mb * 64 + 384)
         module_bytes = sum(size.values())
+    # A tied model's rule 0 (journal.py): the output side's gradient for the embedding, written and
+    # read back when it does not fit in RAM; else the output layer's inputs, written only.
+    tied_written = tied_read = 0
+    if tied and not lora:
+        if tied_grad_in_ram(cfg, store.args):
+            tied_written = b * t * store.args.dim * cfg.compute_dtype.itemsize + n_mb * 64 + 384
+        else:
+            tied_written = tied_read = store.args.vocab_size * store.args.dim * 4 + 384
+    grad_bytes += tied_written
     written = module_bytes + act_bytes + grad_bytes + 2 * 400
-    return {"read": reads + act_bytes, "written": written, "store": sum(size.values()),
-            "activations": act_bytes, "gradients": grad_bytes}
+    return {"read": reads + act_bytes + tied_read, "written": written, "store": sum(size.values()),
+            "activations": act_bytes, "gradients": grad_bytes,
+            "tied": turn_read + tied_written + tied_read}  # what tying adds to a step (in read and written)
 
 
 def _adapter_file_bytes(args, cfg: TrainConfig) -> int:

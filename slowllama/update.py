@@ -6,7 +6,9 @@ marks a step done, and what a resume finds. `Trainer` keeps only the layer-major
 """
 from __future__ import annotations
 
+import threading
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -36,6 +38,38 @@ def check_gradients(names: list[str], step: int, i: int, params: dict, grads_in,
                              f"{consequence}")
 
 
+def tied_grad_in_ram(cfg, args) -> bool:
+    """Whether a tied model keeps the output side's gradient for the embedding in RAM through
+    the reverse pass (else it goes to disk): it is one fp32 (vocab_size, dim) matrix."""
+    return cfg.ram_budget is None or args.vocab_size * args.dim * 4 <= cfg.ram_budget
+
+
+class BoundOutput:
+    """A tied model's output layer bound to the embedding's weight: called like a module on h.
+
+    With keep_inputs, each input it runs on with grad is kept (the turn's, one per
+    micro-batch), for the journal's rule 0.
+    """
+
+    def __init__(self, module: torch.nn.Module, weight: torch.Tensor, keep_inputs: bool = False):
+        self.module, self.weight, self.keep_inputs = module, weight, keep_inputs
+        self.inputs: list[torch.Tensor] = []
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        if self.keep_inputs and torch.is_grad_enabled():
+            self.inputs.append(h.detach())
+        return self.module(h, self.weight)
+
+
+def bind_output(update, keep_inputs: bool = False) -> BoundOutput:
+    """The output layer of a tied model, on the embedding's weight as the update computes with
+    it (in full fine-tuning a leaf whose gradient is the output side's share)."""
+    emb = update.names[0]
+    embedding, _ = update.module(0, update.streamer.get(emb), 0.0)
+    update.streamer.release(emb)
+    return BoundOutput(materialize("output", update.args, {}), embedding.weight, keep_inputs)
+
+
 class FullUpdate:
     """Every module's fp32 master takes an optimizer step; commits follow the journal's protocol."""
 
@@ -45,6 +79,12 @@ class FullUpdate:
         self.store, self.streamer, self.cfg = store, streamer, cfg
         self.names, self.args = store.trainable, store.args
         self.journal = Journal(store, streamer)
+        # A tied model: the output side's gradient for the embedding, from the turn to the
+        # embedding's commit, in RAM (_partial) or on disk (tied.blk, durable once _saved is set).
+        self.tied = self.args.tie_word_embeddings
+        self.tied_in_ram = tied_grad_in_ram(cfg, self.args)
+        self._partial: torch.Tensor | None = None
+        self._saved: threading.Event | None = None
 
     @property
     def step(self) -> int:
@@ -62,6 +102,8 @@ class FullUpdate:
         itself and master is None; otherwise the module holds a cast copy and master
         holds the fp32 parameters that the optimizer updates."""
         name, cdt = self.names[i], self.cfg.compute_dtype
+        if self.tied and name == "output":
+            return bind_output(self, keep_inputs=self.tied_in_ram), None
         master = self.streamer.to_device(block, torch.float32)
         if cdt == torch.float32:
             return materialize(name, self.args, master, dropout), None
@@ -76,14 +118,21 @@ class FullUpdate:
 
     def commit(self, step: int, version: int, i: int, block: Block, module, master, grads_in):
         name = self.names[i]
+        done = ", ".join(self.names[i + 1:]) or "none"
+        consequence = f"not written. Already updated this step: {done}"
+        if self.tied and name == "output":
+            self._commit_tied_output(step, version, i, module, grads_in, consequence)
+            return
         compute = dict(module.named_parameters())
         params = compute if master is None else master
         if master is not None:
             for k, p in master.items():
                 if compute[k].grad is not None:
                     p.grad = compute[k].grad.float()
-        done = ", ".join(self.names[i + 1:]) or "none"
-        check_gradients(self.names, step, i, params, grads_in, f"not written. Already updated this step: {done}")
+        if self.tied and i == 0:
+            # The embedding's own gradient plus the output side's: one update, as autograd sums both uses.
+            params["weight"].grad = params["weight"].grad + self._take_partial(version)
+        check_gradients(self.names, step, i, params, grads_in, consequence)
         new_state = step_module(self.cfg.optim_at(step), params, block.optim)
         store_dtype = self.store.dtype
         new_params = {}
@@ -99,6 +148,43 @@ class FullUpdate:
         new = Block(version + 1, new_params, {k: {s: dev.to_host(v.detach(), sdt if v.ndim else None)
                                                   for s, v in st.items()} for k, st in new_state.items()})
         self.journal.commit(i, name, version, new, grads_in)
+
+    def _commit_tied_output(self, step: int, version: int, i: int, out: BoundOutput, grads_in, consequence: str):
+        """A tied output has nothing to update: keep the gradient it left on the embedding's
+        weight (rule 0), then commit its empty module so that its version follows the step."""
+        check_gradients(self.names, step, i, {"weight (the output side of tok_embeddings)": out.weight}, grads_in,
+                        consequence)
+        grad = out.weight.grad.float()
+        if self.tied_in_ram:
+            self._partial = dev.to_host(grad)  # host RAM: the device holds one module at a time
+            self._saved = self.journal.save_tied(version, "inputs", {f"h{m}": h for m, h in enumerate(out.inputs)})
+        else:
+            self._partial = None
+            self._saved = self.journal.save_tied(version, "grad", {"grad": grad})
+        out.inputs.clear()
+        self.journal.commit(i, "output", version, Block(version + 1, {}), grads_in)
+
+    def _take_partial(self, version: int) -> torch.Tensor:
+        """The output side's gradient for the embedding, from RAM or from tied.blk."""
+        grad, self._partial = self._partial, None
+        if grad is None:
+            if self._saved is not None and not self._saved.is_set():
+                self.streamer.flush()  # rule 0's write is queued far ahead; this rarely waits
+            grad = self.journal.load_tied(version).params["grad"]
+        self._saved = None
+        return dev.to_device(grad, self.streamer.device)
+
+    def restore_tied(self, version: int, recompute: Callable[[BoundOutput, list[torch.Tensor]], None]):
+        """On resume, before the reverse pass goes on: the output side's gradient as rule 0 left it.
+        Saved inputs are run again through the output layer by recompute(output, inputs)."""
+        b = self.journal.load_tied(version)
+        self._saved = None
+        if b.meta["kind"] == "grad":
+            self._partial = None  # read at the embedding's commit, as in an uninterrupted step
+            return
+        out = bind_output(self)
+        recompute(out, [b.params[f"h{m}"] for m in range(len(b.params))])
+        self._partial = dev.to_host(out.weight.grad.float())
 
     def finish(self, step: int, version: int):
         self.journal.finish(step, version)
@@ -147,6 +233,8 @@ class LoraUpdate:
 
     def module(self, i: int, block: Block, dropout: float):
         name = self.names[i]
+        if name == "output" and self.args.tie_word_embeddings:
+            return bind_output(self), None  # the base's embedding, frozen: no adapters there
         module = materialize(name, self.args, self.streamer.to_device(block, self.cfg.compute_dtype), dropout)
         module.requires_grad_(False)
         self.adapters.attach(module, name)

@@ -225,3 +225,23 @@ def test_a_meta_checkpoint_exported_as_hf_gives_transformers_the_same_model(gqa_
     # transformers' sentencepiece conversion does not reproduce.
     for text in ("Anna counted the hens.", "Hello", "a 1234, don't!"):
         assert hf_tok(text).input_ids == sp.encode(text)
+
+
+def test_a_tied_model_trains_and_exports_tied(tmp_path):
+    folder = make_model(tmp_path / "tied", tie_word_embeddings=True, head_dim=32,
+                        rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0})
+    data = tmp_path / "d.txt"
+    data.write_text("The quick brown fox jumps over the lazy dog. 1234567 numbers! " * 40)
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, str(ROOT / "finetune.py"), str(folder), "--data", str(data), "--out", str(out),
+                        "--iters", "2", "--seq-len", "16", "--batch-size", "2", "--lr", "0.05", "--device", "cpu"],
+                       capture_output=True, text=True, cwd=ROOT, env={"TQDM_DISABLE": "1", "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 0, r.stderr
+    assert "tied embeddings:" in r.stdout
+    got = tensors_of(out)
+    assert "lm_head.weight" not in got
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
+    assert not any(info.values()), info
+    assert torch.equal(model.lm_head.weight, got["model.embed_tokens.weight"])
+    before = tensors_of(folder)["model.embed_tokens.weight"]
+    assert not torch.equal(got["model.embed_tokens.weight"], before)
