@@ -37,15 +37,28 @@ def opt(default, help: str, kind: str = MATH, **argparse_kw):
     return field(default=default, metadata={"help": help, "kind": kind, **argparse_kw})
 
 
+AUTO_SHARE = 0.5  # --ram-budget auto: this share of the memory available when the run starts
+
+
+def auto_budget() -> int:
+    """Half of what psutil says is available: host RAM, which on Apple Silicon is also the GPU's
+    (one pool, counted once). The rest stays for the device copies, the OS and the page cache."""
+    import psutil
+
+    return int(psutil.virtual_memory().available * AUTO_SHARE)
+
+
 def parse_size(text: str | int | None) -> int | None:
-    """'8G', '512M', '1.5T', '0' or 'none' (no limit) to bytes."""
+    """'8G', '512M', '1.5T', '0', 'auto' (AUTO_SHARE of the available memory) or 'none' (no limit) to bytes."""
     if text is None or isinstance(text, int):
         return text
     if text.strip().lower() in ("none", "inf", "unlimited"):
         return None
+    if text.strip().lower() == "auto":
+        return auto_budget()
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT]?)[bB]?\s*", text)
     if not m:
-        raise ConfigError(f"--ram-budget {text!r}: expected a size like 0, 512M, 8G or none")
+        raise ConfigError(f"--ram-budget {text!r}: expected auto, none or a size like 0, 512M or 8G")
     return int(float(m.group(1)) * 1024 ** " KMGT".index((m.group(2) or " ").upper()))
 
 
@@ -107,8 +120,9 @@ class RunOptions:
     merge: bool = opt(False, "LoRA: also export the model with the adapters merged in (Meta format)", OUTPUT)
     # Where and how fast: free to change between a run and its resume.
     device: str = opt("auto", "auto, cpu, cuda or mps (auto: mps, then cuda, then cpu)", SESSION)
-    ram_budget: str = opt("0", "RAM for keeping modules and activations resident, e.g. 8G; 0 keeps only the "
-                               "current and next module; none: no limit", SESSION)
+    ram_budget: str = opt("auto", "RAM for keeping modules, activations and gradients resident, e.g. 8G; auto: half "
+                                  "of the memory available at start; 0 keeps only the current and next module; "
+                                  "none: no limit", SESSION)
     no_prefetch: bool = opt(False, "read each module only when it is needed", SESSION)
     no_verify: bool = opt(False, "skip checking each module's checksum as it is read", SESSION)
     stop_on_nan: bool = opt(False, "stop the run on a NaN or Inf loss instead of skipping the step", SESSION)

@@ -31,7 +31,7 @@ from .paths import (check_folder, checkpoint_dir, claim_folder, lock_out_dir, lo
 from .schedule import lr_at
 from .store import DTYPES, BlockStore, StoreError, export_store, open_or_prepare
 from .tokenizer import load_tokenizer
-from .trainer import TrainConfig, Trainer, estimate_io
+from .trainer import TrainConfig, Trainer, activations_in_ram, estimate_io
 from .update import tied_grad_in_ram
 
 log = logging.getLogger("slowllama")
@@ -238,6 +238,10 @@ def _run(o: RunOptions, resume: bool, saved: dict, ckpt, tokenizer, windows, val
     remaining = o.iters - trainer.step
     print(f"store: {fmt_bytes(store.nbytes())} ({str(store.dtype).removeprefix('torch.')}) at {store.root}; "
           f"checkpoint: {fmt_bytes(sum(p.stat().st_size for p in ckpt.shards))}")
+    held = "no limit" if tcfg.ram_budget is None else fmt_bytes(tcfg.ram_budget)
+    acts = activations_in_ram(tcfg, store.args.dim, len(store.trainable), (o.batch_size * o.grad_accum, o.seq_len))
+    print(f"RAM budget: {held} (--ram-budget {o.ram_budget}): activations {'in RAM' if acts else 'on disk'}, "
+          f"and the modules that fit stay cached (the estimate below counts both)")
     print(f"disk per iteration: ~{fmt_bytes(est['read'])} read, ~{fmt_bytes(est['written'])} written; "
           f"for {remaining} iterations: ~{fmt_bytes(est['read'] * remaining)} read, "
           f"~{fmt_bytes(est['written'] * remaining)} written ({est['written'] * remaining / 1e12:.2f} TB)")

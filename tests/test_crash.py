@@ -32,7 +32,7 @@ EVENTS = ["forward", "backward", "before_fsync", "before_rename", "after_rename"
 COMMON = ["--seq-len", "16", "--iters", "3", "--dropout", "0.1", "--device", "cpu", "--seed", "5"]
 CONFIGS = {
     # SGD with momentum (optimizer state in each module file), activations in scratch files.
-    "A": ["--batch-size", "2", "--lr", "0.02", "--momentum", "0.9"],
+    "A": ["--batch-size", "2", "--lr", "0.02", "--momentum", "0.9", "--ram-budget", "0"],
     # AdamW, micro-batches, activations in RAM.
     "B": ["--batch-size", "4", "--micro-batch", "1", "--optimizer", "adamw", "--lr", "0.01",
           "--ram-budget", "none"],
