@@ -1,4 +1,4 @@
-"""Fine-tune a Meta-format Llama checkpoint that does not fit in memory, streaming it from SSD.
+"""Fine-tune a Llama-family checkpoint (Hugging Face or Meta format) that does not fit in memory, streaming it from SSD.
 
     python finetune.py                        # demo: the tiny model in test_data/ learns a new fact
     python finetune.py path/to/llama-2-7b --data notes.txt

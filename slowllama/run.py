@@ -117,7 +117,7 @@ def resolve_options(given: dict, resume: bool) -> tuple[RunOptions, dict]:
 
 
 def finetune(*, resume: bool = False, **given) -> dict:
-    """Fine-tune a Meta-format checkpoint; returns a summary. Everything is checked before any write.
+    """Fine-tune a Meta or Hugging Face checkpoint; returns a summary. Everything is checked before any write.
 
     given are RunOptions' fields, as a user gave them; on resume, the saved run supplies the rest.
     """
