@@ -357,7 +357,7 @@ def _run(o: RunOptions, resume: bool, saved: dict, ckpt, tokenizer, windows, val
         for step in _bar(range(start, o.iters), desc="iterations", unit="it", initial=start, total=o.iters):
             inputs, targets = batch_for(step)
             r0, w0 = IO.snapshot()
-            c0 = ranks.comm_bytes
+            c0, s0 = ranks.comm_bytes, ranks.comm_seconds
             t0 = time.perf_counter()
             res = trainer.train_step(inputs, targets)
             trainer.streamer.flush()
@@ -369,7 +369,8 @@ def _run(o: RunOptions, resume: bool, saved: dict, ckpt, tokenizer, windows, val
             if res.skipped:
                 rec["skipped"] = True
             if ranks.world > 1:  # the disk figures above are rank 0's own
-                rec.update(ranks=ranks.world, comm_bytes=ranks.comm_bytes - c0)
+                rec.update(ranks=ranks.world, comm_bytes=ranks.comm_bytes - c0,
+                           comm_seconds=round(ranks.comm_seconds - s0, 4))
             summary["losses"].append(res.loss)
             if ranks.leader:
                 _append(log_path, rec)
