@@ -5,6 +5,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from . import device as dev
+from . import distributed
 from .checkpoint import MetaCheckpoint, check_shard_count
 from .data import load_data
 from .fsutil import IO, atomic_write_bytes, atomic_write_json
@@ -165,29 +167,36 @@ def finetune(*, resume: bool = False, **given) -> dict:
     val_batches = eval_batches(val, o.batch_size) if val is not None else []  # every held-out token once
 
     # -- from here on, files are written: first the locks, so that no other process is writing --
+    # Under torchrun only rank 0 takes them and writes; the other ranks read what it wrote (distributed.py).
+    ranks = distributed.setup()
     new_work = not work_dir.exists()
-    claim_folder(work_dir, "work", "--work-dir")
-    locks = [lock_work_dir(work_dir)]
+    locks = []
     try:
-        locks.append(lock_out_dir(out))
-        return _run(o, resume, saved, ckpt, tokenizer, windows, val_batches, optim, lora, torch_device)
+        if ranks.leader:
+            claim_folder(work_dir, "work", "--work-dir")
+            locks.append(lock_work_dir(work_dir))
+            locks.append(lock_out_dir(out))
+        return _run(o, resume, saved, ckpt, tokenizer, windows, val_batches, optim, lora, torch_device, ranks)
     except BaseException:
-        if new_work and not (work_dir / "run.json").exists():
+        if ranks.leader and new_work and not (work_dir / "run.json").exists():
             # Preparation found the checkpoint damaged: leave nothing of the run behind.
             remove_owned(work_dir, "work")
         raise
     finally:
         for lock in locks:
             lock.close()
+        distributed.teardown(ranks)
 
 
 def _run(o: RunOptions, resume: bool, saved: dict, ckpt, tokenizer, windows, val_batches, optim, lora,
-         torch_device) -> dict:
+         torch_device, ranks: distributed.Ranks) -> dict:
     model_dir, out, work_dir = Path(o.model_dir), Path(o.out), Path(o.work_dir)
     run_path = work_dir / "run.json"
     # LoRA reads a store that is never written, in the checkpoint's own dtype.
     store_root = work_dir / ("base" if lora else "store")
     store_dtype = ckpt.checkpoint_dtype() if lora else DTYPES[o.store_dtype]
+    if not ranks.leader:
+        ranks.wait("rank 0's preparation of the store")
     if resume:
         if not (store_root / "manifest.json").exists():
             raise ConfigError(f"--resume: {store_root} is missing; the run in {work_dir} cannot continue")
@@ -196,13 +205,16 @@ def _run(o: RunOptions, resume: bool, saved: dict, ckpt, tokenizer, windows, val
             raise StoreError(f"--resume: {model_dir} is not the checkpoint {store_root} was prepared from "
                              f"(its config, tokenizer or weights differ)")
     else:
-        progress = _progress(work_dir)
+        progress = _progress(work_dir) if ranks.leader else ""
         if progress:
             raise ConfigError(f"--work-dir {work_dir} holds a run {progress}: pass --resume to continue it, "
                               f"or delete the folder to start over")
-        store, prepared = open_or_prepare(ckpt, store_root, store_dtype,
-                                          progress=lambda it: _bar(it, desc="prepare", unit="module"))
-        log.info("%s store at %s", "prepared" if prepared else "reusing", store_root)
+        if ranks.leader:
+            store, prepared = open_or_prepare(ckpt, store_root, store_dtype,
+                                              progress=lambda it: _bar(it, desc="prepare", unit="module"))
+            log.info("%s store at %s", "prepared" if prepared else "reusing", store_root)
+        else:
+            store = BlockStore(store_root)
         hashes = (_sha256(Path(o.data)), _sha256(Path(o.val_data)) if o.val_data else None)
         saved = {**o.saved(), **dict(zip(SAVED_EXTRAS, hashes))}
     micro = o.micro_batch or (o.batch_size if o.grad_accum > 1 else None)
@@ -212,7 +224,10 @@ def _run(o: RunOptions, resume: bool, saved: dict, ckpt, tokenizer, windows, val
                        stop_on_nonfinite_loss=o.stop_on_nan, lora=lora,
                        optim_state_dtype=DTYPES[o.optim_state_dtype],
                        lr_at=lambda step: lr_at(step, o.iters, o.lr, o.lr_schedule, o.warmup_iters, o.min_lr))
-    trainer = Trainer(store, work_dir, torch_device, tcfg, progress=_bar)
+    if ranks.leader:
+        ranks.wait("rank 0's preparation of the store")
+    trainer = distributed.make_trainer(store, work_dir, torch_device, tcfg, progress=_bar, ranks=ranks,
+                                       rows_per_rank=o.batch_size)
     try:
         trainer.update.resume_point()  # reads every module's header: a swapped or stale file stops here
         if trainer.step > o.iters:
@@ -226,13 +241,14 @@ def _run(o: RunOptions, resume: bool, saved: dict, ckpt, tokenizer, windows, val
     except BaseException:
         trainer.close()
         raise
-    if resume and o.iters != saved["iters"] or not resume:
-        atomic_write_json(run_path, {**saved, **o.saved()})
-    restore_interrupted_swap(out)
-    claim_folder(out, "export", "--out")
     log_path = out / LOG_NAME
-    if not resume:
-        log_path.unlink(missing_ok=True)
+    if ranks.leader:
+        if resume and o.iters != saved["iters"] or not resume:
+            atomic_write_json(run_path, {**saved, **o.saved()})
+        restore_interrupted_swap(out)
+        claim_folder(out, "export", "--out")
+        if not resume:
+            log_path.unlink(missing_ok=True)
     run_id = store.model_id
     est = estimate_io(store, tcfg, (o.batch_size * o.grad_accum, o.seq_len))
     remaining = o.iters - trainer.step
@@ -260,16 +276,23 @@ def _run(o: RunOptions, resume: bool, saved: dict, ckpt, tokenizer, windows, val
     if evals:
         print(f"evaluations: ~{fmt_bytes(evals)} more read (validation passes read the store once each; a "
               f"completion reads it once, or once per token when it does not fit the device)")
+    if ranks.world > 1 and ranks.leader:
+        print(distributed_line(store, tcfg, est, ranks.world, o.batch_size))
     if resume and o.lr_schedule != "constant" and o.iters != saved["iters"]:
         print(f"the lr schedule now spans {o.iters} iterations (it spanned {saved['iters']})")
 
     def batch_for(step):
         # Gradient accumulation: the iteration's batches all pass through each block in one
         # layer-major pass, so no gradient is kept between them, on disk or in RAM.
-        parts = [windows.batch(step * o.grad_accum + k, o.batch_size, o.seed) for k in range(o.grad_accum)]
+        # Under torchrun: the global batch, the one a single process with --batch-size B×N draws;
+        # each rank computes its own rows of it (distributed.DataParallelTrainer).
+        parts = [windows.batch(step * o.grad_accum + k, o.batch_size * ranks.world, o.seed)
+                 for k in range(o.grad_accum)]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
     def evaluate(step):
+        if not ranks.leader:
+            return None
         if val_batches:
             trainer.streamer.flush()
             v, ppl = perplexity(*evaluate_layer_major(read_tuned, store.args, val_batches, torch_device,
@@ -292,6 +315,8 @@ def _run(o: RunOptions, resume: bool, saved: dict, ckpt, tokenizer, windows, val
 
     def save(final: bool = True):
         """The export: into out at the end, into out/checkpoint-NNNNNN every --save-every iterations."""
+        if not ranks.leader:
+            return
         trainer.streamer.flush()
         marker = {"run": run_id, "step": trainer.step}
         target = out if final else checkpoint_dir(out, trainer.step)
@@ -320,7 +345,7 @@ def _run(o: RunOptions, resume: bool, saved: dict, ckpt, tokenizer, windows, val
             tqdm.write(f"resumed: finished iteration {rec.step} (loss {rec.loss:.4f})")
         last = (dict(iter=rec.step, loss=rec.loss, tokens=rec.tokens) if rec is not None
                 else trainer.journal().get("last") if resume else None)
-        if last and last["iter"] not in _logged_iters(log_path):
+        if ranks.leader and last and last["iter"] not in _logged_iters(log_path):
             _append(log_path, {**last, "resumed": True})  # the crash came before its log record
         start = trainer.step
         if o.save_every and 0 < start < o.iters and start % o.save_every == 0 \
@@ -332,6 +357,7 @@ def _run(o: RunOptions, resume: bool, saved: dict, ckpt, tokenizer, windows, val
         for step in _bar(range(start, o.iters), desc="iterations", unit="it", initial=start, total=o.iters):
             inputs, targets = batch_for(step)
             r0, w0 = IO.snapshot()
+            c0, s0 = ranks.comm_bytes, ranks.comm_seconds
             t0 = time.perf_counter()
             res = trainer.train_step(inputs, targets)
             trainer.streamer.flush()
@@ -342,9 +368,13 @@ def _run(o: RunOptions, resume: bool, saved: dict, ckpt, tokenizer, windows, val
                    "lr": tcfg.optim_at(step).lr}
             if res.skipped:
                 rec["skipped"] = True
-            _append(log_path, rec)
+            if ranks.world > 1:  # the disk figures above are rank 0's own
+                rec.update(ranks=ranks.world, comm_bytes=ranks.comm_bytes - c0,
+                           comm_seconds=round(ranks.comm_seconds - s0, 4))
             summary["losses"].append(res.loss)
-            tqdm.write(f"iter {step:5d}  loss {res.loss:.4f}  {dt:.2f}s  {res.tokens / dt:.0f} tok/s")
+            if ranks.leader:
+                _append(log_path, rec)
+                tqdm.write(f"iter {step:5d}  loss {res.loss:.4f}  {dt:.2f}s  {res.tokens / dt:.0f} tok/s")
             done = step + 1
             if o.eval_every and done % o.eval_every == 0 and done < o.iters:
                 evaluate(done)
@@ -356,6 +386,18 @@ def _run(o: RunOptions, resume: bool, saved: dict, ckpt, tokenizer, windows, val
         trainer.close()
     summary["estimate"] = est
     return summary
+
+
+def distributed_line(store: BlockStore, tcfg: TrainConfig, est: dict, world: int, batch_size: int) -> str:
+    """What a data-parallel run reads, writes and communicates per iteration: per rank and in all."""
+    grad = sum(math.prod(shape) * 4 for name in store.trainable for key, _, shape, _ in store.header(name)["tensors"]
+               if "#" not in key) if tcfg.lora is None else 0
+    return (f"data parallel: {world} ranks x --batch-size {batch_size} = a global batch of {world * batch_size}; "
+            f"per iteration, rank 0 reads ~{fmt_bytes(est['read'])} and writes ~{fmt_bytes(est['written'])}, "
+            f"each other rank reads ~{fmt_bytes(est['read'])} and writes ~{fmt_bytes(est['activations'])} "
+            f"(all ranks: ~{fmt_bytes(world * est['read'])} read, "
+            f"~{fmt_bytes(est['written'] + (world - 1) * est['activations'])} written); each rank all-reduces "
+            + (f"~{fmt_bytes(grad)} of gradients" if grad else "its adapters' gradients") + " per iteration")
 
 
 def eval_reads(o: RunOptions, start: int, store_bytes: int, validation: bool, device_budget: int) -> int:

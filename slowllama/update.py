@@ -74,6 +74,8 @@ class FullUpdate:
     """Every module's fp32 master takes an optimizer step; commits follow the journal's protocol."""
 
     lowest = 0  # the embedding trains too, so the reverse pass goes all the way down
+    # (name, params) -> None: sums each parameter's .grad over the ranks in place (distributed.py)
+    reduce_grads: Callable[[str, dict], None] | None = None
 
     def __init__(self, store: BlockStore, streamer: Streamer, cfg):
         self.store, self.streamer, self.cfg = store, streamer, cfg
@@ -132,6 +134,8 @@ class FullUpdate:
         if self.tied and i == 0:
             # The embedding's own gradient plus the output side's: one update, as autograd sums both uses.
             params["weight"].grad = params["weight"].grad + self._take_partial(version)
+        if self.reduce_grads is not None:  # data parallel: every rank steps on the sum over all ranks
+            self.reduce_grads(name, params)
         check_gradients(self.names, step, i, params, grads_in, consequence)
         new_state = step_module(self.cfg.optim_at(step), params, block.optim)
         store_dtype = self.store.dtype
@@ -202,6 +206,7 @@ class LoraUpdate:
     nothing of it was made durable."""
 
     lowest = 1  # the embedding has no adapters: nothing below the first block needs a gradient
+    reduce_grads: Callable[[str, dict], None] | None = None  # as FullUpdate's
 
     def __init__(self, store: BlockStore, streamer: Streamer, cfg, path: Path, device: torch.device):
         self.store, self.streamer, self.cfg, self.path = store, streamer, cfg, path
@@ -249,6 +254,8 @@ class LoraUpdate:
     def commit(self, step: int, version: int, i: int, block: Block, module, master, grads_in):
         name = self.names[i]
         params = self.adapters.named(name)
+        if self.reduce_grads is not None and params:
+            self.reduce_grads(name, params)
         check_gradients(self.names, step, i, params, grads_in, "adapters not saved", every_param=True)
         if params:
             self.adapters.optim[name] = step_module(self.cfg.optim_at(step), params,
