@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted: the store holds the last committed state; resume with --resume", file=sys.stderr)
         return 130
-    if not summary.get("nothing_to_do"):
+    if not summary.get("nothing_to_do") and summary.get("rank", 0) == 0:  # under torchrun, rank 0 speaks
         print(f"tuned model: {summary['out']}")
     return 0
 

@@ -33,7 +33,7 @@ from .paths import (check_folder, checkpoint_dir, claim_folder, lock_out_dir, lo
 from .schedule import lr_at
 from .store import DTYPES, BlockStore, StoreError, export_store, open_or_prepare
 from .tokenizer import load_tokenizer
-from .trainer import TrainConfig, Trainer, activations_in_ram, estimate_io
+from .trainer import TrainConfig, activations_in_ram, estimate_io
 from .update import tied_grad_in_ram
 
 log = logging.getLogger("slowllama")
@@ -251,35 +251,9 @@ def _run(o: RunOptions, resume: bool, saved: dict, ckpt, tokenizer, windows, val
             log_path.unlink(missing_ok=True)
     run_id = store.model_id
     est = estimate_io(store, tcfg, (o.batch_size * o.grad_accum, o.seq_len))
-    remaining = o.iters - trainer.step
-    print(f"store: {fmt_bytes(store.nbytes())} ({str(store.dtype).removeprefix('torch.')}) at {store.root}; "
-          f"checkpoint: {fmt_bytes(sum(p.stat().st_size for p in ckpt.shards))}")
-    held = "no limit" if tcfg.ram_budget is None else fmt_bytes(tcfg.ram_budget)
-    acts = activations_in_ram(tcfg, store.args.dim, len(store.trainable), (o.batch_size * o.grad_accum, o.seq_len))
-    print(f"RAM budget: {held} (--ram-budget {o.ram_budget}): activations {'in RAM' if acts else 'on disk'}, "
-          f"and the modules that fit stay cached (the estimate below counts both)")
-    print(f"disk per iteration: ~{fmt_bytes(est['read'])} read, ~{fmt_bytes(est['written'])} written; "
-          f"for {remaining} iterations: ~{fmt_bytes(est['read'] * remaining)} read, "
-          f"~{fmt_bytes(est['written'] * remaining)} written ({est['written'] * remaining / 1e12:.2f} TB)")
-    if est["written"] * remaining > WEAR_WARNING_BYTES:
-        cheaper = [c for c, on in (("--store-dtype bfloat16", o.store_dtype == "float32" and not lora),
-                                   ("LoRA (--lora-rank 8)", not lora)) if on]
-        print(f"warning: this run writes {est['written'] * remaining / 1e12:.1f} TB to {store.root}'s disk "
-              f"({fmt_bytes(est['written'])} per iteration), a large share of a consumer SSD's rated endurance"
-              + (f"; cheaper: {', '.join(cheaper)}" if cheaper else ""))
-    if store.args.tie_word_embeddings and not lora:
-        where = "kept in RAM" if tied_grad_in_ram(tcfg, store.args) else "written to disk and read back"
-        print(f"tied embeddings: the output side's gradient ({fmt_bytes(store.args.vocab_size * store.args.dim * 4)}) "
-              f"is {where} each iteration (a --ram-budget that holds it keeps it in RAM); tying adds "
-              f"~{fmt_bytes(est['tied'])} of disk traffic per iteration, counted above")
-    evals = eval_reads(o, trainer.step, store.nbytes(), bool(val_batches), memory_budget(torch_device))
-    if evals:
-        print(f"evaluations: ~{fmt_bytes(evals)} more read (validation passes read the store once each; a "
-              f"completion reads it once, or once per token when it does not fit the device)")
-    if ranks.world > 1 and ranks.leader:
-        print(distributed_line(store, tcfg, est, ranks.world, o.batch_size))
-    if resume and o.lr_schedule != "constant" and o.iters != saved["iters"]:
-        print(f"the lr schedule now spans {o.iters} iterations (it spanned {saved['iters']})")
+    if ranks.leader:  # one copy of the costs, however many ranks
+        print_costs(o, store, ckpt, tcfg, est, trainer.step, lora, resume, saved, bool(val_batches), torch_device,
+                    ranks.world)
 
     def batch_for(step):
         # Gradient accumulation: the iteration's batches all pass through each block in one
@@ -338,7 +312,7 @@ def _run(o: RunOptions, resume: bool, saved: dict, ckpt, tokenizer, windows, val
         if not final:
             prune_checkpoints(out, o.keep)
 
-    summary = {"out": str(out), "work_dir": str(work_dir), "losses": []}
+    summary = {"out": str(out), "work_dir": str(work_dir), "losses": [], "rank": ranks.rank}
     try:
         rec = trainer.recover(batch_for)
         if rec is not None:
@@ -398,6 +372,41 @@ def distributed_line(store: BlockStore, tcfg: TrainConfig, est: dict, world: int
             f"(all ranks: ~{fmt_bytes(world * est['read'])} read, "
             f"~{fmt_bytes(est['written'] + (world - 1) * est['activations'])} written); each rank all-reduces "
             + (f"~{fmt_bytes(grad)} of gradients" if grad else "its adapters' gradients") + " per iteration")
+
+
+def print_costs(o: RunOptions, store: BlockStore, ckpt, tcfg: TrainConfig, est: dict, step: int, lora, resume: bool,
+                saved: dict, validation: bool, torch_device, world: int):
+    """What the run will cost, before iteration 0: the store, the RAM budget, disk bytes (and SSD wear),
+    tied embeddings, evaluations, data parallelism and the lr schedule."""
+    remaining = o.iters - step
+    print(f"store: {fmt_bytes(store.nbytes())} ({str(store.dtype).removeprefix('torch.')}) at {store.root}; "
+          f"checkpoint: {fmt_bytes(sum(p.stat().st_size for p in ckpt.shards))}")
+    held = "no limit" if tcfg.ram_budget is None else fmt_bytes(tcfg.ram_budget)
+    acts = activations_in_ram(tcfg, store.args.dim, len(store.trainable), (o.batch_size * o.grad_accum, o.seq_len))
+    print(f"RAM budget: {held} (--ram-budget {o.ram_budget}): activations {'in RAM' if acts else 'on disk'}, "
+          f"and the modules that fit stay cached (the estimate below counts both)")
+    print(f"disk per iteration: ~{fmt_bytes(est['read'])} read, ~{fmt_bytes(est['written'])} written; "
+          f"for {remaining} iterations: ~{fmt_bytes(est['read'] * remaining)} read, "
+          f"~{fmt_bytes(est['written'] * remaining)} written ({est['written'] * remaining / 1e12:.2f} TB)")
+    if est["written"] * remaining > WEAR_WARNING_BYTES:
+        cheaper = [c for c, on in (("--store-dtype bfloat16", o.store_dtype == "float32" and not lora),
+                                   ("LoRA (--lora-rank 8)", not lora)) if on]
+        print(f"warning: this run writes {est['written'] * remaining / 1e12:.1f} TB to {store.root}'s disk "
+              f"({fmt_bytes(est['written'])} per iteration), a large share of a consumer SSD's rated endurance"
+              + (f"; cheaper: {', '.join(cheaper)}" if cheaper else ""))
+    if store.args.tie_word_embeddings and not lora:
+        where = "kept in RAM" if tied_grad_in_ram(tcfg, store.args) else "written to disk and read back"
+        print(f"tied embeddings: the output side's gradient ({fmt_bytes(store.args.vocab_size * store.args.dim * 4)}) "
+              f"is {where} each iteration (a --ram-budget that holds it keeps it in RAM); tying adds "
+              f"~{fmt_bytes(est['tied'])} of disk traffic per iteration, counted above")
+    evals = eval_reads(o, step, store.nbytes(), validation, memory_budget(torch_device))
+    if evals:
+        print(f"evaluations: ~{fmt_bytes(evals)} more read (validation passes read the store once each; a "
+              f"completion reads it once, or once per token when it does not fit the device)")
+    if world > 1:
+        print(distributed_line(store, tcfg, est, world, o.batch_size))
+    if resume and o.lr_schedule != "constant" and o.iters != saved["iters"]:
+        print(f"the lr schedule now spans {o.iters} iterations (it spanned {saved['iters']})")
 
 
 def eval_reads(o: RunOptions, start: int, store_bytes: int, validation: bool, device_budget: int) -> int:
