@@ -18,6 +18,7 @@ import torch
 
 from . import compat, faults
 from .device import all_finite
+from .fsutil import write_error
 from .model import ConfigError, ModelArgs, module_names
 
 log = logging.getLogger(__name__)
@@ -293,9 +294,7 @@ class ShardWriter:
             return fn(*a)
         except OSError as e:
             self.zf.abort()
-            err = OSError(f"{self.path}: write failed ({e.strerror or e}); is the disk full?")
-            err.errno = e.errno
-            raise err from e
+            raise write_error(self.path, e) from e
         except BaseException:
             self.zf.abort()
             raise

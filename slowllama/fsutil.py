@@ -42,6 +42,13 @@ def fsync_file(path: Path):
 fsync_dir = fsync_file
 
 
+def write_error(path: Path, e: OSError) -> OSError:
+    """A failed write as one line naming the file; the errno is kept."""
+    err = OSError(f"{path}: write failed ({e.strerror or e}); is the disk full? Free space, then --resume")
+    err.errno = e.errno
+    return err
+
+
 def atomic_write_bytes(path: Path, chunks, durable: bool = True):
     """Write an iterable of byte buffers to path atomically; returns the byte count.
 
@@ -62,6 +69,9 @@ def atomic_write_bytes(path: Path, chunks, durable: bool = True):
         faults.point("before_rename")
         os.replace(tmp, path)
         faults.point("after_rename")
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise write_error(path, e) from e
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -145,7 +145,7 @@ class RunOptions:
         """Refuse impossible values with one line naming the option."""
         for name in ("iters", "batch_size", "seq_len", "gen_tokens", "grad_accum", "keep"):
             _at_least(self, name, 1)
-        for name in ("eval_every", "save_every", "lora_rank", "warmup_iters"):
+        for name in ("eval_every", "save_every", "lora_rank", "warmup_iters", "seed"):
             _at_least(self, name, 0)
         if self.shards is not None:
             _at_least(self, "shards", 1)

@@ -1,4 +1,5 @@
 """A write that fails mid-step (disk full, I/O error) stops the run cleanly; a resume completes it."""
+import os
 import resource
 import signal
 import subprocess
@@ -18,7 +19,9 @@ def _finetune(model, data, out, *extra, fsize=None):
 
     cmd = [sys.executable, str(ROOT / "finetune.py"), str(model), "--data", str(data), "--out", str(out),
            "--iters", "3", "--seq-len", "16", "--batch-size", "2", "--lr", "0.05", "--dropout", "0.1", *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, preexec_fn=limit if fsize else None, cwd=ROOT)
+    # A size limit would also cut short the .pyc files Python writes as it imports: keep it from writing them.
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, preexec_fn=limit if fsize else None, cwd=ROOT, env=env)
 
 
 def _load(out):
@@ -37,7 +40,7 @@ def test_failed_write_keeps_the_store_consistent_and_resumable(gqa_model, tmp_pa
     failed = _finetune(gqa_model, data, out, "--resume", fsize=40_000)
     assert failed.returncode == 2, failed.stderr
     last = failed.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: a write to") and "File too large" in last
+    assert last.startswith("error: a write to") and "File too large" in last, last
     assert "Traceback" not in failed.stderr
     check = subprocess.run([sys.executable, str(ROOT / "finetune.py"), str(gqa_model), "--out", str(out), "--verify"],
                            capture_output=True, text=True, cwd=ROOT)

@@ -27,6 +27,8 @@ from slowllama.run import _bar, check_paths  # noqa: E402
 def merge_lora(base: Path, adapters_path: Path, out: Path, shards: int | None = None):
     """OUT must be apart from BASE and new, empty or an earlier slowllama export: the merge
     replaces nothing it did not write."""
+    if shards is not None and shards < 1:
+        raise ConfigError(f"--shards must be an integer of at least 1, got {shards}")
     check_paths(base, out, out.with_name(out.name + ".work"))
     check_folder(out, "export", "OUT")
     ckpt = open_checkpoint(base)
@@ -46,7 +48,7 @@ def merge_lora(base: Path, adapters_path: Path, out: Path, shards: int | None = 
             modules = list(dict.fromkeys(split_key(k)[0] for k in ckpt.key_order))
             export_meta(out, args=ckpt.args, params_src=ckpt.params_path, tokenizer_src=ckpt.tokenizer,
                         tensors=[(k, ckpt.shapes[k], ckpt.dtypes[k]) for k in ckpt.key_order],
-                        n_shards=shards or ckpt.n_shards, modules=modules, read_module=read, progress=progress)
+                        n_shards=ckpt.n_shards if shards is None else shards, modules=modules, read_module=read, progress=progress)
         else:
             _merge_hf(ckpt, out, read, progress)
     finally:
