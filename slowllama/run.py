@@ -210,7 +210,7 @@ def _run(o: RunOptions, resume: bool, saved: dict, ckpt, tokenizer, windows, val
                        compute_dtype=DTYPES[o.compute_dtype], act_dtype=DTYPES[o.act_dtype],
                        ram_budget=parse_size(o.ram_budget), prefetch=not o.no_prefetch, verify=not o.no_verify,
                        stop_on_nonfinite_loss=o.stop_on_nan, lora=lora,
-                       optim_state_dtype=DTYPES[o.optim_state_dtype],
+                       optim_state_dtype=DTYPES[o.optim_state_dtype], clip_grad_norm=o.clip_grad_norm,
                        lr_at=lambda step: lr_at(step, o.iters, o.lr, o.lr_schedule, o.warmup_iters, o.min_lr))
     trainer = Trainer(store, work_dir, torch_device, tcfg, progress=_bar)
     try:
@@ -247,6 +247,9 @@ def _run(o: RunOptions, resume: bool, saved: dict, ckpt, tokenizer, windows, val
         print(f"warning: this run writes {est['written'] * remaining / 1e12:.1f} TB to {store.root}'s disk "
               f"({fmt_bytes(est['written'])} per iteration), a large share of a consumer SSD's rated endurance"
               + (f"; cheaper: {', '.join(cheaper)}" if cheaper else ""))
+    if o.clip_grad_norm and not lora:
+        print(f"gradient clipping: a norm-only reverse pass recomputes every module below the top three, "
+              f"reading ~{fmt_bytes(est['clip'])} more per iteration (counted above) and writing nothing")
     if store.args.tie_word_embeddings and not lora:
         where = "kept in RAM" if tied_grad_in_ram(tcfg, store.args) else "written to disk and read back"
         print(f"tied embeddings: the output side's gradient ({fmt_bytes(store.args.vocab_size * store.args.dim * 4)}) "
@@ -338,6 +341,8 @@ def _run(o: RunOptions, resume: bool, saved: dict, ckpt, tokenizer, windows, val
                    "lr": tcfg.optim_at(step).lr}
             if res.skipped:
                 rec["skipped"] = True
+            if res.grad_norm is not None:
+                rec["grad_norm"] = res.grad_norm  # before clipping
             _append(log_path, rec)
             summary["losses"].append(res.loss)
             tqdm.write(f"iter {step:5d}  loss {res.loss:.4f}  {dt:.2f}s  {res.tokens / dt:.0f} tok/s")
