@@ -193,18 +193,27 @@ def _crash_at(trainer: Trainer, monkeypatch, event: str, n: int):
     monkeypatch.setattr(faults, "point", point)
 
 
-# The gqa model has 6 modules; each step's real pass reaches "backward" 6 times and its norm pass
-# reaches "norm" 3 times (the modules below the turn). All in the second step of three.
-CRASHES = [("norm", 5), ("backward", 7), ("backward", 8), ("backward", 10), ("backward", 12)]
+def _crashes(n_modules: int) -> list[tuple[tuple[str, int], int | None]]:
+    """Crash points in the second step of three, with the first module already updated at each.
+
+    Each step reaches "norm" once per module below the turn (n - 3) and "backward" once per module."""
+    n = n_modules
+    return [(("norm", 2 * (n - 3)), None),   # the norm pass's last module: nothing written, no resume point
+            (("backward", n + 1), n),        # the journal says "backward", nothing updated yet
+            (("backward", n + 2), n - 1),    # the output committed (a tied model's tied.blk is needed)
+            (("backward", 2 * n - 2), 3),    # all but the three lowest
+            (("backward", 2 * n), 1)]        # all but the embedding
 
 
-def test_a_clipped_step_cut_short_resumes_bit_identically(gqa_model, tmp_path, monkeypatch):
+@pytest.mark.parametrize("model", ["gqa_model", "tied_hf"])
+def test_a_clipped_step_cut_short_resumes_bit_identically(request, tmp_path, monkeypatch, model):
+    folder = request.getfixturevalue(model)
     batches = [random_batch(256, 4, 8, i) for i in range(3)]
     cfg = TrainConfig(optim=ADAMW, seed=2, dropout=0.1, micro_batch=2, clip_grad_norm=SMALL)
     resumed, norms = [], []
 
     def run(root: Path, crash=None) -> BlockStore:
-        store = prepare(MetaCheckpoint(gqa_model), root / "s")
+        store = prepare(open_checkpoint(folder), root / "s")
         tr = Trainer(store, root / "w", CPU, cfg)
         if crash is not None:
             with monkeypatch.context() as mp:
@@ -225,7 +234,8 @@ def test_a_clipped_step_cut_short_resumes_bit_identically(gqa_model, tmp_path, m
 
     straight = run(tmp_path / "straight")
     want = _whole_store(straight)
-    for j, crash in enumerate(CRASHES):
+    crashes = _crashes(len(straight.trainable))
+    for j, (crash, _) in enumerate(crashes):
         got = _whole_store(run(tmp_path / f"crash{j}", crash))
         assert got["journal"] == want["journal"], crash
         for m in straight.trainable:
@@ -235,10 +245,9 @@ def test_a_clipped_step_cut_short_resumes_bit_identically(gqa_model, tmp_path, m
             for k, st in want[m][2].items():
                 for s, t in st.items():
                     assert torch.equal(got[m][2][k][s], t), (crash, m, k, s)
-    # In the norm pass nothing was written: no resume point. Then from the top: nothing, the output
-    # and norm, all but the embedding, everything updated.
-    assert resumed == [None, 6, 5, 3, 1]
+    assert resumed == [k for _, k in crashes]
     assert norms[0] is None and len(set(norms[1:])) == 1 and norms[1] > SMALL
+    assert not (straight.root / "tied.blk").exists()
 
 
 def test_a_clipped_step_resumes_only_with_clipping(gqa_model, tmp_path, monkeypatch):
