@@ -314,7 +314,8 @@ def phase_stream(cfg: dict) -> dict:
     tc = TrainConfig(optim=OptimConfig("sgd", lr=cfg["lr"]), seed=cfg["seed"], dropout=0.0,
                      micro_batch=cfg.get("micro_batch"), compute_dtype=getattr(torch, cfg["compute_dtype"]),
                      act_dtype=getattr(torch, cfg.get("act_dtype", "float32")), ram_budget=cfg["ram_budget"],
-                     prefetch=cfg["prefetch"], verify=cfg.get("verify", True))
+                     prefetch=cfg["prefetch"], verify=cfg.get("verify", True),
+                     clip_grad_norm=cfg.get("clip_grad_norm", 0.0))
     trainer = Trainer(store, cfg["train_dir"], device, tc)
     losses, warm_s, step_s = [], [], []
     try:

@@ -26,6 +26,10 @@ Figures:
   streamed bytes_read_per_step / bytes_written_per_step: deltas of
     slowllama.fsutil.IO over the timed steps (store modules, activation scratch
     files, gradients handed down, journal).
+  streamed_clipped (with --clip-grad-norm X): the streamed run again on the same store with
+    exact gradient clipping at X (a norm-only reverse pass first), and clipped_over_unclipped:
+    its s_per_step and bytes read and written per step over the unclipped run's, measured in
+    the same invocation so that the machine's load skews both alike.
   disk: a 512 MB write+fsync and read-back in the work dir. Caches cannot be
     dropped without root, so "read_warm" comes from the page cache; a second read
     after posix_fadvise(DONTNEED) estimates cold reads (a VM host may still cache).
@@ -75,6 +79,8 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", default=None, help="keep the checkpoint and store here (default: a temp dir)")
     p.add_argument("--bw-mb", type=int, default=512, help="size of the disk bandwidth test file, MB")
+    p.add_argument("--clip-grad-norm", type=float, default=0.0,
+                   help="also time the streamed step with exact gradient clipping at this norm (0: not)")
     p.add_argument("--skip-in-memory", action="store_true", help="only the streamed run (no reference)")
     a = p.parse_args()
     if a.steps < 1:
@@ -103,8 +109,10 @@ def run(a, work: Path) -> dict:
               "batch": a.batch, "seq": a.seq, "micro_batch": a.micro_batch, "compute_dtype": a.compute_dtype,
               "lr": a.lr, "seed": a.seed, "threads": a.threads, "warmup": 1, "steps": a.steps}
     inmem = None if a.skip_in_memory else run_phase("inmem", common)
-    stream = run_phase("stream", {**common, "train_dir": str(train_dir), "ram_budget": a.ram_budget,
-                                  "prefetch": not a.no_prefetch})
+    stream_cfg = {**common, "train_dir": str(train_dir), "ram_budget": a.ram_budget, "prefetch": not a.no_prefetch}
+    stream = run_phase("stream", stream_cfg)
+    # The clipped run continues training the same store: a step costs the same at any version.
+    clipped = run_phase("stream", {**stream_cfg, "clip_grad_norm": a.clip_grad_norm}) if a.clip_grad_norm else None
 
     read_bw = disk.get("read_after_fadvise_dontneed_GBps") or disk["read_warm_GBps"]
     rd, wr = stream["bytes_read_per_step"], stream["bytes_written_per_step"]
@@ -123,6 +131,9 @@ def run(a, work: Path) -> dict:
         "prepare": {"seconds": prep["seconds"], "store_GBps_written": prep["store_GBps"],
                     "peak_rss_bytes": prep["peak_rss_bytes"], "rss_baseline_bytes": prep["rss_baseline_bytes"]},
         "streamed": stream,
+        **({"streamed_clipped": clipped, "clipped_over_unclipped": {
+            k: clipped[k] / stream[k] for k in ("s_per_step", "bytes_read_per_step", "bytes_written_per_step")}}
+           if clipped else {}),
         "in_memory": inmem,
         "disk": disk,
         "floors": {"io_s_per_step": io_floor, "io_s_per_step_warm_read": io_floor_warm},

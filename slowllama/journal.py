@@ -24,6 +24,12 @@ bits, so the same gradient). The output module's empty file is replaced at v + 1
 other, so that every module's version follows the rule above. `tied.blk` is removed after
 the "idle" journal; a stale one carries an older version tag and is never read.
 
+A clipped step (`--clip-grad-norm`) has run a norm-only reverse pass before its "backward"
+journal, which records the global gradient norm and the coefficient every module's gradients
+are multiplied by before its optimizer step ("grad_norm", "clip_coef"). Recovery takes the
+coefficient from there instead of recomputing a norm over modules of which some are already
+updated; a crash before that journal leaves every module at v, and the step starts again.
+
 The order holds because every job goes through one writer that runs them in submission
 order: `Journal` takes only a writer that says so (`ORDERED_WRITER`), and has no other way
 to write.
@@ -66,6 +72,8 @@ class ResumePoint:
     loss: float
     tokens: int
     batch: str
+    grad_norm: float | None = None  # a clipped step: the norm before clipping, and the coefficient
+    clip_coef: float | None = None
 
 
 class Journal:
@@ -92,7 +100,8 @@ class Journal:
     # ---- writing, always through the ordered writer ----
     def _write(self, j: dict):
         if j["phase"] == "backward":
-            self._last = {"iter": j["step"], "loss": j["loss"], "tokens": j["tokens"]}
+            self._last = {"iter": j["step"], "loss": j["loss"], "tokens": j["tokens"],
+                          **({"grad_norm": j["grad_norm"]} if "grad_norm" in j else {})}
         elif self._last and self._last["iter"] == j["step"] - 1:
             j = {**j, "last": self._last}  # the finished step's loss: a resume logs it if the log lost it
         if j["phase"] == "idle":
@@ -100,9 +109,10 @@ class Journal:
         # The checksums are taken when the journal is written, after the commits queued before it.
         self.writer.run_in_order(lambda: atomic_write_json(self.path, {**j, "checksums": dict(self.checksums)}))
 
-    def begin(self, step: int, version: int, loss: float, tokens: int, batch: str):
+    def begin(self, step: int, version: int, loss: float, tokens: int, batch: str, clip: dict | None = None):
+        """The "backward" journal; clip holds a clipped step's "grad_norm" and "clip_coef"."""
         self._write({"step": step, "version": version, "phase": "backward", "loss": loss, "tokens": tokens,
-                     "batch": batch})
+                     "batch": batch, **(clip or {})})
 
     def skip(self, step: int, version: int):
         """A step with a non-finite loss: counted as done, with no update."""
@@ -152,8 +162,10 @@ class Journal:
         k = next((i for i, v in enumerate(have) if v == version + 1), len(have))
         if any(v != version for v in have[:k]) or any(v != version + 1 for v in have[k:]):
             raise StoreError(f"{self.store.root}: module versions {have} do not fit a cut-short update {version}")
-        self._last = {"iter": step, "loss": j["loss"], "tokens": j["tokens"]}
-        return ResumePoint(step, version, k, j["loss"], j["tokens"], j.get("batch", ""))
+        self._last = {"iter": step, "loss": j["loss"], "tokens": j["tokens"],
+                      **({"grad_norm": j["grad_norm"]} if "grad_norm" in j else {})}
+        return ResumePoint(step, version, k, j["loss"], j["tokens"], j.get("batch", ""), j.get("grad_norm"),
+                           j.get("clip_coef"))
 
     def check_batch(self, point: ResumePoint, batch: str):
         if point.batch and point.batch != batch:

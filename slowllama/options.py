@@ -93,6 +93,9 @@ class RunOptions:
     momentum: float = opt(0.0, "SGD momentum")
     weight_decay: float = opt(0.0, "weight decay")
     dropout: float = opt(0.0, "residual dropout probability in each block")
+    clip_grad_norm: float = opt(0.0, "clip the global gradient norm to this before each update, exactly as "
+                                     "torch.nn.utils.clip_grad_norm_ (full fine-tuning: one more reverse pass "
+                                     "that reads the modules again; 0: off)")
     seed: int = opt(42, "seed for batch sampling and dropout")
     # float16 is not offered: without loss scaling it flushes small gradients to zero.
     compute_dtype: str = opt("float32", "dtype blocks compute in; updates always go to float32 masters",
@@ -153,7 +156,7 @@ class RunOptions:
             raise ConfigError(f"--micro-batch must be between 1 and --batch-size {self.batch_size}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"--lr must be a positive number, got {self.lr}")
-        for name in ("momentum", "weight_decay"):
+        for name in ("momentum", "weight_decay", "clip_grad_norm"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v >= 0):
                 raise ConfigError(f"{self.flag(name)} must be 0 or positive, got {v}")

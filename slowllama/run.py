@@ -169,6 +169,10 @@ def finetune(*, resume: bool = False, **given) -> dict:
     # -- from here on, files are written: first the locks, so that no other process is writing --
     # Under torchrun only rank 0 takes them and writes; the other ranks read what it wrote (distributed.py).
     ranks = distributed.setup()
+    if ranks.world > 1 and o.clip_grad_norm:
+        distributed.teardown(ranks)
+        # The norm-only pass sums each rank's own gradients; it does not all-reduce them yet.
+        raise ConfigError("--clip-grad-norm is not supported under torchrun yet: run it in one process")
     new_work = not work_dir.exists()
     locks = []
     try:
@@ -222,7 +226,7 @@ def _run(o: RunOptions, resume: bool, saved: dict, ckpt, tokenizer, windows, val
                        compute_dtype=DTYPES[o.compute_dtype], act_dtype=DTYPES[o.act_dtype],
                        ram_budget=parse_size(o.ram_budget), prefetch=not o.no_prefetch, verify=not o.no_verify,
                        stop_on_nonfinite_loss=o.stop_on_nan, lora=lora,
-                       optim_state_dtype=DTYPES[o.optim_state_dtype],
+                       optim_state_dtype=DTYPES[o.optim_state_dtype], clip_grad_norm=o.clip_grad_norm,
                        lr_at=lambda step: lr_at(step, o.iters, o.lr, o.lr_schedule, o.warmup_iters, o.min_lr))
     if ranks.leader:
         ranks.wait("rank 0's preparation of the store")
@@ -317,7 +321,8 @@ def _run(o: RunOptions, resume: bool, saved: dict, ckpt, tokenizer, windows, val
         rec = trainer.recover(batch_for)
         if rec is not None:
             tqdm.write(f"resumed: finished iteration {rec.step} (loss {rec.loss:.4f})")
-        last = (dict(iter=rec.step, loss=rec.loss, tokens=rec.tokens) if rec is not None
+        last = (dict(iter=rec.step, loss=rec.loss, tokens=rec.tokens,
+                     **({"grad_norm": rec.grad_norm} if rec.grad_norm is not None else {})) if rec is not None
                 else trainer.journal().get("last") if resume else None)
         if ranks.leader and last and last["iter"] not in _logged_iters(log_path):
             _append(log_path, {**last, "resumed": True})  # the crash came before its log record
@@ -345,6 +350,8 @@ def _run(o: RunOptions, resume: bool, saved: dict, ckpt, tokenizer, windows, val
             if ranks.world > 1:  # the disk figures above are rank 0's own
                 rec.update(ranks=ranks.world, comm_bytes=ranks.comm_bytes - c0,
                            comm_seconds=round(ranks.comm_seconds - s0, 4))
+            if res.grad_norm is not None:
+                rec["grad_norm"] = res.grad_norm  # before clipping
             summary["losses"].append(res.loss)
             if ranks.leader:
                 _append(log_path, rec)
@@ -394,6 +401,9 @@ def print_costs(o: RunOptions, store: BlockStore, ckpt, tcfg: TrainConfig, est: 
         print(f"warning: this run writes {est['written'] * remaining / 1e12:.1f} TB to {store.root}'s disk "
               f"({fmt_bytes(est['written'])} per iteration), a large share of a consumer SSD's rated endurance"
               + (f"; cheaper: {', '.join(cheaper)}" if cheaper else ""))
+    if o.clip_grad_norm and not lora:
+        print(f"gradient clipping: a norm-only reverse pass recomputes every module below the top three, "
+              f"reading ~{fmt_bytes(est['clip'])} more per iteration (counted above) and writing nothing")
     if store.args.tie_word_embeddings and not lora:
         where = "kept in RAM" if tied_grad_in_ram(tcfg, store.args) else "written to disk and read back"
         print(f"tied embeddings: the output side's gradient ({fmt_bytes(store.args.vocab_size * store.args.dim * 4)}) "

@@ -12,6 +12,11 @@ A step, for modules 0..M-1 (embedding, blocks, norm, output) and micro-batches:
   gradient of its output. Every module, from the output layer down, then makes the
   gradient of its input durable, steps the optimizer and is queued for an atomic write.
 
+With --clip-grad-norm, full fine-tuning runs the reverse pass twice: first for the gradient
+norms only (nothing updated or written; the cached inputs and the turn's gradients are kept),
+then for real, each module's gradients multiplied by the clipping coefficient before its
+optimizer step. LoRA keeps every adapter gradient in RAM and clips them all at the step's end.
+
 A tied model's output layer runs on the embedding's weight, read once more at the turn; the
 gradient it leaves there waits for the embedding's commit (update.py; journal.py's rule 0).
 
@@ -38,8 +43,8 @@ from .journal import batch_hash
 from .lora import ADAPTERS, Adapters, LoraConfig
 from .model import ConfigError
 from .optim import OptimConfig
-from .store import Block, BlockStore, read_block, write_block
-from .update import FullUpdate, LoraUpdate, NonFiniteError, tied_grad_in_ram
+from .store import Block, BlockStore, StoreError, read_block, write_block
+from .update import FullUpdate, LoraUpdate, NonFiniteError, clip_coefficient, tied_grad_in_ram
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +66,7 @@ class TrainConfig:
     store_rounding: str = "stochastic"
     optim_state_dtype: torch.dtype = torch.float32  # bfloat16 halves the optimizer state on disk
     lr_at: Callable[[int], float] | None = None  # step -> lr; None: optim.lr throughout
+    clip_grad_norm: float = 0.0  # clip the global gradient norm to this, as clip_grad_norm_; 0: off
 
     def optim_at(self, step: int) -> OptimConfig:
         """The optimizer settings of a step: a resumed step gets the lr it began with."""
@@ -73,6 +79,7 @@ class StepResult:
     loss: float
     tokens: int
     skipped: bool = False
+    grad_norm: float | None = None  # with clipping: the global gradient norm before clipping
 
 
 class ActivationCache:
@@ -93,12 +100,15 @@ class ActivationCache:
             write_block(self.dir / f"act.{i}.{mb}.blk", Block(0, {"x": x, "rng": rng.cpu()}), f"act.{i}.{mb}",
                         durable=False)
 
-    def get(self, i: int, mb: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def get(self, i: int, mb: int, keep: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The input and RNG state put there; removed unless keep (a clipped step reads them twice)."""
         if self.in_ram:
-            return self._ram.pop((i, mb))
+            x, rng = self._ram[i, mb] if keep else self._ram.pop((i, mb))
+            return x.detach(), rng.clone()  # a tensor of its own: a gradient left on it would be summed into
         path = self.dir / f"act.{i}.{mb}.blk"
         b = read_block(path, f"act.{i}.{mb}")
-        path.unlink()
+        if not keep:
+            path.unlink()
         # The RNG setter reads a whole storage: give it one of its own, not a view.
         return b.params["x"], b.params["rng"].clone()
 
@@ -115,6 +125,8 @@ class Trainer:
         dev.check_compute_dtype(device, cfg.compute_dtype)
         if not 0.0 <= cfg.dropout < 1.0:
             raise ConfigError(f"--dropout must be in [0, 1), got {cfg.dropout}")
+        if not (math.isfinite(cfg.clip_grad_norm) and cfg.clip_grad_norm >= 0):
+            raise ConfigError(f"--clip-grad-norm must be 0 (off) or positive, got {cfg.clip_grad_norm}")
         self.streamer = Streamer(store, ram_budget=float("inf") if cfg.ram_budget is None else cfg.ram_budget,
                                  prefetch=cfg.prefetch, verify=cfg.verify, device=device)
         self.progress = progress or (lambda it, **kw: it)
@@ -163,9 +175,11 @@ class Trainer:
             self.update.skip(step)
             self.streamer.flush()
             return StepResult(step, loss, n_tok, skipped=True)
+        if self.cfg.clip_grad_norm and self.cfg.lora is None:
+            self.update.set_clip(*self._norm_pass(step, mbs, acts, n_tok, done))
         self.update.begin(step, loss, n_tok, batch_hash(inputs, targets))
         self._backward(step, version, mbs, acts, len(self.names) - 1, n_tok, done=done)
-        return StepResult(step, loss, n_tok)
+        return StepResult(step, loss, n_tok, grad_norm=self.update.grad_norm)
 
     def _activation_cache(self, shape) -> ActivationCache:
         in_ram = activations_in_ram(self.cfg, self.args.dim, len(self.names), shape)
@@ -280,13 +294,42 @@ class Trainer:
             del module, master, block
         self.update.finish(step, version)
 
-    def _recompute_backward(self, i: int, module, mbs, acts: ActivationCache, grads_out, n_tok: int):
+    def _norm_pass(self, step: int, mbs, acts: ActivationCache, n_tok: int, done: list) -> tuple[float, float]:
+        """A clipped step's first reverse pass: every module's gradient, for its norm only.
+
+        Nothing is updated or written; the cached inputs stay for the real pass, and so do the
+        turn's modules with their gradients (done, from the top down). Returns (global norm,
+        clipping coefficient) as clip_grad_norm_ over all trainable parameters gives them.
+        """
+        names, lowest, top = self.names, self.update.lowest, self._top
+        norms = {}
+        for j, (_, module, master, _) in enumerate(done):  # the turn's, from the top down
+            norms[len(names) - 1 - j] = self.update.grad_norms(len(names) - 1 - j, module, master)
+        grads = done[-1][3]  # the gradient into the turn's lowest module: that of module top - 1's output
+        for i in self.progress(range(top - 1, lowest - 1, -1), desc="norm", leave=False):
+            faults.point("norm")
+            block = self.streamer.get(names[i])
+            # Next: the module below, or at the bottom the first module the real pass reads.
+            self.streamer.prefetch(names[i - 1: i] if i > lowest else names[top - 1: top])
+            module, master = self._compute_module(i, block)
+            grads = self._recompute_backward(i, module, mbs, acts, grads, n_tok, keep=True)
+            norms[i] = self.update.grad_norms(i, module, master)
+            self.streamer.release(names[i])
+            del module, master, block
+        # clip_grad_norm_ stacks the norms in parameter order: the modules' order, bottom up.
+        norm, coef = clip_coefficient([n for i in sorted(norms) for n in norms[i]], self.cfg.clip_grad_norm)
+        if not math.isfinite(norm):
+            raise NonFiniteError(f"step {step}: the gradient norm is {norm}; no module was touched")
+        return norm, coef
+
+    def _recompute_backward(self, i: int, module, mbs, acts: ActivationCache, grads_out, n_tok: int,
+                            keep: bool = False):
         """Module i's forward again from its cached input and RNG state, then its backward;
         returns the gradient of its input per micro-batch (None for the embedding).
-        The output layer never comes here: the turn computes it."""
+        The output layer never comes here: the turn computes it. keep leaves the input cached."""
         grads_in = []
         for m in range(len(mbs)):
-            x, rng = acts.get(i, m)
+            x, rng = acts.get(i, m, keep)
             x = dev.to_device(x, self.device)
             if i > 0:
                 x = x.to(self.cfg.compute_dtype).requires_grad_()
@@ -316,6 +359,11 @@ class Trainer:
         if k == len(self.names):
             log.info("resuming step %d from its start: no module was updated yet", point.step)
             return self.train_step(inputs, targets)
+        if (point.clip_coef is not None) != bool(self.cfg.clip_grad_norm):
+            raise StoreError(f"{self.update.journal.path}: step {point.step} began "
+                             f"{'with' if point.clip_coef is not None else 'without'} gradient clipping; "
+                             f"finish it with the --clip-grad-norm it began with")
+        self.update.set_clip(point.grad_norm, point.clip_coef)  # the coefficient of the whole step
         if k > 0:
             log.info("resuming step %d at module %s (%d of %d already updated)", point.step, self.names[k - 1],
                      len(self.names) - k, len(self.names))
@@ -328,7 +376,7 @@ class Trainer:
         else:
             self.update.finish(point.step, point.version)
         self.streamer.flush()
-        return StepResult(point.step, point.loss, n_tok)
+        return StepResult(point.step, point.loss, n_tok, grad_norm=point.grad_norm)
 
     def close(self):
         self.streamer.close()
@@ -384,12 +432,16 @@ def estimate_io(store: BlockStore, cfg: TrainConfig, batch_shape: tuple[int, int
     top = len(names) - 3  # the turn's modules are read once per step
     below = list(reversed(names[1 if lora else 0: top]))  # LoRA stops above the embedding
     tied = store.args.tie_word_embeddings
-    reads = turn_read = 0
+    clip = bool(cfg.clip_grad_norm) and not lora  # LoRA clips in RAM, at no cost in bytes
+    reads = turn_read = norm_read = 0
     for _ in range(2):  # the second step is the steady state
         reads = sum(get(n) + release(n) for n in names[:top]) + sum(get(n) for n in names[top:])
         if tied:  # the output layer runs on the embedding's weight: read it once more at the turn
             turn_read = get(names[0]) + release(names[0])
             reads += turn_read
+        if clip:  # the norm-only pass reads every module below the turn that the cache does not hold
+            norm_read = sum(get(n) + release(n) for n in below)
+            reads += norm_read
         reads += sum(commit(n) for n in reversed(names[top:])) + sum(get(n) + commit(n) for n in below)
     n_mb = -(-b // (cfg.micro_batch or b))
     hidden = b * t * store.args.dim * cfg.act_dtype.itemsize
@@ -414,10 +466,14 @@ def estimate_io(store: BlockStore, cfg: TrainConfig, batch_shape: tuple[int, int
         else:
             tied_written = tied_read = store.args.vocab_size * store.args.dim * 4 + 384
     grad_bytes += tied_written
-    written = module_bytes + act_bytes + grad_bytes + 2 * 400
-    return {"read": reads + act_bytes + tied_read, "written": written, "store": sum(size.values()),
-            "activations": act_bytes, "gradients": grad_bytes,
-            "tied": turn_read + tied_written + tied_read}  # what tying adds to a step (in read and written)
+    journal = 0 if lora else 2 * 400  # two journal writes a step; a LoRA run's journal is its adapter file
+    written = module_bytes + act_bytes + grad_bytes + journal
+    # Clipping reads the cached activations twice: once per reverse pass.
+    clip_read = norm_read + (act_bytes if clip else 0)
+    return {"read": reads + act_bytes + tied_read + (act_bytes if clip else 0), "written": written,
+            "store": sum(size.values()), "activations": act_bytes, "gradients": grad_bytes,
+            "tied": turn_read + tied_written + tied_read,  # what tying adds to a step (in read and written)
+            "clip": clip_read}  # what exact clipping adds to a step's reads (it writes nothing more)
 
 
 def _adapter_file_bytes(args, cfg: TrainConfig) -> int:

@@ -38,6 +38,26 @@ def check_gradients(names: list[str], step: int, i: int, params: dict, grads_in,
                              f"{consequence}")
 
 
+def param_norms(grads) -> list[torch.Tensor]:
+    """Each gradient's 2-norm, in its own dtype: the first half of clip_grad_norm_ (foreach=False)."""
+    return [torch.linalg.vector_norm(g, 2.0) for g in grads]
+
+
+def clip_coefficient(norms: list[torch.Tensor], max_norm: float) -> tuple[float, float]:
+    """(total norm, clamped coefficient) from the per-parameter norms in parameter order, with
+    torch.nn.utils.clip_grad_norm_'s operations, so that the coefficient is its float32 value."""
+    total = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]), 2.0)
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    return total.item(), coef.item()
+
+
+def scale_grads(params, coef: float):
+    """Multiply each gradient by the coefficient, as clip_grad_norm_ does (a float32 scalar tensor)."""
+    for p in params:
+        if p.grad is not None:
+            p.grad.mul_(torch.tensor(coef, dtype=torch.float32, device=p.grad.device))
+
+
 def tied_grad_in_ram(cfg, args) -> bool:
     """Whether a tied model keeps the output side's gradient for the embedding in RAM through
     the reverse pass (else it goes to disk): it is one fp32 (vocab_size, dim) matrix."""
@@ -87,6 +107,11 @@ class FullUpdate:
         self.tied_in_ram = tied_grad_in_ram(cfg, self.args)
         self._partial: torch.Tensor | None = None
         self._saved: threading.Event | None = None
+        # A clipped step: {"grad_norm", "clip_coef"} from the norm-only pass, or as the journal
+        # recorded them on resume; every module's gradients are scaled by clip_coef.
+        self.clip: dict | None = None
+        self.grad_norm: float | None = None  # of the last clipped step, before clipping
+        self._norm_partial: torch.Tensor | None = None  # the tied output's gradient, during the norm pass
 
     @property
     def step(self) -> int:
@@ -113,10 +138,28 @@ class FullUpdate:
         return module, {k: torch.nn.Parameter(v) for k, v in master.items()}
 
     def begin(self, step: int, loss: float, tokens: int, batch: str):
-        self.journal.begin(step, self.version, loss, tokens, batch)
+        self.journal.begin(step, self.version, loss, tokens, batch, clip=self.clip)
 
     def skip(self, step: int):
         self.journal.skip(step, self.version)
+
+    def grad_norms(self, i: int, module, master) -> list[torch.Tensor]:
+        """Module i's parameter gradient norms, in parameter order, as its commit will see the
+        gradients (fp32; a tied embedding's counted once, as the sum of both uses). Called from
+        the top down in the norm-only pass of a clipped step; nothing is kept but the tied output's."""
+        if self.tied and self.names[i] == "output":
+            self._norm_partial = module.weight.grad
+            return []
+        grads = {k: p.grad.float() for k, p in module.named_parameters() if p.grad is not None}
+        if self.tied and i == 0:
+            grads["weight"] = grads["weight"] + self._norm_partial.float()
+            self._norm_partial = None
+        return param_norms(grads.values())
+
+    def set_clip(self, grad_norm: float | None, clip_coef: float | None):
+        """The clipping of the step about to begin or resume (None: unclipped)."""
+        self.grad_norm = grad_norm
+        self.clip = None if clip_coef is None else {"grad_norm": grad_norm, "clip_coef": clip_coef}
 
     def commit(self, step: int, version: int, i: int, block: Block, module, master, grads_in):
         name = self.names[i]
@@ -137,6 +180,8 @@ class FullUpdate:
         if self.reduce_grads is not None:  # data parallel: every rank steps on the sum over all ranks
             self.reduce_grads(name, params)
         check_gradients(self.names, step, i, params, grads_in, consequence)
+        if self.clip is not None:  # the gradient handed down (grads_in) stays as it is
+            scale_grads(params.values(), self.clip["clip_coef"])
         new_state = step_module(self.cfg.optim_at(step), params, block.optim)
         store_dtype = self.store.dtype
         new_params = {}
@@ -192,6 +237,7 @@ class FullUpdate:
 
     def finish(self, step: int, version: int):
         self.journal.finish(step, version)
+        self.clip = None
 
     def resume_point(self) -> ResumePoint | None:
         return self.journal.resume_point(self.names)
@@ -224,6 +270,7 @@ class LoraUpdate:
             ad = Adapters.init(self.args, lora, dev.derive_seed(cfg.seed, 0x10A))
         self.adapters = ad.to(device)
         self._last: dict | None = None
+        self.grad_norm: float | None = None  # of the last clipped step, before clipping
 
     @property
     def step(self) -> int:
@@ -247,6 +294,7 @@ class LoraUpdate:
 
     def begin(self, step: int, loss: float, tokens: int, batch: str):
         self._last = {"iter": step, "loss": loss, "tokens": tokens}
+        self.grad_norm = None
 
     def skip(self, step: int):
         self._save(step + 1, self.version)
@@ -257,13 +305,28 @@ class LoraUpdate:
         if self.reduce_grads is not None and params:
             self.reduce_grads(name, params)
         check_gradients(self.names, step, i, params, grads_in, "adapters not saved", every_param=True)
-        if params:
-            self.adapters.optim[name] = step_module(self.cfg.optim_at(step), params,
-                                                    self.adapters.optim.get(name, {}))
-            for p in params.values():
-                p.grad = None
+        if params and not self.cfg.clip_grad_norm:  # clipped: every module steps at finish, once the norm is known
+            self._step(step, name)
+
+    def _step(self, step: int, name: str):
+        params = self.adapters.named(name)
+        self.adapters.optim[name] = step_module(self.cfg.optim_at(step), params, self.adapters.optim.get(name, {}))
+        for p in params.values():
+            p.grad = None
 
     def finish(self, step: int, version: int):
+        if self.cfg.clip_grad_norm:
+            # The adapters' gradients are all in RAM by now: clip them as clip_grad_norm_ would,
+            # in the adapters' order, then step every module. Nothing was saved, so a crash
+            # anywhere in here reruns the whole step.
+            params = [p for m in self.adapters.params for p in self.adapters.named(m).values()]
+            norm, coef = clip_coefficient(param_norms(p.grad for p in params if p.grad is not None),
+                                          self.cfg.clip_grad_norm)
+            scale_grads(params, coef)
+            for m in self.adapters.params:
+                self._step(step, m)
+            self.grad_norm = norm
+            self._last = {**(self._last or {}), "grad_norm": norm}
         self._save(step + 1, version + 1)
 
     def _save(self, step: int, version: int):
