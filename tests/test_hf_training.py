@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 512  # above the test tokenizer's 400 pieces and specials
 
 
-def make_model(folder: Path, kind: str = "llama", seed: int = 0, dtype=torch.float32, **kw) -> Path:
+def make_model(folder: Path, kind: str = "llama", seed: int = 0, dtype=torch.float32, shard: str | None = None,
+               **kw) -> Path:
     """A tiny HF model with a Llama-3-like tokenizer, weights moved off their init."""
     make_llama3_like(folder)
     torch.manual_seed(seed)
@@ -36,12 +37,14 @@ def make_model(folder: Path, kind: str = "llama", seed: int = 0, dtype=torch.flo
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.1)
-    model.to(dtype).save_pretrained(folder)
+    model.to(dtype).save_pretrained(folder, **({"max_shard_size": shard} if shard else {}))
     return folder
 
 
 VARIANTS = {
+    "llama2": dict(num_key_value_heads=4),
     "llama31_gqa": dict(rope_parameters=LLAMA3_ROPE),
+    "sharded": dict(rope_parameters=LLAMA3_ROPE, shard="100KB"),
     "mistral": dict(kind="mistral", sliding_window=None),
     "bf16": dict(rope_parameters=LLAMA3_ROPE, dtype=torch.bfloat16),
 }
@@ -65,7 +68,7 @@ def tensors_of(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("variant", ["llama31_gqa", "mistral"])
+@pytest.mark.parametrize("variant", ["llama2", "llama31_gqa", "mistral", "sharded"])
 def test_streamed_sgd_step_equals_transformers(hf_model, variant, tmp_path):
     folder = hf_model(variant)
     store = prepare(open_checkpoint(folder), tmp_path / "store")
@@ -87,6 +90,35 @@ def test_streamed_sgd_step_equals_transformers(hf_model, variant, tmp_path):
     assert set(got) == set(want)
     for k, v in want.items():
         torch.testing.assert_close(got[k], v, atol=1e-5, rtol=0, msg=k)
+
+
+def test_streamed_adamw_steps_stay_within_transformers_own_fp32_noise(hf_model, tmp_path):
+    """Two AdamW steps: slowllama against transformers in fp32 differs no more than transformers' fp32 run
+    differs from its fp64 run (AdamW divides by the root of tiny second moments, which magnifies rounding)."""
+    folder = hf_model("llama31_gqa")
+    store = prepare(open_checkpoint(folder), tmp_path / "store")
+    tr = Trainer(store, tmp_path, torch.device("cpu"), TrainConfig(optim=OptimConfig("adamw", lr=1e-3)))
+    g = torch.Generator().manual_seed(2)
+    batches = [torch.randint(0, VOCAB, (2, 17), generator=g) for _ in range(2)]
+    for x in batches:
+        tr.train_step(x[:, :-1], x[:, 1:])
+    tr.close()
+    export_store(store, folder, tmp_path / "out")
+    got = tensors_of(tmp_path / "out")
+
+    def reference(dtype):
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)  # slowllama's default decay
+        for x in batches:
+            F.cross_entropy(model(x[:, :-1]).logits.flatten(0, 1), x[:, 1:].flatten()).backward()
+            opt.step()
+            opt.zero_grad()
+        return {k: v.double() for k, v in model.state_dict().items()}
+
+    fp32, fp64 = reference(torch.float32), reference(torch.float64)
+    noise = max((fp32[k] - fp64[k]).abs().max().item() for k in fp64)
+    ours = max((got[k].double() - fp64[k]).abs().max().item() for k in fp64)
+    assert noise > 0 and ours <= 2 * noise, (ours, noise)
 
 
 @pytest.mark.parametrize("variant", ["llama31_gqa", "bf16"])
