@@ -39,3 +39,17 @@ def gqa_model(model_factory):
     """2 shards, GQA, ffn_dim_multiplier and rope.freqs: the awkward parts of real checkpoints."""
     return model_factory("gqa", dim=64, n_layers=3, n_heads=4, n_kv_heads=2, n_shards=2,
                          ffn_dim_multiplier=1.3, rope_freqs=True)
+
+
+@pytest.fixture(scope="session")
+def tied_hf(tmp_path_factory) -> Path:
+    """A tiny Hugging Face Llama with tied embeddings and an explicit head_dim, saved by transformers."""
+    import torch
+    import transformers
+
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=256, tie_word_embeddings=True, head_dim=32)
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tied-hf")
+    transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
+    return folder

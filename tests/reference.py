@@ -4,22 +4,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from slowllama.checkpoint import EXTRAS, MetaCheckpoint
+from slowllama.checkpoint import EXTRAS
+from slowllama.formats import open_checkpoint
 from slowllama.device import derive_seed
-from slowllama.model import Transformer
+from slowllama.model import Transformer, module_names
 from slowllama.trainer import IGNORE
 
 
 def reference_model(model_dir, dropout: float = 0.0, dtype=torch.float32) -> Transformer:
-    ckpt = MetaCheckpoint(model_dir)
+    """The whole model in memory, its weights read from a Meta or Hugging Face folder."""
+    ckpt = open_checkpoint(model_dir)
     model = Transformer(ckpt.args, dropout=dropout)
-    sd = {}
-    for module in dict.fromkeys(k.split(".")[0] if not k.startswith("layers.") else ".".join(k.split(".")[:2])
-                                for k in ckpt.key_order):
-        if module == "rope":
-            continue
-        for param, t in ckpt.read_module(module).items():
-            sd[f"{module}.{param}"] = t.to(dtype)
+    sd = {f"{m}.{p}": t.to(dtype) for m in module_names(ckpt.args) for p, t in ckpt.read_module(m).items()}
     model.load_state_dict(sd, strict=True)
     return model
 

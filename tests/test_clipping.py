@@ -9,14 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-import transformers
 
 from slowllama import faults
 from slowllama.checkpoint import MetaCheckpoint
 from slowllama.device import derive_seed
 from slowllama.formats import open_checkpoint
 from slowllama.lora import TARGETS, LoraConfig
-from slowllama.model import Transformer, module_names
 from slowllama.optim import OptimConfig
 from slowllama.run import finetune
 from slowllama.store import BlockStore, StoreError, prepare
@@ -101,24 +99,6 @@ def test_clipping_changes_the_update(gqa_model, tmp_path):
 
 # ---- tied embeddings ---------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def tied_hf(tmp_path_factory) -> Path:
-    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, vocab_size=256, tie_word_embeddings=True, head_dim=32)
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tied-hf")
-    transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
-    return folder
-
-
-def _tied_reference(folder: Path, dropout: float) -> Transformer:
-    ckpt = open_checkpoint(folder)
-    model = Transformer(ckpt.args, dropout=dropout)
-    sd = {f"{m}.{p}": t.float() for m in module_names(ckpt.args) for p, t in ckpt.read_module(m).items()}
-    model.load_state_dict(sd, strict=True)
-    return model
-
-
 @pytest.mark.parametrize("ram_budget", [0, None], ids=["grad-on-disk", "grad-in-ram"])
 @pytest.mark.parametrize("optim", [SGD, ADAMW], ids=["sgd", "adamw"])
 def test_a_tied_model_counts_the_shared_matrix_once(tied_hf, tmp_path, optim, ram_budget):
@@ -126,7 +106,7 @@ def test_a_tied_model_counts_the_shared_matrix_once(tied_hf, tmp_path, optim, ra
     batches = [random_batch(256, 4, 12, 10 + i) for i in range(3)]
     cfg = TrainConfig(optim=optim, seed=3, dropout=0.1, micro_batch=2, ram_budget=ram_budget, clip_grad_norm=SMALL)
     res = _run(store, tmp_path / "w", cfg, batches)
-    model = _tied_reference(tied_hf, 0.1)
+    model = reference_model(tied_hf, 0.1)
     params = list(model.parameters())  # the shared matrix is one parameter: its gradient is the sum of both uses
     opt = optim.make(params)
     for i, b in enumerate(batches):

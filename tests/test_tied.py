@@ -19,38 +19,18 @@ from slowllama.formats.hf import export_hf
 from slowllama.generate import ModuleCache, greedy
 from slowllama.journal import Journal
 from slowllama.lora import TARGETS, Adapters, LoraConfig
-from slowllama.model import Transformer, module_names
 from slowllama.optim import OptimConfig
 from slowllama.store import BlockStore, prepare
 from slowllama.trainer import IGNORE, TrainConfig, Trainer, estimate_io
-from tests.reference import random_batch, reference_step, stored_params
+from tests.reference import random_batch, reference_model, reference_step, stored_params
 
 CPU = torch.device("cpu")
 SGD = OptimConfig("sgd", lr=0.05, momentum=0.9)
 ADAMW = OptimConfig("adamw", lr=1e-2, weight_decay=0.01)
 
 
-@pytest.fixture(scope="module")
-def tied_hf(tmp_path_factory) -> Path:
-    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, vocab_size=256, tie_word_embeddings=True, head_dim=32)
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tied-hf")
-    transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
-    return folder
-
-
 def _store(folder: Path, root: Path) -> BlockStore:
     return prepare(open_checkpoint(folder), root)
-
-
-def _reference(folder: Path, dropout: float = 0.0) -> Transformer:
-    """The whole tied model in memory, its weights from the same folder."""
-    ckpt = open_checkpoint(folder)
-    model = Transformer(ckpt.args, dropout=dropout)
-    sd = {f"{m}.{p}": t.float() for m in module_names(ckpt.args) for p, t in ckpt.read_module(m).items()}
-    model.load_state_dict(sd, strict=True)
-    return model
 
 
 def _batches(n: int, batch: int = 4, seq: int = 12):
@@ -61,7 +41,7 @@ def test_store_keeps_an_empty_output_module(tied_hf, tmp_path):
     store = _store(tied_hf, tmp_path / "s")
     assert store.modules[-1] == "output" and store.read("output").params == {}
     assert "output.weight" not in [k for k, _, _ in store.tensors]
-    model = _reference(tied_hf)
+    model = reference_model(tied_hf)
     assert [n for n, _ in model.named_parameters()].count("tok_embeddings.weight") == 1
     assert not any(n.startswith("output") for n, _ in model.named_parameters())
 
@@ -78,7 +58,7 @@ def test_streamed_steps_equal_the_in_memory_tied_model(tied_hf, tmp_path, monkey
                                                        ram_budget=ram_budget))
     losses = [tr.train_step(*b).loss for b in batches]
     tr.close()
-    model = _reference(tied_hf, dropout=0.1)
+    model = reference_model(tied_hf, dropout=0.1)
     opt = optim.make(model.parameters())
     want = [reference_step(model, opt, *b, seed=3, step=i, micro_batch=2) for i, b in enumerate(batches)]
     assert losses == pytest.approx(want, abs=1e-6)
@@ -87,7 +67,7 @@ def test_streamed_steps_equal_the_in_memory_tied_model(tied_hf, tmp_path, monkey
     assert set(got) == set(ref)
     for k, p in ref.items():
         torch.testing.assert_close(got[k], p.detach(), atol=1e-6, rtol=0, msg=k)
-    start = dict(_reference(tied_hf).named_parameters())
+    start = dict(reference_model(tied_hf).named_parameters())
     assert not torch.equal(got["tok_embeddings.weight"], start["tok_embeddings.weight"])
     # Where the output side's gradient waited: on disk, or in RAM with the output's inputs on disk.
     assert kinds == ["grad" if ram_budget == 0 else "inputs"] * 3
@@ -146,7 +126,7 @@ def test_lora_on_a_tied_model_equals_autograd(tied_hf, tmp_path):
     losses = [tr.train_step(*b).loss for b in batches]
     tr.close()
     # The reference: plain hooks on the in-memory model, adapters starting where slowllama's did.
-    model = _reference(tied_hf, dropout=0.1).requires_grad_(False)
+    model = reference_model(tied_hf, dropout=0.1).requires_grad_(False)
     ref = {m: {k: t.clone().requires_grad_() for k, t in s.items()} for m, s in start.items()}
     for m, s in ref.items():
         for t in lora.targets:
