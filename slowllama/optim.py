@@ -70,12 +70,28 @@ def stochastic_round(x: torch.Tensor, dtype: torch.dtype, seed: int) -> torch.Te
     return rounder(bits.reshape(-1), seed).view(x.shape)
 
 
+ROUND_CHUNK = 1 << 20  # elements per pass: the temporaries (6 bytes each) stay in the CPU's cache
+
+
 def _round_numpy(bits: torch.Tensor, seed: int) -> torch.Tensor:
     # numpy's PCG64 draws 16-bit integers 4x faster than torch's cpu generator, and its
     # integer arithmetic is vectorised: 0.05 s for a 50 MB block instead of 0.25 s.
-    noise = np.random.default_rng(seed).integers(0, 1 << 16, bits.numel(), dtype=np.uint16)
-    high = (bits.numpy().view(np.uint32) + noise) >> 16
-    return torch.from_numpy(high.astype(np.uint16)).view(torch.bfloat16)
+    # Chunked, so that the noise and the sums are cache-sized scratch, reused, and the only
+    # full-size allocation is the bf16 result. Drawing in even-sized chunks gives the very
+    # numbers one draw of the whole size gives: each 32-bit draw yields two 16-bit ones.
+    src = bits.numpy().view(np.uint32)
+    n = src.size
+    out = torch.empty(n, dtype=torch.bfloat16)
+    dst = out.view(torch.int16).numpy().view(np.uint16)
+    rng = np.random.default_rng(seed)
+    tmp = np.empty(min(n, ROUND_CHUNK), dtype=np.uint32)
+    for lo in range(0, n, ROUND_CHUNK):
+        hi = min(n, lo + ROUND_CHUNK)
+        t = tmp[: hi - lo]
+        np.add(src[lo:hi], rng.integers(0, 1 << 16, hi - lo, dtype=np.uint16), out=t)
+        np.right_shift(t, 16, out=t)
+        dst[lo:hi] = t  # the high halves, exactly representable in 16 bits
+    return out
 
 
 def _round_torch(bits: torch.Tensor, seed: int) -> torch.Tensor:
