@@ -303,7 +303,13 @@ class Streamer:
                             self._cache[name] = block
                             self._cache.move_to_end(name)
                             self._evict(keep_newest=False)
+                        kept = self._cache.get(name) is block
                         self._committed.notify_all()
+                    if kept and self.params_dtype is not None and self.device.type == "cpu":
+                        # Kept for the next pass: widen it here, off the compute thread, as a read would.
+                        widen_params(block, self.params_dtype, self.casts)
+                        with self._lock:
+                            self._evict(keep_newest=False)
                     del block, item  # the module's buffer may be free now: let trim see that
                     self.buffers.trim()
                     if fn is not None:
@@ -423,9 +429,11 @@ def widen_params(block: Block, dtype: torch.dtype, alloc: Callable[[int], torch.
         n = t.numel() * dtype.itemsize
         total += n + (-n) % 64
     buf = alloc(total)
+    params = dict(block.params)
     for k, t in narrow.items():
         n = t.numel() * dtype.itemsize
-        block.params[k] = buf[offsets[k]: offsets[k] + n].view(dtype).view(t.shape).copy_(t)
+        params[k] = buf[offsets[k]: offsets[k] + n].view(dtype).view(t.shape).copy_(t)
+    block.params = params  # at once: a reader of the block sees the old parameters or the new
     if not block.optim:
         block.buffer = buf  # the read buffer is free again: nothing else points into it
     return total
