@@ -117,3 +117,27 @@ def test_a_16_bit_store_is_widened_once_per_read_into_a_reused_buffer():
     assert again.params["w"].data_ptr() == ptr  # the first cast's buffer, free again, is reused
     narrow = Block(0, {"w": torch.randn(4)})
     assert widen_params(narrow, torch.bfloat16, pool) == 0 and narrow.params["w"].dtype == torch.float32
+
+
+def test_the_benchmarks_phase_peaks_charge_each_part_its_own_peak():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from _phases import PhasePeaks
+
+    split = PhasePeaks()
+    if not split.exact:
+        import pytest
+
+        pytest.skip("VmHWM cannot be reset here")
+    big = 256 << 20
+    with split.part("outer"):
+        with split.part("inner"):
+            x = np.ones(big // 8)  # touched: resident
+            del x
+        y = np.zeros(1)
+    with split.part("after"):
+        del y
+    assert split.peaks["inner"] >= split.peaks["outer"] + big * 0.9
+    assert split.peaks["after"] < split.peaks["inner"] - big * 0.9
