@@ -262,6 +262,7 @@ class Streamer:
             if name in self._cache and self._cache[name].nbytes > self.budget:
                 del self._cache[name]
         self.buffers.trim()
+        self.casts.trim()
 
     # ---- writing ----
     def put(self, name: str, block: Block, on_commit: Callable[[int], None] | None = None):
@@ -312,6 +313,7 @@ class Streamer:
                             self._evict(keep_newest=False)
                     del block, item  # the module's buffer may be free now: let trim see that
                     self.buffers.trim()
+                    self.casts.trim()
                     if fn is not None:
                         fn(checksum)
                 else:
