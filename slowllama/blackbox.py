@@ -138,7 +138,8 @@ class Streamer:
     ORDERED_WRITER = True
 
     def __init__(self, store: BlockStore, ram_budget: int = 0, prefetch: bool = True, verify: bool = True,
-                 max_pending_writes: int = 1, device: torch.device = torch.device("cpu")):
+                 max_pending_writes: int = 1, device: torch.device = torch.device("cpu"),
+                 params_dtype: torch.dtype | None = None):
         self.store = store
         self.prefetch_enabled = prefetch
         self.verify = verify
@@ -154,8 +155,9 @@ class Streamer:
         # that the copy is asynchronous on a stream of its own while the current module computes.
         self.buffers = BufferPool()
         # A 16-bit store's parameters, widened as they are read (in the reader thread, into reused
-        # buffers) to the dtype the trainer computes its master in; None until to_device first says.
-        self.params_dtype: torch.dtype | None = None
+        # buffers) to the dtype the trainer computes its master in; if not given, the dtype the
+        # first to_device asks for.
+        self.params_dtype = params_dtype
         self.casts = BufferPool()
         self.staging = BufferPool(pin_memory=True, keep_free=2, size=sizes[1]) if device.type == "cuda" else None
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
@@ -374,7 +376,7 @@ class Streamer:
         """The block's parameters on the device; on cpu with a matching dtype they are the block's own tensors.
         The dtype asked for is the one later reads are widened to, so the cast is paid once per read, off
         the compute thread, instead of here."""
-        if dtype is not None:
+        if dtype is not None and self.params_dtype is None:
             self.params_dtype = dtype
         with self._lock:
             staged = self._staged.pop(id(block), None)
