@@ -11,8 +11,9 @@ on Linux because after exec it keeps the high-water mark of the (v)forked
 parent, which would charge the orchestrating process's memory to the child.
 
 Phases: generate (write a random Meta checkpoint), prepare (checkpoint -> block
-store), stream (slowllama's streamed Trainer), inmem (the whole model in memory
-with torch.optim.SGD, the reference).
+store), stream (slowllama's streamed Trainer; with "phase_peaks" its peak RSS per
+part of the step), inmem (the whole model in memory with torch.optim.SGD, the
+reference), export (store -> Meta checkpoint).
 """
 from __future__ import annotations
 
@@ -80,6 +81,62 @@ def rss_bytes() -> int:
         return psutil.Process().memory_info().rss
     except ImportError:
         return peak_rss_bytes()
+
+
+def reset_peak() -> bool:
+    """Start a new high-water mark (Linux: "5" to /proc/self/clear_refs resets VmHWM); False where it cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class PhasePeaks:
+    """Peak RSS per named part of a run. The high-water mark is reset when a part begins and read when
+    it ends or a nested part begins, so a part's peak is its own, not its children's. Where VmHWM
+    cannot be reset (no /proc), the peaks are the process's so far: `exact` says which."""
+
+    def __init__(self):
+        self.peaks: dict[str, int] = {}
+        self.exact = reset_peak()
+        self._stack: list[str] = []
+        self._tail: str | None = None  # a part that ended but whose memory its caller still holds
+
+    def _close_segment(self):
+        name = self._tail or (self._stack[-1] if self._stack else None)
+        if name is not None:
+            self.peaks[name] = max(self.peaks.get(name, 0), peak_rss_bytes())
+        self._tail = None
+        reset_peak()
+
+    @contextlib.contextmanager
+    def part(self, name: str, tail: bool = False):
+        """Charge the RSS peak while the block runs to `name`. A reset starts the new mark at the RSS of
+        the moment, so with tail=True the caller's time until its next boundary is charged to this part
+        (what the part returns is still held then), not to the caller."""
+        self._close_segment()
+        self._stack.append(name)
+        try:
+            yield
+        finally:
+            if tail:
+                self._stack.pop()
+                self._tail = name
+            else:
+                self._close_segment()
+                self._stack.pop()
+
+    def wrap(self, obj, attr: str, name: str, tail: bool = False):
+        """Count every call of obj.attr as part `name` (an instance attribute shadows the method)."""
+        fn = getattr(obj, attr)
+
+        def wrapped(*args, **kwargs):
+            with self.part(name, tail):
+                return fn(*args, **kwargs)
+
+        setattr(obj, attr, wrapped)
 
 
 # ---- running a phase in a child process -------------------------------------
@@ -318,6 +375,7 @@ def phase_stream(cfg: dict) -> dict:
                      clip_grad_norm=cfg.get("clip_grad_norm", 0.0))
     trainer = Trainer(store, cfg["train_dir"], device, tc)
     losses, warm_s, step_s = [], [], []
+    split = _split_step(trainer) if cfg.get("phase_peaks") else None
     try:
         for _ in range(cfg["warmup"]):
             t = time.perf_counter()
@@ -334,22 +392,91 @@ def phase_stream(cfg: dict) -> dict:
                 losses.append(trainer.train_step(inputs, targets).loss)
                 step_s.append(time.perf_counter() - t)
             # Writes are queued to a background thread: count them in the timed steps.
-            trainer.streamer.flush()
+            with split.part("flush") if split else contextlib.nullcontext():
+                trainer.streamer.flush()
             _sync(torch, device)
         total = time.perf_counter() - t0
         r1, w1 = IO.snapshot()
         h1, d1 = TRANSFERS.snapshot()
     finally:
         trainer.close()
+        if split:
+            split.stop()
     k = max(cfg["steps"], 1)
     extra = {}
+    if split:
+        extra = {"phase_peak_rss_bytes": split.peaks, "phase_peaks_exact": split.exact, "at_peak": split.at_peak}
     if device.type == "cuda":
         extra = {"h2d_bytes_per_step": (h1 - h0) / k, "d2h_bytes_per_step": (d1 - d0) / k,
                  "gpu_busy_percent": busy.mean_percent, "pinned": pinned_bandwidth(torch, device)}
     return {"s_per_step": total / k, "step_s": step_s, "warmup_s": warm_s, "losses": losses,
             "bytes_read_per_step": (r1 - r0) / k, "bytes_written_per_step": (w1 - w0) / k, **extra,
-            "store_bytes_after": store.nbytes(), "rss_baseline_bytes": base, "peak_rss_bytes": peak_rss_bytes(),
+            "store_bytes_after": store.nbytes(), "rss_baseline_bytes": base,
+            "peak_rss_bytes": max([peak_rss_bytes(), *(split.peaks.values() if split else [])]),
             **_gpu_peak(torch, device), **_device_info(torch, device)}
+
+
+class _StepSplit(PhasePeaks):
+    """PhasePeaks over a Trainer's step: forward (the modules below the turn), turn, backward (the
+    reverse pass, less its commits), commit (gradient checks, the optimizer step, the new block handed
+    to the writer) and flush (the writes still queued). A sampling thread notes, at each part's highest
+    RSS seen, what the streamer holds, to say which modules make up the peak."""
+
+    def __init__(self, trainer):
+        super().__init__()
+        self.trainer = trainer
+        self.at_peak: dict[str, dict] = {}
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self):
+        while not self._done.wait(0.005):
+            part = self._stack[-1] if self._stack else None
+            rss = rss_bytes()
+            if part is not None and rss > self.at_peak.get(part, {}).get("rss_bytes", 0):
+                self.at_peak[part] = {"rss_bytes": rss, **streamer_holdings(self.trainer.streamer)}
+
+    def stop(self):
+        self._done.set()
+        self._thread.join()
+
+
+def streamer_holdings(s) -> dict:
+    """Which modules a Streamer holds now, and its read buffers' bytes in use and free."""
+    from slowllama.compat import storage_use_count
+
+    refs = storage_use_count()
+    with s._lock:
+        cache, pending, reads = list(s._cache), list(s._pending), list(s._reads)
+    held = list(s.buffers._held)
+    free = [b for b in held if refs is not None and refs(b) == s.buffers._idle]
+    return {"cache": cache, "pending": pending, "reading": reads, "pool_buffers": len(held),
+            "pool_bytes": sum(b.numel() for b in held), "pool_free_bytes": sum(b.numel() for b in free)}
+
+
+def _split_step(trainer) -> _StepSplit:
+    split = _StepSplit(trainer)
+    split.wrap(trainer, "_forward", "forward")
+    split.wrap(trainer, "_turn", "turn", tail=True)  # forward returns what the turn holds
+    split.wrap(trainer, "_backward", "backward")
+    split.wrap(trainer.update, "commit", "commit")
+    return split
+
+
+def phase_export(cfg: dict) -> dict:
+    """Export a (trained) store to a Meta checkpoint, as the run does at its end."""
+    _imports()
+    import torch
+    from slowllama.store import BlockStore, export_store
+
+    _set_threads(torch, cfg)
+    base = rss_bytes()
+    store = BlockStore(cfg["store"])
+    t0 = time.perf_counter()
+    export_store(store, Path(cfg["ckpt"]), Path(cfg["out"]))
+    return {"seconds": time.perf_counter() - t0, "out_bytes": dir_bytes(cfg["out"]),
+            "rss_baseline_bytes": base, "peak_rss_bytes": peak_rss_bytes()}
 
 
 def phase_inmem(cfg: dict) -> dict:
@@ -436,7 +563,8 @@ def phase_inmem(cfg: dict) -> dict:
             **_gpu_peak(torch, device), **_device_info(torch, device)}
 
 
-PHASES = {"generate": phase_generate, "prepare": phase_prepare, "stream": phase_stream, "inmem": phase_inmem}
+PHASES = {"generate": phase_generate, "prepare": phase_prepare, "stream": phase_stream, "inmem": phase_inmem,
+          "export": phase_export}
 
 
 def main():

@@ -77,7 +77,9 @@ def run(a, work: Path) -> dict:
         step = run_phase("stream", {
             "store": str(store), "train_dir": str(d / "train"), "device": a.device, "batch": a.batch, "seq": a.seq,
             "micro_batch": None, "compute_dtype": a.compute_dtype, "lr": 1e-3, "seed": 0, "threads": a.threads,
-            "warmup": 0, "steps": a.steps, "ram_budget": a.ram_budget, "prefetch": True})
+            "warmup": 0, "steps": a.steps, "ram_budget": a.ram_budget, "prefetch": True, "phase_peaks": True})
+        exp = run_phase("export", {"store": str(store), "ckpt": str(ckpt), "out": str(d / "export"),
+                                   "threads": a.threads})
         runs[str(n_layers)] = {
             "n_params": prep["n_params"],
             "checkpoint_bytes": gen["shard_bytes"],
@@ -94,6 +96,12 @@ def run(a, work: Path) -> dict:
             "step_peak_rss_bytes": step["peak_rss_bytes"],
             "step_rss_baseline_bytes": step["rss_baseline_bytes"],
             "step_peak_above_baseline_bytes": step["peak_rss_bytes"] - step["rss_baseline_bytes"],
+            "step_phase_peak_rss_bytes": step["phase_peak_rss_bytes"],
+            "step_phase_peaks_exact": step["phase_peaks_exact"],
+            "step_at_peak": step["at_peak"],
+            "export_s": exp["seconds"],
+            "export_peak_rss_bytes": exp["peak_rss_bytes"],
+            "export_peak_above_baseline_bytes": exp["peak_rss_bytes"] - exp["rss_baseline_bytes"],
             "bytes_read_per_step": step["bytes_read_per_step"],
             "bytes_written_per_step": step["bytes_written_per_step"],
             **{k: v for k, v in step.items() if k.startswith("peak_gpu")},

@@ -60,17 +60,32 @@ class BufferPool:
     def _fits(self, b: torch.Tensor, nbytes: int) -> bool:
         return b.numel() >= nbytes if self.size else b.numel() == nbytes
 
+    def _drop_free(self, keep: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Let go of the free buffers beyond keep_free (keep, if given, is not counted); returns the free ones.
+        Called with the lock held."""
+        free = [b for b in self._held if self._refs(b) == self._idle]
+        drop = [b for b in free if b is not keep][self.keep_free:]
+        self._held = [b for b in self._held if all(b is not d for d in drop)]
+        for b in drop:
+            for event in self._fences.pop(b.data_ptr(), []):
+                event.synchronize()  # freed memory could be reused by the allocator at once
+        return free
+
+    def trim(self):
+        """Free the buffers no tensor uses beyond keep_free now, not at the next read: a buffer freed
+        by a write that just committed would otherwise hold a module's worth of RAM until then."""
+        if self._refs is None:
+            return
+        with self._lock:
+            self._drop_free()
+
     def __call__(self, nbytes: int) -> torch.Tensor:
         with self._lock:
             buf = None
             if self._refs is not None:
                 free = [b for b in self._held if self._refs(b) == self._idle]
                 buf = next((b for b in free if self._fits(b, nbytes)), None)
-                drop = [b for b in free if b is not buf][self.keep_free:]
-                self._held = [b for b in self._held if all(b is not d for d in drop)]
-                for b in drop:
-                    for event in self._fences.pop(b.data_ptr(), []):
-                        event.synchronize()  # freed memory could be reused by the allocator at once
+                self._drop_free(keep=buf)
             if buf is None:
                 buf = torch.empty(max(nbytes, self.size), dtype=torch.uint8, pin_memory=self.pin_memory)
                 if self._refs is not None:
@@ -123,7 +138,8 @@ class Streamer:
     ORDERED_WRITER = True
 
     def __init__(self, store: BlockStore, ram_budget: int = 0, prefetch: bool = True, verify: bool = True,
-                 max_pending_writes: int = 1, device: torch.device = torch.device("cpu")):
+                 max_pending_writes: int = 1, device: torch.device = torch.device("cpu"),
+                 params_dtype: torch.dtype | None = None):
         self.store = store
         self.prefetch_enabled = prefetch
         self.verify = verify
@@ -138,6 +154,11 @@ class Streamer:
         # state) go through a page-locked staging buffer, sized once for the largest module, so
         # that the copy is asynchronous on a stream of its own while the current module computes.
         self.buffers = BufferPool()
+        # A 16-bit store's parameters, widened as they are read (in the reader thread, into reused
+        # buffers) to the dtype the trainer computes its master in; if not given, the dtype the
+        # first to_device asks for.
+        self.params_dtype = params_dtype
+        self.casts = BufferPool()
         self.staging = BufferPool(pin_memory=True, keep_free=2, size=sizes[1]) if device.type == "cuda" else None
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._staged: collections.OrderedDict[int, tuple[Block, dict, object]] = collections.OrderedDict()
@@ -145,6 +166,7 @@ class Streamer:
         # would only check RAM, so only modules that came from an earlier run are verified.
         self._written: set[str] = set()
         self._lock = threading.Lock()
+        self._committed = threading.Condition(self._lock)  # notified when a queued module write commits
         self._cache: collections.OrderedDict[str, Block] = collections.OrderedDict()
         self._pending: dict[str, Block] = {}  # written, not yet committed: readers see these
         self._reads: dict[str, Future] = {}
@@ -199,14 +221,28 @@ class Streamer:
             if not fut.set_running_or_notify_cancel():
                 continue
             try:
+                self._wait_for_room()
                 block = self._read(name)
                 self._stage(block)
                 fut.set_result(block)
             except BaseException as e:  # handed to the trainer through the future
                 fut.set_exception(e)
 
+    def _wait_for_room(self):
+        """Before a prefetch: wait until the modules queued for writing have committed, unless the budget
+        holds them beside the cache. With budget 0, RAM then holds three modules (the one computing with
+        its gradients, and one being written or read), not four; a read and a write share the disk anyway."""
+        with self._lock:
+            while (self._pending and self._write_error is None
+                   and sum(b.nbytes for b in [*self._pending.values(), *self._cache.values()]) > self.budget):
+                self._committed.wait(0.1)
+
     def _read(self, name: str) -> Block:
-        return self.store.read(name, self.verify and name not in self._written, self.buffers)
+        block = self.store.read(name, self.verify and name not in self._written, self.buffers)
+        want = self.params_dtype
+        if want is not None and self.device.type == "cpu":
+            widen_params(block, want, self.casts)
+        return block
 
     def _remember(self, name: str, block: Block):
         with self._lock:
@@ -227,6 +263,8 @@ class Streamer:
         with self._lock:
             if name in self._cache and self._cache[name].nbytes > self.budget:
                 del self._cache[name]
+        self.buffers.trim()
+        self.casts.trim()
 
     # ---- writing ----
     def put(self, name: str, block: Block, on_commit: Callable[[int], None] | None = None):
@@ -268,6 +306,16 @@ class Streamer:
                             self._cache[name] = block
                             self._cache.move_to_end(name)
                             self._evict(keep_newest=False)
+                        kept = self._cache.get(name) is block
+                        self._committed.notify_all()
+                    if kept and self.params_dtype is not None and self.device.type == "cpu":
+                        # Kept for the next pass: widen it here, off the compute thread, as a read would.
+                        widen_params(block, self.params_dtype, self.casts)
+                        with self._lock:
+                            self._evict(keep_newest=False)
+                    del block, item  # the module's buffer may be free now: let trim see that
+                    self.buffers.trim()
+                    self.casts.trim()
                     if fn is not None:
                         fn(checksum)
                 else:
@@ -325,7 +373,11 @@ class Streamer:
                 self._staged.popitem(last=False)
 
     def to_device(self, block: Block, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        """The block's parameters on the device; on cpu with a matching dtype they are the block's own tensors."""
+        """The block's parameters on the device; on cpu with a matching dtype they are the block's own tensors.
+        The dtype asked for is the one later reads are widened to, so the cast is paid once per read, off
+        the compute thread, instead of here."""
+        if dtype is not None and self.params_dtype is None:
+            self.params_dtype = dtype
         with self._lock:
             staged = self._staged.pop(id(block), None)
         if staged is not None:
@@ -366,6 +418,29 @@ class Streamer:
         event = dev.copy_fence(self.device, self._copy_stream)
         self.staging.fence(stage, event)
         return params, event
+
+
+def widen_params(block: Block, dtype: torch.dtype, alloc: Callable[[int], torch.Tensor]) -> int:
+    """Replace the block's parameters narrower than dtype (a 16-bit store's) by exact casts to dtype in
+    one buffer from alloc(nbytes); returns the bytes cast. Narrowing is left to the caller: it loses bits."""
+    narrow = {k: t for k, t in block.params.items()
+              if t.is_floating_point() and t.dtype != dtype and t.element_size() < dtype.itemsize}
+    if not narrow:
+        return 0
+    offsets, total = {}, 0
+    for k, t in narrow.items():
+        offsets[k] = total
+        n = t.numel() * dtype.itemsize
+        total += n + (-n) % 64
+    buf = alloc(total)
+    params = dict(block.params)
+    for k, t in narrow.items():
+        n = t.numel() * dtype.itemsize
+        params[k] = buf[offsets[k]: offsets[k] + n].view(dtype).view(t.shape).copy_(t)
+    block.params = params  # at once: a reader of the block sees the old parameters or the new
+    if not block.optim:
+        block.buffer = buf  # the read buffer is free again: nothing else points into it
+    return total
 
 
 def materialize(name: str, args: ModelArgs, params: dict[str, torch.Tensor], dropout: float = 0.0) -> nn.Module:

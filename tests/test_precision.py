@@ -75,3 +75,22 @@ def test_bf16_store_is_reproducible_and_keeps_small_updates(model_factory, tmp_p
     du = torch.cat([(pa[k].float() - start[k]).flatten() for k in start])
     df = torch.cat([(pf[k] - start[k]).flatten() for k in start])
     assert torch.nn.functional.cosine_similarity(du, df, dim=0) > 0.1
+
+
+def test_chunked_threaded_rounding_draws_what_one_call_draws():
+    """The cpu path rounds in chunks on several threads; its draws must be those of one generator call
+    over the whole tensor, so that a store's bits do not depend on the thread count."""
+    import numpy as np
+
+    x = torch.randn(3 * optim.ROUND_CHUNK + 5) * 3
+    bits = x.view(torch.int32)
+    noise = np.random.default_rng(11).integers(0, 1 << 16, x.numel(), dtype=np.uint16)
+    want = ((bits.numpy().view(np.uint32) + noise) >> 16).astype(np.uint16)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            got = stochastic_round(x, torch.bfloat16, 11).view(torch.int16).numpy().view(np.uint16)
+            assert np.array_equal(got, want), n
+    finally:
+        torch.set_num_threads(threads)
