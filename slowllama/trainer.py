@@ -127,8 +127,11 @@ class Trainer:
             raise ConfigError(f"--dropout must be in [0, 1), got {cfg.dropout}")
         if not (math.isfinite(cfg.clip_grad_norm) and cfg.clip_grad_norm >= 0):
             raise ConfigError(f"--clip-grad-norm must be 0 (off) or positive, got {cfg.clip_grad_norm}")
+        # A 16-bit store is widened as it is read, to what the module computes with: the fp32 master,
+        # or LoRA's frozen base in the compute dtype.
         self.streamer = Streamer(store, ram_budget=float("inf") if cfg.ram_budget is None else cfg.ram_budget,
-                                 prefetch=cfg.prefetch, verify=cfg.verify, device=device)
+                                 prefetch=cfg.prefetch, verify=cfg.verify, device=device,
+                                 params_dtype=cfg.compute_dtype if cfg.lora is not None else torch.float32)
         self.progress = progress or (lambda it, **kw: it)
         try:
             self.update = (LoraUpdate(store, self.streamer, cfg, self.adapters_path, device) if cfg.lora is not None
