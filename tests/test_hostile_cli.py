@@ -255,21 +255,6 @@ def test_out_under_a_file(user, tmp_path):
     refused(cli("finetune", model, "--data", data, "--out", tmp_path / "notes.txt" / "out", *ONE), "notes.txt")
 
 
-def test_out_in_a_read_only_folder(user, tmp_path):
-    model, data = user
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    ro.chmod(0o555)
-    user.freeze()
-    try:
-        if os.access(ro, os.W_OK):
-            pytest.skip("running as root: a chmod 555 folder stays writable (test_out_under_a_file covers it)")
-        refused(cli("finetune", model, "--data", data, "--out", ro / "out", "--work-dir", tmp_path / "work", *ONE),
-                str(ro))
-    finally:
-        ro.chmod(0o755)
-
-
 @pytest.mark.slow
 def test_second_fresh_run_into_the_same_out_is_refused_or_clean(probe_model, probe_data, tmp_path):
     """Run 2 (another --work-dir, another --lr) into run 1's --out: refused, or no run-1 file left mixed in."""
