@@ -11,12 +11,13 @@ import base64
 import binascii
 import json
 import re
+from abc import ABCMeta, abstractmethod
 from pathlib import Path
 
 from .model import ConfigError
 
 
-class _OpensByContent(type):
+class _OpensByContent(ABCMeta):
     # `Tokenizer(path)` keeps working for callers written before there were several backends.
     def __call__(cls, *args, **kwargs):
         if cls is Tokenizer:
@@ -41,19 +42,19 @@ class Tokenizer(metaclass=_OpensByContent):
     template_tokens: dict[str, str] = {}  # every named special token, as transformers passes them to templates
 
     @property
-    def vocab_size(self) -> int:
-        raise NotImplementedError
+    @abstractmethod
+    def vocab_size(self) -> int: ...
 
     @property
     def pad_id(self) -> int:
         """The id that fills padding: never a target and never attended to, so only its range matters."""
         return self.eos_id if self.eos_id is not None else 0
 
-    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
-        raise NotImplementedError
+    @abstractmethod
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]: ...
 
-    def decode(self, ids: list[int]) -> str:
-        raise NotImplementedError
+    @abstractmethod
+    def decode(self, ids: list[int]) -> str: ...
 
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         """Ids of `text` with no BOS/EOS added, and each token's (start, end) character span."""
