@@ -50,6 +50,19 @@ VARIANTS = {
 }
 
 
+TEXT = "The quick brown fox jumps over the lazy dog. 1234567 numbers! " * 40
+
+
+def finetune_cli(model: Path, tmp_path: Path, *flags: str, text: str = TEXT) -> tuple[subprocess.CompletedProcess, Path]:
+    """finetune.py on model with a small text, into tmp_path/out; returns the process and out."""
+    data, out = tmp_path / "d.txt", tmp_path / "out"
+    data.write_text(text)
+    r = subprocess.run([sys.executable, str(ROOT / "finetune.py"), str(model), "--data", str(data), "--out", str(out),
+                        "--seq-len", "16", "--batch-size", "2", "--device", "cpu", *flags],
+                       capture_output=True, text=True, cwd=ROOT, env={"TQDM_DISABLE": "1", "PATH": "/usr/bin:/bin"})
+    return r, out
+
+
 @pytest.fixture(scope="module")
 def hf_model(tmp_path_factory):
     made = {}
@@ -136,13 +149,7 @@ def test_import_export_without_training_is_bit_identical(hf_model, variant, tmp_
 
 def test_finetune_cli_on_an_hf_folder_exports_what_transformers_loads(hf_model, tmp_path):
     folder = hf_model("llama31_gqa")
-    data = tmp_path / "d.txt"
-    data.write_text("The quick brown fox jumps over the lazy dog. 1234567 numbers! " * 40)
-    out = tmp_path / "out"
-    r = subprocess.run([sys.executable, str(ROOT / "finetune.py"), str(folder), "--data", str(data), "--out", str(out),
-                        "--iters", "2", "--seq-len", "16", "--batch-size", "2", "--lr", "0.05", "--device", "cpu",
-                        "--prompt", "The quick", "--gen-tokens", "4"],
-                       capture_output=True, text=True, cwd=ROOT, env={"TQDM_DISABLE": "1", "PATH": "/usr/bin:/bin"})
+    r, out = finetune_cli(folder, tmp_path, "--iters", "2", "--lr", "0.05", "--prompt", "The quick", "--gen-tokens", "4")
     assert r.returncode == 0, r.stderr
     names = sorted(p.name for p in out.iterdir())
     assert {"config.json", "model.safetensors", "tokenizer.json", "train_log.jsonl"} <= set(names)
@@ -192,12 +199,7 @@ def test_meta_llama3_folder_trains_and_exports_its_own_files(tmp_path):
     ckpt = open_checkpoint(model)
     assert ckpt.args.rope_scaling["rope_type"] == "llama3"
     assert isinstance(load_tokenizer(model), TiktokenTokenizer)
-    data = tmp_path / "d.txt"
-    data.write_text("the and then thing 123456 " * 60)
-    out = tmp_path / "out"
-    r = subprocess.run([sys.executable, str(ROOT / "finetune.py"), str(model), "--data", str(data), "--out", str(out),
-                        "--iters", "1", "--seq-len", "16", "--batch-size", "2", "--device", "cpu"],
-                       capture_output=True, text=True, cwd=ROOT, env={"TQDM_DISABLE": "1", "PATH": "/usr/bin:/bin"})
+    r, out = finetune_cli(model, tmp_path, "--iters", "1", text="the and then thing 123456 " * 60)
     assert r.returncode == 0, r.stderr
     assert (out / "tokenizer.model").read_bytes() == (model / "tokenizer.model").read_bytes()
     assert json.loads((out / "params.json").read_text()) == params
@@ -206,13 +208,8 @@ def test_meta_llama3_folder_trains_and_exports_its_own_files(tmp_path):
 def test_lora_run_on_an_hf_model_writes_adapters_peft_loads(hf_model, tmp_path):
     peft = pytest.importorskip("peft")
     folder = hf_model("llama31_gqa")
-    data = tmp_path / "d.txt"
-    data.write_text("The quick brown fox jumps over the lazy dog. 1234567 numbers! " * 40)
-    out = tmp_path / "out"
-    r = subprocess.run([sys.executable, str(ROOT / "finetune.py"), str(folder), "--data", str(data), "--out", str(out),
-                        "--iters", "2", "--seq-len", "16", "--batch-size", "2", "--lr", "0.05", "--device", "cpu",
-                        "--lora-rank", "4", "--lora-targets", "wq,wk,wv,w2", "--optimizer", "adamw"],
-                       capture_output=True, text=True, cwd=ROOT, env={"TQDM_DISABLE": "1", "PATH": "/usr/bin:/bin"})
+    r, out = finetune_cli(folder, tmp_path, "--iters", "2", "--lr", "0.05", "--lora-rank", "4",
+                          "--lora-targets", "wq,wk,wv,w2", "--optimizer", "adamw")
     assert r.returncode == 0, r.stderr
     base = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     x = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(3))
@@ -262,12 +259,7 @@ def test_a_meta_checkpoint_exported_as_hf_gives_transformers_the_same_model(gqa_
 def test_a_tied_model_trains_and_exports_tied(tmp_path):
     folder = make_model(tmp_path / "tied", tie_word_embeddings=True, head_dim=32,
                         rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0})
-    data = tmp_path / "d.txt"
-    data.write_text("The quick brown fox jumps over the lazy dog. 1234567 numbers! " * 40)
-    out = tmp_path / "out"
-    r = subprocess.run([sys.executable, str(ROOT / "finetune.py"), str(folder), "--data", str(data), "--out", str(out),
-                        "--iters", "2", "--seq-len", "16", "--batch-size", "2", "--lr", "0.05", "--device", "cpu"],
-                       capture_output=True, text=True, cwd=ROOT, env={"TQDM_DISABLE": "1", "PATH": "/usr/bin:/bin"})
+    r, out = finetune_cli(folder, tmp_path, "--iters", "2", "--lr", "0.05")
     assert r.returncode == 0, r.stderr
     assert "tied embeddings:" in r.stdout
     got = tensors_of(out)
