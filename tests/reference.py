@@ -36,6 +36,21 @@ def reference_step(model, opt, inputs, targets, *, seed: int, step: int, micro_b
     return loss
 
 
+def lora_reference(model_dir, start: dict, targets, scale: float, dropout: float = 0.0):
+    """The in-memory model with adapters added by plain forward hooks (not slowllama's own attach), starting
+    from `start` ({module: {"wq.A": A, "wq.B": B, ...}}); returns (model, {module: {name: leaf tensor}})."""
+    from slowllama.lora import TARGETS
+
+    model = reference_model(model_dir, dropout=dropout).requires_grad_(False)
+    ref = {m: {k: t.clone().requires_grad_() for k, t in s.items()} for m, s in start.items()}
+    for m, s in ref.items():
+        for t in targets:
+            a, b = s[f"{t}.A"], s[f"{t}.B"]
+            model.get_submodule(m).get_submodule(TARGETS[t]).register_forward_hook(
+                lambda mod, inp, out, a=a, b=b: out + inp[0] @ a.t() @ b.t() * scale)
+    return model, ref
+
+
 def random_batch(vocab: int, batch: int, seq: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     toks = torch.randint(0, vocab, (batch, seq + 1), generator=g)
@@ -50,4 +65,4 @@ def stored_params(store) -> dict[str, torch.Tensor]:
     return out
 
 
-__all__ = ["reference_model", "reference_step", "random_batch", "stored_params", "EXTRAS"]
+__all__ = ["reference_model", "reference_step", "lora_reference", "random_batch", "stored_params", "EXTRAS"]

@@ -14,12 +14,12 @@ from slowllama import faults
 from slowllama.checkpoint import MetaCheckpoint
 from slowllama.device import derive_seed
 from slowllama.formats import open_checkpoint
-from slowllama.lora import TARGETS, LoraConfig
+from slowllama.lora import LoraConfig
 from slowllama.optim import OptimConfig
 from slowllama.run import finetune
 from slowllama.store import BlockStore, StoreError, prepare
 from slowllama.trainer import IGNORE, TrainConfig, Trainer
-from tests.reference import random_batch, reference_model, stored_params
+from tests.reference import lora_reference, random_batch, reference_model, stored_params
 
 CPU = torch.device("cpu")
 SGD = OptimConfig("sgd", lr=0.05, momentum=0.9)
@@ -131,13 +131,7 @@ def test_lora_clips_all_adapters_at_once(gqa_model, tmp_path, optim, max_norm):
     got = {m: {k: t.detach().clone() for k, t in tr.adapters.named(m).items()} for m in tr.adapters.params}
     tr.close()
     # The reference: plain forward hooks on the in-memory model, adapters starting where slowllama's did.
-    model = reference_model(gqa_model, dropout=0.1).requires_grad_(False)
-    ref = {m: {k: t.clone().requires_grad_() for k, t in s.items()} for m, s in start.items()}
-    for m, s in ref.items():
-        for t in lora.targets:
-            a, b = s[f"{t}.A"], s[f"{t}.B"]
-            model.get_submodule(m).get_submodule(TARGETS[t]).register_forward_hook(
-                lambda mod, inp, out, a=a, b=b: out + inp[0] @ a.t() @ b.t() * (lora.alpha / lora.rank))
+    model, ref = lora_reference(gqa_model, start, lora.targets, lora.alpha / lora.rank, dropout=0.1)
     params = [t for s in ref.values() for t in s.values()]
     opt = optim.make(params)
     for i, b in enumerate(batches):

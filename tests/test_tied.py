@@ -18,11 +18,11 @@ from slowllama.formats import open_checkpoint
 from slowllama.formats.hf import export_hf
 from slowllama.generate import ModuleCache, greedy
 from slowllama.journal import Journal
-from slowllama.lora import TARGETS, Adapters, LoraConfig
+from slowllama.lora import Adapters, LoraConfig
 from slowllama.optim import OptimConfig
 from slowllama.store import BlockStore, prepare
 from slowllama.trainer import IGNORE, TrainConfig, Trainer, estimate_io
-from tests.reference import random_batch, reference_model, reference_step, stored_params
+from tests.reference import lora_reference, random_batch, reference_model, reference_step, stored_params
 
 CPU = torch.device("cpu")
 SGD = OptimConfig("sgd", lr=0.05, momentum=0.9)
@@ -126,13 +126,7 @@ def test_lora_on_a_tied_model_equals_autograd(tied_hf, tmp_path):
     losses = [tr.train_step(*b).loss for b in batches]
     tr.close()
     # The reference: plain hooks on the in-memory model, adapters starting where slowllama's did.
-    model = reference_model(tied_hf, dropout=0.1).requires_grad_(False)
-    ref = {m: {k: t.clone().requires_grad_() for k, t in s.items()} for m, s in start.items()}
-    for m, s in ref.items():
-        for t in lora.targets:
-            a, b = s[f"{t}.A"], s[f"{t}.B"]
-            model.get_submodule(m).get_submodule(TARGETS[t]).register_forward_hook(
-                lambda mod, inp, out, a=a, b=b: out + inp[0] @ a.t() @ b.t() * (lora.alpha / lora.rank))
+    model, ref = lora_reference(tied_hf, start, lora.targets, lora.alpha / lora.rank, dropout=0.1)
     opt = ADAMW.make([t for s in ref.values() for t in s.values()])
     want = [reference_step(model, opt, *b, seed=4, step=i, micro_batch=2) for i, b in enumerate(batches)]
     assert losses == pytest.approx(want, abs=1e-6)
