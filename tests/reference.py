@@ -20,8 +20,9 @@ def reference_model(model_dir, dropout: float = 0.0, dtype=torch.float32) -> Tra
     return model
 
 
-def reference_step(model, opt, inputs, targets, *, seed: int, step: int, micro_batch: int | None = None) -> float:
-    """One step with the trainer's RNG convention: each micro-batch's forward starts from seed (seed, step, mb)."""
+def reference_backward(model, inputs, targets, *, seed: int, step: int, micro_batch: int | None = None) -> float:
+    """A step's gradients, with the trainer's RNG convention: each micro-batch's forward starts from seed
+    (seed, step, mb); returns the loss."""
     n_tok = int((targets != IGNORE).sum())
     mb = micro_batch or inputs.shape[0]
     loss = 0.0
@@ -31,9 +32,25 @@ def reference_step(model, opt, inputs, targets, *, seed: int, step: int, micro_b
         part = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="sum") / n_tok
         part.backward()
         loss += part.item()
+    return loss
+
+
+def reference_step(model, opt, inputs, targets, *, seed: int, step: int, micro_batch: int | None = None) -> float:
+    """One optimizer step over reference_backward's gradients; returns the loss."""
+    loss = reference_backward(model, inputs, targets, seed=seed, step=step, micro_batch=micro_batch)
     opt.step()
     opt.zero_grad(set_to_none=True)
     return loss
+
+
+def whole_store(store) -> dict:
+    """Everything a store holds that a resume must reproduce: the journal, each module's version,
+    parameters and optimizer state."""
+    out = {"journal": {k: v for k, v in store.journal().items() if k != "last"}}
+    for m in store.trainable:
+        b = store.read(m)
+        out[m] = (b.step, b.params, b.optim)
+    return out
 
 
 def lora_reference(model_dir, start: dict, targets, scale: float, dropout: float = 0.0):
@@ -65,4 +82,4 @@ def stored_params(store) -> dict[str, torch.Tensor]:
     return out
 
 
-__all__ = ["reference_model", "reference_step", "lora_reference", "random_batch", "stored_params", "EXTRAS"]
+__all__ = ["reference_model", "reference_backward", "reference_step", "whole_store", "lora_reference", "random_batch", "stored_params", "EXTRAS"]

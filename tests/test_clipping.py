@@ -8,18 +8,17 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from slowllama import faults
 from slowllama.checkpoint import MetaCheckpoint
-from slowllama.device import derive_seed
 from slowllama.formats import open_checkpoint
 from slowllama.lora import LoraConfig
 from slowllama.optim import OptimConfig
 from slowllama.run import finetune
 from slowllama.store import BlockStore, StoreError, prepare
-from slowllama.trainer import IGNORE, TrainConfig, Trainer
-from tests.reference import lora_reference, random_batch, reference_model, stored_params
+from slowllama.trainer import TrainConfig, Trainer
+from tests.reference import (lora_reference, random_batch, reference_backward, reference_model, stored_params,
+                             whole_store)
 
 CPU = torch.device("cpu")
 SGD = OptimConfig("sgd", lr=0.05, momentum=0.9)
@@ -30,14 +29,7 @@ SMALL, LARGE = 0.05, 1e6  # max norms: below every step's gradient norm here, an
 def clipped_step(model, params, opt, inputs, targets, *, seed: int, step: int, micro_batch: int,
                  max_norm: float) -> tuple[float, float]:
     """One in-memory step with the trainer's RNG convention, clipped by torch; returns (loss, norm)."""
-    n_tok = int((targets != IGNORE).sum())
-    loss = 0.0
-    for m, (x, y) in enumerate(zip(inputs.split(micro_batch), targets.split(micro_batch))):
-        torch.manual_seed(derive_seed(seed, step, m))
-        logits = model(x)
-        part = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="sum") / n_tok
-        part.backward()
-        loss += part.item()
+    loss = reference_backward(model, inputs, targets, seed=seed, step=step, micro_batch=micro_batch)
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=False).item()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -146,14 +138,6 @@ def test_lora_clips_all_adapters_at_once(gqa_model, tmp_path, optim, max_norm):
 
 # ---- crash consistency -------------------------------------------------------------------
 
-def _whole_store(store: BlockStore) -> dict:
-    out = {"journal": {k: v for k, v in store.journal().items() if k != "last"}}
-    for m in store.trainable:
-        b = store.read(m)
-        out[m] = (b.step, b.params, b.optim)
-    return out
-
-
 def _crash_at(trainer: Trainer, monkeypatch, event: str, n: int):
     """Stop the process the n-th time `event` is reached, as a kill would, its writes flushed."""
     seen = [0]
@@ -207,10 +191,10 @@ def test_a_clipped_step_cut_short_resumes_bit_identically(request, tmp_path, mon
         return BlockStore(root / "s")
 
     straight = run(tmp_path / "straight")
-    want = _whole_store(straight)
+    want = whole_store(straight)
     crashes = _crashes(len(straight.trainable))
     for j, (crash, _) in enumerate(crashes):
-        got = _whole_store(run(tmp_path / f"crash{j}", crash))
+        got = whole_store(run(tmp_path / f"crash{j}", crash))
         assert got["journal"] == want["journal"], crash
         for m in straight.trainable:
             assert got[m][0] == want[m][0], (crash, m)

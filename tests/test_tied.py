@@ -22,7 +22,8 @@ from slowllama.lora import Adapters, LoraConfig
 from slowllama.optim import OptimConfig
 from slowllama.store import BlockStore, prepare
 from slowllama.trainer import IGNORE, TrainConfig, Trainer, estimate_io
-from tests.reference import lora_reference, random_batch, reference_model, reference_step, stored_params
+from tests.reference import (lora_reference, random_batch, reference_model, reference_step, stored_params,
+                             whole_store)
 
 CPU = torch.device("cpu")
 SGD = OptimConfig("sgd", lr=0.05, momentum=0.9)
@@ -158,14 +159,6 @@ def _crash_at(monkeypatch, event: str, file: str | None, n: int):
     monkeypatch.setattr(faults, "point", point)
 
 
-def _whole_store(store: BlockStore) -> dict:
-    out = {"journal": {k: v for k, v in store.journal().items() if k != "last"}}
-    for m in store.trainable:
-        b = store.read(m)
-        out[m] = (b.step, b.params, b.optim)
-    return out
-
-
 def _assert_same(got: dict, want: dict):
     assert got["journal"] == want["journal"]
     for m in want:
@@ -222,10 +215,10 @@ def test_a_step_cut_short_resumes_bit_identically(tied_hf, tmp_path, monkeypatch
         tr.close()
         return BlockStore(root / "s")
 
-    want = _whole_store(run(tmp_path / "straight"))
+    want = whole_store(run(tmp_path / "straight"))
     for j, crash in enumerate(CRASHES):
         got = run(tmp_path / f"crash{j}", crash)
-        _assert_same(_whole_store(got), want)
+        _assert_same(whole_store(got), want)
         assert not (got.root / "tied.blk").exists()
     # From the top three times, then with the output, everything but layers.0 and the embedding,
     # everything but the embedding, and everything already updated.
