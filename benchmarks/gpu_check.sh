@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # On a machine with CUDA: the device self-test, the exactness tests (pytest -m device), then
-# bench_step.py on a 7B-shaped model with bf16 compute, from disk (--ram-budget 0) and from host RAM (--ram-budget none), within 8 minutes.
+# bench_step.py on a 7B-shaped model with bf16 compute, from disk (--ram-budget 0) and from host RAM
+# (--ram-budget none), within 8 minutes.
 # Every result goes to one folder (default: gpu_check-<date>):
 #
 #     bash benchmarks/gpu_check.sh [OUT_DIR]
