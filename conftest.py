@@ -1,6 +1,7 @@
 """Shared fixtures: small Meta-format checkpoints made by tools/make_test_model.py."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -16,9 +17,42 @@ CORPUS = ROOT / "test_data" / "corpus.txt"
 pytest_plugins = ["tests.cli_helpers"]
 
 
+# The device the tests marked `device` (streamed steps against whole-model autograd) run on: cpu in CI,
+# cuda or mps on a machine that has one, e.g. SLOWLLAMA_TEST_DEVICE=cuda pytest -m device. Read here only.
+TEST_DEVICE_VAR = "SLOWLLAMA_TEST_DEVICE"
+TEST_DEVICES = ("cpu", "cuda", "mps")
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than a few seconds")
     config.addinivalue_line("markers", "gpu: needs a CUDA device")
+    config.addinivalue_line("markers", f"device: runs on ${TEST_DEVICE_VAR} (cpu, cuda or mps; default cpu)")
+    name = os.environ.get(TEST_DEVICE_VAR, "cpu")
+    if name not in TEST_DEVICES:
+        raise pytest.UsageError(f"{TEST_DEVICE_VAR}={name!r}: expected one of {', '.join(TEST_DEVICES)}")
+
+
+def pytest_collection_modifyitems(config, items):
+    # A test marked `device` that does not take test_device would run on cpu whatever the variable says.
+    for item in items:
+        if item.get_closest_marker("device") and "test_device" not in getattr(item, "fixturenames", ()):
+            raise pytest.UsageError(f"{item.nodeid} is marked device but does not use the test_device fixture")
+
+
+@pytest.fixture(scope="session")
+def test_device():
+    """The device of the exactness tests. On cuda, deterministic mode (as --deterministic sets it): without
+    it, attention's backward and cuBLAS's reductions may differ between the streamed step and autograd."""
+    from slowllama import device as dev
+    from slowllama.model import ConfigError
+
+    try:
+        device, _ = dev.choose_device(os.environ.get(TEST_DEVICE_VAR, "cpu"))
+    except ConfigError as e:  # asked for a device this machine lacks: an error, not a silent cpu run
+        raise pytest.UsageError(f"{TEST_DEVICE_VAR}: {e}") from e
+    if device.type == "cuda":
+        dev.use_deterministic(device)
+    return device
 
 
 @pytest.fixture(scope="session")

@@ -76,8 +76,9 @@ def demo(root: Path) -> int:
             lock = lock_work_dir(work)  # a demo running in another terminal keeps its files
             remove_owned(work, "work", keep_folder=True)
             lock.close()
+        # The demo's out holds the previous demo's export, of another run since its work dir was emptied.
         summary = finetune(model_dir=str(DEMO_MODEL), data=str(DEMO_DATA), out=str(out), work_dir=str(work),
-                           prompt=prompt, **DEMO)
+                           prompt=prompt, overwrite_out=True, **DEMO)
     except (ConfigError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

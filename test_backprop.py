@@ -20,17 +20,19 @@ from tests.reference import random_batch, reference_model, reference_step, store
 GOLDEN = Path(__file__).parent / "test_data" / "golden"
 
 
-def run_streamed(model_dir, work, *, steps, optim, batches, store_dtype=torch.float32, **cfg_kw):
+def run_streamed(model_dir, work, *, steps, optim, batches, store_dtype=torch.float32, device=torch.device("cpu"),
+                 **cfg_kw):
     ckpt = MetaCheckpoint(model_dir)
     store = prepare(ckpt, work / "store", store_dtype)
-    trainer = Trainer(store, work, torch.device("cpu"), TrainConfig(optim=optim, **cfg_kw))
+    trainer = Trainer(store, work, device, TrainConfig(optim=optim, **cfg_kw))
     losses = [trainer.train_step(*batches[i]).loss for i in range(steps)]
     trainer.close()
     return store, losses
 
 
-def run_reference(model_dir, *, steps, optim: OptimConfig, batches, seed, dropout=0.0, micro_batch=None):
-    model = reference_model(model_dir, dropout)
+def run_reference(model_dir, *, steps, optim: OptimConfig, batches, seed, dropout=0.0, micro_batch=None,
+                  device=torch.device("cpu")):
+    model = reference_model(model_dir, dropout).to(device)
     opt = optim.make(list(model.parameters()))
     losses = [reference_step(model, opt, *batches[i], seed=seed, step=i, micro_batch=micro_batch)
               for i in range(steps)]
@@ -46,23 +48,26 @@ def make_batches(vocab, n, batch=4, seq=16, seed=0):
     return out
 
 
+@pytest.mark.device
 @pytest.mark.parametrize("micro_batch,prefetch,ram_budget", [
     (None, True, 0),
     (2, True, 0),
     (1, False, None),
     (2, True, None),
 ])
-def test_sgd_steps_equal_autograd(gqa_model, tmp_path, micro_batch, prefetch, ram_budget):
-    """Dropout, micro-batches, prefetch and RAM budget change nothing: bit-identical loss and weights."""
+def test_sgd_steps_equal_autograd(gqa_model, tmp_path, test_device, micro_batch, prefetch, ram_budget):
+    """Dropout, micro-batches, prefetch and RAM budget change nothing: bit-identical loss and weights
+    (on $SLOWLLAMA_TEST_DEVICE, both sides on that device)."""
     args = MetaCheckpoint(gqa_model).args
     batches = make_batches(args.vocab_size, 3)
     optim = OptimConfig("sgd", lr=0.05)
     store, losses = run_streamed(gqa_model, tmp_path, steps=3, optim=optim, batches=batches, seed=7, dropout=0.1,
-                                 micro_batch=micro_batch, prefetch=prefetch, ram_budget=ram_budget)
+                                 micro_batch=micro_batch, prefetch=prefetch, ram_budget=ram_budget,
+                                 device=test_device)
     model, ref_losses = run_reference(gqa_model, steps=3, optim=optim, batches=batches, seed=7, dropout=0.1,
-                                      micro_batch=micro_batch)
+                                      micro_batch=micro_batch, device=test_device)
     assert losses == ref_losses
-    got, want = stored_params(store), model.state_dict()
+    got, want = stored_params(store), {k: v.cpu() for k, v in model.state_dict().items()}
     assert set(got) == set(want)
     for k in want:
         assert torch.equal(got[k], want[k]), k
@@ -91,20 +96,23 @@ def test_only_modules_below_the_turn_are_recomputed(gqa_model, tmp_path, monkeyp
                      last: 2, "norm": 2, "output": 2}
 
 
+@pytest.mark.device
 @pytest.mark.parametrize("optim", [
     OptimConfig("adamw", lr=1e-3, weight_decay=0.1, betas=(0.8, 0.95), eps=1e-6),
     OptimConfig("sgd", lr=0.05, momentum=0.9, weight_decay=0.01),
 ])
-def test_stateful_optimizers_equal_torch(gqa_model, tmp_path, optim):
+def test_stateful_optimizers_equal_torch(gqa_model, tmp_path, test_device, optim):
     """AdamW and SGD with momentum keep their state beside each module and match torch.optim."""
     args = MetaCheckpoint(gqa_model).args
     batches = make_batches(args.vocab_size, 4)
-    store, losses = run_streamed(gqa_model, tmp_path, steps=4, optim=optim, batches=batches, seed=1, micro_batch=2)
-    model, ref_losses = run_reference(gqa_model, steps=4, optim=optim, batches=batches, seed=1, micro_batch=2)
+    store, losses = run_streamed(gqa_model, tmp_path, steps=4, optim=optim, batches=batches, seed=1, micro_batch=2,
+                                 device=test_device)
+    model, ref_losses = run_reference(gqa_model, steps=4, optim=optim, batches=batches, seed=1, micro_batch=2,
+                                      device=test_device)
     assert losses == pytest.approx(ref_losses, abs=1e-6)
     got = stored_params(store)
     for k, v in model.state_dict().items():
-        torch.testing.assert_close(got[k], v, atol=1e-6, rtol=0)
+        torch.testing.assert_close(got[k], v.cpu(), atol=1e-6, rtol=0)
     block = store.read("layers.0")
     expected_state = {"exp_avg", "exp_avg_sq", "step"} if optim.name == "adamw" else {"momentum_buffer"}
     assert set(block.optim["attention.wq.weight"]) == expected_state

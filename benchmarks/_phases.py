@@ -244,20 +244,34 @@ def _sync(torch, device):
         torch.cuda.synchronize(device)
 
 
-def pinned_bandwidth(torch, device, nbytes: int = 256 << 20) -> dict:
-    """Host-to-device and device-to-host copy rates from page-locked memory, GB/s."""
-    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+def copy_bandwidth(torch, device, nbytes: int = 256 << 20) -> dict:
+    """Host-to-device and device-to-host copy rates, GB/s, from page-locked ("pinned") and from pageable
+    host memory: slowllama's copies to the device go through pinned staging buffers when prefetched,
+    and its copies back land in pageable memory (see slowllama.device.to_host)."""
     gpu = torch.empty(nbytes, dtype=torch.uint8, device=device)
     out = {}
-    for name, dst, src in (("h2d_GBps", gpu, host), ("d2h_GBps", host, gpu)):
-        dst.copy_(src, non_blocking=True)
-        torch.cuda.synchronize(device)
-        t = time.perf_counter()
-        for _ in range(5):
-            dst.copy_(src, non_blocking=True)
-        torch.cuda.synchronize(device)
-        out[name] = 5 * nbytes / (time.perf_counter() - t) / 1e9
+    for kind, pinned in (("pinned", True), ("pageable", False)):
+        host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
+        host.fill_(1)  # touched: a pageable buffer's first copy would otherwise time page faults
+        rates = out[kind] = {}
+        for name, dst, src in (("h2d_GBps", gpu, host), ("d2h_GBps", host, gpu)):
+            dst.copy_(src, non_blocking=pinned)
+            torch.cuda.synchronize(device)
+            t = time.perf_counter()
+            for _ in range(5):
+                dst.copy_(src, non_blocking=pinned)
+            torch.cuda.synchronize(device)
+            rates[name] = 5 * nbytes / (time.perf_counter() - t) / 1e9
+        del host
     return out
+
+
+def transfer_floor(h2d_bytes: float, d2h_bytes: float, rates: dict, prefetch: bool) -> float:
+    """Seconds per step that the bytes crossing each way take at the rates slowllama's copies get: to the
+    device from pinned staging when prefetched (pageable when not), back to the host always into pageable
+    memory."""
+    h2d = rates["pinned" if prefetch else "pageable"]["h2d_GBps"]
+    return h2d_bytes / (h2d * 1e9) + d2h_bytes / (rates["pageable"]["d2h_GBps"] * 1e9)
 
 
 class GpuBusy:
@@ -408,7 +422,7 @@ def phase_stream(cfg: dict) -> dict:
         extra = {"phase_peak_rss_bytes": split.peaks, "phase_peaks_exact": split.exact, "at_peak": split.at_peak}
     if device.type == "cuda":
         extra = {"h2d_bytes_per_step": (h1 - h0) / k, "d2h_bytes_per_step": (d1 - d0) / k,
-                 "gpu_busy_percent": busy.mean_percent, "pinned": pinned_bandwidth(torch, device)}
+                 "gpu_busy_percent": busy.mean_percent, "copy_rates": copy_bandwidth(torch, device)}
     return {"s_per_step": total / k, "step_s": step_s, "warmup_s": warm_s, "losses": losses,
             "bytes_read_per_step": (r1 - r0) / k, "bytes_written_per_step": (w1 - w0) / k, **extra,
             "store_bytes_after": store.nbytes(), "rss_baseline_bytes": base,

@@ -22,7 +22,8 @@ Figures:
     counted); on cuda also peak GPU memory and gpu_busy_percent (NVML, when
     pynvml is installed).
   streamed on cuda: h2d_bytes_per_step / d2h_bytes_per_step (slowllama.device.TRANSFERS)
-    and "pinned", the host-to-device and device-to-host copy rates measured here.
+    and "copy_rates", the host-to-device and device-to-host copy rates measured here from
+    pinned and from pageable host memory.
   streamed bytes_read_per_step / bytes_written_per_step: deltas of
     slowllama.fsutil.IO over the timed steps (store modules, activation scratch
     files, gradients handed down, journal).
@@ -36,7 +37,8 @@ Figures:
   floors: io_s_per_step = bytes read / read bandwidth (after fadvise, else warm)
     + bytes written / write+fsync bandwidth; compute_s_per_step = in-memory step
     time x 4/3 (the streamed step recomputes the forward pass of the modules below
-    the turn); on cuda transfer_s_per_step = bytes each way / its pinned copy rate.
+    the turn); on cuda transfer_s_per_step = bytes to the device / the pinned rate (the pageable
+    one with --no-prefetch) + bytes back / the pageable rate, the memory slowllama copies into.
 """
 from __future__ import annotations
 
@@ -49,7 +51,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _phases import DTYPE_NAMES, bench_dir, disk_bandwidth, parse_bytes, run_phase  # noqa: E402
+from _phases import DTYPE_NAMES, bench_dir, disk_bandwidth, parse_bytes, run_phase, transfer_floor  # noqa: E402
 
 
 def main():
@@ -138,9 +140,10 @@ def run(a, work: Path) -> dict:
         "disk": disk,
         "floors": {"io_s_per_step": io_floor, "io_s_per_step_warm_read": io_floor_warm},
     }
-    if "pinned" in stream:  # cuda: bytes crossing to and from the device at the pinned copy rates
-        out["floors"]["transfer_s_per_step"] = (stream["h2d_bytes_per_step"] / (stream["pinned"]["h2d_GBps"] * 1e9)
-                                                + stream["d2h_bytes_per_step"] / (stream["pinned"]["d2h_GBps"] * 1e9))
+    if "copy_rates" in stream:  # cuda: bytes crossing to and from the device at the rates its copies get
+        out["floors"]["transfer_s_per_step"] = transfer_floor(stream["h2d_bytes_per_step"],
+                                                              stream["d2h_bytes_per_step"], stream["copy_rates"],
+                                                              prefetch=not a.no_prefetch)
     if inmem is not None:
         compute_floor = inmem["s_per_step"] * 4 / 3
         out["ratio_streamed_over_in_memory"] = stream["s_per_step"] / inmem["s_per_step"]

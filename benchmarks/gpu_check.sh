@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# On a machine with CUDA: the device self-test, then bench_step.py on a 7B-shaped model with bf16
-# compute, from disk (--ram-budget 0) and from host RAM (--ram-budget none), within 8 minutes.
+# On a machine with CUDA: the device self-test, the exactness tests (pytest -m device), then
+# bench_step.py on a 7B-shaped model with bf16 compute, from disk (--ram-budget 0) and from host RAM
+# (--ram-budget none), within 8 minutes.
 # Every result goes to one folder (default: gpu_check-<date>):
 #
 #     bash benchmarks/gpu_check.sh [OUT_DIR]
@@ -30,6 +31,14 @@ cat "$OUT/machine.txt"
 status=0
 echo "== self-test"
 timeout "$(left)" "$PY" -m slowllama.selftest --device "$DEVICE" --out "$OUT/selftest.json" 2>&1 | tee "$OUT/selftest.txt"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+# The exactness tests (streamed steps against whole-model autograd, bit for bit) on the device, in
+# deterministic mode on cuda (conftest.py); needs pytest. At most 2 minutes, so the benchmarks keep theirs.
+t=$(left); [ "$t" -gt 120 ] && t=120
+echo "== exactness tests on $DEVICE"
+SLOWLLAMA_TEST_DEVICE="$DEVICE" timeout "$t" "$PY" -m pytest -q -m device -p no:cacheprovider \
+  --junitxml "$OUT/exactness.xml" 2>&1 | tee "$OUT/exactness.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 SHAPE=(--dim "${DIM:-4096}" --n-layers "$LAYERS" --n-heads "${HEADS:-32}" --multiple-of 256 --vocab-size 320

@@ -232,7 +232,16 @@ def to_device(t: torch.Tensor, device: torch.device, non_blocking: bool = False)
 
 
 def to_host(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """t on the cpu in dtype (the cast happens first, so a narrowing one moves fewer bytes)."""
+    """t on the cpu in dtype (the cast happens first, so a narrowing one moves fewer bytes).
+
+    The copy is blocking, into pageable memory, on purpose. What comes back (an updated module on its
+    way to the disk, a cached activation kept all step, a gradient handed down) lives long in host RAM:
+    pinning it would put up to the whole RAM budget in page-locked memory, which the pinned allocator
+    rounds up and never returns. A bounded pinned staging buffer would need a second copy from it into
+    pageable memory, which is what CUDA does for a pageable copy anyway, and most callers check the values
+    (all_finite) or write them at once, so a non_blocking copy would have little to overlap with. The
+    benchmark's transfer floor counts these bytes at the measured pageable rate (benchmarks/_phases.py).
+    """
     if dtype is not None:
         t = t.to(dtype)
     if t.device.type != "cpu":

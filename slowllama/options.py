@@ -121,6 +121,9 @@ class RunOptions:
                                     choices=("hf", "meta"))
     shards: int | None = opt(None, "shard count of the exported model (default: as the original)", OUTPUT)
     merge: bool = opt(False, "LoRA: also export the model with the adapters merged in (Meta format)", OUTPUT)
+    # Never saved: permission to replace another run's output is given each time, not inherited by a resume.
+    overwrite_out: bool = opt(False, "let this run replace what another run left in --out (its export, "
+                                     "checkpoints and log)", SESSION)
     # Where and how fast: free to change between a run and its resume.
     device: str = opt("auto", "auto, cpu, cuda or mps (auto: mps, then cuda, then cpu)", SESSION)
     ram_budget: str = opt("auto", "RAM for keeping modules, activations and gradients resident, e.g. 8G; auto: half "

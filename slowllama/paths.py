@@ -99,6 +99,15 @@ def owner_kind(folder: Path) -> str | None:
     return owner_info(folder).get("kind")
 
 
+def run_outputs(out: Path) -> list[tuple[Path, dict]]:
+    """The folders in out (out itself, then its numbered checkpoints) that name the run which wrote them,
+    with what their OWNER file says ({"kind": "export", "run": ..., "step": ..., "work_dir": ...})."""
+    if not out.is_dir():
+        return []
+    folders = [out, *sorted(p for p in out.iterdir() if CHECKPOINT.fullmatch(p.name) and p.is_dir())]
+    return [(f, info) for f in folders if (info := owner_info(f)).get("kind") == "export" and info.get("run")]
+
+
 def foreign_entries(folder: Path, kind: str) -> list[str]:
     """Names in folder that slowllama did not write there. Temp and lock files are ours by
     name anywhere; the rest only in a folder that holds our OWNER file."""

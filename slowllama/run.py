@@ -29,7 +29,7 @@ from .model import ConfigError, check_sliding_window
 from .optim import OptimConfig
 from .options import MATH, OUTPUT, PATHS, RESUME_MAY_CHANGE, SAVED_EXTRAS, SESSION, RunOptions, parse_size
 from .paths import (check_folder, checkpoint_dir, claim_folder, lock_out_dir, lock_work_dir, mark_owned, owner_info,
-                    prune_checkpoints, remove_owned, restore_interrupted_swap)
+                    prune_checkpoints, remove_owned, restore_interrupted_swap, run_outputs)
 from .schedule import lr_at
 from .store import DTYPES, BlockStore, StoreError, export_store, open_or_prepare
 from .tokenizer import load_tokenizer
@@ -180,6 +180,8 @@ def finetune(*, resume: bool = False, **given) -> dict:
             claim_folder(work_dir, "work", "--work-dir")
             locks.append(lock_work_dir(work_dir))
             locks.append(lock_out_dir(out))
+            # Under the lock: a run still going is refused above with its pid; none can export here meanwhile.
+            check_out_run(out, work_dir, o)
         return _run(o, resume, saved, ckpt, tokenizer, windows, val_batches, optim, lora, torch_device, ranks)
     except BaseException:
         if ranks.leader and new_work and not (work_dir / "run.json").exists():
@@ -251,6 +253,8 @@ def _run(o: RunOptions, resume: bool, saved: dict, ckpt, tokenizer, windows, val
             atomic_write_json(run_path, {**saved, **o.saved()})
         restore_interrupted_swap(out)
         claim_folder(out, "export", "--out")
+        if not owner_info(out).get("run"):  # a new output folder: its log is this run's before any export is
+            mark_owned(out, "export", run=store.model_id, work_dir=str(work_dir))
         if not resume:
             log_path.unlink(missing_ok=True)
     run_id = store.model_id
@@ -296,7 +300,7 @@ def _run(o: RunOptions, resume: bool, saved: dict, ckpt, tokenizer, windows, val
         if not ranks.leader:
             return
         trainer.streamer.flush()
-        marker = {"run": run_id, "step": trainer.step}
+        marker = {"run": run_id, "step": trainer.step, "work_dir": str(work_dir)}
         target = out if final else checkpoint_dir(out, trainer.step)
         logs = {n: (out / n).read_bytes() for n in KEEP_ON_EXPORT if final and (out / n).exists()}
         if not lora:
@@ -479,6 +483,33 @@ def _progress(work_dir: Path) -> str:
         if step:
             return f"at step {step} (LoRA)"
     return ""
+
+
+def this_run_id(work_dir: Path, lora: bool) -> str | None:
+    """The id of the run in work_dir (its store's), or None before its store is prepared."""
+    root = work_dir / ("base" if lora else "store")
+    if not (root / "manifest.json").is_file():
+        return None
+    try:
+        return BlockStore(root).model_id
+    except (StoreError, OSError):
+        return None  # a damaged store is reported when the run opens it
+
+
+def check_out_run(out: Path, work_dir: Path, o: RunOptions):
+    """Refuse an --out that holds another run's export, checkpoints or log: the export at this run's end
+    would replace them. A resume, or a rerun of the same work dir, writes over its own output."""
+    run = this_run_id(work_dir, bool(o.lora_rank))
+    other = [(f, info) for f, info in run_outputs(out) if info["run"] != run]
+    if not other or o.overwrite_out:
+        return
+    folder, info = other[0]
+    what = (f"its export at iteration {info['step']}" if folder == out and "step" in info else
+            f"its checkpoint {folder.name}" if folder != out else "its training log, no export yet")
+    where = info.get("work_dir")
+    resume = f"resume it with --resume --work-dir {where}" if where else "resume it with --resume and its --work-dir"
+    raise ConfigError(f"--out {out}: holds the output of another run (run {info['run']}: {what}); choose another "
+                      f"--out, {resume}, or pass {RunOptions.flag('overwrite_out')} to replace it")
 
 
 def _export_step(out: Path, run_id: str) -> int | None:

@@ -25,6 +25,8 @@ def reference_backward(model, inputs, targets, *, seed: int, step: int, micro_ba
     (seed, step, mb); returns the loss."""
     n_tok = int((targets != IGNORE).sum())
     mb = micro_batch or inputs.shape[0]
+    device = next(model.parameters()).device  # the batch goes where the model is (cpu, cuda or mps)
+    inputs, targets = inputs.to(device), targets.to(device)
     loss = 0.0
     for m, (x, y) in enumerate(zip(inputs.split(mb), targets.split(mb))):
         torch.manual_seed(derive_seed(seed, step, m))

@@ -18,3 +18,50 @@ def test_bench_step_reports_both_runs_with_equal_losses(tmp_path):
     assert s["bytes_read_per_step"] > 0 and s["bytes_written_per_step"] >= r["model"]["store_bytes"]
     assert s["useful_TFLOPS"] > 0 and r["ratio_streamed_over_in_memory"] > 0
     assert set(r["floors"]) >= {"io_s_per_step", "compute_s_per_step", "streamed_over_max_floor"}
+
+
+def _phases():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import _phases
+
+    return _phases
+
+
+def test_transfer_floor_counts_copies_back_at_the_pageable_rate():
+    """slowllama copies back into pageable memory (device.to_host): the floor must not assume pinned rates."""
+    rates = {"pinned": {"h2d_GBps": 50.0, "d2h_GBps": 50.0}, "pageable": {"h2d_GBps": 20.0, "d2h_GBps": 10.0}}
+    floor = _phases().transfer_floor
+    assert floor(0, 10e9, rates, prefetch=True) == 1.0  # 10 GB back at 10 GB/s, not 50
+    assert floor(10e9, 0, rates, prefetch=True) == 0.2  # prefetched modules cross from pinned staging
+    assert floor(10e9, 0, rates, prefetch=False) == 0.5  # direct copies come from pageable read buffers
+
+
+def test_copy_bandwidth_times_each_direction_from_pinned_and_from_pageable_memory():
+    copies = []
+
+    class Buf:
+        def __init__(self, where):
+            self.where = where
+
+        def fill_(self, v):
+            return self
+
+        def copy_(self, src, non_blocking=False):
+            copies.append((src.where, self.where, non_blocking))
+
+    class FakeTorch:
+        uint8 = None
+
+        @staticmethod
+        def empty(n, dtype=None, device=None, pin_memory=False):
+            return Buf("gpu" if device is not None else ("pinned" if pin_memory else "pageable"))
+
+        class cuda:
+            @staticmethod
+            def synchronize(device):
+                pass
+
+    r = _phases().copy_bandwidth(FakeTorch, "cuda", nbytes=1 << 20)
+    assert set(r) == {"pinned", "pageable"} and all(set(v) == {"h2d_GBps", "d2h_GBps"} for v in r.values())
+    for kind in ("pinned", "pageable"):
+        assert (kind, "gpu", kind == "pinned") in copies and ("gpu", kind, kind == "pinned") in copies

@@ -22,6 +22,17 @@ def demo(tmp_path_factory):
     return tmp / "tiny-tuned"
 
 
+@pytest.mark.slow
+def test_the_demo_runs_again_into_its_own_folders(tmp_path, monkeypatch):
+    """A second demo replaces the first one's export (a new run in the same --out) instead of being refused."""
+    monkeypatch.setitem(finetune.DEMO, "iters", 1)
+    monkeypatch.setitem(finetune.DEMO, "gen_tokens", 2)
+    assert finetune.demo(tmp_path) == 0
+    first = json.loads((tmp_path / "tiny-tuned" / ".slowllama").read_text())["run"]
+    assert finetune.demo(tmp_path) == 0
+    assert json.loads((tmp_path / "tiny-tuned" / ".slowllama").read_text())["run"] != first
+
+
 def _log(out):
     return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
 

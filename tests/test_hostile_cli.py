@@ -255,24 +255,29 @@ def test_out_under_a_file(user, tmp_path):
 
 
 @pytest.mark.slow
-def test_second_fresh_run_into_the_same_out_is_refused_or_clean(probe_model, probe_data, tmp_path):
-    """Run 2 (another --work-dir, another --lr) into run 1's --out: refused, or no run-1 file left mixed in."""
-    out = tmp_path / "out"
+def test_second_fresh_run_into_the_same_out_is_refused_unless_told_to_overwrite(probe_model, probe_data, tmp_path):
+    """Run 2 (another --work-dir, another --lr) into run 1's --out: refused before any work, naming the folder,
+    run 1's work dir and the flag, with run 1's export untouched byte for byte; with --overwrite-out it
+    replaces run 1's export wholly (no run-1 weights or log lines left mixed in)."""
+    out, w1, w2 = tmp_path / "out", tmp_path / "w1", tmp_path / "w2"
     common = [probe_model, "--data", probe_data, "--out", out, *SMALL, "--iters", "3", "--save-every", "1"]
-    ok(cli("finetune", *common, "--work-dir", tmp_path / "w1", timeout=120))
-    first = snapshot(out)
-    r = cli("finetune", *common, "--work-dir", tmp_path / "w2", "--lr", "3e-3", timeout=120)
-    if r.returncode:
-        refused(r, str(out))
-        assert_unchanged(first, out, what="run 1's output")
-        return
+    ok(cli("finetune", *common, "--work-dir", w1, timeout=120))
+    first = snapshot(out, w1)
+    refused(cli("finetune", *common, "--work-dir", w2, "--lr", "3e-3", timeout=120), str(out), str(w1),
+            "--overwrite-out")
+    assert_unchanged(first, out, w1, what="run 1's output and work dir")
+    assert not w2.exists()  # refused before any work: not even the new work dir
+    ok(cli("finetune", *common, "--work-dir", w2, "--lr", "3e-3", "--overwrite-out", timeout=120))
     after = snapshot(out)
     weights = [k for k in after if k.endswith(".pth") or k.endswith(".safetensors")]
     stale = [k for k in weights if first.get(k) == after[k]]
-    assert not stale, f"run 1's weights left beside run 2's: {stale}"
+    assert weights and not stale, f"run 1's weights left beside run 2's: {stale}"
     iters = [json.loads(ln)["iter"] for ln in (out / "train_log.jsonl").read_text().splitlines()
              if ln.strip() and "loss" in json.loads(ln)]
-    assert iters == sorted(set(iters)), f"train_log.jsonl mixes two runs: iters {iters}"
+    assert iters == [0, 1, 2], f"train_log.jsonl mixes two runs: iters {iters}"
+    # Run 1 now finds run 2's export in its --out: a resume is refused the same way.
+    refused(cli("finetune", probe_model, "--out", out, "--work-dir", w1, "--resume", "--iters", "4", "--device",
+                "cpu", timeout=120), str(out), str(w2))
 
 
 @pytest.mark.slow

@@ -138,3 +138,39 @@ def test_malformed_run_json_is_refused_on_resume(finished, probe_model, tmp_path
     r = run_cli(probe_model, "--resume", "--work-dir", work, "--out", tmp_path / "X", "--device", "cpu", timeout=60)
     assert_refused(r, "malformed run.json")
     assert_unchanged(before, tmp_path, probe_model, what="malformed run.json")
+
+
+def _owned(folder: Path, **info):
+    from slowllama.paths import mark_owned
+
+    folder.mkdir(parents=True, exist_ok=True)
+    mark_owned(folder, "export", **info)
+
+
+def test_an_out_holding_another_runs_output_is_refused_by_name(tmp_path, monkeypatch):
+    """check_out_run on OWNER files as each stage of a run leaves them; this run's own are never refused."""
+    from slowllama import run
+    from slowllama.model import ConfigError
+    from slowllama.options import RunOptions
+
+    monkeypatch.setattr(run, "this_run_id", lambda work_dir, lora: {"wA": "A", "wB": "B"}.get(work_dir.name))
+    out = tmp_path / "out"
+
+    def check(work: str, **kw):
+        run.check_out_run(out, tmp_path / work, RunOptions(model_dir="m", data="d", **kw))
+
+    check("wB")  # no out yet
+    _owned(out)  # claimed by a run from before run ids were recorded: as today
+    check("wB")
+    _owned(out, run="A", work_dir=str(tmp_path / "wA"))  # run A's log, no export yet
+    with pytest.raises(ConfigError, match=r"another run \(run A: its training log, no export yet\).*--work-dir .*wA"):
+        check("wB")
+    _owned(out, run="A", step=3)
+    with pytest.raises(ConfigError, match=r"--out .*out: .*run A: its export at iteration 3.*--overwrite-out"):
+        check("new")  # a fresh run (no store prepared yet) is another run
+    check("wA")  # run A's resume, or a rerun of its work dir, writes over its own output
+    check("wB", overwrite_out=True)
+    _owned(out, run="B", step=1)
+    _owned(out / "checkpoint-000002", run="A", step=2)  # run A's checkpoint beside run B's export
+    with pytest.raises(ConfigError, match=r"run A: its checkpoint checkpoint-000002"):
+        check("wB")
