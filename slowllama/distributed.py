@@ -1,21 +1,26 @@
 """Data-parallel streamed training over torch.distributed (gloo), started by torchrun.
 
-The design, for ranks on one host sharing one work dir:
 - The global batch of an iteration is the B×N windows one process with --batch-size B×N draws;
   every rank gets the whole of it (so the token count and the journal's batch hash are the
-  global ones) and runs its own rows, B per accumulation part, in rank order.
+  global ones) and runs its own rows, B per accumulation part, in rank order. Dropout is seeded
+  by each micro-batch's GLOBAL index, so with the same --micro-batch the masks are those of
+  the one-process run.
 - The loss is normalised by the global token count, so the SUM over ranks of each module's
   gradient is the single-process gradient; it is all-reduced before the module's optimizer step,
-  and every rank applies the same update.
-- Rank 0 (the leader) takes the locks and writes everything: store, journal, boundary
-  gradients, logs, exports. The other ranks (followers) write only their own activation
-  scratch (acts/rankR). A follower keeps each module it updates in its RAM cache when the
-  budget holds it (its own copy, bit-identical to the leader's), else drops it and reads the
-  leader's file at the next step, which begins with a barrier behind the leader's flush.
+  and every rank applies the same update. A clipped step's norm-only pass all-reduces too, so
+  the norm is that of the summed gradients.
+- One rank per host (LOCAL_RANK 0, the host's writer) takes the work dir's lock and writes its
+  host's store, journal and run.json; global rank 0 (the leader) alone writes logs and exports.
+  The other ranks write only their own activation scratch (acts/rankR) and boundary gradients.
+  A rank that does not write keeps each module it updates in its RAM cache when the budget
+  holds it (its own copy, bit-identical), else drops it and reads its writer's file at the next
+  step, which begins with a barrier behind every writer's flush.
+- Every rank makes its own boundary gradients durable before each module's all-reduce
+  (journal.py), so a step cut short on any rank resumes, under the same number of ranks, from
+  where the store stopped. A resume checks first that every rank's store stopped at the same
+  point: hosts whose stores stopped apart are refused, not reconciled.
 - After each step the ranks all-gather an xxh3 digest of every module (or adapter) they
   updated and stop with one line on the first difference.
-- A step cut short in its backward pass is not resumed across ranks (the boundary gradients
-  on disk are the leader's rows only): such a resume is refused by name.
 """
 from __future__ import annotations
 
@@ -55,12 +60,19 @@ class Ranks:
 
     rank: int = 0
     world: int = 1
+    local_rank: int = 0  # on its host (torchrun's LOCAL_RANK)
     comm_bytes: int = 0  # payload bytes this rank has all-reduced so far
     comm_seconds: float = 0.0
 
     @property
     def leader(self) -> bool:
+        """Global rank 0: the one that logs and exports."""
         return self.rank == 0
+
+    @property
+    def writer(self) -> bool:
+        """The rank that writes its host's work dir."""
+        return self.local_rank == 0
 
     def _collective(self, what: str, fn):
         try:
@@ -86,10 +98,10 @@ class Ranks:
                 off += t.numel()
         self.comm_seconds += time.perf_counter() - t0
 
-    def reduce_grads(self, name: str, params: dict):
-        """The update rules' hook: each parameter's gradient becomes its sum over the ranks."""
-        self.all_reduce_([p.grad for p in params.values() if p.grad is not None], f"the all-reduce of {name}'s "
-                         f"gradient")
+    def reduce_grads(self, what: str, tensors: list[torch.Tensor]):
+        """The update rules' hook: each tensor becomes its sum over the ranks. With none it is a
+        collective all the same (one zero), which the commit protocol uses as a fence."""
+        self.all_reduce_(tensors or [torch.zeros(1)], f"the all-reduce of {what}")
 
     def sum(self, x: float, what: str) -> float:
         t = torch.tensor([x], dtype=torch.float64)
@@ -126,7 +138,12 @@ def setup(timeout_s: float | None = None) -> Ranks:
     if not dist.is_initialized():
         # gloo on every device: gradients travel through host RAM, which the streamed step uses anyway.
         dist.init_process_group("gloo", init_method="env://", timeout=datetime.timedelta(seconds=timeout_s))
-    return Ranks(dist.get_rank(), dist.get_world_size())
+    rank = dist.get_rank()
+    try:
+        local = int(os.environ.get("LOCAL_RANK", rank))  # without it, one host holds every rank
+    except ValueError as e:
+        raise ConfigError(f"LOCAL_RANK={os.environ['LOCAL_RANK']!r}: expected an integer") from e
+    return Ranks(rank, dist.get_world_size(), local)
 
 
 def teardown(ranks: Ranks):
@@ -184,14 +201,18 @@ class DataParallelTrainer(Trainer):
         # The Trainer builds a plain Streamer; give it the rank's put and ordered calls. Update
         # rule and journal hold this same object, so they all see the change.
         self.streamer.__class__ = RankStreamer
-        self.streamer.writes, self.streamer.digests = ranks.leader, {}
-        if not ranks.leader and hasattr(self.update, "tied_in_ram"):
-            self.update.tied_in_ram = True  # a tied.blk on disk would be the leader's rows, not this rank's
+        self.streamer.writes, self.streamer.digests = ranks.writer, {}
         self.update.reduce_grads = ranks.reduce_grads
-        begin = self.update.begin
-        # The journal's batch hash names the layout: a one-process resume of a step this run cut
-        # short would read the leader's boundary gradient, for its rows only, and is refused.
-        self.update.begin = lambda step, loss, tokens, batch: begin(step, loss, tokens, f"{batch}/ranks{ranks.world}")
+        self._journal = getattr(self.update, "journal", None)  # full fine-tuning's; LoRA's is its adapter file
+        if self._journal is not None:
+            self._journal.rank, self._journal.ranks = ranks.rank, ranks.world
+            # The journal's batch hash names the layout, which a resume must repeat.
+            begin, check = self.update.begin, self._journal.check_batch
+            self.update.begin = lambda step, loss, tokens, batch: begin(step, loss, tokens, self._layout(batch))
+            self._journal.check_batch = lambda point, batch: check(point, self._layout(batch))
+
+    def _layout(self, batch: str) -> str:
+        return f"{batch}/ranks{self.ranks.world}"
 
     def rows_of(self, t: torch.Tensor) -> torch.Tensor:
         """This rank's rows: in each accumulation part of B×N rows, rows [rank·B, (rank+1)·B)."""
@@ -204,6 +225,15 @@ class DataParallelTrainer(Trainer):
     def micro_batches(self, inputs, targets):
         return super().micro_batches(self.rows_of(inputs), self.rows_of(targets))
 
+    def micro_seed(self, step: int, m: int) -> int:
+        """Seeded by the global index of micro-batch m, whose first local row l is global row
+        (l // B)·B·N + rank·B + l % B: the index one process with --batch-size B×N gives it when
+        --micro-batch divides B; otherwise, the global row (distinct, though no layout matches)."""
+        mb = self.cfg.micro_batch or self.rows  # None: one micro-batch, m = 0
+        first = m * mb
+        row = (first // self.rows) * self.rows * self.ranks.world + self.ranks.rank * self.rows + first % self.rows
+        return super().micro_seed(step, row // mb if self.rows % mb == 0 else row)
+
     def _activation_cache(self, shape) -> ActivationCache:
         local = (shape[0] // self.ranks.world, *shape[1:])
         in_ram = activations_in_ram(self.cfg, self.args.dim, len(self.names), local)
@@ -215,10 +245,17 @@ class DataParallelTrainer(Trainer):
             loss = self.ranks.sum(loss, f"the sum of step {step}'s loss")
         return loss, done
 
+    def settle(self, what: str):
+        """Every writer's queued writes are on disk; then the boundary files of a rank that does
+        not write, which no resume can need any more, go."""
+        self.streamer.flush()
+        self.ranks.wait(what)
+        if self._journal is not None and not self.ranks.writer:
+            self._journal.remove_own_boundaries()
+
     def train_step(self, inputs, targets) -> StepResult:
         """Step self.step on the global batch (B×N, T): this rank's rows, the summed gradients, the digests compared."""
-        self.streamer.flush()  # the leader's writes of the last step are on disk before any rank reads
-        self.ranks.wait(f"the start of step {self.step}")
+        self.settle(f"the start of step {self.step}")
         self.streamer.digests.clear()
         res = super().train_step(inputs, targets)
         self.compare(res.step)
@@ -237,12 +274,20 @@ class DataParallelTrainer(Trainer):
                                      f"({len(bad)} module(s) differ): the ranks no longer train the same model")
 
     def recover(self, batch_for_step):
+        """As Trainer.recover, from the point every rank's store agrees on. The point is read once,
+        before any rank writes: a writer that finished the step first would move it for the others."""
         point = self.update.resume_point()
-        if point is not None and self.ranks.world > 1:
-            raise ConfigError(f"--resume: step {point.step} was cut short in its backward pass under torchrun; "
-                              f"finishing it needs every rank's boundary gradient, which only rank 0 kept. "
-                              f"Start again in a new --work-dir")
-        return super().recover(batch_for_step)
+        where = "finished" if point is None else f"cut short at module {point.first_updated}"
+        every = self.ranks.gather((self.update.step, where), "the comparison of the stores' resume points")
+        for r, theirs in enumerate(every):
+            if theirs != every[0]:
+                raise RankDivergence(f"--resume: rank {r}'s store is at step {theirs[0]} ({theirs[1]}), rank 0's "
+                                     f"at step {every[0][0]} ({every[0][1]}): the hosts' stores stopped apart")
+        self.update.resume_point = lambda: point
+        try:
+            return super().recover(batch_for_step)
+        finally:
+            del self.update.resume_point  # the method again
 
 
 def make_trainer(store, work_dir, device, cfg, progress=None, *, ranks: Ranks, rows_per_rank: int) -> Trainer:
