@@ -322,7 +322,8 @@ def _run(o: RunOptions, resume: bool, saved: dict, ckpt, tokenizer, windows, val
     try:
         rec = trainer.recover(batch_for)
         if rec is not None:
-            tqdm.write(f"resumed: finished iteration {rec.step} (loss {rec.loss:.4f})")
+            if ranks.leader:
+                tqdm.write(f"resumed: finished iteration {rec.step} (loss {rec.loss:.4f})")
         last = (dict(iter=rec.step, loss=rec.loss, tokens=rec.tokens,
                      **({"grad_norm": rec.grad_norm} if rec.grad_norm is not None else {})) if rec is not None
                 else trainer.journal().get("last") if resume else None)
@@ -374,15 +375,20 @@ def _run(o: RunOptions, resume: bool, saved: dict, ckpt, tokenizer, windows, val
 
 
 def distributed_line(store: BlockStore, tcfg: TrainConfig, est: dict, world: int, batch_size: int) -> str:
-    """What a data-parallel run reads, writes and communicates per iteration: per rank and in all."""
+    """What a data-parallel run reads, writes and communicates per iteration: per rank and in all.
+    est is one rank's (its rows); a rank that does not write the store writes its activation
+    scratch and its own boundary gradients (journal.py)."""
     grad = sum(math.prod(shape) * 4 for name in store.trainable for key, _, shape, _ in store.header(name)["tensors"]
                if "#" not in key) if tcfg.lora is None else 0
+    other = est["activations"] + est["gradients"]
+    passes = 2 if tcfg.clip_grad_norm and tcfg.lora is None else 1  # the norm-only pass all-reduces too
     return (f"data parallel: {world} ranks x --batch-size {batch_size} = a global batch of {world * batch_size}; "
             f"per iteration, rank 0 reads ~{fmt_bytes(est['read'])} and writes ~{fmt_bytes(est['written'])}, "
-            f"each other rank reads ~{fmt_bytes(est['read'])} and writes ~{fmt_bytes(est['activations'])} "
+            f"each other rank reads ~{fmt_bytes(est['read'])} and writes ~{fmt_bytes(other)} "
             f"(all ranks: ~{fmt_bytes(world * est['read'])} read, "
-            f"~{fmt_bytes(est['written'] + (world - 1) * est['activations'])} written); each rank all-reduces "
-            + (f"~{fmt_bytes(grad)} of gradients" if grad else "its adapters' gradients") + " per iteration")
+            f"~{fmt_bytes(est['written'] + (world - 1) * other)} written, when they share one work dir); each rank "
+            f"all-reduces " + (f"~{fmt_bytes(passes * grad)} of gradients" if grad else "its adapters' gradients")
+            + " per iteration")
 
 
 def print_costs(o: RunOptions, store: BlockStore, ckpt, tcfg: TrainConfig, est: dict, step: int, lora, resume: bool,
