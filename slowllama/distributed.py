@@ -17,14 +17,16 @@
   step, which begins with a barrier behind every writer's flush.
 - Every rank makes its own boundary gradients durable before each module's all-reduce
   (journal.py), so a step cut short on any rank resumes, under the same number of ranks, from
-  where the store stopped. A resume checks first that every rank's store stopped at the same
-  point: hosts whose stores stopped apart are refused, not reconciled.
+  where the store stopped. Stores on several hosts can stop apart within a step (each writer's
+  queue lags on its own): the hosts behind first copy, from the furthest store, the modules it
+  committed and its journal (_catch_up).
 - After each step the ranks all-gather an xxh3 digest of every module (or adapter) they
   updated and stop with one line on the first difference.
 """
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import os
 import time
@@ -36,7 +38,8 @@ import xxhash
 
 from .blackbox import Streamer
 from .model import ConfigError
-from .store import Block, StoreError
+from .paths import tmp_path
+from .store import Block, StoreError, read_block
 from .trainer import StepResult, Trainer, ActivationCache, activations_in_ram
 
 log = logging.getLogger(__name__)
@@ -112,6 +115,15 @@ class Ranks:
         """Every rank reaches this point (the leader's writes before it are done when it calls)."""
         if self.world > 1:
             self._collective(what, lambda: dist.monitored_barrier(timeout=timeout))
+
+    def broadcast(self, data: bytes | None, src: int, what: str) -> bytes:
+        """Rank src's bytes, on every rank (a length, then the bytes: no pickling)."""
+        n = torch.tensor([len(data) if data is not None else 0], dtype=torch.int64)
+        self._collective(what, lambda: dist.broadcast(n, src))
+        buf = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data is not None else \
+            torch.empty(int(n[0]), dtype=torch.uint8)
+        self._collective(what, lambda: dist.broadcast(buf, src))
+        return buf.numpy().tobytes()
 
     def gather(self, obj, what: str) -> list:
         if self.world == 1:
@@ -277,17 +289,55 @@ class DataParallelTrainer(Trainer):
         """As Trainer.recover, from the point every rank's store agrees on. The point is read once,
         before any rank writes: a writer that finished the step first would move it for the others."""
         point = self.update.resume_point()
-        where = "finished" if point is None else f"cut short at module {point.first_updated}"
-        every = self.ranks.gather((self.update.step, where), "the comparison of the stores' resume points")
-        for r, theirs in enumerate(every):
-            if theirs != every[0]:
-                raise RankDivergence(f"--resume: rank {r}'s store is at step {theirs[0]} ({theirs[1]}), rank 0's "
-                                     f"at step {every[0][0]} ({every[0][1]}): the hosts' stores stopped apart")
+        # How far each store went: (journal step, modules of that step committed).
+        every = self.ranks.gather((self.update.step, 0 if point is None else len(self.names) - point.first_updated),
+                                  "the comparison of the stores' resume points")
+        if any(stand != every[0] for stand in every):
+            point = self._catch_up(every)
         self.update.resume_point = lambda: point
         try:
             return super().recover(batch_for_step)
         finally:
             del self.update.resume_point  # the method again
+
+    def _catch_up(self, every: list[tuple[int, int]]):
+        """Stores on several hosts that stopped apart in one step: each writer behind takes, top
+        down, the modules the furthest store committed (every rank computed the same update, so
+        they are what it would have written; each rank's boundary gradients are on disk, journal.py),
+        then that store's journal. Returns the resume point they all share now."""
+        ahead = max(every)
+        src = every.index(ahead)
+        for r, (step, done) in enumerate(every):
+            if self._journal is None or not (step == ahead[0] or step == ahead[0] - 1 and ahead[1] == 0):
+                raise RankDivergence(f"--resume: rank {r}'s store is at step {step} ({done} module(s) of it "
+                                     f"committed), rank {src}'s at step {ahead[0]} ({ahead[1]}): the hosts' "
+                                     f"stores stopped too far apart to catch up")
+        j = json.loads(self.ranks.broadcast(json.dumps(self._journal.read()).encode() if self.ranks.rank == src
+                                            else None, src, "the furthest store's journal"))
+        names = self.names
+        moved = names if j["phase"] == "idle" else names[len(names) - ahead[1]:]
+        if j["phase"] != "idle" and self.ranks.writer:
+            self._journal.adopt(j)  # a "backward" journal first: then each module copied is a commit of it
+        for name in reversed(moved):
+            path = self.store.path(name)
+            data = self.ranks.broadcast(path.read_bytes() if self.ranks.rank == src else None, src,
+                                        f"the furthest store's {name}")
+            if not self.ranks.writer or self.store.step_of(name) == j["version"] + (j["phase"] != "idle"):
+                continue  # this host's store has it already
+            tmp = tmp_path(path)
+            tmp.write_bytes(data)
+            try:
+                block = read_block(tmp, name)  # checksummed; the header names the other store, this one rewrites it
+            finally:
+                tmp.unlink()
+            self.streamer.put(name, block, on_commit=lambda c, name=name: self._journal.checksums.__setitem__(name, c))
+        if j["phase"] == "idle" and self.ranks.writer:
+            self._journal.adopt(j)
+        self.streamer.flush()
+        self.ranks.wait("the stores catching up")  # not settle(): the boundary files are about to be read
+        self._journal.reload()
+        log.info("rank %d: the stores caught up with rank %d's, at step %d", self.ranks.rank, src, j["step"])
+        return self.update.resume_point()
 
 
 def make_trainer(store, work_dir, device, cfg, progress=None, *, ranks: Ranks, rows_per_rank: int) -> Trainer:

@@ -92,15 +92,23 @@ class Journal:
             raise TypeError("the commit protocol needs a writer that runs its jobs in submission order")
         self.store, self.writer = store, writer
         self.path = store.root / "journal.json"
-        j = self.read()
-        self.step, self.version = j["step"], j["version"]
-        self.checksums: dict[str, int] = dict(j.get("checksums") or store.initial_checksums)
+        self.reload()
         self._last: dict | None = None  # the log record of the step in its backward pass
         # Data parallel: this rank, and whether the ranks write their boundaries themselves.
         self.rank, self.ranks = 0, 1
 
     def read(self) -> dict:
         return self.store.journal()
+
+    def reload(self):
+        """Where the journal on disk stands (after another host's journal was adopted, distributed.py)."""
+        j = self.read()
+        self.step, self.version = j["step"], j["version"]
+        self.checksums: dict[str, int] = dict(j.get("checksums") or self.store.initial_checksums)
+
+    def adopt(self, j: dict):
+        """Queue another store's journal as this one's: a host catching up with the furthest store."""
+        self.writer.run_in_order(lambda: atomic_write_json(self.path, j))
 
     @property
     def _own(self) -> str:

@@ -133,30 +133,57 @@ def test_sgd_two_ranks_equal_one_process_and_a_rank_killed_mid_backward_resumes(
     assert not list((tmp_path / "w3" / "store").glob("grad_in.*")), "boundary files left behind"
 
 
-def test_adamw_on_two_hosts_each_with_its_own_store(probe_model, probe_data, tmp_path):
-    """Two torchrun agents as two hosts (--nnodes 2, one process each): each host's LOCAL_RANK 0
-    prepares and writes its own work dir, rank 0 alone exports and logs. AdamW, gradient
-    accumulation over 2 batches, dropout on micro-batches of 1: equal to one process within 1e-6."""
+# Host 1's writer dies as it is about to commit layers.1 in step 1 (update 2): its store stops a
+# module behind host 0's, which committed layers.1 before its all-reduce of layers.0 failed.
+DIE_BEHIND = f"""
+import os, signal, sys
+sys.path.insert(0, {str(ROOT)!r})
+import slowllama.store as store
+write = store.BlockStore.write
+def write_or_die(self, name, block):
+    if name == "layers.1" and block.step == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return write(self, name, block)
+if os.environ["GROUP_RANK"] == "1":
+    store.BlockStore.write = write_or_die
+import finetune
+sys.exit(finetune.main())
+"""
+
+
+def two_hosts(script: Path, tmp_path: Path, tag: str, *args) -> list[int]:
+    """Two torchrun agents as two hosts (--nnodes 2, one process each), each with its own work dir."""
+    port, procs = free_port(), []
+    for node in range(2):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
+               "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port), script, *args,
+               "--out", tmp_path / f"o{tag}-host{node}", "--work-dir", tmp_path / f"w{tag}-host{node}"]
+        err = open(tmp_path / f"{tag}-host{node}.txt", "w")
+        procs.append(subprocess.Popen(list(map(str, cmd)), cwd=ROOT, env=dist_env(), stdout=err, stderr=err))
+    try:
+        return [p.wait(timeout=TIMEOUT) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+
+
+def host_logs(tmp_path: Path, tag: str) -> str:
+    return "".join((tmp_path / f"{tag}-host{n}.txt").read_text()[-2000:] for n in range(2))
+
+
+def test_adamw_on_two_hosts_each_with_its_own_store_and_a_host_behind_catches_up(probe_model, probe_data, tmp_path):
+    """Each host's LOCAL_RANK 0 prepares and writes its own work dir, rank 0 alone exports and logs.
+    AdamW, gradient accumulation over 2 batches, dropout on micro-batches of 1: equal to one
+    process within 1e-6. Then a run whose host 1 dies with its store a module behind host 0's:
+    on --resume it copies what host 0 committed, and the run ends bit-identical to the first."""
     # AdamW's m/sqrt(v) turns the rounding of a nearly cancelling gradient sum into a change of up to
     # about 1e-4 of lr, wherever the sum is taken: at lr 0.05 a few elements differed by 2.6e-6.
     opts = [*COMMON, "--optimizer", "adamw", "--lr", "1e-3", "--grad-accum", "2", "--micro-batch", "1",
             "--dropout", "0.1"]
     train(probe_model, probe_data, tmp_path / "o1", tmp_path / "w1", *opts, "--batch-size", "4")
-    port, procs = free_port(), []
-    for node in range(2):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
-               "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port), FINETUNE,
-               probe_model, "--data", probe_data, *opts, "--batch-size", "2", "--out", tmp_path / f"o2-host{node}",
-               "--work-dir", tmp_path / f"w2-host{node}"]
-        err = open(tmp_path / f"host{node}.txt", "w")
-        procs.append(subprocess.Popen(list(map(str, cmd)), cwd=ROOT, env=dist_env(), stdout=err, stderr=err))
-    try:
-        rcs = [p.wait(timeout=TIMEOUT) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    assert rcs == [0, 0], (tmp_path / "host0.txt").read_text()[-2000:] + (tmp_path / "host1.txt").read_text()[-2000:]
+    run = [probe_model, "--data", probe_data, *opts, "--batch-size", "2"]
+    assert two_hosts(FINETUNE, tmp_path, "2", *run) == [0, 0], host_logs(tmp_path, "2")
     one, two = exported(tmp_path / "o1"), exported(tmp_path / "o2-host0")
     assert_same(two, one, 1e-6, "2 hosts x batch 2 against 1 x batch 4")
     assert losses(tmp_path / "o2-host0") == pytest.approx(losses(tmp_path / "o1"), abs=1e-6)
@@ -164,8 +191,17 @@ def test_adamw_on_two_hosts_each_with_its_own_store(probe_model, probe_data, tmp
     stores = [BlockStore(tmp_path / f"w2-host{node}" / "store") for node in range(2)]
     for name in stores[0].trainable:
         assert [s.step_of(name) for s in stores] == [3, 3]
-        mine, theirs = (s.module_tensors(name) for s in stores)
-        assert_same(theirs, mine, 0, f"host 1's {name}")
+        assert_same(stores[1].module_tensors(name), stores[0].module_tensors(name), 0, f"host 1's {name}")
+
+    script = tmp_path / "die_behind.py"
+    script.write_text(DIE_BEHIND)
+    assert two_hosts(script, tmp_path, "3", *run) != [0, 0]
+    stores = [BlockStore(tmp_path / f"w3-host{node}" / "store") for node in range(2)]
+    assert [[s.step_of(n) for n in s.trainable] for s in stores] == [[1, 1, 2, 2, 2], [1, 1, 1, 2, 2]]
+    assert two_hosts(FINETUNE, tmp_path, "3", probe_model, "--resume") == [0, 0], host_logs(tmp_path, "3")
+    assert "the stores caught up with rank 0's" in (tmp_path / "3-host1.txt").read_text()
+    assert_same(exported(tmp_path / "o3-host0"), two, 0, "resumed against uninterrupted")
+    assert losses(tmp_path / "o3-host0") == losses(tmp_path / "o2-host0")
 
 
 def test_lora_two_ranks_equal_one_process(probe_model, probe_data, tmp_path):
