@@ -7,8 +7,10 @@
   the one-process run.
 - The loss is normalised by the global token count, so the SUM over ranks of each module's
   gradient is the single-process gradient; it is all-reduced before the module's optimizer step,
-  and every rank applies the same update. A clipped step's norm-only pass all-reduces too, so
-  the norm is that of the summed gradients.
+  and every rank applies the same update. The all-reduce of module i runs while module i - 1
+  recomputes its backward; module i steps and is queued at module i - 1's commit (update.py).
+  A clipped step's norm-only pass all-reduces too (without overlap), so the norm is that of
+  the summed gradients.
 - One rank per host (LOCAL_RANK 0, the host's writer) takes the work dir's lock and writes its
   host's store, journal and run.json; global rank 0 (the leader) alone writes logs and exports.
   The other ranks write only their own activation scratch (acts/rankR) and boundary gradients.
@@ -31,6 +33,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -87,24 +90,40 @@ class Ranks:
 
     def all_reduce_(self, tensors: list[torch.Tensor], what: str):
         """Sum tensors over the ranks, in place, as one flat message per dtype."""
+        self.start_all_reduce(tensors, what)()
+
+    def start_all_reduce(self, tensors: list[torch.Tensor], what: str) -> Callable[[], None]:
+        """Start summing tensors over the ranks; the call returned waits for the sums and writes
+        them back in place. comm_seconds counts only the time a rank spends in these calls."""
         if self.world == 1 or not tensors:
-            return
+            return lambda: None
         t0 = time.perf_counter()
+        started = []
         for dtype in sorted({t.dtype for t in tensors}, key=str):
             group = [t for t in tensors if t.dtype == dtype]
             flat = torch.cat([t.detach().reshape(-1).cpu() for t in group])  # gloo: host tensors
-            self._collective(what, lambda: dist.all_reduce(flat, op=dist.ReduceOp.SUM))
+            work = self._collective(what, lambda flat=flat: dist.all_reduce(flat, op=dist.ReduceOp.SUM,
+                                                                              async_op=True))
             self.comm_bytes += flat.nbytes
-            off = 0
-            for t in group:
-                t.copy_(flat[off: off + t.numel()].view_as(t))
-                off += t.numel()
+            started.append((group, flat, work))
         self.comm_seconds += time.perf_counter() - t0
 
-    def reduce_grads(self, what: str, tensors: list[torch.Tensor]):
-        """The update rules' hook: each tensor becomes its sum over the ranks. With none it is a
-        collective all the same (one zero), which the commit protocol uses as a fence."""
-        self.all_reduce_(tensors or [torch.zeros(1)], f"the all-reduce of {what}")
+        def finish():
+            t1 = time.perf_counter()
+            for group, flat, work in started:
+                self._collective(what, work.wait)
+                off = 0
+                for t in group:
+                    t.copy_(flat[off: off + t.numel()].view_as(t))
+                    off += t.numel()
+            self.comm_seconds += time.perf_counter() - t1
+        return finish
+
+    def reduce_grads(self, what: str, tensors: list[torch.Tensor]) -> Callable[[], None]:
+        """The update rules' hook: start summing each tensor over the ranks; call the result to
+        wait for the sums. With no tensors it is a collective all the same (one zero), which the
+        commit protocol uses as a fence."""
+        return self.start_all_reduce(tensors or [torch.zeros(1)], f"the all-reduce of {what}")
 
     def sum(self, x: float, what: str) -> float:
         t = torch.tensor([x], dtype=torch.float64)

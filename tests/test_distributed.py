@@ -97,7 +97,8 @@ def test_sgd_two_ranks_equal_one_process_and_a_rank_killed_mid_backward_resumes(
     assert (tmp_path / "w2" / "acts" / "rank1").is_dir()
 
     # Without torchrun's agent (which would stop the survivor itself), rank 0's own check must.
-    # Rank 1's 9th backward module is step 1's layers.0: output, norm and layers.1 are committed.
+    # Rank 1's 9th backward module is step 1's layers.0: output and norm are committed, and layers.1
+    # too when its all-reduce, which rank 1 started, was done before rank 1 died.
     port, procs = free_port(), []
     for rank in range(2):
         e = {**dist_env("backward:9" if rank == 1 else None), "RANK": str(rank), "LOCAL_RANK": str(rank),
@@ -119,8 +120,10 @@ def test_sgd_two_ranks_equal_one_process_and_a_rank_killed_mid_backward_resumes(
     journal = json.loads((tmp_path / "w3" / "store" / "journal.json").read_text())
     assert (journal["step"], journal["phase"]) == (1, "backward"), journal
     store = BlockStore(tmp_path / "w3" / "store")
-    assert [store.step_of(n) for n in store.trainable] == [1, 1, 2, 2, 2], "not cut short where intended"
-    assert (tmp_path / "w3" / "store" / "grad_in.2.rank1.blk").exists(), "rank 1's boundary was not kept"
+    versions = [store.step_of(n) for n in store.trainable]
+    k = versions.index(2)  # layers.1 is committed or not, as rank 1 died before or after its sum travelled
+    assert k in (2, 3) and versions == [1] * k + [2] * (5 - k), f"not cut short where intended: {versions}"
+    assert (tmp_path / "w3" / "store" / f"grad_in.{k}.rank1.blk").exists(), "rank 1's boundary was not kept"
 
     alone = run_cli(probe_model, "--resume", "--work-dir", tmp_path / "w3", "--iters", "3")
     assert alone.returncode == 2 and "trains over 2 process(es)" in alone.stderr.strip().splitlines()[-1], \
@@ -133,8 +136,8 @@ def test_sgd_two_ranks_equal_one_process_and_a_rank_killed_mid_backward_resumes(
     assert not list((tmp_path / "w3" / "store").glob("grad_in.*")), "boundary files left behind"
 
 
-# Host 1's writer dies as it is about to commit layers.1 in step 1 (update 2): its store stops a
-# module behind host 0's, which committed layers.1 before its all-reduce of layers.0 failed.
+# Host 1's writer dies as it is about to commit layers.1 in step 1 (update 2): its store stops at
+# least a module behind host 0's, which committed layers.1 before an all-reduce of a lower module failed.
 DIE_BEHIND = f"""
 import os, signal, sys
 sys.path.insert(0, {str(ROOT)!r})
@@ -197,7 +200,8 @@ def test_adamw_on_two_hosts_each_with_its_own_store_and_a_host_behind_catches_up
     script.write_text(DIE_BEHIND)
     assert two_hosts(script, tmp_path, "3", *run) != [0, 0]
     stores = [BlockStore(tmp_path / f"w3-host{node}" / "store") for node in range(2)]
-    assert [[s.step_of(n) for n in s.trainable] for s in stores] == [[1, 1, 2, 2, 2], [1, 1, 1, 2, 2]]
+    behind, ahead = ([s.step_of(n) for n in s.trainable] for s in stores[::-1])
+    assert behind == [1, 1, 1, 2, 2] and ahead in ([1, 1, 2, 2, 2], [1, 2, 2, 2, 2]), (ahead, behind)
     assert two_hosts(FINETUNE, tmp_path, "3", probe_model, "--resume") == [0, 0], host_logs(tmp_path, "3")
     assert "the stores caught up with rank 0's" in (tmp_path / "3-host1.txt").read_text()
     assert_same(exported(tmp_path / "o3-host0"), two, 0, "resumed against uninterrupted")
