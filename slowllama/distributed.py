@@ -194,12 +194,14 @@ def digest(block: Block) -> str:
 
 
 class RankStreamer(Streamer):
-    """A Streamer that records a digest of each module put; a follower's writes stay in RAM.
+    """A Streamer that records a digest of each module put; a rank that does not write keeps its
+    writes in RAM.
 
-    A follower's put keeps the new version in its cache while the budget holds it, else drops it:
-    nothing reads a module again in the step that updated it, and the next step begins after the
-    leader's flush (DataParallelTrainer.train_step). Its ordered calls (journal, boundary
-    gradients, adapter file) are the leader's to run, and are dropped.
+    Such a rank's put keeps the new version in its cache while the budget holds it, else drops it:
+    nothing reads a module again in the step that updated it, and the next step begins after its
+    writer's flush (DataParallelTrainer.settle). Its ordered calls (journal, adapter file, rule 3's
+    removals) are its host's writer's to run, and are dropped; its boundary gradients it writes
+    itself (journal.save_boundary).
     """
 
     writes: bool = True
@@ -327,7 +329,11 @@ class DataParallelTrainer(Trainer):
         ahead = max(every)
         src = every.index(ahead)
         for r, (step, done) in enumerate(every):
-            if self._journal is None or not (step == ahead[0] or step == ahead[0] - 1 and ahead[1] == 0):
+            if self._journal is None and step != ahead[0]:
+                raise RankDivergence(f"--resume: rank {r}'s adapters are at step {step}, rank {src}'s at step "
+                                     f"{ahead[0]}: LoRA adapter files are not copied between hosts; copy "
+                                     f"{self.update.path.name} from rank {src}'s work dir to rank {r}'s to continue")
+            if not (step == ahead[0] or step == ahead[0] - 1 and ahead[1] == 0):
                 raise RankDivergence(f"--resume: rank {r}'s store is at step {step} ({done} module(s) of it "
                                      f"committed), rank {src}'s at step {ahead[0]} ({ahead[1]}): the hosts' "
                                      f"stores stopped too far apart to catch up")
