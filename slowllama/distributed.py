@@ -1,29 +1,39 @@
 """Data-parallel streamed training over torch.distributed (gloo), started by torchrun.
 
-The design, for ranks on one host sharing one work dir:
 - The global batch of an iteration is the B×N windows one process with --batch-size B×N draws;
   every rank gets the whole of it (so the token count and the journal's batch hash are the
-  global ones) and runs its own rows, B per accumulation part, in rank order.
+  global ones) and runs its own rows, B per accumulation part, in rank order. Dropout is seeded
+  by each micro-batch's GLOBAL index, so with the same --micro-batch the masks are those of
+  the one-process run.
 - The loss is normalised by the global token count, so the SUM over ranks of each module's
   gradient is the single-process gradient; it is all-reduced before the module's optimizer step,
-  and every rank applies the same update.
-- Rank 0 (the leader) takes the locks and writes everything: store, journal, boundary
-  gradients, logs, exports. The other ranks (followers) write only their own activation
-  scratch (acts/rankR). A follower keeps each module it updates in its RAM cache when the
-  budget holds it (its own copy, bit-identical to the leader's), else drops it and reads the
-  leader's file at the next step, which begins with a barrier behind the leader's flush.
+  and every rank applies the same update. The all-reduce of module i runs while module i - 1
+  recomputes its backward; module i steps and is queued at module i - 1's commit (update.py).
+  A clipped step's norm-only pass all-reduces too (without overlap), so the norm is that of
+  the summed gradients.
+- One rank per host (LOCAL_RANK 0, the host's writer) takes the work dir's lock and writes its
+  host's store, journal and run.json; global rank 0 (the leader) alone writes logs and exports.
+  The other ranks write only their own activation scratch (acts/rankR) and boundary gradients.
+  A rank that does not write keeps each module it updates in its RAM cache when the budget
+  holds it (its own copy, bit-identical), else drops it and reads its writer's file at the next
+  step, which begins with a barrier behind every writer's flush.
+- Every rank makes its own boundary gradients durable before each module's all-reduce
+  (journal.py), so a step cut short on any rank resumes, under the same number of ranks, from
+  where the store stopped. Stores on several hosts can stop apart within a step (each writer's
+  queue lags on its own): the hosts behind first copy, from the furthest store, the modules it
+  committed and its journal (_catch_up).
 - After each step the ranks all-gather an xxh3 digest of every module (or adapter) they
   updated and stop with one line on the first difference.
-- A step cut short in its backward pass is not resumed across ranks (the boundary gradients
-  on disk are the leader's rows only): such a resume is refused by name.
 """
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import os
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -31,7 +41,8 @@ import xxhash
 
 from .blackbox import Streamer
 from .model import ConfigError
-from .store import Block, StoreError
+from .paths import tmp_path
+from .store import Block, StoreError, read_block
 from .trainer import StepResult, Trainer, ActivationCache, activations_in_ram
 
 log = logging.getLogger(__name__)
@@ -55,12 +66,19 @@ class Ranks:
 
     rank: int = 0
     world: int = 1
+    local_rank: int = 0  # on its host (torchrun's LOCAL_RANK)
     comm_bytes: int = 0  # payload bytes this rank has all-reduced so far
     comm_seconds: float = 0.0
 
     @property
     def leader(self) -> bool:
+        """Global rank 0: the one that logs and exports."""
         return self.rank == 0
+
+    @property
+    def writer(self) -> bool:
+        """The rank that writes its host's work dir."""
+        return self.local_rank == 0
 
     def _collective(self, what: str, fn):
         try:
@@ -72,24 +90,40 @@ class Ranks:
 
     def all_reduce_(self, tensors: list[torch.Tensor], what: str):
         """Sum tensors over the ranks, in place, as one flat message per dtype."""
+        self.start_all_reduce(tensors, what)()
+
+    def start_all_reduce(self, tensors: list[torch.Tensor], what: str) -> Callable[[], None]:
+        """Start summing tensors over the ranks; the call returned waits for the sums and writes
+        them back in place. comm_seconds counts only the time a rank spends in these calls."""
         if self.world == 1 or not tensors:
-            return
+            return lambda: None
         t0 = time.perf_counter()
+        started = []
         for dtype in sorted({t.dtype for t in tensors}, key=str):
             group = [t for t in tensors if t.dtype == dtype]
             flat = torch.cat([t.detach().reshape(-1).cpu() for t in group])  # gloo: host tensors
-            self._collective(what, lambda: dist.all_reduce(flat, op=dist.ReduceOp.SUM))
+            work = self._collective(what, lambda flat=flat: dist.all_reduce(flat, op=dist.ReduceOp.SUM,
+                                                                              async_op=True))
             self.comm_bytes += flat.nbytes
-            off = 0
-            for t in group:
-                t.copy_(flat[off: off + t.numel()].view_as(t))
-                off += t.numel()
+            started.append((group, flat, work))
         self.comm_seconds += time.perf_counter() - t0
 
-    def reduce_grads(self, name: str, params: dict):
-        """The update rules' hook: each parameter's gradient becomes its sum over the ranks."""
-        self.all_reduce_([p.grad for p in params.values() if p.grad is not None], f"the all-reduce of {name}'s "
-                         f"gradient")
+        def finish():
+            t1 = time.perf_counter()
+            for group, flat, work in started:
+                self._collective(what, work.wait)
+                off = 0
+                for t in group:
+                    t.copy_(flat[off: off + t.numel()].view_as(t))
+                    off += t.numel()
+            self.comm_seconds += time.perf_counter() - t1
+        return finish
+
+    def reduce_grads(self, what: str, tensors: list[torch.Tensor]) -> Callable[[], None]:
+        """The update rules' hook: start summing each tensor over the ranks; call the result to
+        wait for the sums. With no tensors it is a collective all the same (one zero), which the
+        commit protocol uses as a fence."""
+        return self.start_all_reduce(tensors or [torch.zeros(1)], f"the all-reduce of {what}")
 
     def sum(self, x: float, what: str) -> float:
         t = torch.tensor([x], dtype=torch.float64)
@@ -100,6 +134,15 @@ class Ranks:
         """Every rank reaches this point (the leader's writes before it are done when it calls)."""
         if self.world > 1:
             self._collective(what, lambda: dist.monitored_barrier(timeout=timeout))
+
+    def broadcast(self, data: bytes | None, src: int, what: str) -> bytes:
+        """Rank src's bytes, on every rank (a length, then the bytes: no pickling)."""
+        n = torch.tensor([len(data) if data is not None else 0], dtype=torch.int64)
+        self._collective(what, lambda: dist.broadcast(n, src))
+        buf = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data is not None else \
+            torch.empty(int(n[0]), dtype=torch.uint8)
+        self._collective(what, lambda: dist.broadcast(buf, src))
+        return buf.numpy().tobytes()
 
     def gather(self, obj, what: str) -> list:
         if self.world == 1:
@@ -126,7 +169,12 @@ def setup(timeout_s: float | None = None) -> Ranks:
     if not dist.is_initialized():
         # gloo on every device: gradients travel through host RAM, which the streamed step uses anyway.
         dist.init_process_group("gloo", init_method="env://", timeout=datetime.timedelta(seconds=timeout_s))
-    return Ranks(dist.get_rank(), dist.get_world_size())
+    rank = dist.get_rank()
+    try:
+        local = int(os.environ.get("LOCAL_RANK", rank))  # without it, one host holds every rank
+    except ValueError as e:
+        raise ConfigError(f"LOCAL_RANK={os.environ['LOCAL_RANK']!r}: expected an integer") from e
+    return Ranks(rank, dist.get_world_size(), local)
 
 
 def teardown(ranks: Ranks):
@@ -146,12 +194,14 @@ def digest(block: Block) -> str:
 
 
 class RankStreamer(Streamer):
-    """A Streamer that records a digest of each module put; a follower's writes stay in RAM.
+    """A Streamer that records a digest of each module put; a rank that does not write keeps its
+    writes in RAM.
 
-    A follower's put keeps the new version in its cache while the budget holds it, else drops it:
-    nothing reads a module again in the step that updated it, and the next step begins after the
-    leader's flush (DataParallelTrainer.train_step). Its ordered calls (journal, boundary
-    gradients, adapter file) are the leader's to run, and are dropped.
+    Such a rank's put keeps the new version in its cache while the budget holds it, else drops it:
+    nothing reads a module again in the step that updated it, and the next step begins after its
+    writer's flush (DataParallelTrainer.settle). Its ordered calls (journal, adapter file, rule 3's
+    removals) are its host's writer's to run, and are dropped; its boundary gradients it writes
+    itself (journal.save_boundary).
     """
 
     writes: bool = True
@@ -184,14 +234,18 @@ class DataParallelTrainer(Trainer):
         # The Trainer builds a plain Streamer; give it the rank's put and ordered calls. Update
         # rule and journal hold this same object, so they all see the change.
         self.streamer.__class__ = RankStreamer
-        self.streamer.writes, self.streamer.digests = ranks.leader, {}
-        if not ranks.leader and hasattr(self.update, "tied_in_ram"):
-            self.update.tied_in_ram = True  # a tied.blk on disk would be the leader's rows, not this rank's
+        self.streamer.writes, self.streamer.digests = ranks.writer, {}
         self.update.reduce_grads = ranks.reduce_grads
-        begin = self.update.begin
-        # The journal's batch hash names the layout: a one-process resume of a step this run cut
-        # short would read the leader's boundary gradient, for its rows only, and is refused.
-        self.update.begin = lambda step, loss, tokens, batch: begin(step, loss, tokens, f"{batch}/ranks{ranks.world}")
+        self._journal = getattr(self.update, "journal", None)  # full fine-tuning's; LoRA's is its adapter file
+        if self._journal is not None:
+            self._journal.rank, self._journal.ranks = ranks.rank, ranks.world
+            # The journal's batch hash names the layout, which a resume must repeat.
+            begin, check = self.update.begin, self._journal.check_batch
+            self.update.begin = lambda step, loss, tokens, batch: begin(step, loss, tokens, self._layout(batch))
+            self._journal.check_batch = lambda point, batch: check(point, self._layout(batch))
+
+    def _layout(self, batch: str) -> str:
+        return f"{batch}/ranks{self.ranks.world}"
 
     def rows_of(self, t: torch.Tensor) -> torch.Tensor:
         """This rank's rows: in each accumulation part of B×N rows, rows [rank·B, (rank+1)·B)."""
@@ -204,6 +258,15 @@ class DataParallelTrainer(Trainer):
     def micro_batches(self, inputs, targets):
         return super().micro_batches(self.rows_of(inputs), self.rows_of(targets))
 
+    def micro_seed(self, step: int, m: int) -> int:
+        """Seeded by the global index of micro-batch m, whose first local row l is global row
+        (l // B)·B·N + rank·B + l % B: the index one process with --batch-size B×N gives it when
+        --micro-batch divides B; otherwise, the global row (distinct, though no layout matches)."""
+        mb = self.cfg.micro_batch or self.rows  # None: one micro-batch, m = 0
+        first = m * mb
+        row = (first // self.rows) * self.rows * self.ranks.world + self.ranks.rank * self.rows + first % self.rows
+        return super().micro_seed(step, row // mb if self.rows % mb == 0 else row)
+
     def _activation_cache(self, shape) -> ActivationCache:
         local = (shape[0] // self.ranks.world, *shape[1:])
         in_ram = activations_in_ram(self.cfg, self.args.dim, len(self.names), local)
@@ -215,10 +278,17 @@ class DataParallelTrainer(Trainer):
             loss = self.ranks.sum(loss, f"the sum of step {step}'s loss")
         return loss, done
 
+    def settle(self, what: str):
+        """Every writer's queued writes are on disk; then the boundary files of a rank that does
+        not write, which no resume can need any more, go."""
+        self.streamer.flush()
+        self.ranks.wait(what)
+        if self._journal is not None and not self.ranks.writer:
+            self._journal.remove_own_boundaries()
+
     def train_step(self, inputs, targets) -> StepResult:
         """Step self.step on the global batch (B×N, T): this rank's rows, the summed gradients, the digests compared."""
-        self.streamer.flush()  # the leader's writes of the last step are on disk before any rank reads
-        self.ranks.wait(f"the start of step {self.step}")
+        self.settle(f"the start of step {self.step}")
         self.streamer.digests.clear()
         res = super().train_step(inputs, targets)
         self.compare(res.step)
@@ -237,12 +307,62 @@ class DataParallelTrainer(Trainer):
                                      f"({len(bad)} module(s) differ): the ranks no longer train the same model")
 
     def recover(self, batch_for_step):
+        """As Trainer.recover, from the point every rank's store agrees on. The point is read once,
+        before any rank writes: a writer that finished the step first would move it for the others."""
         point = self.update.resume_point()
-        if point is not None and self.ranks.world > 1:
-            raise ConfigError(f"--resume: step {point.step} was cut short in its backward pass under torchrun; "
-                              f"finishing it needs every rank's boundary gradient, which only rank 0 kept. "
-                              f"Start again in a new --work-dir")
-        return super().recover(batch_for_step)
+        # How far each store went: (journal step, modules of that step committed).
+        every = self.ranks.gather((self.update.step, 0 if point is None else len(self.names) - point.first_updated),
+                                  "the comparison of the stores' resume points")
+        if any(stand != every[0] for stand in every):
+            point = self._catch_up(every)
+        self.update.resume_point = lambda: point
+        try:
+            return super().recover(batch_for_step)
+        finally:
+            del self.update.resume_point  # the method again
+
+    def _catch_up(self, every: list[tuple[int, int]]):
+        """Stores on several hosts that stopped apart in one step: each writer behind takes, top
+        down, the modules the furthest store committed (every rank computed the same update, so
+        they are what it would have written; each rank's boundary gradients are on disk, journal.py),
+        then that store's journal. Returns the resume point they all share now."""
+        ahead = max(every)
+        src = every.index(ahead)
+        for r, (step, done) in enumerate(every):
+            if self._journal is None and step != ahead[0]:
+                raise RankDivergence(f"--resume: rank {r}'s adapters are at step {step}, rank {src}'s at step "
+                                     f"{ahead[0]}: LoRA adapter files are not copied between hosts; copy "
+                                     f"{self.update.path.name} from rank {src}'s work dir to rank {r}'s to continue")
+            if not (step == ahead[0] or step == ahead[0] - 1 and ahead[1] == 0):
+                raise RankDivergence(f"--resume: rank {r}'s store is at step {step} ({done} module(s) of it "
+                                     f"committed), rank {src}'s at step {ahead[0]} ({ahead[1]}): the hosts' "
+                                     f"stores stopped too far apart to catch up")
+        j = json.loads(self.ranks.broadcast(json.dumps(self._journal.read()).encode() if self.ranks.rank == src
+                                            else None, src, "the furthest store's journal"))
+        names = self.names
+        moved = names if j["phase"] == "idle" else names[len(names) - ahead[1]:]
+        if j["phase"] != "idle" and self.ranks.writer:
+            self._journal.adopt(j)  # a "backward" journal first: then each module copied is a commit of it
+        for name in reversed(moved):
+            path = self.store.path(name)
+            data = self.ranks.broadcast(path.read_bytes() if self.ranks.rank == src else None, src,
+                                        f"the furthest store's {name}")
+            if not self.ranks.writer or self.store.step_of(name) == j["version"] + (j["phase"] != "idle"):
+                continue  # this host's store has it already
+            tmp = tmp_path(path)
+            tmp.write_bytes(data)
+            try:
+                block = read_block(tmp, name)  # checksummed; the header names the other store, this one rewrites it
+            finally:
+                tmp.unlink()
+            self.streamer.put(name, block, on_commit=lambda c, name=name: self._journal.checksums.__setitem__(name, c))
+        if j["phase"] == "idle" and self.ranks.writer:
+            self._journal.adopt(j)
+        self.streamer.flush()
+        self.ranks.wait("the stores catching up")  # not settle(): the boundary files are about to be read
+        self._journal.reload()
+        log.info("rank %d: the stores caught up with rank %d's, at step %d", self.ranks.rank, src, j["step"])
+        return self.update.resume_point()
 
 
 def make_trainer(store, work_dir, device, cfg, progress=None, *, ranks: Ranks, rows_per_rank: int) -> Trainer:

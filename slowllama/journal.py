@@ -33,11 +33,21 @@ updated; a crash before that journal leaves every module at v, and the step star
 The order holds because every job goes through one writer that runs them in submission
 order: `Journal` takes only a writer that says so (`ORDERED_WRITER`), and has no other way
 to write.
+
+Data parallel (distributed.py): each rank computes the boundary gradients of its own rows,
+so rule 1 holds per rank, in rank R's own files (`grad_in.i.rankR.blk`, `tied.rankR.blk`;
+rank 0 keeps the plain names). A rank writes them itself, durably, BEFORE it enters the
+all-reduce of module i's gradients (`save_boundary`), and no store replaces module i before
+that all-reduce has returned, which needs every rank to have entered it: so whenever any
+store holds module i at v + 1, every rank's gradient into module i - 1 is on disk. The
+writer's queue could not promise that, since one rank's queue cannot see another's. A
+tied output, which has no gradient to all-reduce, passes an empty collective instead.
 """
 from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,20 +92,34 @@ class Journal:
             raise TypeError("the commit protocol needs a writer that runs its jobs in submission order")
         self.store, self.writer = store, writer
         self.path = store.root / "journal.json"
-        j = self.read()
-        self.step, self.version = j["step"], j["version"]
-        self.checksums: dict[str, int] = dict(j.get("checksums") or store.initial_checksums)
+        self.reload()
         self._last: dict | None = None  # the log record of the step in its backward pass
+        # Data parallel: this rank, and whether the ranks write their boundaries themselves.
+        self.rank, self.ranks = 0, 1
 
     def read(self) -> dict:
         return self.store.journal()
 
+    def reload(self):
+        """Where the journal on disk stands (after another host's journal was adopted, distributed.py)."""
+        j = self.read()
+        self.step, self.version = j["step"], j["version"]
+        self.checksums: dict[str, int] = dict(j.get("checksums") or self.store.initial_checksums)
+
+    def adopt(self, j: dict):
+        """Queue another store's journal as this one's: a host catching up with the furthest store."""
+        self.writer.run_in_order(lambda: atomic_write_json(self.path, j))
+
+    @property
+    def _own(self) -> str:
+        return f".rank{self.rank}" if self.rank else ""
+
     def grad_path(self, i: int) -> Path:
-        return self.store.root / f"grad_in.{i}.blk"
+        return self.store.root / f"grad_in.{i}{self._own}.blk"
 
     @property
     def tied_path(self) -> Path:
-        return self.store.root / "tied.blk"
+        return self.store.root / f"tied{self._own}.blk"
 
     # ---- writing, always through the ordered writer ----
     def _write(self, j: dict):
@@ -120,7 +144,7 @@ class Journal:
 
     def commit(self, i: int, name: str, version: int, new: Block, grads_in: list[torch.Tensor] | None):
         """Rules 1-3 for module i, whose new version is `new` and which passes grads_in down."""
-        if i > 0:
+        if i > 0 and self.ranks == 1:  # with ranks, save_boundary has made it durable already
             g = Block(version, {f"g{m}": dev.to_host(t.detach()) for m, t in enumerate(grads_in)})
             path = self.grad_path(i)
             self.writer.run_in_order(lambda: write_block(path, g, path.stem, model=self.store.model_id))
@@ -128,8 +152,16 @@ class Journal:
         stale = self.grad_path(i + 1)
         self.writer.run_in_order(lambda: stale.unlink(missing_ok=True))
 
+    def save_boundary(self, i: int, version: int, grads_in: list[torch.Tensor] | None):
+        """Data parallel, before module i's all-reduce: this rank's rule 1, durable when it returns."""
+        if i > 0:
+            path = self.grad_path(i)
+            g = Block(version, {f"g{m}": dev.to_host(t.detach()) for m, t in enumerate(grads_in)})
+            write_block(path, g, path.stem, model=self.store.model_id)
+
     def save_tied(self, version: int, kind: str, tensors: dict[str, torch.Tensor]) -> threading.Event:
-        """Rule 0: queue `tied.blk` of update `version`; the event is set once it is durable."""
+        """Rule 0: queue `tied.blk` of update `version`; the event is set once it is durable.
+        With ranks, each writes its own now, before the collective that stands for the output's."""
         if kind not in TIED_KINDS:
             raise ValueError(f"tied.blk holds one of {TIED_KINDS}, not {kind!r}")
         block = Block(version, {k: dev.to_host(t.detach()) for k, t in tensors.items()}, meta={"kind": kind})
@@ -138,8 +170,19 @@ class Journal:
         def write():
             write_block(path, block, path.stem, model=self.store.model_id)
             done.set()
-        self.writer.run_in_order(write)
+        if self.ranks > 1:
+            write()
+        else:
+            self.writer.run_in_order(write)
         return done
+
+    def remove_own_boundaries(self):
+        """A rank that does not write the store: its boundary files of a step every store has finished."""
+        mine = re.compile(rf"grad_in\.\d+{re.escape(self._own)}\.blk")
+        for path in self.store.root.iterdir():
+            if mine.fullmatch(path.name):
+                path.unlink(missing_ok=True)
+        self.tied_path.unlink(missing_ok=True)
 
     def finish(self, step: int, version: int):
         self._write({"step": step + 1, "version": version + 1, "phase": "idle"})

@@ -26,8 +26,9 @@ DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 
 # Options that name files: made absolute, so that a run resumes from any working directory.
 PATHS = ("model_dir", "data", "val_data", "out", "work_dir")
-# What run.json keeps beside the options: the content hashes a resume checks the data against.
-SAVED_EXTRAS = ("data_sha256", "val_data_sha256")
+# What run.json keeps beside the options: the content hashes a resume checks the data against,
+# and the number of data-parallel ranks (distributed.py), which decides the global batch.
+SAVED_EXTRAS = ("data_sha256", "val_data_sha256", "ranks")
 # MATH options that a resume checks by content instead of by value: the model and data may have
 # moved (same bytes, new path); the work dir is where the run was found; iters may grow.
 RESUME_MAY_CHANGE = ("iters", "model_dir", "data", "val_data", "work_dir")

@@ -167,24 +167,26 @@ def finetune(*, resume: bool = False, **given) -> dict:
     val_batches = eval_batches(val, o.batch_size) if val is not None else []  # every held-out token once
 
     # -- from here on, files are written: first the locks, so that no other process is writing --
-    # Under torchrun only rank 0 takes them and writes; the other ranks read what it wrote (distributed.py).
+    # Under torchrun one rank per host takes the work dir's and writes it, the others read what it
+    # wrote; rank 0 alone takes the output folder's (distributed.py).
     ranks = distributed.setup()
-    if ranks.world > 1 and o.clip_grad_norm:
-        distributed.teardown(ranks)
-        # The norm-only pass sums each rank's own gradients; it does not all-reduce them yet.
-        raise ConfigError("--clip-grad-norm is not supported under torchrun yet: run it in one process")
     new_work = not work_dir.exists()
     locks = []
     try:
-        if ranks.leader:
+        if resume and saved.get("ranks", 1) != ranks.world:
+            raise ConfigError(f"--resume: the run in {work_dir} trains over {saved.get('ranks', 1)} process(es) "
+                              f"(torchrun's --nnodes x --nproc-per-node), this one has {ranks.world}: the global "
+                              f"batch would change. Resume it under the same torchrun command")
+        if ranks.writer:
             claim_folder(work_dir, "work", "--work-dir")
             locks.append(lock_work_dir(work_dir))
+        if ranks.leader:
             locks.append(lock_out_dir(out))
             # Under the lock: a run still going is refused above with its pid; none can export here meanwhile.
             check_out_run(out, work_dir, o)
         return _run(o, resume, saved, ckpt, tokenizer, windows, val_batches, optim, lora, torch_device, ranks)
     except BaseException:
-        if ranks.leader and new_work and not (work_dir / "run.json").exists():
+        if ranks.writer and new_work and not (work_dir / "run.json").exists():
             # Preparation found the checkpoint damaged: leave nothing of the run behind.
             remove_owned(work_dir, "work")
         raise
@@ -201,8 +203,8 @@ def _run(o: RunOptions, resume: bool, saved: dict, ckpt, tokenizer, windows, val
     # LoRA reads a store that is never written, in the checkpoint's own dtype.
     store_root = work_dir / ("base" if lora else "store")
     store_dtype = ckpt.checkpoint_dtype() if lora else DTYPES[o.store_dtype]
-    if not ranks.leader:
-        ranks.wait("rank 0's preparation of the store")
+    if not ranks.writer:
+        ranks.wait("the preparation of the stores")
     if resume:
         if not (store_root / "manifest.json").exists():
             raise ConfigError(f"--resume: {store_root} is missing; the run in {work_dir} cannot continue")
@@ -211,18 +213,18 @@ def _run(o: RunOptions, resume: bool, saved: dict, ckpt, tokenizer, windows, val
             raise StoreError(f"--resume: {model_dir} is not the checkpoint {store_root} was prepared from "
                              f"(its config, tokenizer or weights differ)")
     else:
-        progress = _progress(work_dir) if ranks.leader else ""
+        progress = _progress(work_dir) if ranks.writer else ""
         if progress:
             raise ConfigError(f"--work-dir {work_dir} holds a run {progress}: pass --resume to continue it, "
                               f"or delete the folder to start over")
-        if ranks.leader:
+        if ranks.writer:
             store, prepared = open_or_prepare(ckpt, store_root, store_dtype,
                                               progress=lambda it: _bar(it, desc="prepare", unit="module"))
             log.info("%s store at %s", "prepared" if prepared else "reusing", store_root)
         else:
             store = BlockStore(store_root)
         hashes = (_sha256(Path(o.data)), _sha256(Path(o.val_data)) if o.val_data else None)
-        saved = {**o.saved(), **dict(zip(SAVED_EXTRAS, hashes))}
+        saved = {**o.saved(), **dict(zip(SAVED_EXTRAS, (*hashes, ranks.world) if ranks.world > 1 else hashes))}
     micro = o.micro_batch or (o.batch_size if o.grad_accum > 1 else None)
     tcfg = TrainConfig(optim=optim, seed=o.seed, dropout=o.dropout, micro_batch=micro,
                        compute_dtype=DTYPES[o.compute_dtype], act_dtype=DTYPES[o.act_dtype],
@@ -230,8 +232,8 @@ def _run(o: RunOptions, resume: bool, saved: dict, ckpt, tokenizer, windows, val
                        stop_on_nonfinite_loss=o.stop_on_nan, lora=lora,
                        optim_state_dtype=DTYPES[o.optim_state_dtype], clip_grad_norm=o.clip_grad_norm,
                        lr_at=lambda step: lr_at(step, o.iters, o.lr, o.lr_schedule, o.warmup_iters, o.min_lr))
-    if ranks.leader:
-        ranks.wait("rank 0's preparation of the store")
+    if ranks.writer:
+        ranks.wait("the preparation of the stores")
     trainer = distributed.make_trainer(store, work_dir, torch_device, tcfg, progress=_bar, ranks=ranks,
                                        rows_per_rank=o.batch_size)
     try:
@@ -248,9 +250,9 @@ def _run(o: RunOptions, resume: bool, saved: dict, ckpt, tokenizer, windows, val
         trainer.close()
         raise
     log_path = out / LOG_NAME
+    if ranks.writer and (resume and o.iters != saved["iters"] or not resume):
+        atomic_write_json(run_path, {**saved, **o.saved()})
     if ranks.leader:
-        if resume and o.iters != saved["iters"] or not resume:
-            atomic_write_json(run_path, {**saved, **o.saved()})
         restore_interrupted_swap(out)
         claim_folder(out, "export", "--out")
         if not owner_info(out).get("run"):  # a new output folder: its log is this run's before any export is
@@ -324,7 +326,8 @@ def _run(o: RunOptions, resume: bool, saved: dict, ckpt, tokenizer, windows, val
     try:
         rec = trainer.recover(batch_for)
         if rec is not None:
-            tqdm.write(f"resumed: finished iteration {rec.step} (loss {rec.loss:.4f})")
+            if ranks.leader:
+                tqdm.write(f"resumed: finished iteration {rec.step} (loss {rec.loss:.4f})")
         last = (dict(iter=rec.step, loss=rec.loss, tokens=rec.tokens,
                      **({"grad_norm": rec.grad_norm} if rec.grad_norm is not None else {})) if rec is not None
                 else trainer.journal().get("last") if resume else None)
@@ -365,6 +368,8 @@ def _run(o: RunOptions, resume: bool, saved: dict, ckpt, tokenizer, windows, val
                 evaluate(done)
             if o.save_every and done % o.save_every == 0 and done < o.iters:
                 save(final=False)
+        if ranks.world > 1:  # every store holds the last step before the followers drop their boundaries
+            trainer.settle("the end of the run")
         summary["after"] = evaluate(o.iters)
         save()
     finally:
@@ -374,15 +379,20 @@ def _run(o: RunOptions, resume: bool, saved: dict, ckpt, tokenizer, windows, val
 
 
 def distributed_line(store: BlockStore, tcfg: TrainConfig, est: dict, world: int, batch_size: int) -> str:
-    """What a data-parallel run reads, writes and communicates per iteration: per rank and in all."""
+    """What a data-parallel run reads, writes and communicates per iteration: per rank and in all.
+    est is one rank's (its rows); a rank that does not write the store writes its activation
+    scratch and its own boundary gradients (journal.py)."""
     grad = sum(math.prod(shape) * 4 for name in store.trainable for key, _, shape, _ in store.header(name)["tensors"]
                if "#" not in key) if tcfg.lora is None else 0
+    other = est["activations"] + est["gradients"]
+    passes = 2 if tcfg.clip_grad_norm and tcfg.lora is None else 1  # the norm-only pass all-reduces too
     return (f"data parallel: {world} ranks x --batch-size {batch_size} = a global batch of {world * batch_size}; "
             f"per iteration, rank 0 reads ~{fmt_bytes(est['read'])} and writes ~{fmt_bytes(est['written'])}, "
-            f"each other rank reads ~{fmt_bytes(est['read'])} and writes ~{fmt_bytes(est['activations'])} "
+            f"each other rank reads ~{fmt_bytes(est['read'])} and writes ~{fmt_bytes(other)} "
             f"(all ranks: ~{fmt_bytes(world * est['read'])} read, "
-            f"~{fmt_bytes(est['written'] + (world - 1) * est['activations'])} written); each rank all-reduces "
-            + (f"~{fmt_bytes(grad)} of gradients" if grad else "its adapters' gradients") + " per iteration")
+            f"~{fmt_bytes(est['written'] + (world - 1) * other)} written, when they share one work dir); each rank "
+            f"all-reduces " + (f"~{fmt_bytes(passes * grad)} of gradients" if grad else "its adapters' gradients")
+            + " per iteration")
 
 
 def print_costs(o: RunOptions, store: BlockStore, ckpt, tcfg: TrainConfig, est: dict, step: int, lora, resume: bool,

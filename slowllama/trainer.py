@@ -184,6 +184,10 @@ class Trainer:
         self._backward(step, version, mbs, acts, len(self.names) - 1, n_tok, done=done)
         return StepResult(step, loss, n_tok, grad_norm=self.update.grad_norm)
 
+    def micro_seed(self, step: int, m: int) -> int:
+        """The dropout seed of micro-batch m of a step (distributed.py numbers them globally)."""
+        return dev.derive_seed(self.cfg.seed, step, m)
+
     def _activation_cache(self, shape) -> ActivationCache:
         in_ram = activations_in_ram(self.cfg, self.args.dim, len(self.names), shape)
         return ActivationCache(self.work_dir / "acts", in_ram, self.cfg.act_dtype)
@@ -208,7 +212,7 @@ class Trainer:
         xs = [x.to(self.device) for x, _ in mbs]
         rngs = []
         for m in range(len(mbs)):
-            dev.seed_device(self.device, dev.derive_seed(self.cfg.seed, step, m))
+            dev.seed_device(self.device, self.micro_seed(step, m))
             rngs.append(dev.get_rng_state(self.device))
         self.streamer.prefetch(names[:1])
         for i in self.progress(range(stop), desc="forward", leave=False):

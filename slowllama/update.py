@@ -94,8 +94,10 @@ class FullUpdate:
     """Every module's fp32 master takes an optimizer step; commits follow the journal's protocol."""
 
     lowest = 0  # the embedding trains too, so the reverse pass goes all the way down
-    # (name, params) -> None: sums each parameter's .grad over the ranks in place (distributed.py)
-    reduce_grads: Callable[[str, dict], None] | None = None
+    # (what, tensors) -> wait: starts summing each tensor over the ranks (distributed.py); wait()
+    # finishes the sums in place. With no tensors it is still a collective, which no rank leaves
+    # before every rank has entered it.
+    reduce_grads: Callable[[str, list[torch.Tensor]], Callable[[], None]] | None = None
 
     def __init__(self, store: BlockStore, streamer: Streamer, cfg):
         self.store, self.streamer, self.cfg = store, streamer, cfg
@@ -112,6 +114,9 @@ class FullUpdate:
         self.clip: dict | None = None
         self.grad_norm: float | None = None  # of the last clipped step, before clipping
         self._norm_partial: torch.Tensor | None = None  # the tied output's gradient, during the norm pass
+        # Data parallel: the rest of the last module's commit, run once its gradient's sum has
+        # travelled while the next module down computed (commit, finish).
+        self._rest: Callable[[], None] | None = None
 
     @property
     def step(self) -> int:
@@ -154,6 +159,9 @@ class FullUpdate:
         if self.tied and i == 0:
             grads["weight"] = grads["weight"] + self._norm_partial.float()
             self._norm_partial = None
+        if self.reduce_grads is not None:  # data parallel: the norm of the summed gradient, as one process has it
+            grads = {k: g.clone() for k, g in grads.items()}  # the turn's modules keep theirs for the real pass
+            self.reduce_grads(f"{self.names[i]}'s gradient for its norm", list(grads.values()))()
         return param_norms(grads.values())
 
     def set_clip(self, grad_norm: float | None, clip_coef: float | None):
@@ -178,7 +186,24 @@ class FullUpdate:
             # The embedding's own gradient plus the output side's: one update, as autograd sums both uses.
             params["weight"].grad = params["weight"].grad + self._take_partial(version)
         if self.reduce_grads is not None:  # data parallel: every rank steps on the sum over all ranks
-            self.reduce_grads(name, params)
+            self.journal.save_boundary(i, version, grads_in)  # first: journal.py says why
+            summed = self.reduce_grads(f"{name}'s gradient", [p.grad for p in params.values() if p.grad is not None])
+            # The module above steps and is queued now, below this one's boundary and before its put,
+            # and this one's sum travels while the trainer computes the next module down.
+            self.settle()
+            self._rest = lambda: (summed(), self._step(step, version, i, block, params, grads_in, consequence))
+            return
+        self._step(step, version, i, block, params, grads_in, consequence)
+
+    def settle(self):
+        """Finish the commit that waits for its gradient's sum, if any."""
+        rest, self._rest = self._rest, None
+        if rest is not None:
+            rest()
+
+    def _step(self, step: int, version: int, i: int, block: Block, params: dict, grads_in, consequence: str):
+        """Module i's optimizer step on its (summed) gradients, and its commit."""
+        name = self.names[i]
         check_gradients(self.names, step, i, params, grads_in, consequence)
         if self.clip is not None:  # the gradient handed down (grads_in) stays as it is
             scale_grads(params.values(), self.clip["clip_coef"])
@@ -211,6 +236,9 @@ class FullUpdate:
             self._partial = None
             self._saved = self.journal.save_tied(version, "grad", {"grad": grad})
         out.inputs.clear()
+        if self.reduce_grads is not None:  # data parallel: nothing to sum, but the same fence as any module's
+            self.journal.save_boundary(i, version, grads_in)
+            self.reduce_grads("the tied output's commit", [])()
         self.journal.commit(i, "output", version, Block(version + 1, {}), grads_in)
 
     def _take_partial(self, version: int) -> torch.Tensor:
@@ -236,6 +264,7 @@ class FullUpdate:
         self._partial = dev.to_host(out.weight.grad.float())
 
     def finish(self, step: int, version: int):
+        self.settle()
         self.journal.finish(step, version)
         self.clip = None
 
@@ -252,7 +281,7 @@ class LoraUpdate:
     nothing of it was made durable."""
 
     lowest = 1  # the embedding has no adapters: nothing below the first block needs a gradient
-    reduce_grads: Callable[[str, dict], None] | None = None  # as FullUpdate's
+    reduce_grads: Callable[[str, list[torch.Tensor]], None] | None = None  # as FullUpdate's
 
     def __init__(self, store: BlockStore, streamer: Streamer, cfg, path: Path, device: torch.device):
         self.store, self.streamer, self.cfg, self.path = store, streamer, cfg, path
@@ -303,7 +332,7 @@ class LoraUpdate:
         name = self.names[i]
         params = self.adapters.named(name)
         if self.reduce_grads is not None and params:
-            self.reduce_grads(name, params)
+            self.reduce_grads(f"{name}'s adapter gradient", [p.grad for p in params.values() if p.grad is not None])()
         check_gradients(self.names, step, i, params, grads_in, "adapters not saved", every_param=True)
         if params and not self.cfg.clip_grad_norm:  # clipped: every module steps at finish, once the norm is known
             self._step(step, name)
