@@ -32,7 +32,7 @@ import xxhash
 from .blackbox import Streamer
 from .model import ConfigError
 from .store import Block, StoreError
-from .trainer import StepResult, Trainer, ActivationCache, activations_in_ram
+from .trainer import StepResult, Trainer, ActivationCache
 
 log = logging.getLogger(__name__)
 
@@ -204,9 +204,8 @@ class DataParallelTrainer(Trainer):
     def micro_batches(self, inputs, targets):
         return super().micro_batches(self.rows_of(inputs), self.rows_of(targets))
 
-    def _activation_cache(self, shape) -> ActivationCache:
-        local = (shape[0] // self.ranks.world, *shape[1:])
-        in_ram = activations_in_ram(self.cfg, self.args.dim, len(self.names), local)
+    def _activation_cache(self, in_ram: bool) -> ActivationCache:
+        # The step's plan is this rank's: made from its own rows (micro_batches).
         return ActivationCache(self.work_dir / "acts" / f"rank{self.ranks.rank}", in_ram, self.cfg.act_dtype)
 
     def _forward(self, step, mbs, acts, upto, n_tok):
