@@ -391,11 +391,13 @@ def print_costs(o: RunOptions, store: BlockStore, ckpt, tcfg: TrainConfig, est: 
     held = "no limit" if tcfg.ram_budget is None else fmt_bytes(tcfg.ram_budget)
     plan, n = est["plan"], len(store.trainable)
     cache = "no limit" if math.isinf(plan.cache_budget) else fmt_bytes(plan.cache_budget)
+    lowest = 1 if lora else 0  # LoRA's frozen embedding is never recomputed
+    below = "nothing is recomputed" if plan.top <= lowest else (
+        f"{plan.top - lowest} modules below it are recomputed from cached inputs "
+        f"(~{fmt_bytes(plan.act_bytes)}, {'in RAM' if plan.acts_in_ram else 'in scratch files'})")
     print(f"RAM budget: {held} (--ram-budget {o.ram_budget}): the turn holds {n - plan.top} of {n} modules "
-          f"(K = {plan.turn_blocks} blocks beyond the last, ~{fmt_bytes(plan.turn_bytes)}), so {plan.top} are "
-          f"recomputed in the reverse pass; their cached inputs (~{fmt_bytes(plan.act_bytes)}) "
-          f"{'stay in RAM' if plan.acts_in_ram else 'go to scratch files'}; modules cached: up to {cache} "
-          f"(the estimate below counts all of it)")
+          f"(K = {plan.turn_blocks} beyond the minimal three, ~{fmt_bytes(plan.turn_bytes)} more), {below}; "
+          f"modules cached: up to {cache} (the estimate below counts all of it)")
     print(f"disk per iteration: ~{fmt_bytes(est['read'])} read, ~{fmt_bytes(est['written'])} written; "
           f"for {remaining} iterations: ~{fmt_bytes(est['read'] * remaining)} read, "
           f"~{fmt_bytes(est['written'] * remaining)} written ({est['written'] * remaining / 1e12:.2f} TB)")
