@@ -9,7 +9,7 @@ The RAM budget (TrainConfig.ram_budget; None: no limit) is split in this order:
      of a step on a CPU; the turn grows from the top down, and in full fine-tuning of an
      untied model it may take the embedding too, when the step recomputes nothing at all;
   3. the streamer's module cache gets what is left: a cached module saves a read only.
-With budget 0 the turn is today's minimal one (the last block, the norm and the output
+With budget 0 the turn is the minimal one (the last block, the norm and the output
 layer, K = 0), the activations go to disk and no module stays cached.
 """
 from __future__ import annotations
@@ -44,13 +44,14 @@ class StepPlan:
 def saved_bytes_per_block(args: ModelArgs, rows: int, seq: int, compute_dtype: torch.dtype, dropout: float,
                           lora_rank: int = 0, lora_targets: int = 0) -> int:
     """Bytes autograd saves running one TransformerBlock forward with grad on a (rows, seq) micro-batch,
-    parameters not counted (model.py's ops with torch's CPU kernels; checked in tests/test_plan.py).
+    parameters not counted (model.py's ops with torch's CPU kernels; checked in tests/test_turn.py).
 
     Per RMSNorm: the fp32 input, the rsqrt (one per token), the normalised input and its product with
     the weight (compute dtype). Attention: the cos and sin tables, q, k, v (k and v after the GQA
     repeat, so all n_heads wide) and the output, as scaled_dot_product_attention's flash kernel keeps
     them, with one fp32 logsumexp per head and token. Feed-forward: w1's and w3's outputs, the SiLU of
     the first and the product. Dropout: one mask per residual branch, in the compute dtype.
+    CUDA's math attention (--deterministic) also keeps the (heads, seq, seq) scores: not counted here.
     """
     c, n = compute_dtype.itemsize, rows * seq
     attn_width = args.n_heads * args.head_dim
