@@ -92,10 +92,13 @@ def lowest_turn_module(args: ModelArgs, cfg) -> int:
     return 1 if cfg.lora is not None or args.tie_word_embeddings else 0
 
 
-def plan_step(cfg, args: ModelArgs, sizes: list[ModuleSize], rows: int, mb_rows: int, seq: int) -> StepPlan:
+def plan_step(cfg, args: ModelArgs, sizes: list[ModuleSize], rows: int, mb_rows: int, seq: int,
+              device_budget: float = math.inf) -> StepPlan:
     """The turn and what stays in RAM for a step of `rows` sequences of `seq` tokens, run `mb_rows` at a time.
 
     cfg.turn_blocks forces K (tests); else K is the largest the budget holds after the activations.
+    On CUDA the turn's modules, gradients and saved tensors live on the device: device_budget
+    (bytes free there for them) bounds the turn too.
     """
     m = len(sizes)
     lowest = 1 if cfg.lora is not None else 0  # the reverse pass recomputes, and caches, only down to there
@@ -114,7 +117,8 @@ def plan_step(cfg, args: ModelArgs, sizes: list[ModuleSize], rows: int, mb_rows:
     else:
         # The cost of a larger turn grows as the top goes down (a block holds far more than its cached
         # input): take the lowest top whose turn and activations fit together.
-        top = next((t for t in range(first, base + 1) if turn[t] + acts(t) <= budget), base)
+        top = next((t for t in range(first, base + 1) if turn[t] + acts(t) <= budget and turn[t] <= device_budget),
+                   base)
     in_ram = cfg.ram_budget is None or turn[top] + acts(top) <= budget
     held = turn[top] + (acts(top) if in_ram else 0)
     return StepPlan(top=top, turn_blocks=base - top, acts_in_ram=in_ram, act_bytes=acts(top), turn_bytes=turn[top],

@@ -139,6 +139,13 @@ class Trainer:
                                  params_dtype=cfg.compute_dtype if cfg.lora is not None else torch.float32)
         self.progress = progress or (lambda it, **kw: it)
         self.sizes: list[ModuleSize] = module_sizes(store, cfg)
+        # On CUDA the turn computes on the device: half of its free memory may hold the extra blocks,
+        # the rest stays for the minimal turn, the module computing and the one prefetched.
+        self.device_budget = math.inf
+        if device.type == "cuda":
+            from .generate import memory_budget
+
+            self.device_budget = memory_budget(device) / 2
         self.plan: StepPlan | None = None  # the plan of the step running, from its micro-batches' shape
         try:
             self.update = (LoraUpdate(store, self.streamer, cfg, self.adapters_path, device) if cfg.lora is not None
@@ -194,7 +201,7 @@ class Trainer:
 
     def step_plan(self, rows: int, mb_rows: int, seq: int) -> StepPlan:
         """The turn and what stays in RAM for a step of rows sequences of seq tokens, mb_rows at a time."""
-        return plan_step(self.cfg, self.args, self.sizes, rows, mb_rows, seq)
+        return plan_step(self.cfg, self.args, self.sizes, rows, mb_rows, seq, self.device_budget)
 
     def _use_plan(self, mbs):
         """Plan the step for the micro-batches this process runs; the module cache gets what the plan leaves."""

@@ -155,6 +155,10 @@ def test_the_budget_sets_the_turn(gqa_model, tmp_path):
         assert plan(budget).turn_blocks == k and plan(budget).cache_budget == 0
         assert plan(budget - 1).turn_blocks == k - 1
         assert plan(budget + 12345).cache_budget == 12345
+    # On CUDA the turn lives on the device: its free memory bounds K whatever the host budget.
+    cfg = TrainConfig(optim=SGD, ram_budget=None, micro_batch=2)
+    one = plan(None, turn_blocks=1).turn_bytes
+    assert plan_step(cfg, store.args, module_sizes(store, cfg), rows, 2, seq, device_budget=one).turn_blocks == 1
     lora = plan(None, lora=LoraConfig(rank=2, alpha=4.0, targets=("wq",)))
     assert lora.top == 1  # LoRA's embedding is frozen: it stays below the turn
 
