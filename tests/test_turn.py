@@ -267,3 +267,32 @@ def test_the_estimate_follows_the_plan(gqa_model, tmp_path):
         moved[name] = (r1 - r0, est["plan"].turn_blocks)
     assert moved["zero"][1] == 0 and moved["middle"][1] == 2
     assert moved["middle"][0] < moved["zero"][0]
+
+
+def test_a_16_bit_store_is_cached_at_its_widened_size(gqa_model, tmp_path):
+    """The streamer widens a bf16 store's modules to fp32 as it reads them, so the cache holds half as
+    many as their files suggest: with a cache that holds all the files but not all the widened
+    modules, the estimate counts the re-reads that happen."""
+    from slowllama.fsutil import IO
+
+    store = prepare(MetaCheckpoint(gqa_model), tmp_path / "s", torch.bfloat16)
+    batches = [random_batch(256, 2, 16, i) for i in range(4)]
+    probe = TrainConfig(optim=SGD, turn_blocks=0)
+    sizes = module_sizes(store, probe)
+    p = plan_step(probe, store.args, sizes, 2, 2, 16)
+    assert sum(s.file for s in sizes) < 0.8 * sum(s.ram for s in sizes)
+    cfg = TrainConfig(optim=SGD, turn_blocks=0, ram_budget=p.act_bytes + sum(s.file for s in sizes))
+    est = estimate_io(store, cfg, (2, 16))
+    tr = Trainer(store, tmp_path / "w", CPU, cfg)
+    try:
+        for b in batches[:2]:
+            tr.train_step(*b)
+        tr.streamer.flush()
+        r0, _ = IO.snapshot()
+        tr.train_step(*batches[2])
+        tr.streamer.flush()
+        r1, _ = IO.snapshot()
+    finally:
+        tr.close()
+    assert r1 - r0 > 0.2 * est["store"]  # modules are read again: they do not all fit widened
+    assert r1 - r0 == pytest.approx(est["read"], rel=0.05), est
