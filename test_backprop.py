@@ -49,21 +49,22 @@ def make_batches(vocab, n, batch=4, seq=16, seed=0):
 
 
 @pytest.mark.device
-@pytest.mark.parametrize("micro_batch,prefetch,ram_budget", [
-    (None, True, 0),
-    (2, True, 0),
-    (1, False, None),
-    (2, True, None),
+@pytest.mark.parametrize("micro_batch,prefetch,ram_budget,turn_blocks", [
+    (None, True, 0, None),  # the minimal turn: K = 0
+    (2, True, 0, None),
+    (2, True, 0, 1),  # one block more in the turn
+    (1, False, None, None),  # no limit: the whole model is the turn, K = all
+    (2, True, None, None),
 ])
-def test_sgd_steps_equal_autograd(gqa_model, tmp_path, test_device, micro_batch, prefetch, ram_budget):
-    """Dropout, micro-batches, prefetch and RAM budget change nothing: bit-identical loss and weights
+def test_sgd_steps_equal_autograd(gqa_model, tmp_path, test_device, micro_batch, prefetch, ram_budget, turn_blocks):
+    """Dropout, micro-batches, prefetch, RAM budget and the turn change nothing: bit-identical loss and weights
     (on $SLOWLLAMA_TEST_DEVICE, both sides on that device)."""
     args = MetaCheckpoint(gqa_model).args
     batches = make_batches(args.vocab_size, 3)
     optim = OptimConfig("sgd", lr=0.05)
     store, losses = run_streamed(gqa_model, tmp_path, steps=3, optim=optim, batches=batches, seed=7, dropout=0.1,
                                  micro_batch=micro_batch, prefetch=prefetch, ram_budget=ram_budget,
-                                 device=test_device)
+                                 device=test_device, turn_blocks=turn_blocks)
     model, ref_losses = run_reference(gqa_model, steps=3, optim=optim, batches=batches, seed=7, dropout=0.1,
                                       micro_batch=micro_batch, device=test_device)
     assert losses == ref_losses
@@ -79,7 +80,8 @@ def test_sgd_steps_equal_autograd(gqa_model, tmp_path, test_device, micro_batch,
 
 def test_only_modules_below_the_turn_are_recomputed(gqa_model, tmp_path, monkeypatch):
     """Per micro-batch, a module below the turn runs twice (forward, recompute); the last block,
-    the norm and the output layer run once, since the turn keeps their graphs."""
+    the norm and the output layer run once, since the turn keeps their graphs (at budget 0, K = 0;
+    tests/test_turn.py counts every K)."""
     calls = {}
     run = Trainer._run
 

@@ -201,11 +201,14 @@ def disk_bandwidth(directory: str | Path, nbytes: int = 512 << 20, chunk: int = 
     return out
 
 
-def parse_bytes(s: str) -> int | None:
-    """'none' -> None; '0', '4096', '512M', '2G' -> bytes."""
+def parse_bytes(s: str) -> int | str | None:
+    """'none' -> None; 'auto' stays 'auto' (the streamed phase takes slowllama's share of the memory
+    available then); '0', '4096', '512M', '2G' -> bytes."""
     s = s.strip().lower()
     if s in ("none", "inf", "unlimited"):
         return None
+    if s == "auto":
+        return s
     mult = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
     if s and s[-1] in mult:
         return int(float(s[:-1]) * mult[s[-1]])
@@ -376,15 +379,17 @@ def phase_stream(cfg: dict) -> dict:
     from slowllama.device import TRANSFERS
     from slowllama.fsutil import IO
     from slowllama.optim import OptimConfig
+    from slowllama.options import parse_size
     from slowllama.store import BlockStore
     from slowllama.trainer import TrainConfig, Trainer
 
     device, base = _start_phase(torch, cfg)
+    budget = parse_size(cfg["ram_budget"])  # auto: --ram-budget auto's share of the memory available now
     store = BlockStore(cfg["store"])
     inputs, targets = _batch(torch, store.args.vocab_size, cfg["batch"], cfg["seq"], cfg["seed"])
     tc = TrainConfig(optim=OptimConfig("sgd", lr=cfg["lr"]), seed=cfg["seed"], dropout=0.0,
                      micro_batch=cfg.get("micro_batch"), compute_dtype=getattr(torch, cfg["compute_dtype"]),
-                     act_dtype=getattr(torch, cfg.get("act_dtype", "float32")), ram_budget=cfg["ram_budget"],
+                     act_dtype=getattr(torch, cfg.get("act_dtype", "float32")), ram_budget=budget,
                      prefetch=cfg["prefetch"], verify=cfg.get("verify", True),
                      clip_grad_norm=cfg.get("clip_grad_norm", 0.0))
     trainer = Trainer(store, cfg["train_dir"], device, tc)
@@ -421,8 +426,13 @@ def phase_stream(cfg: dict) -> dict:
     if split:
         extra = {"phase_peak_rss_bytes": split.peaks, "phase_peaks_exact": split.exact, "at_peak": split.at_peak}
     if device.type == "cuda":
-        extra = {"h2d_bytes_per_step": (h1 - h0) / k, "d2h_bytes_per_step": (d1 - d0) / k,
+        extra |= {"h2d_bytes_per_step": (h1 - h0) / k, "d2h_bytes_per_step": (d1 - d0) / k,
                  "gpu_busy_percent": busy.mean_percent, "copy_rates": copy_bandwidth(torch, device)}
+    plan = trainer.plan
+    extra["plan"] = {"ram_budget": budget, "top": plan.top, "turn_blocks_K": plan.turn_blocks,
+                     "modules": len(trainer.names), "turn_bytes": plan.turn_bytes, "acts_in_ram": plan.acts_in_ram,
+                     "act_bytes": plan.act_bytes, "cache_budget": None if plan.cache_budget == float("inf")
+                     else plan.cache_budget}
     return {"s_per_step": total / k, "step_s": step_s, "warmup_s": warm_s, "losses": losses,
             "bytes_read_per_step": (r1 - r0) / k, "bytes_written_per_step": (w1 - w0) / k, **extra,
             "store_bytes_after": store.nbytes(), "rss_baseline_bytes": base,

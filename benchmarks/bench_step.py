@@ -36,9 +36,10 @@ Figures:
     after posix_fadvise(DONTNEED) estimates cold reads (a VM host may still cache).
   floors: io_s_per_step = bytes read / read bandwidth (after fadvise, else warm)
     + bytes written / write+fsync bandwidth; compute_s_per_step = in-memory step
-    time x 4/3 (the streamed step recomputes the forward pass of the modules below
-    the turn); on cuda transfer_s_per_step = bytes to the device / the pinned rate (the pageable
-    one with --no-prefetch) + bytes back / the pageable rate, the memory slowllama copies into.
+    time x (1 + 1/3 of the share of modules below the turn: the streamed step recomputes
+    their forward pass; "plan" in the streamed figures says where the turn begins); on cuda
+    transfer_s_per_step = bytes to the device / the pinned rate (the pageable one with
+    --no-prefetch) + bytes back / the pageable rate, the memory slowllama copies into.
 """
 from __future__ import annotations
 
@@ -67,8 +68,9 @@ def main():
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
     p.add_argument("--micro-batch", type=int, default=None)
-    p.add_argument("--ram-budget", type=parse_bytes, default=0,
-                   help="bytes (suffix K/M/G allowed) of modules and activations kept in RAM; 'none' = no limit")
+    p.add_argument("--ram-budget", type=parse_bytes, default="auto",
+                   help="bytes (suffix K/M/G allowed) of modules and activations kept in RAM; 'none' = no limit; "
+                        "auto (default, as finetune.py): a share of the memory available")
     p.add_argument("--no-prefetch", action="store_true")
     p.add_argument("--compute-dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--store-dtype", choices=["float32", "bfloat16"], default="float32")
@@ -91,6 +93,13 @@ def main():
     with bench_dir(a.workdir, "slowllama-bench-") as work:
         result = run(a, work)
     print(json.dumps(result, indent=1))
+    plan = result["streamed"]["plan"]
+    ratio = result.get("ratio_streamed_over_in_memory")
+    print(f"plan: ram budget {plan['ram_budget']}, the turn holds {plan['modules'] - plan['top']} of {plan['modules']} "
+          f"modules (K = {plan['turn_blocks_K']}), activations {'in RAM' if plan['acts_in_ram'] else 'on disk'}; "
+          f"streamed {result['streamed']['s_per_step']:.2f} s/step"
+          + (f", in memory {result['in_memory']['s_per_step']:.2f} s/step, ratio {ratio:.2f}" if ratio else ""),
+          file=sys.stderr)
 
 
 def run(a, work: Path) -> dict:
@@ -145,7 +154,9 @@ def run(a, work: Path) -> dict:
                                                               stream["d2h_bytes_per_step"], stream["copy_rates"],
                                                               prefetch=not a.no_prefetch)
     if inmem is not None:
-        compute_floor = inmem["s_per_step"] * 4 / 3
+        # The forward pass again for each module below the turn: a third more compute for those.
+        plan = stream["plan"]
+        compute_floor = inmem["s_per_step"] * (1 + plan["top"] / plan["modules"] / 3)
         out["ratio_streamed_over_in_memory"] = stream["s_per_step"] / inmem["s_per_step"]
         out["floors"]["compute_s_per_step"] = compute_floor
         out["floors"]["streamed_over_max_floor"] = stream["s_per_step"] / max(

@@ -144,12 +144,9 @@ class Streamer:
         self.prefetch_enabled = prefetch
         self.verify = verify
         self.device = device
-        self.budget = ram_budget
         sizes = module_sizes(store) if device.type != "cpu" else (0, 0)
-        if dev.unified_memory(device):
-            # The module computing lives a second time in the same RAM: its parameters, their compute
-            # cast and its optimizer state on the device. The cache gets what is left.
-            self.budget = max(0, ram_budget - sizes[0] - sizes[1])
+        self._device_copy = sizes[0] + sizes[1] if dev.unified_memory(device) else 0
+        self.set_budget(ram_budget)
         # Read buffers are pageable. On CUDA, a prefetched module's parameters (not its optimizer
         # state) go through a page-locked staging buffer, sized once for the largest module, so
         # that the copy is asynchronous on a stream of its own while the current module computes.
@@ -180,6 +177,12 @@ class Streamer:
         self._writer = threading.Thread(target=self._write_loop, name="slowllama-writer", daemon=True)
         self._reader.start()
         self._writer.start()
+
+    def set_budget(self, ram_budget: float):
+        """The bytes of modules the cache may keep (the trainer's plan gives it what the step leaves)."""
+        # On unified memory the module computing lives a second time in the same RAM: its parameters,
+        # their compute cast and its optimizer state on the device. The cache gets what is left.
+        self.budget = max(0, ram_budget - self._device_copy) if self._device_copy else ram_budget
 
     # ---- reading ----
     def get(self, name: str) -> Block:

@@ -43,7 +43,7 @@ from .blackbox import Streamer
 from .model import ConfigError
 from .paths import tmp_path
 from .store import Block, StoreError, read_block
-from .trainer import StepResult, Trainer, ActivationCache, activations_in_ram
+from .trainer import StepResult, Trainer, ActivationCache
 
 log = logging.getLogger(__name__)
 
@@ -267,9 +267,8 @@ class DataParallelTrainer(Trainer):
         row = (first // self.rows) * self.rows * self.ranks.world + self.ranks.rank * self.rows + first % self.rows
         return super().micro_seed(step, row // mb if self.rows % mb == 0 else row)
 
-    def _activation_cache(self, shape) -> ActivationCache:
-        local = (shape[0] // self.ranks.world, *shape[1:])
-        in_ram = activations_in_ram(self.cfg, self.args.dim, len(self.names), local)
+    def _activation_cache(self, in_ram: bool) -> ActivationCache:
+        # The step's plan is this rank's: made from its own rows (micro_batches).
         return ActivationCache(self.work_dir / "acts" / f"rank{self.ranks.rank}", in_ram, self.cfg.act_dtype)
 
     def _forward(self, step, mbs, acts, upto, n_tok):

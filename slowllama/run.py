@@ -33,7 +33,7 @@ from .paths import (check_folder, checkpoint_dir, claim_folder, lock_out_dir, lo
 from .schedule import lr_at
 from .store import DTYPES, BlockStore, StoreError, export_store, open_or_prepare
 from .tokenizer import load_tokenizer
-from .trainer import TrainConfig, activations_in_ram, estimate_io
+from .trainer import TrainConfig, estimate_io
 from .update import tied_grad_in_ram
 
 log = logging.getLogger("slowllama")
@@ -403,9 +403,15 @@ def print_costs(o: RunOptions, store: BlockStore, ckpt, tcfg: TrainConfig, est: 
     print(f"store: {fmt_bytes(store.nbytes())} ({str(store.dtype).removeprefix('torch.')}) at {store.root}; "
           f"checkpoint: {fmt_bytes(sum(p.stat().st_size for p in ckpt.shards))}")
     held = "no limit" if tcfg.ram_budget is None else fmt_bytes(tcfg.ram_budget)
-    acts = activations_in_ram(tcfg, store.args.dim, len(store.trainable), (o.batch_size * o.grad_accum, o.seq_len))
-    print(f"RAM budget: {held} (--ram-budget {o.ram_budget}): activations {'in RAM' if acts else 'on disk'}, "
-          f"and the modules that fit stay cached (the estimate below counts both)")
+    plan, n = est["plan"], len(store.trainable)
+    cache = "no limit" if math.isinf(plan.cache_budget) else fmt_bytes(plan.cache_budget)
+    lowest = 1 if lora else 0  # LoRA's frozen embedding is never recomputed
+    below = "nothing is recomputed" if plan.top <= lowest else (
+        f"{plan.top - lowest} modules below it are recomputed from cached inputs "
+        f"(~{fmt_bytes(plan.act_bytes)}, {'in RAM' if plan.acts_in_ram else 'in scratch files'})")
+    print(f"RAM budget: {held} (--ram-budget {o.ram_budget}): the turn holds {n - plan.top} of {n} modules "
+          f"(K = {plan.turn_blocks} beyond the minimal three, ~{fmt_bytes(plan.turn_bytes)} more), {below}; "
+          f"modules cached: up to {cache} (the estimate below counts all of it)")
     print(f"disk per iteration: ~{fmt_bytes(est['read'])} read, ~{fmt_bytes(est['written'])} written; "
           f"for {remaining} iterations: ~{fmt_bytes(est['read'] * remaining)} read, "
           f"~{fmt_bytes(est['written'] * remaining)} written ({est['written'] * remaining / 1e12:.2f} TB)")
@@ -416,7 +422,7 @@ def print_costs(o: RunOptions, store: BlockStore, ckpt, tcfg: TrainConfig, est: 
               f"({fmt_bytes(est['written'])} per iteration), a large share of a consumer SSD's rated endurance"
               + (f"; cheaper: {', '.join(cheaper)}" if cheaper else ""))
     if o.clip_grad_norm and not lora:
-        print(f"gradient clipping: a norm-only reverse pass recomputes every module below the top three, "
+        print(f"gradient clipping: a norm-only reverse pass recomputes every module below the turn, "
               f"reading ~{fmt_bytes(est['clip'])} more per iteration (counted above) and writing nothing")
     if store.args.tie_word_embeddings and not lora:
         where = "kept in RAM" if tied_grad_in_ram(tcfg, store.args) else "written to disk and read back"

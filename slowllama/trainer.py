@@ -2,11 +2,12 @@
 
 A step, for modules 0..M-1 (embedding, blocks, norm, output) and micro-batches:
 
-  forward, layer-major: for each module below the top three, for each micro-batch,
+  forward, layer-major: for each module below the turn, for each micro-batch,
   cache the module's input and the RNG state and run it without grad.
-  turn: the last block, the norm and the output layer are resident together; for
-  each micro-batch they run forward with grad and backward at once, so the loss
-  is known before anything is written and the three need no recompute.
+  turn: the top modules (at least the last block, the norm and the output layer; as
+  many more blocks as the RAM budget holds, plan.py) are resident together; for each
+  micro-batch they run forward with grad and backward at once, so the loss is known
+  before anything is written and the turn's modules need no recompute.
   backward, in reverse: each module below the turn recomputes its forward pass
   from its cached input with its RNG state restored, and backpropagates the
   gradient of its output. Every module, from the output layer down, then makes the
@@ -43,6 +44,7 @@ from .journal import batch_hash
 from .lora import ADAPTERS, Adapters, LoraConfig
 from .model import ConfigError
 from .optim import OptimConfig
+from .plan import ModuleSize, StepPlan, cached_input_bytes, module_sizes, plan_step
 from .store import Block, BlockStore, StoreError, read_block, write_block
 from .update import FullUpdate, LoraUpdate, NonFiniteError, clip_coefficient, tied_grad_in_ram
 
@@ -67,6 +69,9 @@ class TrainConfig:
     optim_state_dtype: torch.dtype = torch.float32  # bfloat16 halves the optimizer state on disk
     lr_at: Callable[[int], float] | None = None  # step -> lr; None: optim.lr throughout
     clip_grad_norm: float = 0.0  # clip the global gradient norm to this, as clip_grad_norm_; 0: off
+    # Blocks the turn holds beyond the minimal three (K); None: as many as the RAM budget holds (plan.py).
+    # Any K gives the same bits; tests force it to run the same step through each schedule.
+    turn_blocks: int | None = None
 
     def optim_at(self, step: int) -> OptimConfig:
         """The optimizer settings of a step: a resumed step gets the lr it began with."""
@@ -133,6 +138,15 @@ class Trainer:
                                  prefetch=cfg.prefetch, verify=cfg.verify, device=device,
                                  params_dtype=cfg.compute_dtype if cfg.lora is not None else torch.float32)
         self.progress = progress or (lambda it, **kw: it)
+        self.sizes: list[ModuleSize] = module_sizes(store, cfg)
+        # On CUDA the turn computes on the device: half of its free memory may hold the extra blocks,
+        # the rest stays for the minimal turn, the module computing and the one prefetched.
+        self.device_budget = math.inf
+        if device.type == "cuda":
+            from .generate import memory_budget
+
+            self.device_budget = memory_budget(device) / 2
+        self.plan: StepPlan | None = None  # the plan of the step running, from its micro-batches' shape
         try:
             self.update = (LoraUpdate(store, self.streamer, cfg, self.adapters_path, device) if cfg.lora is not None
                            else FullUpdate(store, self.streamer, cfg))
@@ -168,7 +182,8 @@ class Trainer:
         n_tok = int((targets != IGNORE).sum())
         if n_tok == 0:
             raise ConfigError("batch has no target tokens")
-        acts = self._activation_cache(inputs.shape)
+        self._use_plan(mbs)
+        acts = self._activation_cache(self.plan.acts_in_ram)
         loss, done = self._forward(step, mbs, acts, upto=len(self.names), n_tok=n_tok)
         if not math.isfinite(loss):
             msg = f"step {step}: loss is {loss}; no module was touched"
@@ -188,8 +203,18 @@ class Trainer:
         """The dropout seed of micro-batch m of a step (distributed.py numbers them globally)."""
         return dev.derive_seed(self.cfg.seed, step, m)
 
-    def _activation_cache(self, shape) -> ActivationCache:
-        in_ram = activations_in_ram(self.cfg, self.args.dim, len(self.names), shape)
+    def step_plan(self, rows: int, mb_rows: int, seq: int) -> StepPlan:
+        """The turn and what stays in RAM for a step of rows sequences of seq tokens, mb_rows at a time."""
+        return plan_step(self.cfg, self.args, self.sizes, rows, mb_rows, seq, self.device_budget)
+
+    def _use_plan(self, mbs):
+        """Plan the step for the micro-batches this process runs; the module cache gets what the plan leaves."""
+        rows, mb_rows, seq = sum(x.shape[0] for x, _ in mbs), max(x.shape[0] for x, _ in mbs), mbs[0][0].shape[1]
+        self.plan = self.step_plan(rows, mb_rows, seq)
+        self._rows_seq = (rows, seq)
+        self.streamer.set_budget(self.plan.cache_budget)
+
+    def _activation_cache(self, in_ram: bool) -> ActivationCache:
         return ActivationCache(self.work_dir / "acts", in_ram, self.cfg.act_dtype)
 
     def _compute_module(self, i: int, block: Block, dropout: bool = True):
@@ -233,36 +258,34 @@ class Trainer:
 
     @property
     def _top(self) -> int:
-        """The first module of the turn: the last block, then the norm and the output layer."""
-        return len(self.names) - 3
+        """The first module of the turn, which ends with the last block, the norm and the output layer."""
+        return self.plan.top
 
     def _turn(self, mbs, xs, rngs, n_tok: int):
-        """The top modules run forward and backward at once, one micro-batch at a time.
+        """The turn's modules run forward and backward at once, one micro-batch at a time.
 
-        The loss needs all three, so they are resident together anyway; keeping their
-        graphs instead of their inputs spares recomputing them, and the gradients are
-        exactly those of the layer-major order, since each micro-batch keeps its own RNG
-        state and the parameters' gradients accumulate in the same micro-batch order.
+        The loss needs the top three, so they are resident together anyway; each block more
+        that the budget holds (plan.py) keeps its graph instead of its input, which spares
+        recomputing it and reading it again. The gradients are exactly those of the
+        layer-major order: each micro-batch's RNG state goes on through the turn's modules
+        as it would have through the layer-major forward, autograd hands each module the
+        gradient of its output that the recompute would, and the parameters' gradients
+        accumulate in the same micro-batch order. Modules are read as the first micro-batch
+        reaches them, so that reading the next overlaps computing this one.
         Returns (loss, [(block, module, master, gradients into the module)] from the top down).
         """
         names, top = self.names, self._top
         blocks, modules = [], []
-        for i in range(top, len(names)):
-            blocks.append(self.streamer.get(names[i]))
-            # Once the output layer is in, the next module needed is the first the backward pass reads.
-            nxt = names[i + 1: i + 2] if i + 1 < len(names) else names[top - 1: top]
-            if self.args.tie_word_embeddings and nxt == names[-1:]:
-                nxt.append(names[0])  # a tied output layer runs on the embedding's weight
-            self.streamer.prefetch(nxt)
-            faults.point("forward")
-            modules.append(self._compute_module(i, blocks[-1]))
-        grads: list[list[torch.Tensor]] = [[] for _ in modules]
+        grads: list[list[torch.Tensor | None]] = [[] for _ in range(top, len(names))]
         loss = 0.0
         for m, (_, target) in enumerate(mbs):
             dev.set_rng_state(self.device, rngs[m])
-            h = [xs[m].to(self.cfg.compute_dtype).requires_grad_()]
-            for j, (module, _) in enumerate(modules):
-                i = top + j
+            # The embedding's input is token ids: nothing to hand a gradient to.
+            h = [xs[m] if top == 0 else xs[m].to(self.cfg.compute_dtype).requires_grad_()]
+            for j, i in enumerate(range(top, len(names))):
+                if m == 0:
+                    self._turn_load(i, blocks, modules)
+                module = modules[j][0]
                 h.append(self._run(i, module, h[-1], target.to(self.device) if names[i] == "output" else None, n_tok))
                 if names[i] != "output":
                     h[-1].retain_grad()  # the gradient into the module above: made durable at its commit
@@ -273,6 +296,18 @@ class Trainer:
             del h
         done = [(blocks[j], *modules[j], grads[j]) for j in range(len(modules))]
         return loss, done[::-1]
+
+    def _turn_load(self, i: int, blocks: list, modules: list):
+        """Module i of the turn, read and built; the next read is started first."""
+        names, top = self.names, self._top
+        blocks.append(self.streamer.get(names[i]))
+        # Once the output layer is in, the next module needed is the first the backward pass reads.
+        nxt = names[i + 1: i + 2] if i + 1 < len(names) else names[top - 1: top] if top > self.update.lowest else []
+        if self.args.tie_word_embeddings and nxt == names[-1:]:
+            nxt.append(names[0])  # a tied output layer runs on the embedding's weight
+        self.streamer.prefetch(nxt)
+        faults.point("forward")
+        modules.append(self._compute_module(i, blocks[-1]))
 
     def _backward(self, step: int, version: int, mbs, acts: ActivationCache, start: int, n_tok: int,
                   done: list | None = None, grads_in: list[torch.Tensor] | None = None):
@@ -377,7 +412,11 @@ class Trainer:
             grads = self.update.journal.boundary_grads(point, len(mbs), self.device)
             if self.args.tie_word_embeddings:
                 self.update.restore_tied(point.version, lambda out, hs: self._output_backward(out, hs, mbs, n_tok))
-            acts = self._activation_cache(inputs.shape)
+            # A resume has no turn: it recomputes layer-major from the cached inputs of every module
+            # below k, whichever K the step began with (the same bits at every K).
+            self._use_plan(mbs)
+            need = sum(cached_input_bytes(i, self.args, self.cfg, *self._rows_seq) for i in range(self.update.lowest, k))
+            acts = self._activation_cache(need <= self.plan.budget)
             self._forward(point.step, mbs, acts, upto=k, n_tok=n_tok)
             self._backward(point.step, point.version, mbs, acts, k - 1, n_tok, grads_in=grads)
         else:
@@ -389,29 +428,18 @@ class Trainer:
         self.streamer.close()
 
 
-def activations_in_ram(cfg: TrainConfig, dim: int, n_modules: int, batch_shape: tuple[int, int]) -> bool:
-    """Whether a step's cached module inputs fit the RAM budget (else they go to scratch files).
-    Every module below the turn's three caches its input."""
-    b, t = batch_shape
-    return cfg.ram_budget is None or b * t * dim * cfg.act_dtype.itemsize * (n_modules - 3) <= cfg.ram_budget
-
-
 def estimate_io(store: BlockStore, cfg: TrainConfig, batch_shape: tuple[int, int]) -> dict:
-    """Disk bytes one steady-state step reads and writes, by replaying the streamer's cache policy."""
+    """Disk bytes one steady-state step reads and writes, by replaying the streamer's cache policy under
+    the step's plan (plan.py; the micro-batches as Trainer.micro_batches cuts them)."""
     b, t = batch_shape
     names = store.trainable
     lora = cfg.lora is not None
-    n_state = {"sgd": 1 if cfg.optim.momentum else 0, "adamw": 2}[cfg.optim.name]
-    size = {}
-    for n in names:
-        # Headers only: reading every module here would cost a whole pass over the store.
-        tensors = store.header(n)["tensors"]
-        params = [(name, shape) for name, _, shape, _ in tensors if "#" not in name]
-        have = sum(1 for name, _, _, _ in tensors if params and name.startswith(params[0][0] + "#"))
-        numel = sum(math.prod(shape) for _, shape in params)
-        extra = 0 if lora else max(0, n_state - have) * numel * cfg.optim_state_dtype.itemsize
-        size[n] = store.path(n).stat().st_size + extra
-    budget = float("inf") if cfg.ram_budget is None else cfg.ram_budget
+    sizes = module_sizes(store, cfg)
+    mb = cfg.micro_batch or b
+    plan = plan_step(cfg, store.args, sizes, b, min(mb, b), t)
+    file = {n: s.file for n, s in zip(names, sizes)}  # what a read moves
+    ram = {n: s.ram for n, s in zip(names, sizes)}  # what the cache counts: a 16-bit store's modules widened
+    budget = plan.cache_budget
     cache: dict[str, int] = {}  # the streamer's LRU cache, replayed
 
     def evict(keep: int):
@@ -420,24 +448,25 @@ def estimate_io(store: BlockStore, cfg: TrainConfig, batch_shape: tuple[int, int
 
     def get(n) -> int:
         hit = cache.pop(n, None) is not None
-        cache[n] = size[n]
+        cache[n] = ram[n]
         evict(keep=1)
-        return 0 if hit else size[n]
+        return 0 if hit else file[n]
 
     def release(n) -> int:
-        if size[n] > budget:
+        if ram[n] > budget:
             cache.pop(n, None)
         return 0
 
     def commit(n) -> int:
         if not lora:
             cache.pop(n, None)
-            cache[n] = size[n]
+            cache[n] = ram[n]
             evict(keep=0)
         return 0
 
-    top = len(names) - 3  # the turn's modules are read once per step
-    below = list(reversed(names[1 if lora else 0: top]))  # LoRA stops above the embedding
+    top = plan.top  # the turn's modules are read once per step
+    lowest = 1 if lora else 0  # LoRA stops above the embedding
+    below = list(reversed(names[lowest: top]))
     tied = store.args.tie_word_embeddings
     clip = bool(cfg.clip_grad_norm) and not lora  # LoRA clips in RAM, at no cost in bytes
     reads = turn_read = norm_read = 0
@@ -450,20 +479,18 @@ def estimate_io(store: BlockStore, cfg: TrainConfig, batch_shape: tuple[int, int
             norm_read = sum(get(n) + release(n) for n in below)
             reads += norm_read
         reads += sum(commit(n) for n in reversed(names[top:])) + sum(get(n) + commit(n) for n in below)
-    n_mb = -(-b // (cfg.micro_batch or b))
-    hidden = b * t * store.args.dim * cfg.act_dtype.itemsize
+    n_mb = -(-b // mb)
     overhead = n_mb * (5056 + 384)  # per file: the cpu RNG state, header and padding
-    in_ram = activations_in_ram(cfg, store.args.dim, len(names), batch_shape)
-    # Cached: the inputs of the modules below the turn (in LoRA, but the embedding);
+    # Cached: the inputs of the modules below the turn (in LoRA, but the embedding's);
     # the embedding's input is token ids, the blocks' hidden states.
-    n_hidden = len(names) - 4
-    act_bytes = 0 if in_ram else n_hidden * (hidden + overhead) + (0 if lora else b * t * 8 + overhead)
+    act_bytes = 0 if plan.acts_in_ram else sum(cached_input_bytes(i, store.args, cfg, b, t) + overhead
+                                               for i in range(lowest, top))
     if lora:
         grad_bytes = 0
         module_bytes = _adapter_file_bytes(store.args, cfg)
     else:
         grad_bytes = (len(names) - 1) * (b * t * store.args.dim * cfg.compute_dtype.itemsize + n_mb * 64 + 384)
-        module_bytes = sum(size.values())
+        module_bytes = sum(file.values())
     # A tied model's rule 0 (journal.py): the output side's gradient for the embedding, written and
     # read back when it does not fit in RAM; else the output layer's inputs, written only.
     tied_written = tied_read = 0
@@ -478,9 +505,10 @@ def estimate_io(store: BlockStore, cfg: TrainConfig, batch_shape: tuple[int, int
     # Clipping reads the cached activations twice: once per reverse pass.
     clip_read = norm_read + (act_bytes if clip else 0)
     return {"read": reads + act_bytes + tied_read + (act_bytes if clip else 0), "written": written,
-            "store": sum(size.values()), "activations": act_bytes, "gradients": grad_bytes,
+            "store": sum(file.values()), "activations": act_bytes, "gradients": grad_bytes,
             "tied": turn_read + tied_written + tied_read,  # what tying adds to a step (in read and written)
-            "clip": clip_read}  # what exact clipping adds to a step's reads (it writes nothing more)
+            "clip": clip_read,  # what exact clipping adds to a step's reads (it writes nothing more)
+            "plan": plan}
 
 
 def _adapter_file_bytes(args, cfg: TrainConfig) -> int:

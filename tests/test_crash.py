@@ -5,11 +5,14 @@ SIGKILL, then runs it again (with --resume once W/run.json exists, plainly befor
 would) and compares every tensor of the exported model and every logged loss with an uninterrupted
 run of the same arguments.
 
-Kill points tried: 31 (25 with config A, 6 with config B; pytest -s prints the count), plus 6
-power-cut trials (after a kill, the newest module file truncated to half or a byte flipped in it).
+Kill points tried: 35 (25 with config A, 6 with config B, 4 with config C; pytest -s prints the count),
+plus 6 power-cut trials (after a kill, the newest module file truncated to half or a byte flipped in it).
+The three configs run the step's turn (plan.py) at its three extents: A's budget 0 holds only the
+minimal turn (K = 0), B's unlimited one the whole model (no recompute at all), C's one block more (K = 1).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -17,6 +20,7 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -36,7 +40,10 @@ CONFIGS = {
     # AdamW, micro-batches, activations in RAM.
     "B": ["--batch-size", "4", "--micro-batch", "1", "--optimizer", "adamw", "--lr", "0.01",
           "--ram-budget", "none"],
+    # A with a budget that holds the activations and one block more in the turn (turn1_budget).
+    "C": ["--batch-size", "2", "--lr", "0.02", "--momentum", "0.9", "--ram-budget", "TURN1"],
 }
+TURN_K = {"A": 0, "B": 2, "C": 1}  # the crash model has 2 blocks: B's turn is the whole model, embedding too
 # n per event for each config (trimmed to the number of times the event occurs). Config A also
 # gets every after_rename of journal.json (the window between a step's commit and its log record)
 # and the last occurrence of every event.
@@ -45,6 +52,10 @@ SAMPLES = {
           "after_rename": [8], "prepare_module": [1], "export_module": [1], "export_swap": [1]},
     "B": {"forward": [11], "backward": [9], "before_fsync": [40], "before_rename": [61], "after_rename": [29],
           "prepare_module": [4], "export_module": [3], "export_swap": []},
+    # The second step: forward 7 reads layers.0 into the turn; backward 6..10 commit output down to the
+    # embedding (8: layers.1, inside the turn; 10: the embedding, below it).
+    "C": {"forward": [7], "backward": [8, 10], "before_fsync": [], "before_rename": [], "after_rename": [14],
+          "prepare_module": [], "export_module": [], "export_swap": []},
 }
 # The counting wrapper: finetune.py with faults.point replaced by a counter; it prints the counts,
 # and the file each after_rename belongs to, at exit.
@@ -81,8 +92,29 @@ def run_finetune(args: list[str], kill: str | None = None, counting: bool = Fals
 
 
 def run_args(model: Path, data: Path, base: Path, config: str) -> list[str]:
+    args = [a if a != "TURN1" else str(turn1_budget(model)) for a in CONFIGS[config]]
     return [str(model), "--data", str(data), "--out", str(base / "out"), "--work-dir", str(base / "work"),
-            *COMMON, *CONFIGS[config]]
+            *COMMON, *args]
+
+
+@functools.cache
+def turn1_budget(model: Path) -> int:
+    """A --ram-budget for config C: halfway between what a turn of one block more needs (with the
+    activations below it) and what a turn of two would."""
+    from slowllama.formats import open_checkpoint
+    from slowllama.optim import OptimConfig
+    from slowllama.plan import module_sizes, plan_step
+    from slowllama.store import prepare
+    from slowllama.trainer import TrainConfig
+
+    with tempfile.TemporaryDirectory() as d:
+        store = prepare(open_checkpoint(model), Path(d) / "store")
+        need = []
+        for k in (1, 2):
+            cfg = TrainConfig(optim=OptimConfig("sgd", lr=0.02, momentum=0.9), dropout=0.1, turn_blocks=k)
+            p = plan_step(cfg, store.args, module_sizes(store, cfg), 2, 2, 16)
+            need.append(p.turn_bytes + p.act_bytes)
+    return (need[0] + need[1]) // 2
 
 
 def load_export(out: Path) -> dict:
@@ -153,6 +185,7 @@ def reference(crash_model, crash_data, tmp_path_factory):
         assert len(renamed) == counts["after_rename"]
         ref_losses = losses(base / "out")
         assert sorted(ref_losses) == [0, 1, 2]
+        assert f"(K = {TURN_K[config]} beyond" in r.stdout, r.stdout  # the turn each config is meant to run
         refs[config] = (load_export(base / "out"), ref_losses, counts, renamed)
     return refs
 

@@ -45,12 +45,14 @@ def test_schedule_follows_the_formula_and_torch_schedulers():
             sched.step()
 
 
-def test_streamed_steps_with_a_schedule_equal_autograd_with_the_same_lrs(gqa_model, tmp_path):
+@pytest.mark.parametrize("turn_blocks", [None, 99], ids=["minimal-turn", "whole-model-turn"])
+def test_streamed_steps_with_a_schedule_equal_autograd_with_the_same_lrs(gqa_model, tmp_path, turn_blocks):
     T, W = 3, 1
     sched = dict(total=T, lr=0.05, schedule="cosine", warmup=W, min_lr=0.005)
     optim = OptimConfig("sgd", lr=0.05, momentum=0.9)
     store = prepare(MetaCheckpoint(gqa_model), tmp_path / "store")
-    cfg = TrainConfig(optim=optim, seed=3, dropout=0.1, micro_batch=2, lr_at=lambda s: lr_at(s, **sched))
+    cfg = TrainConfig(optim=optim, seed=3, dropout=0.1, micro_batch=2, lr_at=lambda s: lr_at(s, **sched),
+                      turn_blocks=turn_blocks)
     tr = Trainer(store, tmp_path, torch.device("cpu"), cfg)
     batches = [random_batch(store.args.vocab_size, 4, 8, i) for i in range(T)]
     losses = [tr.train_step(*b).loss for b in batches]
