@@ -1,5 +1,7 @@
-"""Data-parallel streamed training over torch.distributed (gloo), started by torchrun.
+"""Data-parallel streamed training over torch.distributed, started by torchrun.
 
+- gloo carries every collective; on CUDA, the gradients' all-reduce goes over a second group
+  on NCCL, device to device, and each rank computes on its own GPU (cuda:LOCAL_RANK).
 - The global batch of an iteration is the B×N windows one process with --batch-size B×N draws;
   every rank gets the whole of it (so the token count and the journal's batch hash are the
   global ones) and runs its own rows, B per accumulation part, in rank order. Dropout is seeded
@@ -67,6 +69,7 @@ class Ranks:
     rank: int = 0
     world: int = 1
     local_rank: int = 0  # on its host (torchrun's LOCAL_RANK)
+    grad_group: object = None  # on CUDA, the NCCL group that sums gradients on the device; None: gloo, on the host
     comm_bytes: int = 0  # payload bytes this rank has all-reduced so far
     comm_seconds: float = 0.0
 
@@ -99,10 +102,13 @@ class Ranks:
             return lambda: None
         t0 = time.perf_counter()
         started = []
+        pg = comm_group(tensors, self.grad_group)
         for dtype in sorted({t.dtype for t in tensors}, key=str):
             group = [t for t in tensors if t.dtype == dtype]
-            flat = torch.cat([t.detach().reshape(-1).cpu() for t in group])  # gloo: host tensors
-            work = self._collective(what, lambda flat=flat: dist.all_reduce(flat, op=dist.ReduceOp.SUM,
+            # gloo sums host tensors; NCCL (pg set) sums them where they are, on the GPU.
+            flat = torch.cat([t.detach().reshape(-1) if pg is not None else t.detach().reshape(-1).cpu()
+                              for t in group])
+            work = self._collective(what, lambda flat=flat: dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=pg,
                                                                               async_op=True))
             self.comm_bytes += flat.nbytes
             started.append((group, flat, work))
@@ -152,11 +158,29 @@ class Ranks:
         return out
 
 
-def setup(timeout_s: float | None = None) -> Ranks:
-    """Join the ranks that torchrun started (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT); a plain run is rank 0 of 1."""
+def comm_group(tensors: list[torch.Tensor], grad_group):
+    """The group that sums these tensors: NCCL's when there is one and they all live on a GPU,
+    else the default gloo group (None), which takes host copies."""
+    return grad_group if grad_group is not None and all(t.is_cuda for t in tensors) else None
+
+
+def rank_device(device: torch.device, local_rank: int, n_gpus: int) -> torch.device:
+    """The device of a rank: on CUDA each rank of a host takes its own GPU, cuda:LOCAL_RANK, as
+    torchrun expects (a device named with its index is used as given)."""
+    if device.type != "cuda" or device.index is not None:
+        return device
+    if local_rank >= n_gpus:
+        raise ConfigError(f"LOCAL_RANK {local_rank} but this host has {n_gpus} GPU(s): start at most {n_gpus} "
+                          f"process(es) per host (torchrun --nproc-per-node), or name one with --device cuda:N")
+    return torch.device("cuda", local_rank)
+
+
+def setup(device: torch.device = torch.device("cpu"), timeout_s: float | None = None) -> tuple[Ranks, torch.device]:
+    """Join the ranks that torchrun started (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT); a plain run
+    is rank 0 of 1. Returns the ranks and this rank's device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return Ranks()
+        return Ranks(), device
     missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
         raise ConfigError(f"WORLD_SIZE={world} but {', '.join(missing)} not set: start data-parallel runs with "
@@ -174,7 +198,15 @@ def setup(timeout_s: float | None = None) -> Ranks:
         local = int(os.environ.get("LOCAL_RANK", rank))  # without it, one host holds every rank
     except ValueError as e:
         raise ConfigError(f"LOCAL_RANK={os.environ['LOCAL_RANK']!r}: expected an integer") from e
-    return Ranks(rank, dist.get_world_size(), local)
+    grad_group = None
+    if device.type == "cuda":
+        device = rank_device(device, local, torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        if dist.is_nccl_available():
+            # Barriers, objects and bytes stay on gloo (its monitored barrier names a dead peer); the
+            # gradients, the bulk of the traffic, go GPU to GPU. Every rank creates the group, in order.
+            grad_group = dist.new_group(backend="nccl", timeout=datetime.timedelta(seconds=timeout_s))
+    return Ranks(rank, dist.get_world_size(), local, grad_group=grad_group), device
 
 
 def teardown(ranks: Ranks):

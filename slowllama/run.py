@@ -169,7 +169,7 @@ def finetune(*, resume: bool = False, **given) -> dict:
     # -- from here on, files are written: first the locks, so that no other process is writing --
     # Under torchrun one rank per host takes the work dir's and writes it, the others read what it
     # wrote; rank 0 alone takes the output folder's (distributed.py).
-    ranks = distributed.setup()
+    ranks, torch_device = distributed.setup(torch_device)
     new_work = not work_dir.exists()
     locks = []
     try:

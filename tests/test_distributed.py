@@ -20,7 +20,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from slowllama.distributed import DataParallelTrainer, Ranks
+from slowllama.distributed import DataParallelTrainer, Ranks, comm_group, rank_device
+from slowllama.model import ConfigError
 from slowllama.lora import Adapters
 from slowllama.store import BlockStore
 from tests.cli_helpers import FINETUNE, ROOT, env, run_cli, train
@@ -72,6 +73,21 @@ def test_rank_rows_split_each_accumulation_part_in_rank_order():
     rows = [DataParallelTrainer.rows_of(SimpleNamespace(rows=2, ranks=Ranks(r, 2)), t).flatten().tolist()
             for r in range(2)]
     assert rows == [[0, 1, 4, 5], [2, 3, 6, 7]]
+
+
+def test_each_rank_of_a_host_takes_its_own_gpu_and_sums_gpu_gradients_over_nccl():
+    """CUDA paths that cannot run here, in their logic: cuda:LOCAL_RANK per rank, and only
+    tensors that all live on a GPU go to the NCCL group (gloo takes everything else)."""
+    assert rank_device(torch.device("cuda"), 1, 2) == torch.device("cuda", 1)
+    assert rank_device(torch.device("cuda:0"), 1, 2) == torch.device("cuda", 0)  # named: as given
+    assert rank_device(torch.device("cpu"), 3, 0) == torch.device("cpu")
+    with pytest.raises(ConfigError, match="LOCAL_RANK 2 but this host has 2 GPU"):
+        rank_device(torch.device("cuda"), 2, 2)
+    nccl, gpu, host = object(), SimpleNamespace(is_cuda=True), torch.zeros(1)
+    assert comm_group([gpu, gpu], nccl) is nccl
+    assert comm_group([gpu, host], nccl) is None  # the loss sum and fences are host tensors: gloo
+    assert comm_group([gpu], None) is None  # no NCCL: gloo
+
 
 
 
