@@ -217,7 +217,9 @@ def test_adamw_on_two_hosts_each_with_its_own_store_and_a_host_behind_catches_up
     assert two_hosts(script, tmp_path, "3", *run) != [0, 0]
     stores = [BlockStore(tmp_path / f"w3-host{node}" / "store") for node in range(2)]
     behind, ahead = ([s.step_of(n) for n in s.trainable] for s in stores[::-1])
-    assert behind == [1, 1, 1, 2, 2] and ahead in ([1, 1, 2, 2, 2], [1, 2, 2, 2, 2]), (ahead, behind)
+    # Host 1's writer lags its trainer, which may have summed every gradient with host 0 before it died:
+    # host 0 stops one or two modules further, or ends the step.
+    assert behind == [1, 1, 1, 2, 2] and ahead in ([1, 1, 2, 2, 2], [1, 2, 2, 2, 2], [2] * 5), (ahead, behind)
     assert two_hosts(FINETUNE, tmp_path, "3", probe_model, "--resume") == [0, 0], host_logs(tmp_path, "3")
     assert "the stores caught up with rank 0's" in (tmp_path / "3-host1.txt").read_text()
     assert_same(exported(tmp_path / "o3-host0"), two, 0, "resumed against uninterrupted")
