@@ -169,9 +169,12 @@ class Streamer:
         self._reads: dict[str, Future] = {}
         self._read_q: queue.Queue = queue.Queue()
         self._write_q: queue.Queue = queue.Queue()
-        # Bounds the modules waiting to be written (small jobs like journals are not counted):
-        # with one, RAM holds the module computing, the one prefetched and the one being written.
-        self._write_slots = threading.Semaphore(max_pending_writes)
+        # Module writes queued or running (small jobs like journals are not counted). Beyond
+        # max_pending_writes, put() waits unless the budget holds every pending module beside the
+        # cache: at budget 0 RAM holds the module computing, the one prefetched and the one being
+        # written; with a budget, the writes of a step's last commits overlap the next step's forward.
+        self.max_pending_writes = max_pending_writes
+        self._queued = 0
         self._write_error: BaseException | None = None
         self._reader = threading.Thread(target=self._read_loop, name="slowllama-reader", daemon=True)
         self._writer = threading.Thread(target=self._write_loop, name="slowllama-writer", daemon=True)
@@ -231,13 +234,16 @@ class Streamer:
             except BaseException as e:  # handed to the trainer through the future
                 fut.set_exception(e)
 
+    def _resident_bytes(self) -> int:
+        """Bytes of the modules pending a write and cached; called with the lock held."""
+        return sum(b.nbytes for b in [*self._pending.values(), *self._cache.values()])
+
     def _wait_for_room(self):
         """Before a prefetch: wait until the modules queued for writing have committed, unless the budget
         holds them beside the cache. With budget 0, RAM then holds three modules (the one computing with
         its gradients, and one being written or read), not four; a read and a write share the disk anyway."""
         with self._lock:
-            while (self._pending and self._write_error is None
-                   and sum(b.nbytes for b in [*self._pending.values(), *self._cache.values()]) > self.budget):
+            while self._pending and self._write_error is None and self._resident_bytes() > self.budget:
                 self._committed.wait(0.1)
 
     def _read(self, name: str) -> Block:
@@ -279,9 +285,27 @@ class Streamer:
             self._cache.pop(name, None)
         if stale is not None:
             stale.cancel()
-        while not self._write_slots.acquire(timeout=0.1):
-            self._raise_write_error()
+        with self._lock:
+            while (self._queued >= self.max_pending_writes and self._write_error is None
+                   and self._resident_bytes() > self.budget):
+                self._committed.wait(0.1)
+            if self._write_error is None:
+                self._queued += 1
+        self._raise_write_error()
         self._write_q.put(("module", name, block, on_commit))
+
+    def wait_written(self, name: str):
+        """Wait until no write of the module is queued or running.
+
+        A module's new version usually shares its storage with the one it was computed from (on cpu
+        the fp32 master is the read buffer itself, and the optimizer steps it in place). Once put()
+        lets writes queue past the step, the next step could update a module whose last version is
+        still waiting for the writer, which would then store (and checksum) the newer bytes under the
+        older version. So whoever is about to change a module's tensors in place calls this first."""
+        with self._lock:
+            while name in self._pending and self._write_error is None:
+                self._committed.wait(0.1)
+        self._raise_write_error()
 
     def run_in_order(self, fn: Callable[[], None]):
         """Run fn on the writer thread after every write queued before it has committed."""
@@ -296,7 +320,7 @@ class Streamer:
             kind, name, block, fn = item
             if self._write_error is not None:
                 if kind == "module":
-                    self._write_slots.release()
+                    self._written_one()
                 continue  # after a failure nothing more is committed
             try:
                 if kind == "module":
@@ -328,7 +352,13 @@ class Streamer:
                 self._write_error = e
             finally:
                 if kind == "module":
-                    self._write_slots.release()
+                    self._written_one()
+
+    def _written_one(self):
+        """A queued module write is done (committed, or dropped after a failure): a put may go on."""
+        with self._lock:
+            self._queued -= 1
+            self._committed.notify_all()
 
     def _raise_write_error(self):
         if self._write_error is not None:
