@@ -62,9 +62,11 @@ class BufferPool:
 
     def _drop_free(self, keep: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Let go of the free buffers beyond keep_free (keep, if given, is not counted); returns the free ones.
+        The largest are kept: they cost the most to fault in again, and a small one (the norm's, the
+        embedding's) kept instead of a block's made every read of a reverse pass at budget 0 a new buffer.
         Called with the lock held."""
         free = [b for b in self._held if self._refs(b) == self._idle]
-        drop = [b for b in free if b is not keep][self.keep_free:]
+        drop = sorted((b for b in free if b is not keep), key=lambda b: b.numel(), reverse=True)[self.keep_free:]
         self._held = [b for b in self._held if all(b is not d for d in drop)]
         for b in drop:
             for event in self._fences.pop(b.data_ptr(), []):
@@ -233,6 +235,8 @@ class Streamer:
                 fut.set_result(block)
             except BaseException as e:  # handed to the trainer through the future
                 fut.set_exception(e)
+            # Hold no module while waiting for the next: its buffer is free once the trainer is done with it.
+            item = fut = block = None
 
     def _resident_bytes(self) -> int:
         """Bytes of the modules pending a write and cached; called with the lock held."""
@@ -334,13 +338,15 @@ class Streamer:
                             self._cache.move_to_end(name)
                             self._evict(keep_newest=False)
                         kept = self._cache.get(name) is block
-                        self._committed.notify_all()
                     if kept and self.params_dtype is not None and self.device.type == "cpu":
                         # Kept for the next pass: widen it here, off the compute thread, as a read would.
                         widen_params(block, self.params_dtype, self.casts)
                         with self._lock:
                             self._evict(keep_newest=False)
-                    del block, item  # the module's buffer may be free now: let trim see that
+                    # The module's buffer may be free now: let trim see that, and only then wake a read that
+                    # waits for room (_written_one). Woken while this thread still held the block, the read
+                    # found no free buffer and faulted in a new one: at budget 0, every read of the reverse pass.
+                    del block, item
                     self.buffers.trim()
                     self.casts.trim()
                     if fn is not None:
