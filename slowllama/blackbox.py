@@ -60,13 +60,12 @@ class BufferPool:
     def _fits(self, b: torch.Tensor, nbytes: int) -> bool:
         return b.numel() >= nbytes if self.size else b.numel() == nbytes
 
-    def _drop_free(self, keep: torch.Tensor | None = None) -> list[torch.Tensor]:
+    def _drop_free(self, keep: torch.Tensor | None = None, largest: bool = False) -> list[torch.Tensor]:
         """Let go of the free buffers beyond keep_free (keep, if given, is not counted); returns the free ones.
-        The largest are kept: they cost the most to fault in again, and a small one (the norm's, the
-        embedding's) kept instead of a block's made every read of a reverse pass at budget 0 a new buffer.
-        Called with the lock held."""
+        The smallest are kept (the least RAM holding no module), or with largest the largest. Called with
+        the lock held."""
         free = [b for b in self._held if self._refs(b) == self._idle]
-        drop = sorted((b for b in free if b is not keep), key=lambda b: b.numel(), reverse=True)[self.keep_free:]
+        drop = sorted((b for b in free if b is not keep), key=lambda b: b.numel(), reverse=largest)[self.keep_free:]
         self._held = [b for b in self._held if all(b is not d for d in drop)]
         for b in drop:
             for event in self._fences.pop(b.data_ptr(), []):
@@ -75,11 +74,14 @@ class BufferPool:
 
     def trim(self):
         """Free the buffers no tensor uses beyond keep_free now, not at the next read: a buffer freed
-        by a write that just committed would otherwise hold a module's worth of RAM until then."""
+        by a write that just committed would otherwise hold a module's worth of RAM until then.
+        The largest free one stays: at budget 0 a read waits for that commit and wants a block's
+        buffer (keeping the embedding's instead made every read of the reverse pass fault in a new one).
+        A read that then asks for another size drops it (__call__ keeps the smallest)."""
         if self._refs is None:
             return
         with self._lock:
-            self._drop_free()
+            self._drop_free(largest=True)
 
     def __call__(self, nbytes: int) -> torch.Tensor:
         with self._lock:

@@ -102,3 +102,7 @@ def test_the_free_buffer_kept_is_the_largest():
     pool.trim()
     assert [b.numel() for b in pool._held] == [10_000]
     assert pool(10_000).data_ptr() == ptr
+    small = pool(100)
+    del small
+    other = pool(50)  # a read of another size: the free buffer it leaves is the smallest, not a block's
+    assert sorted(b.numel() for b in pool._held) == [50, 100] and other.numel() == 50
