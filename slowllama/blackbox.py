@@ -60,11 +60,12 @@ class BufferPool:
     def _fits(self, b: torch.Tensor, nbytes: int) -> bool:
         return b.numel() >= nbytes if self.size else b.numel() == nbytes
 
-    def _drop_free(self, keep: torch.Tensor | None = None) -> list[torch.Tensor]:
+    def _drop_free(self, keep: torch.Tensor | None = None, largest: bool = False) -> list[torch.Tensor]:
         """Let go of the free buffers beyond keep_free (keep, if given, is not counted); returns the free ones.
-        Called with the lock held."""
+        The smallest are kept (the least RAM holding no module), or with largest the largest. Called with
+        the lock held."""
         free = [b for b in self._held if self._refs(b) == self._idle]
-        drop = [b for b in free if b is not keep][self.keep_free:]
+        drop = sorted((b for b in free if b is not keep), key=lambda b: b.numel(), reverse=largest)[self.keep_free:]
         self._held = [b for b in self._held if all(b is not d for d in drop)]
         for b in drop:
             for event in self._fences.pop(b.data_ptr(), []):
@@ -73,11 +74,14 @@ class BufferPool:
 
     def trim(self):
         """Free the buffers no tensor uses beyond keep_free now, not at the next read: a buffer freed
-        by a write that just committed would otherwise hold a module's worth of RAM until then."""
+        by a write that just committed would otherwise hold a module's worth of RAM until then.
+        The largest free one stays: at budget 0 a read waits for that commit and wants a block's
+        buffer (keeping the embedding's instead made every read of the reverse pass fault in a new one).
+        A read that then asks for another size drops it (__call__ keeps the smallest)."""
         if self._refs is None:
             return
         with self._lock:
-            self._drop_free()
+            self._drop_free(largest=True)
 
     def __call__(self, nbytes: int) -> torch.Tensor:
         with self._lock:
@@ -169,9 +173,12 @@ class Streamer:
         self._reads: dict[str, Future] = {}
         self._read_q: queue.Queue = queue.Queue()
         self._write_q: queue.Queue = queue.Queue()
-        # Bounds the modules waiting to be written (small jobs like journals are not counted):
-        # with one, RAM holds the module computing, the one prefetched and the one being written.
-        self._write_slots = threading.Semaphore(max_pending_writes)
+        # Module writes queued or running (small jobs like journals are not counted). Beyond
+        # max_pending_writes, put() waits unless the budget holds every pending module beside the
+        # cache: at budget 0 RAM holds the module computing, the one prefetched and the one being
+        # written; with a budget, the writes of a step's last commits overlap the next step's forward.
+        self.max_pending_writes = max_pending_writes
+        self._queued = 0
         self._write_error: BaseException | None = None
         self._reader = threading.Thread(target=self._read_loop, name="slowllama-reader", daemon=True)
         self._writer = threading.Thread(target=self._write_loop, name="slowllama-writer", daemon=True)
@@ -230,14 +237,19 @@ class Streamer:
                 fut.set_result(block)
             except BaseException as e:  # handed to the trainer through the future
                 fut.set_exception(e)
+            # Hold no module while waiting for the next: its buffer is free once the trainer is done with it.
+            item = fut = block = None
+
+    def _resident_bytes(self) -> int:
+        """Bytes of the modules pending a write and cached; called with the lock held."""
+        return sum(b.nbytes for b in [*self._pending.values(), *self._cache.values()])
 
     def _wait_for_room(self):
         """Before a prefetch: wait until the modules queued for writing have committed, unless the budget
         holds them beside the cache. With budget 0, RAM then holds three modules (the one computing with
         its gradients, and one being written or read), not four; a read and a write share the disk anyway."""
         with self._lock:
-            while (self._pending and self._write_error is None
-                   and sum(b.nbytes for b in [*self._pending.values(), *self._cache.values()]) > self.budget):
+            while self._pending and self._write_error is None and self._resident_bytes() > self.budget:
                 self._committed.wait(0.1)
 
     def _read(self, name: str) -> Block:
@@ -279,9 +291,27 @@ class Streamer:
             self._cache.pop(name, None)
         if stale is not None:
             stale.cancel()
-        while not self._write_slots.acquire(timeout=0.1):
-            self._raise_write_error()
+        with self._lock:
+            while (self._queued >= self.max_pending_writes and self._write_error is None
+                   and self._resident_bytes() > self.budget):
+                self._committed.wait(0.1)
+            if self._write_error is None:
+                self._queued += 1
+        self._raise_write_error()
         self._write_q.put(("module", name, block, on_commit))
+
+    def wait_written(self, name: str):
+        """Wait until no write of the module is queued or running.
+
+        A module's new version usually shares its storage with the one it was computed from (on cpu
+        the fp32 master is the read buffer itself, and the optimizer steps it in place). Once put()
+        lets writes queue past the step, the next step could update a module whose last version is
+        still waiting for the writer, which would then store (and checksum) the newer bytes under the
+        older version. So whoever is about to change a module's tensors in place calls this first."""
+        with self._lock:
+            while name in self._pending and self._write_error is None:
+                self._committed.wait(0.1)
+        self._raise_write_error()
 
     def run_in_order(self, fn: Callable[[], None]):
         """Run fn on the writer thread after every write queued before it has committed."""
@@ -296,7 +326,7 @@ class Streamer:
             kind, name, block, fn = item
             if self._write_error is not None:
                 if kind == "module":
-                    self._write_slots.release()
+                    self._written_one()
                 continue  # after a failure nothing more is committed
             try:
                 if kind == "module":
@@ -310,13 +340,15 @@ class Streamer:
                             self._cache.move_to_end(name)
                             self._evict(keep_newest=False)
                         kept = self._cache.get(name) is block
-                        self._committed.notify_all()
                     if kept and self.params_dtype is not None and self.device.type == "cpu":
                         # Kept for the next pass: widen it here, off the compute thread, as a read would.
                         widen_params(block, self.params_dtype, self.casts)
                         with self._lock:
                             self._evict(keep_newest=False)
-                    del block, item  # the module's buffer may be free now: let trim see that
+                    # The module's buffer may be free now: let trim see that, and only then wake a read that
+                    # waits for room (_written_one). Woken while this thread still held the block, the read
+                    # found no free buffer and faulted in a new one: at budget 0, every read of the reverse pass.
+                    del block, item
                     self.buffers.trim()
                     self.casts.trim()
                     if fn is not None:
@@ -328,7 +360,13 @@ class Streamer:
                 self._write_error = e
             finally:
                 if kind == "module":
-                    self._write_slots.release()
+                    self._written_one()
+
+    def _written_one(self):
+        """A queued module write is done (committed, or dropped after a failure): a put may go on."""
+        with self._lock:
+            self._queued -= 1
+            self._committed.notify_all()
 
     def _raise_write_error(self):
         if self._write_error is not None:

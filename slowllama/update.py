@@ -207,6 +207,9 @@ class FullUpdate:
         check_gradients(self.names, step, i, params, grads_in, consequence)
         if self.clip is not None:  # the gradient handed down (grads_in) stays as it is
             scale_grads(params.values(), self.clip["clip_coef"])
+        # The step below changes the module's tensors in place (on cpu they are its last version's,
+        # which the writer may still have queued from the previous step): wait until that is on disk.
+        self.streamer.wait_written(name)
         new_state = step_module(self.cfg.optim_at(step), params, block.optim)
         store_dtype = self.store.dtype
         new_params = {}

@@ -90,3 +90,19 @@ def test_a_sized_pool_serves_any_request_from_one_buffer():
     del a
     b = pool(3000)
     assert b.data_ptr() == ptr and b.numel() == 3000 and len(pool._held) == 1
+
+
+def test_the_free_buffer_kept_is_the_largest():
+    """At budget 0 a small module's free buffer (the embedding's) was kept instead of a block's, and
+    every read of the reverse pass faulted in a new block-sized buffer."""
+    pool = BufferPool(keep_free=1)
+    small, large = pool(100), pool(10_000)
+    ptr = large.data_ptr()
+    del small, large
+    pool.trim()
+    assert [b.numel() for b in pool._held] == [10_000]
+    assert pool(10_000).data_ptr() == ptr
+    small = pool(100)
+    del small
+    other = pool(50)  # a read of another size: the free buffer it leaves is the smallest, not a block's
+    assert sorted(b.numel() for b in pool._held) == [50, 100] and other.numel() == 50
