@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from slowllama import faults
 from slowllama.checkpoint import MetaCheckpoint
 from slowllama.formats import open_checkpoint
 from slowllama.lora import LoraConfig
@@ -19,6 +18,7 @@ from slowllama.store import BlockStore, StoreError, prepare
 from slowllama.trainer import TrainConfig, Trainer
 from tests.reference import (lora_reference, random_batch, reference_backward, reference_model, stored_params,
                              whole_store)
+from tests.streamed import crash_at
 
 CPU = torch.device("cpu")
 SGD = OptimConfig("sgd", lr=0.05, momentum=0.9)
@@ -138,19 +138,6 @@ def test_lora_clips_all_adapters_at_once(gqa_model, tmp_path, optim, max_norm):
 
 # ---- crash consistency -------------------------------------------------------------------
 
-def _crash_at(trainer: Trainer, monkeypatch, event: str, n: int):
-    """Stop the process the n-th time `event` is reached, as a kill would, its writes flushed."""
-    seen = [0]
-
-    def point(e):
-        if e == event:
-            seen[0] += 1
-            if seen[0] == n:
-                trainer.streamer.flush()
-                raise KeyboardInterrupt
-    monkeypatch.setattr(faults, "point", point)
-
-
 def _crashes(n_modules: int) -> list[tuple[tuple[str, int], int | None]]:
     """Crash points in the second step of three, with the first module already updated at each.
 
@@ -175,7 +162,7 @@ def test_a_clipped_step_cut_short_resumes_bit_identically(request, tmp_path, mon
         tr = Trainer(store, root / "w", CPU, cfg)
         if crash is not None:
             with monkeypatch.context() as mp:
-                _crash_at(tr, mp, *crash)
+                crash_at(tr, mp, *crash)
                 with pytest.raises(KeyboardInterrupt):
                     for b in batches:
                         tr.train_step(*b)
@@ -214,7 +201,7 @@ def test_a_clipped_step_resumes_only_with_clipping(gqa_model, tmp_path, monkeypa
     cfg = TrainConfig(optim=SGD, clip_grad_norm=SMALL)
     tr = Trainer(store, tmp_path / "w", CPU, cfg)
     with monkeypatch.context() as mp:
-        _crash_at(tr, mp, "backward", 3)
+        crash_at(tr, mp, "backward", 3)
         with pytest.raises(KeyboardInterrupt):
             tr.train_step(*batch)
     tr.close()

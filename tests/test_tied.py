@@ -24,6 +24,7 @@ from slowllama.store import BlockStore, prepare
 from slowllama.trainer import IGNORE, TrainConfig, Trainer, estimate_io
 from tests.reference import (lora_reference, random_batch, reference_model, reference_step, stored_params,
                              whole_store)
+from tests.streamed import steady_step_io
 
 CPU = torch.device("cpu")
 SGD = OptimConfig("sgd", lr=0.05, momentum=0.9)
@@ -144,7 +145,7 @@ class Crash(BaseException):
     """Stands for the process dying at a fault point."""
 
 
-def _crash_at(monkeypatch, event: str, file: str | None, n: int):
+def crash_at(monkeypatch, event: str, file: str | None, n: int):
     """Raise Crash the n-th time `event` is reached (for file events: for that file)."""
     count = [0]
 
@@ -198,7 +199,7 @@ def test_a_step_cut_short_resumes_bit_identically(tied_hf, tmp_path, monkeypatch
         tr = Trainer(store, root / "w", CPU, cfg)
         if crash is not None:
             with monkeypatch.context() as mp:
-                _crash_at(mp, *crash)
+                crash_at(mp, *crash)
                 with pytest.raises((Crash, WriteError)):
                     for b in batches:
                         tr.train_step(*b)
@@ -226,8 +227,6 @@ def test_a_step_cut_short_resumes_bit_identically(tied_hf, tmp_path, monkeypatch
 
 
 def test_estimate_counts_the_tied_read_and_gradient(tied_hf, tmp_path):
-    from slowllama.fsutil import IO
-
     batches = _batches(4, batch=2, seq=16)
     lora = LoraConfig(rank=4, alpha=8.0, targets=("wq", "wv"))
     for ram_budget, lora in ((0, None), (None, None), (0, lora)):
@@ -235,16 +234,10 @@ def test_estimate_counts_the_tied_read_and_gradient(tied_hf, tmp_path):
         store = _store(tied_hf, tmp_path / f"s{ram_budget}{lora is not None}")
         est = estimate_io(store, cfg, (2, 16))
         tr = Trainer(store, tmp_path / f"w{ram_budget}{lora is not None}", CPU, cfg)
-        for b in batches[:2]:
-            tr.train_step(*b)
-        tr.streamer.flush()
-        r0, w0 = IO.snapshot()
-        tr.train_step(*batches[2])
-        tr.streamer.flush()
-        r1, w1 = IO.snapshot()
+        read, written = steady_step_io(tr, batches)
         tr.close()
-        assert r1 - r0 == pytest.approx(est["read"], rel=0.05), (ram_budget, est)
-        assert w1 - w0 == pytest.approx(est["written"], rel=0.05), (ram_budget, est)
+        assert read == pytest.approx(est["read"], rel=0.05), (ram_budget, est)
+        assert written == pytest.approx(est["written"], rel=0.05), (ram_budget, est)
         matrix = 256 * 64 * 4  # the output side's gradient, fp32
         if lora is not None:  # the base never changes: only the embedding read at the turn
             assert est["tied"] == store.path("tok_embeddings").stat().st_size

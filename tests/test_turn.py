@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from slowllama import faults
 from slowllama.checkpoint import MetaCheckpoint
 from slowllama.formats import open_checkpoint
 from slowllama.lora import LoraConfig
@@ -19,6 +18,7 @@ from slowllama.lora import ADAPTERS
 from slowllama.store import BlockStore, prepare, read_block
 from slowllama.trainer import TrainConfig, Trainer, estimate_io
 from tests.reference import random_batch, reference_model, reference_step, stored_params, whole_store
+from tests.streamed import crash_at, steady_step_io
 
 CPU = torch.device("cpu")
 SGD = OptimConfig("sgd", lr=0.05, momentum=0.9)
@@ -163,19 +163,6 @@ def test_the_budget_sets_the_turn(gqa_model, tmp_path):
     assert lora.top == 1  # LoRA's embedding is frozen: it stays below the turn
 
 
-def _crash_at(trainer: Trainer, monkeypatch, event: str, n: int):
-    """Stop the n-th time `event` is reached, as a kill would, the writes queued so far flushed."""
-    seen = [0]
-
-    def point(e):
-        if e == event:
-            seen[0] += 1
-            if seen[0] == n:
-                trainer.streamer.flush()
-                raise KeyboardInterrupt
-    monkeypatch.setattr(faults, "point", point)
-
-
 # In the second step, "backward" comes once per module from the top down, after the first step's 6:
 # 6 + 3 is before layers.2 (the output and the norm committed), 6 + 5 before layers.0, 12 before the
 # embedding. With K = 1 the turn is modules 2..5: the resumes begin inside it, at its lowest module
@@ -194,7 +181,7 @@ def test_a_step_cut_short_inside_or_below_the_turn_resumes_bit_identically(gqa_m
         tr = Trainer(store, root / "w", CPU, cfg)
         if crash is not None:
             with monkeypatch.context() as mp:
-                _crash_at(tr, mp, *crash)
+                crash_at(tr, mp, *crash)
                 with pytest.raises(KeyboardInterrupt):
                     for b in batches:
                         tr.train_step(*b)
@@ -238,8 +225,6 @@ def _diff(got: dict, want: dict):
 def test_the_estimate_follows_the_plan(gqa_model, tmp_path):
     """A middle budget: the bytes a step moves are what estimate_io says, and fewer than at budget 0
     (the turn's blocks are read once); the estimate carries the plan the trainer ran."""
-    from slowllama.fsutil import IO
-
     batches = [random_batch(256, 2, 16, i) for i in range(4)]
     moved = {}
     for name, budget in (("zero", 0), ("middle", None)):
@@ -252,19 +237,13 @@ def test_the_estimate_follows_the_plan(gqa_model, tmp_path):
         est = estimate_io(store, cfg, (2, 16))
         tr = Trainer(store, tmp_path / f"w{name}", CPU, cfg)
         try:
-            for b in batches[:2]:
-                tr.train_step(*b)
-            tr.streamer.flush()
-            r0, w0 = IO.snapshot()
-            tr.train_step(*batches[2])
-            tr.streamer.flush()
-            r1, w1 = IO.snapshot()
+            read, written = steady_step_io(tr, batches)
             assert tr.plan == est["plan"]
         finally:
             tr.close()
-        assert r1 - r0 == pytest.approx(est["read"], rel=0.05), (name, est)
-        assert w1 - w0 == pytest.approx(est["written"], rel=0.05), (name, est)
-        moved[name] = (r1 - r0, est["plan"].turn_blocks)
+        assert read == pytest.approx(est["read"], rel=0.05), (name, est)
+        assert written == pytest.approx(est["written"], rel=0.05), (name, est)
+        moved[name] = (read, est["plan"].turn_blocks)
     assert moved["zero"][1] == 0 and moved["middle"][1] == 2
     assert moved["middle"][0] < moved["zero"][0]
 
@@ -273,8 +252,6 @@ def test_a_16_bit_store_is_cached_at_its_widened_size(gqa_model, tmp_path):
     """The streamer widens a bf16 store's modules to fp32 as it reads them, so the cache holds half as
     many as their files suggest: with a cache that holds all the files but not all the widened
     modules, the estimate counts the re-reads that happen."""
-    from slowllama.fsutil import IO
-
     store = prepare(MetaCheckpoint(gqa_model), tmp_path / "s", torch.bfloat16)
     batches = [random_batch(256, 2, 16, i) for i in range(4)]
     probe = TrainConfig(optim=SGD, turn_blocks=0)
@@ -285,14 +262,8 @@ def test_a_16_bit_store_is_cached_at_its_widened_size(gqa_model, tmp_path):
     est = estimate_io(store, cfg, (2, 16))
     tr = Trainer(store, tmp_path / "w", CPU, cfg)
     try:
-        for b in batches[:2]:
-            tr.train_step(*b)
-        tr.streamer.flush()
-        r0, _ = IO.snapshot()
-        tr.train_step(*batches[2])
-        tr.streamer.flush()
-        r1, _ = IO.snapshot()
+        read, _ = steady_step_io(tr, batches)
     finally:
         tr.close()
-    assert r1 - r0 > 0.2 * est["store"]  # modules are read again: they do not all fit widened
-    assert r1 - r0 == pytest.approx(est["read"], rel=0.05), est
+    assert read > 0.2 * est["store"]  # modules are read again: they do not all fit widened
+    assert read == pytest.approx(est["read"], rel=0.05), est
