@@ -1,8 +1,16 @@
-"""Helpers for tests that drive the streamed Trainer itself: a simulated kill, and one step's disk bytes."""
+"""Helpers for tests that drive the streamed Trainer itself: a simulated kill, a run through one,
+and one step's disk bytes."""
 from __future__ import annotations
+
+import pytest
+import torch
 
 from slowllama import faults
 from slowllama.fsutil import IO
+from slowllama.store import BlockStore, prepare
+from slowllama.trainer import Trainer
+
+CPU = torch.device("cpu")
 
 
 def crash_at(trainer, monkeypatch, event: str, n: int):
@@ -28,3 +36,25 @@ def steady_step_io(trainer, batches) -> tuple[int, int]:
     trainer.streamer.flush()
     r1, w1 = IO.snapshot()
     return r1 - r0, w1 - w0
+
+
+def train_through_a_crash(root, checkpoint, cfg, batches, monkeypatch, crash=None):
+    """Train on batches from a store prepared in root; with crash (event, n), stop there as a kill
+    would, then finish in a new Trainer (a new process) after its recover(). Returns (the store,
+    the resume point's first updated module or None, what recover returned)."""
+    tr = Trainer(prepare(checkpoint, root / "s"), root / "w", CPU, cfg)
+    point = rec = None
+    if crash is not None:
+        with monkeypatch.context() as mp:
+            crash_at(tr, mp, *crash)
+            with pytest.raises(KeyboardInterrupt):
+                for b in batches:
+                    tr.train_step(*b)
+        tr.close()
+        tr = Trainer(BlockStore(root / "s"), root / "w", CPU, cfg)
+        point = tr.update.resume_point()
+        rec = tr.recover(lambda s: batches[s])
+    for b in batches[tr.step:]:
+        tr.train_step(*b)
+    tr.close()
+    return BlockStore(root / "s"), point and point.first_updated, rec

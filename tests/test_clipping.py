@@ -18,7 +18,7 @@ from slowllama.store import BlockStore, StoreError, prepare
 from slowllama.trainer import TrainConfig, Trainer
 from tests.reference import (lora_reference, random_batch, reference_backward, reference_model, stored_params,
                              whole_store)
-from tests.streamed import crash_at
+from tests.streamed import crash_at, train_through_a_crash
 
 CPU = torch.device("cpu")
 SGD = OptimConfig("sgd", lr=0.05, momentum=0.9)
@@ -158,24 +158,12 @@ def test_a_clipped_step_cut_short_resumes_bit_identically(request, tmp_path, mon
     resumed, norms = [], []
 
     def run(root: Path, crash=None) -> BlockStore:
-        store = prepare(open_checkpoint(folder), root / "s")
-        tr = Trainer(store, root / "w", CPU, cfg)
+        store, first_updated, rec = train_through_a_crash(root, open_checkpoint(folder), cfg, batches, monkeypatch,
+                                                          crash)
         if crash is not None:
-            with monkeypatch.context() as mp:
-                crash_at(tr, mp, *crash)
-                with pytest.raises(KeyboardInterrupt):
-                    for b in batches:
-                        tr.train_step(*b)
-            tr.close()
-            tr = Trainer(BlockStore(root / "s"), root / "w", CPU, cfg)  # a new process
-            point = tr.update.resume_point()
-            resumed.append(point and point.first_updated)
-            rec = tr.recover(lambda s: batches[s])
+            resumed.append(first_updated)
             norms.append(rec and rec.grad_norm)
-        for b in batches[tr.step:]:
-            tr.train_step(*b)
-        tr.close()
-        return BlockStore(root / "s")
+        return store
 
     straight = run(tmp_path / "straight")
     want = whole_store(straight)

@@ -18,7 +18,7 @@ from slowllama.lora import ADAPTERS
 from slowllama.store import BlockStore, prepare, read_block
 from slowllama.trainer import TrainConfig, Trainer, estimate_io
 from tests.reference import random_batch, reference_model, reference_step, stored_params, whole_store
-from tests.streamed import crash_at, steady_step_io
+from tests.streamed import steady_step_io, train_through_a_crash
 
 CPU = torch.device("cpu")
 SGD = OptimConfig("sgd", lr=0.05, momentum=0.9)
@@ -177,22 +177,11 @@ def test_a_step_cut_short_inside_or_below_the_turn_resumes_bit_identically(gqa_m
     resumed = []
 
     def run(root: Path, crash=None) -> BlockStore:
-        store = prepare(MetaCheckpoint(gqa_model), root / "s")
-        tr = Trainer(store, root / "w", CPU, cfg)
+        store, first_updated, _ = train_through_a_crash(root, MetaCheckpoint(gqa_model), cfg, batches, monkeypatch,
+                                                        crash)
         if crash is not None:
-            with monkeypatch.context() as mp:
-                crash_at(tr, mp, *crash)
-                with pytest.raises(KeyboardInterrupt):
-                    for b in batches:
-                        tr.train_step(*b)
-            tr.close()
-            tr = Trainer(BlockStore(root / "s"), root / "w", CPU, cfg)  # a new process
-            resumed.append(tr.update.resume_point().first_updated)
-            tr.recover(lambda s: batches[s])
-        for b in batches[tr.step:]:
-            tr.train_step(*b)
-        tr.close()
-        return BlockStore(root / "s")
+            resumed.append(first_updated)
+        return store
 
     straight = run(tmp_path / "straight")
     want = whole_store(straight)
