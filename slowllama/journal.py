@@ -51,6 +51,7 @@ import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import xxhash
@@ -145,9 +146,7 @@ class Journal:
     def commit(self, i: int, name: str, version: int, new: Block, grads_in: list[torch.Tensor] | None):
         """Rules 1-3 for module i, whose new version is `new` and which passes grads_in down."""
         if i > 0 and self.ranks == 1:  # with ranks, save_boundary has made it durable already
-            g = Block(version, {f"g{m}": dev.to_host(t.detach()) for m, t in enumerate(grads_in)})
-            path = self.grad_path(i)
-            self.writer.run_in_order(lambda: write_block(path, g, path.stem, model=self.store.model_id))
+            self.writer.run_in_order(self._boundary_write(i, version, grads_in))
         self.writer.put(name, new, on_commit=lambda c: self.checksums.__setitem__(name, c))
         stale = self.grad_path(i + 1)
         self.writer.run_in_order(lambda: stale.unlink(missing_ok=True))
@@ -155,9 +154,13 @@ class Journal:
     def save_boundary(self, i: int, version: int, grads_in: list[torch.Tensor] | None):
         """Data parallel, before module i's all-reduce: this rank's rule 1, durable when it returns."""
         if i > 0:
-            path = self.grad_path(i)
-            g = Block(version, {f"g{m}": dev.to_host(t.detach()) for m, t in enumerate(grads_in)})
-            write_block(path, g, path.stem, model=self.store.model_id)
+            self._boundary_write(i, version, grads_in)()
+
+    def _boundary_write(self, i: int, version: int, grads_in: list[torch.Tensor]) -> Callable[[], None]:
+        """Rule 1's write: the gradient module i passes down, copied to the host now, written when called."""
+        path = self.grad_path(i)
+        g = Block(version, {f"g{m}": dev.to_host(t.detach()) for m, t in enumerate(grads_in)})
+        return lambda: write_block(path, g, path.stem, model=self.store.model_id)
 
     def save_tied(self, version: int, kind: str, tensors: dict[str, torch.Tensor]) -> threading.Event:
         """Rule 0: queue `tied.blk` of update `version`; the event is set once it is durable.

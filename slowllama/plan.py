@@ -33,6 +33,7 @@ class ModuleSize:
 @dataclass(frozen=True)
 class StepPlan:
     top: int  # the turn's first module: the turn is modules [top, M)
+    lowest: int  # the lowest module the reverse pass reaches: 1 in LoRA, whose embedding is frozen, else 0
     turn_blocks: int  # K: the modules the turn holds beyond the last block, the norm and the output layer
     acts_in_ram: bool  # the cached inputs of the modules below the turn stay in RAM (else scratch files)
     act_bytes: int  # bytes of those cached inputs
@@ -121,7 +122,7 @@ def plan_step(cfg, args: ModelArgs, sizes: list[ModuleSize], rows: int, mb_rows:
                    base)
     in_ram = cfg.ram_budget is None or turn[top] + acts(top) <= budget
     held = turn[top] + (acts(top) if in_ram else 0)
-    return StepPlan(top=top, turn_blocks=base - top, acts_in_ram=in_ram, act_bytes=acts(top), turn_bytes=turn[top],
+    return StepPlan(top=top, lowest=lowest, turn_blocks=base - top, acts_in_ram=in_ram, act_bytes=acts(top), turn_bytes=turn[top],
                     cache_budget=max(0.0, budget - held), budget=budget)
 
 

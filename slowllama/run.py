@@ -405,9 +405,8 @@ def print_costs(o: RunOptions, store: BlockStore, ckpt, tcfg: TrainConfig, est: 
     held = "no limit" if tcfg.ram_budget is None else fmt_bytes(tcfg.ram_budget)
     plan, n = est["plan"], len(store.trainable)
     cache = "no limit" if math.isinf(plan.cache_budget) else fmt_bytes(plan.cache_budget)
-    lowest = 1 if lora else 0  # LoRA's frozen embedding is never recomputed
-    below = "nothing is recomputed" if plan.top <= lowest else (
-        f"{plan.top - lowest} modules below it are recomputed from cached inputs "
+    below = "nothing is recomputed" if plan.top <= plan.lowest else (
+        f"{plan.top - plan.lowest} modules below it are recomputed from cached inputs "
         f"(~{fmt_bytes(plan.act_bytes)}, {'in RAM' if plan.acts_in_ram else 'in scratch files'})")
     print(f"RAM budget: {held} (--ram-budget {o.ram_budget}): the turn holds {n - plan.top} of {n} modules "
           f"(K = {plan.turn_blocks} beyond the minimal three, ~{fmt_bytes(plan.turn_bytes)} more), {below}; "

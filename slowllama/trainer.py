@@ -465,8 +465,7 @@ def estimate_io(store: BlockStore, cfg: TrainConfig, batch_shape: tuple[int, int
         return 0
 
     top = plan.top  # the turn's modules are read once per step
-    lowest = 1 if lora else 0  # LoRA stops above the embedding
-    below = list(reversed(names[lowest: top]))
+    below = list(reversed(names[plan.lowest: top]))
     tied = store.args.tie_word_embeddings
     clip = bool(cfg.clip_grad_norm) and not lora  # LoRA clips in RAM, at no cost in bytes
     reads = turn_read = norm_read = 0
@@ -484,7 +483,7 @@ def estimate_io(store: BlockStore, cfg: TrainConfig, batch_shape: tuple[int, int
     # Cached: the inputs of the modules below the turn (in LoRA, but the embedding's);
     # the embedding's input is token ids, the blocks' hidden states.
     act_bytes = 0 if plan.acts_in_ram else sum(cached_input_bytes(i, store.args, cfg, b, t) + overhead
-                                               for i in range(lowest, top))
+                                               for i in range(plan.lowest, top))
     if lora:
         grad_bytes = 0
         module_bytes = _adapter_file_bytes(store.args, cfg)
