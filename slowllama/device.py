@@ -247,3 +247,19 @@ def to_host(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     if t.device.type != "cpu":
         TRANSFERS.add(to_host=t.nbytes)
     return t.to("cpu")
+
+
+# Device memory that generation leaves alone: the allocator's slack, kernels' workspace, other users.
+HEADROOM = 0.1
+
+
+def memory_budget(device: torch.device) -> int:
+    """Bytes generation may fill on device: free CUDA memory, MPS's recommended working set less
+    what is allocated, or available RAM on cpu; less HEADROOM."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+    elif device.type == "mps":
+        free = torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory()
+    else:
+        free = psutil.virtual_memory().available
+    return max(0, int(free * (1 - HEADROOM)))

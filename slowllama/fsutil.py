@@ -7,7 +7,8 @@ import threading
 from pathlib import Path
 
 from . import faults
-from .paths import tmp_path
+
+TMP_MARK = ".slowllama-tmp"  # in every temp name: `.NAME.slowllama-tmp.PID`
 
 
 class ByteCounter:
@@ -25,6 +26,10 @@ class ByteCounter:
     def snapshot(self) -> tuple[int, ...]:
         with self._lock:
             return tuple(self._counts.values())
+
+
+def tmp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}{TMP_MARK}.{os.getpid()}")
 
 
 IO = ByteCounter("read", "written")  # disk: store modules, activations, gradients, exports

@@ -19,22 +19,6 @@ from .blackbox import materialize
 from .checkpoint import expected_shapes
 from .model import ConfigError, KVCache, ModelArgs, module_names
 
-# Device memory that generation leaves alone: the allocator's slack, kernels' workspace, other users.
-HEADROOM = 0.1
-
-
-def memory_budget(device: torch.device) -> int:
-    """Bytes generation may fill on device: free CUDA memory, MPS's recommended working set less
-    what is allocated, or available RAM on cpu; less HEADROOM."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-    elif device.type == "mps":
-        free = torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory()
-    else:
-        free = psutil.virtual_memory().available
-    return max(0, int(free * (1 - HEADROOM)))
-
-
 def compute_dtype(device: torch.device) -> torch.dtype:
     """bf16 where the device has its kernels; fp32 on cpu, where it keeps greedy decoding exact."""
     if device.type == "cuda" and torch.cuda.is_bf16_supported():

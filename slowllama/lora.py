@@ -173,15 +173,3 @@ class Adapters:
                 if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
                     raise ConfigError(f"{path}: adapter {m}.{t} has A {list(a.shape)} and B {list(b.shape)}, this model "
                                       f"needs {list(want_a)} and {list(want_b)}")
-
-
-def load_adapters(path: Path, args: ModelArgs) -> Adapters:
-    """lora_adapters.blk, or a PEFT folder (adapter_config.json), checked against the model."""
-    path = Path(path)
-    if path.is_dir():
-        from .formats.peft import load_peft
-
-        return load_peft(path, args)
-    adapters = Adapters.load(path)
-    adapters.check_args(args, path)
-    return adapters

@@ -14,9 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-class ConfigError(ValueError):
-    """A checkpoint, store or argument that cannot be used; the message names it."""
+from .errors import ConfigError
 
 
 @dataclass

@@ -22,28 +22,30 @@ from pathlib import Path
 from . import faults
 from .model import ConfigError
 
-TMP_MARK = ".slowllama-tmp"  # in every temp name: `.NAME.slowllama-tmp.PID`
 OLD_MARK = ".slowllama-old"  # an output folder moved aside while its replacement is renamed in
 OWNER = ".slowllama"  # in every folder slowllama created: {"kind": "work" | "export"}
 LOCK = ".slowllama.lock"
 
+# The files each format writes into an export; the formats take their names from here, so what
+# slowllama may replace in an --out it made is exactly what it writes.
+META_FILES = [r"params\.json", r"consolidated\.\d+\.pth", r"tokenizer\.model"]
+HF_SINGLE_FILE, HF_INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
+# Files beside the weights that a Hugging Face export carries over unchanged (config.json is always kept).
+HF_SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                 "tokenizer.model", "chat_template.jinja")
+PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+EXPORT_NAMES = META_FILES + [re.escape(n) for n in ("config.json", HF_SINGLE_FILE, HF_INDEX_FILE, *HF_SIDE_FILES,
+                                                    PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE)] + [
+    r"model-\d+-of-\d+\.safetensors"]
+
 # The names each kind of folder may hold, besides OWNER and LOCK. Anything else is the user's.
-# An export holds what the formats write (formats.EXPORT_NAMES) and the run's own files.
 RUN_FILES = [r"train_log\.jsonl", r"loss\.png", r"lora_adapters\.blk", r"checkpoint-\d+"]
 CHECKPOINT = re.compile(r"checkpoint-(\d+)")  # OUT/checkpoint-000100: the export after iteration 100
 WORK_NAMES = [r"run\.json", r"store", r"base", r"acts", r"lora_adapters\.blk"]
 
 
 def owned_names(kind: str) -> list[str]:
-    if kind == "work":
-        return WORK_NAMES
-    from .formats import EXPORT_NAMES
-
-    return [*EXPORT_NAMES, *RUN_FILES]
-
-
-def tmp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}{TMP_MARK}.{os.getpid()}")
+    return WORK_NAMES if kind == "work" else [*EXPORT_NAMES, *RUN_FILES]
 
 
 def is_tmp_of(entry: Path, target: Path) -> bool:

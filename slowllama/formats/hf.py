@@ -18,6 +18,7 @@ import torch
 from .. import faults
 from ..device import all_finite
 from ..model import ROPE_SCALING_KEYS, ConfigError, ModelArgs, module_names
+from ..paths import HF_INDEX_FILE, HF_SIDE_FILES, HF_SINGLE_FILE
 from .safetensors_writer import DTYPE_CODES, SafetensorsWriter
 
 log = logging.getLogger(__name__)
@@ -44,10 +45,7 @@ IGNORED = {"model.layers.{}.self_attn.rotary_emb.inv_freq"}
 
 SUPPORTED = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
 SAFETENSORS_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
-SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
-# Files beside the weights that an export carries over unchanged (config.json is always kept).
-SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-              "tokenizer.model", "chat_template.jinja")
+SINGLE_FILE, INDEX_FILE, SIDE_FILES = HF_SINGLE_FILE, HF_INDEX_FILE, HF_SIDE_FILES
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # transformers' "5GB"
 _LAYER = re.compile(r"^(model\.layers\.|layers\.)(\d+)\.(.+)$")
 

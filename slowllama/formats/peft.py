@@ -17,11 +17,12 @@ import torch
 from ..lora import TARGETS, Adapters, LoraConfig, _shape
 from ..fsutil import read_json_object
 from ..model import ConfigError, ModelArgs
+from ..paths import PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE
 from .hf import _rope_heads, from_meta, to_hf_name, to_meta, to_meta_name
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+CONFIG_FILE, WEIGHTS_FILE = PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE
 PREFIX = "base_model.model."  # PeftModel wraps the causal LM, whose own names start with "model."
 _AB = {"A": "lora_A", "B": "lora_B"}
 # Config values that change what the adapter computes: load_peft reads only adapters with these.
@@ -162,3 +163,12 @@ def load_peft(folder: str | Path, args: ModelArgs) -> Adapters:
     adapters.check_args(args, folder)
     return adapters
 
+
+def load_adapters(path: Path, args: ModelArgs) -> Adapters:
+    """lora_adapters.blk, or a PEFT folder (adapter_config.json), checked against the model."""
+    path = Path(path)
+    if path.is_dir():
+        return load_peft(path, args)
+    adapters = Adapters.load(path)
+    adapters.check_args(args, path)
+    return adapters
