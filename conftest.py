@@ -44,7 +44,7 @@ def test_device():
     """The device of the exactness tests. On cuda, deterministic mode (as --deterministic sets it): without
     it, attention's backward and cuBLAS's reductions may differ between the streamed step and autograd."""
     from slowllama import device as dev
-    from slowllama.model import ConfigError
+    from slowllama.errors import ConfigError
 
     try:
         device, _ = dev.choose_device(os.environ.get(TEST_DEVICE_VAR, "cpu"))

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from slowllama.checkpoint import MetaCheckpoint
-from slowllama.optim import OptimConfig
-from slowllama.store import export_store, prepare
-from slowllama.trainer import IGNORE, TrainConfig, Trainer
+from slowllama.engine.optim import OptimConfig
+from slowllama.engine.store import export_store, prepare
+from slowllama.engine.trainer import IGNORE, TrainConfig, Trainer
+from slowllama.formats.meta import MetaCheckpoint
 from tests.reference import random_batch, reference_model, reference_step, stored_params
 
 GOLDEN = Path(__file__).parent / "test_data" / "golden"

@@ -336,9 +336,10 @@ def phase_generate(cfg: dict) -> dict:
 def phase_prepare(cfg: dict) -> dict:
     _imports()
     import torch
-    from slowllama.checkpoint import MetaCheckpoint
+
+    from slowllama.engine.store import prepare
+    from slowllama.formats.meta import MetaCheckpoint
     from slowllama.fsutil import IO
-    from slowllama.store import prepare
 
     _set_threads(torch, cfg)
     base = rss_bytes()
@@ -376,12 +377,13 @@ def _start_phase(torch, cfg: dict):
 def phase_stream(cfg: dict) -> dict:
     _imports()
     import torch
+
     from slowllama.device import TRANSFERS
+    from slowllama.engine.optim import OptimConfig
+    from slowllama.engine.store import BlockStore
+    from slowllama.engine.trainer import TrainConfig, Trainer
     from slowllama.fsutil import IO
-    from slowllama.optim import OptimConfig
-    from slowllama.options import parse_size
-    from slowllama.store import BlockStore
-    from slowllama.trainer import TrainConfig, Trainer
+    from slowllama.run.options import parse_size
 
     device, base = _start_phase(torch, cfg)
     budget = parse_size(cfg["ram_budget"])  # auto: --ram-budget auto's share of the memory available now
@@ -492,7 +494,8 @@ def phase_export(cfg: dict) -> dict:
     """Export a (trained) store to a Meta checkpoint, as the run does at its end."""
     _imports()
     import torch
-    from slowllama.store import BlockStore, export_store
+
+    from slowllama.engine.store import BlockStore, export_store
 
     _set_threads(torch, cfg)
     base = rss_bytes()
@@ -520,8 +523,9 @@ def phase_inmem(cfg: dict) -> dict:
 
     import torch
     import torch.nn.functional as F
-    from slowllama.checkpoint import EXTRAS, MetaCheckpoint
-    from slowllama.model import Transformer, module_names
+
+    from slowllama.formats.meta import EXTRAS, MetaCheckpoint
+    from slowllama.model.transformer import Transformer, module_names
 
     device, base = _start_phase(torch, cfg)
     ckpt = MetaCheckpoint(cfg["ckpt"])

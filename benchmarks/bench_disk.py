@@ -23,10 +23,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
 
 from make_test_model import make_test_model  # noqa: E402
-from slowllama.checkpoint import MetaCheckpoint  # noqa: E402
-from slowllama.optim import OptimConfig  # noqa: E402
-from slowllama.store import prepare  # noqa: E402
-from slowllama.trainer import TrainConfig, Trainer  # noqa: E402
+
+from slowllama.engine.optim import OptimConfig  # noqa: E402
+from slowllama.engine.store import prepare  # noqa: E402
+from slowllama.engine.trainer import TrainConfig, Trainer  # noqa: E402
+from slowllama.formats.meta import MetaCheckpoint  # noqa: E402
 
 
 def tree_bytes(root: Path) -> int:

@@ -23,7 +23,7 @@ from pathlib import Path
 import psutil
 sys.path.insert(0, {root!r})
 from slowllama.formats import open_checkpoint
-from slowllama.store import BlockStore, export_store, prepare
+from slowllama.engine.store import BlockStore, export_store, prepare
 proc = psutil.Process()
 base = proc.memory_info().rss  # after imports: what the phase itself adds is measured
 peak, done = [base], threading.Event()

@@ -30,7 +30,7 @@ cat "$OUT/machine.txt"
 
 status=0
 echo "== self-test"
-timeout "$(left)" "$PY" -m slowllama.selftest --device "$DEVICE" --out "$OUT/selftest.json" 2>&1 | tee "$OUT/selftest.txt"
+timeout "$(left)" "$PY" -m slowllama.cli.selftest --device "$DEVICE" --out "$OUT/selftest.json" 2>&1 | tee "$OUT/selftest.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 # The exactness tests (streamed steps against whole-model autograd, bit for bit) on the device, in

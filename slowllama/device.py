@@ -7,10 +7,11 @@ import os
 import platform
 
 import numpy as np
+import psutil
 import torch
 
+from .errors import ConfigError
 from .fsutil import ByteCounter
-from .model import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -7,6 +7,7 @@ import threading
 from pathlib import Path
 
 from . import faults
+from .errors import ConfigError
 
 TMP_MARK = ".slowllama-tmp"  # in every temp name: `.NAME.slowllama-tmp.PID`
 
@@ -92,8 +93,6 @@ def atomic_write_json(path: Path, obj):
 
 def read_json_object(path: Path) -> dict:
     """A JSON file that must hold one object; any problem is one ConfigError line naming the file."""
-    from .model import ConfigError
-
     try:
         raw = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError as e:

@@ -20,7 +20,8 @@ import shutil
 from pathlib import Path
 
 from . import faults
-from .model import ConfigError
+from .errors import ConfigError
+from .fsutil import TMP_MARK, atomic_write_json, fsync_dir
 
 OLD_MARK = ".slowllama-old"  # an output folder moved aside while its replacement is renamed in
 OWNER = ".slowllama"  # in every folder slowllama created: {"kind": "work" | "export"}
@@ -142,8 +143,6 @@ def claim_folder(folder: Path, kind: str, flag: str):
 
 
 def mark_owned(folder: Path, kind: str, **info):
-    from .fsutil import atomic_write_json
-
     atomic_write_json(folder / OWNER, {"kind": kind, **info})
 
 
@@ -174,8 +173,6 @@ def replace_dir(src: Path, dst: Path):
     OLD_MARK: a crash in between leaves either the old or the new one under a name
     `restore_interrupted_swap` recognises. Files in dst that slowllama did not write stop it.
     """
-    from .fsutil import fsync_dir
-
     check_folder(dst, "export", "--out")
     old = old_path(dst)
     if old.exists():

@@ -4,11 +4,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from slowllama.checkpoint import EXTRAS
-from slowllama.formats import open_checkpoint
 from slowllama.device import derive_seed
-from slowllama.model import Transformer, module_names
-from slowllama.trainer import IGNORE
+from slowllama.engine.trainer import IGNORE
+from slowllama.formats import open_checkpoint
+from slowllama.formats.meta import EXTRAS
+from slowllama.model.transformer import Transformer, module_names
 
 
 def reference_model(model_dir, dropout: float = 0.0, dtype=torch.float32) -> Transformer:
@@ -58,7 +58,7 @@ def whole_store(store) -> dict:
 def lora_reference(model_dir, start: dict, targets, scale: float, dropout: float = 0.0):
     """The in-memory model with adapters added by plain forward hooks (not slowllama's own attach), starting
     from `start` ({module: {"wq.A": A, "wq.B": B, ...}}); returns (model, {module: {name: leaf tensor}})."""
-    from slowllama.lora import TARGETS
+    from slowllama.model.lora import TARGETS
 
     model = reference_model(model_dir, dropout=dropout).requires_grad_(False)
     ref = {m: {k: t.clone().requires_grad_() for k, t in s.items()} for m, s in start.items()}

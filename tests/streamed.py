@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from slowllama import faults
+from slowllama.engine.store import BlockStore, prepare
+from slowllama.engine.trainer import Trainer
 from slowllama.fsutil import IO
-from slowllama.store import BlockStore, prepare
-from slowllama.trainer import Trainer
 
 CPU = torch.device("cpu")
 

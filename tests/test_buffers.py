@@ -1,7 +1,7 @@
 """The read-buffer pool: a buffer is handed out again only when no tensor still uses it."""
 import torch
 
-from slowllama.blackbox import BufferPool
+from slowllama.engine.streamer import BufferPool
 
 
 def test_a_buffer_is_reused_only_after_every_view_is_gone():

@@ -3,9 +3,9 @@ import json
 
 import pytest
 
-from slowllama.chat import encode_chat, render
-from slowllama.model import ConfigError
-from slowllama.tokenizer import load_tokenizer
+from slowllama.data.chat import encode_chat, render
+from slowllama.errors import ConfigError
+from slowllama.formats.tokenizer import load_tokenizer
 from tests.test_tokenizers import make_llama3_like, make_smollm_like
 
 LLAMA3 = ("{{ bos_token }}{% for message in messages %}"
@@ -131,7 +131,7 @@ def test_named_templates_use_default(tmp_path):
 
 
 def test_no_template_and_refusals_are_config_errors(folders, tmp_path, gqa_model):
-    from slowllama.checkpoint import MetaCheckpoint
+    from slowllama.formats.meta import MetaCheckpoint
 
     sp = load_tokenizer(MetaCheckpoint(gqa_model).tokenizer)
     with pytest.raises(ConfigError, match="need a chat template, and .*tokenizer.model has none"):
@@ -148,7 +148,7 @@ def test_no_template_and_refusals_are_config_errors(folders, tmp_path, gqa_model
 def test_messages_records_train_on_assistant_tokens_only(folders, tmp_path):
     from transformers import AutoTokenizer
 
-    from slowllama.data import IGNORE, load_data
+    from slowllama.data.windows import IGNORE, load_data
 
     folder = folders["llama3", "generation"]
     ref = AutoTokenizer.from_pretrained(folder)
@@ -168,7 +168,7 @@ def test_messages_records_train_on_assistant_tokens_only(folders, tmp_path):
 
 
 def test_train_on_prompt_reaches_prompt_completion_records(folders, tmp_path):
-    from slowllama.data import IGNORE, load_data
+    from slowllama.data.windows import IGNORE, load_data
 
     tok = load_tokenizer(folders["chatml", "plain"])
     path = tmp_path / "d.jsonl"
@@ -181,8 +181,8 @@ def test_train_on_prompt_reaches_prompt_completion_records(folders, tmp_path):
 
 
 def test_messages_without_a_template_name_the_line(gqa_model, tmp_path):
-    from slowllama.checkpoint import MetaCheckpoint
-    from slowllama.data import load_data
+    from slowllama.data.windows import load_data
+    from slowllama.formats.meta import MetaCheckpoint
 
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"messages": CONVERSATIONS[0]}) + "\n")

@@ -5,9 +5,9 @@ import shutil
 import pytest
 import torch
 
-from slowllama.checkpoint import MetaCheckpoint, expected_shapes, load_tensor_file
-from slowllama.model import ModelArgs, build_module, module_names
-from slowllama.store import export_store, prepare
+from slowllama.engine.store import export_store, prepare
+from slowllama.formats.meta import MetaCheckpoint, expected_shapes, load_tensor_file
+from slowllama.model.transformer import ModelArgs, build_module, module_names
 
 # params.json as Meta ships them, with the shapes their checkpoints hold.
 REAL = {
@@ -72,8 +72,8 @@ def test_code_llama_style_checkpoint_trains_and_exports(model_factory, tmp_path)
     (model / "params.json").write_text(json.dumps(params))
     ckpt = MetaCheckpoint(model)
     assert ckpt.args.rope_theta == 1e6 and ckpt.args.vocab_size == pieces + 16
-    from slowllama.optim import OptimConfig
-    from slowllama.trainer import TrainConfig, Trainer
+    from slowllama.engine.optim import OptimConfig
+    from slowllama.engine.trainer import TrainConfig, Trainer
 
     store = prepare(ckpt, tmp_path / "store")
     tr = Trainer(store, tmp_path, torch.device("cpu"), TrainConfig(optim=OptimConfig(lr=0.01)))

@@ -1,4 +1,4 @@
-"""The two commands people type, end to end on the tiny model that ships in test_data/."""
+"""The two commands people type, end to end on the tiny model that ships in the package (slowllama/demo/)."""
 import json
 import subprocess
 import sys
@@ -10,7 +10,7 @@ import finetune
 import test_gen
 
 ROOT = Path(__file__).resolve().parents[1]
-FACT = (ROOT / "test_data" / "demo_fact.txt").read_text()
+FACT = finetune.DEMO_DATA.read_text()
 PROMPT = "The clock tower of Vellmoor Island"
 
 
@@ -62,13 +62,13 @@ def test_test_gen_is_deterministic_and_reads_the_tuned_model(demo):
             for _ in range(2)]
     assert runs[0] == runs[1]
     assert FACT.startswith(PROMPT + runs[0][:20])
-    base = test_gen.generate_text(model_dir=str(ROOT / "test_data" / "tiny"), device="cpu", prompt=PROMPT,
+    base = test_gen.generate_text(model_dir=str(finetune.DEMO_MODEL), device="cpu", prompt=PROMPT,
                                   max_new_tokens=12)
     assert base != runs[0]
 
 
 def test_test_gen_cli_prints_the_completion():
-    r = subprocess.run([sys.executable, "test_gen.py", "test_data/tiny", "cpu", "--prompt", "On Monday morning",
+    r = subprocess.run([sys.executable, "test_gen.py", str(finetune.DEMO_MODEL), "cpu", "--prompt", "On Monday morning",
                         "--max-new-tokens", "8"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("On Monday morning") and len(r.stdout.strip()) > len("On Monday morning")
@@ -76,7 +76,7 @@ def test_test_gen_cli_prints_the_completion():
 
 def test_lora_cli_end_to_end(tmp_path):
     out = tmp_path / "out"
-    rc = finetune.main(["test_data/tiny", "--data", "test_data/demo_fact.txt", "--out", str(out), "--iters", "3",
+    rc = finetune.main([str(finetune.DEMO_MODEL), "--data", str(finetune.DEMO_DATA), "--out", str(out), "--iters", "3",
                         "--seq-len", "16", "--optimizer", "adamw", "--lr", "1e-2", "--lora-rank", "4", "--merge"])
     assert rc == 0
     names = sorted(p.name for p in out.iterdir())
@@ -87,6 +87,6 @@ def test_lora_cli_end_to_end(tmp_path):
     # LoRA writes only activations and the adapters: far less than the model per step
     assert all(r["bytes_written"] < 3 * adapter_bytes + 2_000_000 for r in recs)
     merged = test_gen.generate_text(model_dir=str(out), device="cpu", prompt=PROMPT, max_new_tokens=8)
-    applied = test_gen.generate_text(model_dir="test_data/tiny", device="cpu", prompt=PROMPT, max_new_tokens=8,
+    applied = test_gen.generate_text(model_dir=str(finetune.DEMO_MODEL), device="cpu", prompt=PROMPT, max_new_tokens=8,
                                      lora=str(out / "lora_adapters.blk"))
     assert merged == applied

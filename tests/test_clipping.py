@@ -9,15 +9,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from slowllama.checkpoint import MetaCheckpoint
+from slowllama.blockfile import StoreError
+from slowllama.engine.optim import OptimConfig
+from slowllama.engine.store import BlockStore, prepare
+from slowllama.engine.trainer import TrainConfig, Trainer
 from slowllama.formats import open_checkpoint
-from slowllama.lora import LoraConfig
-from slowllama.optim import OptimConfig
-from slowllama.run import finetune
-from slowllama.store import BlockStore, StoreError, prepare
-from slowllama.trainer import TrainConfig, Trainer
-from tests.reference import (lora_reference, random_batch, reference_backward, reference_model, stored_params,
-                             whole_store)
+from slowllama.formats.meta import MetaCheckpoint
+from slowllama.model.lora import LoraConfig
+from slowllama.run.loop import finetune
+from tests.reference import (
+    lora_reference,
+    random_batch,
+    reference_backward,
+    reference_model,
+    stored_params,
+    whole_store,
+)
 from tests.streamed import crash_at, train_through_a_crash
 
 CPU = torch.device("cpu")

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from slowllama import compat
-from slowllama.blackbox import BufferPool
-from slowllama.checkpoint import ShardWriter
+from slowllama.engine.streamer import BufferPool
+from slowllama.formats.meta import ShardWriter
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -124,7 +124,7 @@ _FULL_DISK = """
 import resource, signal, sys, torch
 sys.path.insert(0, {root!r})
 from slowllama import compat
-from slowllama.checkpoint import ShardWriter
+from slowllama.formats.meta import ShardWriter
 compat.zip_writer_class = lambda: compat.WRITERS[{backend!r}]
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit a write fails with EFBIG, as on a full disk
 resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))

@@ -11,9 +11,9 @@ import contextlib
 import pytest
 import torch
 
-from slowllama import blackbox
-from slowllama.checkpoint import MetaCheckpoint
-from slowllama.store import prepare
+from slowllama.engine import streamer as blackbox
+from slowllama.engine.store import prepare
+from slowllama.formats.meta import MetaCheckpoint
 
 
 class FakeEvent:
@@ -149,7 +149,7 @@ def test_out_of_memory_while_staging_falls_back_to_the_direct_copy(gqa_model, tm
 
     monkeypatch.setattr(blackbox.dev, "to_device", oom_on_copy_stream)
     try:
-        with caplog.at_level("WARNING", logger="slowllama.blackbox"):
+        with caplog.at_level("WARNING", logger="slowllama.engine.streamer"):
             s.prefetch(["layers.0"])
             block = s.get("layers.0")  # the reader's staging failed; the read itself did not
         assert not s._staged and "copying it when needed" in caplog.text

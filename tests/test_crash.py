@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from slowllama.store import BlockStore, file_stem
+from slowllama.engine.store import BlockStore, file_stem
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "test_data" / "corpus.txt"
@@ -101,11 +101,11 @@ def run_args(model: Path, data: Path, base: Path, config: str) -> list[str]:
 def turn1_budget(model: Path) -> int:
     """A --ram-budget for config C: halfway between what a turn of one block more needs (with the
     activations below it) and what a turn of two would."""
+    from slowllama.engine.optim import OptimConfig
+    from slowllama.engine.plan import module_sizes, plan_step
+    from slowllama.engine.store import prepare
+    from slowllama.engine.trainer import TrainConfig
     from slowllama.formats import open_checkpoint
-    from slowllama.optim import OptimConfig
-    from slowllama.plan import module_sizes, plan_step
-    from slowllama.store import prepare
-    from slowllama.trainer import TrainConfig
 
     with tempfile.TemporaryDirectory() as d:
         store = prepare(open_checkpoint(model), Path(d) / "store")

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from slowllama.data import TokenWindows, read_text
-from slowllama.model import ConfigError
+from slowllama.data.windows import TokenWindows, read_text
+from slowllama.errors import ConfigError
 
 
 def test_exact_length_text_trains_on_its_one_window():

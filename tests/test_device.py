@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from slowllama import device as dev
-from slowllama.model import ConfigError
+from slowllama.errors import ConfigError
 
 
 def _avail(*kinds):

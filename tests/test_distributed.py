@@ -20,10 +20,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from slowllama.distributed import DataParallelTrainer, Ranks, comm_group, rank_device
-from slowllama.model import ConfigError
-from slowllama.lora import Adapters
-from slowllama.store import BlockStore
+from slowllama.engine.distributed import DataParallelTrainer, Ranks, comm_group, rank_device
+from slowllama.engine.store import BlockStore
+from slowllama.errors import ConfigError
+from slowllama.model.lora import Adapters
 from tests.cli_helpers import FINETUNE, ROOT, env, run_cli, train
 
 pytestmark = pytest.mark.slow  # each test starts several Python processes
@@ -157,7 +157,7 @@ def test_sgd_two_ranks_equal_one_process_and_a_rank_killed_mid_backward_resumes(
 DIE_BEHIND = f"""
 import os, signal, sys
 sys.path.insert(0, {str(ROOT)!r})
-import slowllama.store as store
+import slowllama.engine.store as store
 write = store.BlockStore.write
 def write_or_die(self, name, block):
     if name == "layers.1" and block.step == 2:
@@ -250,7 +250,7 @@ def test_a_rank_whose_update_diverges_is_caught(probe_model, probe_data, tmp_pat
 import os, sys
 sys.path.insert(0, {str(ROOT)!r})
 import torch
-import slowllama.update as update
+import slowllama.engine.update as update
 step = update.step_module
 def nudged(cfg, params, state):
     new = step(cfg, params, state)

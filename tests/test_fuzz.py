@@ -22,9 +22,10 @@ from collections import Counter
 import pytest
 import torch
 
-from slowllama.checkpoint import MetaCheckpoint, split_key
-from slowllama.model import ConfigError
-from slowllama.store import BlockStore, StoreError, file_stem, prepare
+from slowllama.blockfile import StoreError
+from slowllama.engine.store import BlockStore, file_stem, prepare
+from slowllama.errors import ConfigError
+from slowllama.formats.meta import MetaCheckpoint, split_key
 
 SEED = 20240611
 N_CKPT = {"shard-truncate": 20, "shard-flip": 40, "shard-flip-structure": 40, "params-truncate": 10,

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import test_gen
+from slowllama.cli.finetune import DEMO_MODEL
 from tests.test_chat import CHATML
 from tests.test_tokenizers import make_smollm_like
 
@@ -115,7 +116,7 @@ def test_chat_wraps_the_prompt_in_the_template(models, capsys):
 
 
 def test_chat_without_a_template_is_refused(capsys):
-    rc = test_gen.main([str(ROOT / "test_data" / "tiny"), "--device", "cpu", "--chat", "--prompt", "Hi"])
+    rc = test_gen.main([str(DEMO_MODEL), "--device", "cpu", "--chat", "--prompt", "Hi"])
     err = capsys.readouterr()
     assert rc == 2 and err.out == ""
     assert err.err.count("\n") == 1 and err.err.startswith("error: --chat: ") and "no chat template" in err.err
@@ -130,7 +131,7 @@ def test_device_flag_and_positional_form(models, capsys):
 
 
 def test_disagreeing_devices_are_refused(capsys):
-    assert test_gen.main([str(ROOT / "test_data" / "tiny"), "cpu", "--device", "cuda"]) == 2
+    assert test_gen.main([str(DEMO_MODEL), "cpu", "--device", "cuda"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--device cuda" in err and "cpu" in err
 

@@ -12,9 +12,11 @@ import pytest
 import torch
 
 import test_gen
-from slowllama import generate as gen
-from slowllama.generate import ModuleCache, Sampler, Sampling, memory_budget, module_nbytes
-from slowllama.model import ConfigError, ModelArgs, module_names
+from slowllama.device import memory_budget
+from slowllama.errors import ConfigError
+from slowllama.inference import generate as gen
+from slowllama.inference.generate import ModuleCache, Sampler, Sampling, module_nbytes
+from slowllama.model.transformer import ModelArgs, module_names
 from tests.test_gen_cli import PROMPT, auto_ids, make_model, run_json
 
 transformers = pytest.importorskip("transformers")

@@ -16,10 +16,20 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from slowllama.errors import ConfigError
 from slowllama.formats import open_checkpoint
-from slowllama.formats.hf import (HF_TO_META, HFCheckpoint, args_from_config, export_hf, from_meta,
-                                  plan_shards, to_hf_name, to_meta, to_meta_name)
-from slowllama.model import ConfigError, check_sliding_window, module_names
+from slowllama.formats.hf import (
+    HF_TO_META,
+    HFCheckpoint,
+    args_from_config,
+    export_hf,
+    from_meta,
+    plan_shards,
+    to_hf_name,
+    to_meta,
+    to_meta_name,
+)
+from slowllama.model.transformer import check_sliding_window, module_names
 
 transformers = pytest.importorskip("transformers")
 
@@ -248,7 +258,7 @@ def test_pickle_weights_are_refused(tmp_path):
 RSS_SCRIPT = """
 import re, sys
 from slowllama.formats.hf import HFCheckpoint
-from slowllama.model import module_names
+from slowllama.model.transformer import module_names
 
 def status(field):
     return int(re.search(field + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024

@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from slowllama.engine.optim import OptimConfig
+from slowllama.engine.store import export_store, prepare
+from slowllama.engine.trainer import TrainConfig, Trainer
 from slowllama.formats import open_checkpoint
-from slowllama.optim import OptimConfig
-from slowllama.store import export_store, prepare
-from slowllama.trainer import TrainConfig, Trainer
 from tests.test_hf_format import LLAMA3_ROPE, make_config
 from tests.test_tokenizers import make_llama3_like
 
@@ -159,7 +159,7 @@ def test_finetune_cli_on_an_hf_folder_exports_what_transformers_loads(hf_model, 
     # The export holds the trained weights: they moved, and slowllama's own reading of them gives transformers' logits.
     before = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     assert not torch.equal(model.model.layers[0].self_attn.q_proj.weight, before.model.layers[0].self_attn.q_proj.weight)
-    from slowllama.model import Transformer
+    from slowllama.model.transformer import Transformer
 
     ckpt = open_checkpoint(out)
     mine = Transformer(ckpt.args)
@@ -184,9 +184,9 @@ def test_mistral_window_shorter_than_seq_len_is_refused_before_any_work(tmp_path
 
 def test_meta_llama3_folder_trains_and_exports_its_own_files(tmp_path):
     """Meta's Llama 3.1 layout: a tiktoken tokenizer.model and params.json with use_scaled_rope."""
-    from slowllama.checkpoint import save_meta
-    from slowllama.model import ModelArgs
-    from slowllama.tokenizer import TiktokenTokenizer, load_tokenizer
+    from slowllama.formats.meta import save_meta
+    from slowllama.formats.tokenizer import TiktokenTokenizer, load_tokenizer
+    from slowllama.model.transformer import ModelArgs
     from tests.test_tokenizers import write_tiktoken_file
     from tools.make_test_model import random_state_dict
 
@@ -217,8 +217,8 @@ def test_lora_run_on_an_hf_model_writes_adapters_peft_loads(hf_model, tmp_path):
         plain = base(x).logits
         tuned = peft.PeftModel.from_pretrained(base, out)(x).logits
     assert not torch.allclose(plain, tuned, atol=1e-4)  # the adapters trained (B moved off zero)
-    from slowllama.lora import Adapters
-    from slowllama.model import Transformer
+    from slowllama.model.lora import Adapters
+    from slowllama.model.transformer import Transformer
 
     ckpt = open_checkpoint(folder)
     adapters = Adapters.load(out / "lora_adapters.blk")
@@ -246,7 +246,7 @@ def test_a_meta_checkpoint_exported_as_hf_gives_transformers_the_same_model(gqa_
     x = torch.randint(0, store.args.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(model(x).logits, reference_model(gqa_model)(x), atol=1e-5, rtol=0)
-    from slowllama.tokenizer import load_tokenizer
+    from slowllama.formats.tokenizer import load_tokenizer
 
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)
     sp = load_tokenizer(gqa_model)

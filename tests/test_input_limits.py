@@ -9,14 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-import merge_lora
 import test_gen
-from slowllama.checkpoint import MetaCheckpoint, export_meta, split_key
-from slowllama.lora import ADAPTERS, Adapters, LoraConfig
-from slowllama.model import ModelArgs
+from slowllama.cli import merge_lora
+from slowllama.cli.finetune import DEMO_MODEL
+from slowllama.formats.meta import MetaCheckpoint, export_meta, split_key
+from slowllama.model.lora import ADAPTERS, Adapters, LoraConfig
+from slowllama.model.transformer import ModelArgs
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "test_data" / "tiny"
+TINY = DEMO_MODEL
 LORA = LoraConfig(rank=2, alpha=4.0, targets=("wq", "w2"))
 
 
@@ -34,7 +35,7 @@ def _error_line(capsys) -> str:
 
 
 def _adapters(tmp_path, name, **change) -> Path:
-    """An adapter file made for test_data/tiny with some of its params.json changed."""
+    """An adapter file made for the demo's tiny model with some of its params.json changed."""
     params = json.loads((TINY / "params.json").read_text())
     args = ModelArgs(**{**params, "vocab_size": 320, **change})
     path = tmp_path / f"{name}.blk"
@@ -47,8 +48,8 @@ def _adapters(tmp_path, name, **change) -> Path:
 _MEASURE = """
 import json, resource, sys, time
 sys.path.insert(0, {root!r})
-from slowllama.checkpoint import MetaCheckpoint
-from slowllama.model import ConfigError
+from slowllama.formats.meta import MetaCheckpoint
+from slowllama.errors import ConfigError
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t = time.perf_counter()
 try:
@@ -130,7 +131,7 @@ def test_a_damaged_adapter_file_is_one_error(tmp_path):
     ad = Adapters.init(args, LORA, seed=0)
     block = ad.to_block()
     block.params["layers.0.wq.C"] = block.params.pop("layers.0.wq.B")
-    from slowllama.store import write_block
+    from slowllama.blockfile import write_block
 
     write_block(tmp_path / "bad.blk", block, ADAPTERS, durable=False)
     with pytest.raises(ValueError, match=r"bad.blk: unexpected tensor 'layers.0.wq.C'"):
@@ -198,8 +199,8 @@ _EXPORT = """
 import sys
 from pathlib import Path
 sys.path.insert(0, {root!r})
-from slowllama.checkpoint import MetaCheckpoint, export_meta, split_key
-from slowllama.model import ConfigError
+from slowllama.formats.meta import MetaCheckpoint, export_meta, split_key
+from slowllama.errors import ConfigError
 ckpt = MetaCheckpoint(sys.argv[1])
 try:
     export_meta(Path(sys.argv[2]), args=ckpt.args, params_src=ckpt.params_path, tokenizer_src=ckpt.tokenizer,

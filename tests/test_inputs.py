@@ -269,8 +269,9 @@ def test_help_mentions_every_option(script):
 
 
 def test_a_store_from_another_slowllama_is_prepared_again_unless_trained(gqa_model, tmp_path):
-    from slowllama.checkpoint import MetaCheckpoint
-    from slowllama.store import FORMAT, BlockStore, StoreFormatError, open_or_prepare, prepare
+    from slowllama.blockfile import FORMAT, StoreFormatError
+    from slowllama.engine.store import BlockStore, open_or_prepare, prepare
+    from slowllama.formats.meta import MetaCheckpoint
 
     ckpt = MetaCheckpoint(gqa_model)
     root = tmp_path / "store"

@@ -5,15 +5,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from slowllama.checkpoint import MetaCheckpoint
-from slowllama.data import IGNORE, Examples, TokenWindows, load_data
-from slowllama.evaluate import evaluate
-from slowllama.model import ConfigError
-from slowllama.optim import OptimConfig
-from slowllama.run import finetune
-from slowllama.store import prepare
-from slowllama.tokenizer import Tokenizer
-from slowllama.trainer import TrainConfig, Trainer
+from slowllama.data.windows import IGNORE, Examples, TokenWindows, load_data
+from slowllama.engine.optim import OptimConfig
+from slowllama.engine.store import prepare
+from slowllama.engine.trainer import TrainConfig, Trainer
+from slowllama.errors import ConfigError
+from slowllama.formats.meta import MetaCheckpoint
+from slowllama.formats.tokenizer import Tokenizer
+from slowllama.inference.evaluate import evaluate
+from slowllama.run.loop import finetune
 from tests.reference import reference_model, reference_step, stored_params
 
 

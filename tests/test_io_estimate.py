@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from slowllama.run import finetune
+from slowllama.run.loop import finetune
 
 
 @pytest.mark.parametrize("kw", [
@@ -33,7 +33,7 @@ def test_bf16_optimizer_state_is_stored_in_bf16_and_estimated(gqa_model, tmp_pat
     data.write_text("The quick brown fox jumps over the lazy dog. " * 40)
     summary = finetune(model_dir=gqa_model, data=data, out=tmp_path / "out", iters=3, batch_size=2, seq_len=24,
                        lr=1e-3, optimizer="adamw", optim_state_dtype="bfloat16")
-    from slowllama.store import BlockStore
+    from slowllama.engine.store import BlockStore
 
     block = BlockStore(tmp_path / "out.work" / "store").read("layers.0")
     state = block.optim["attention.wq.weight"]

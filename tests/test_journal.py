@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from slowllama import faults
-from slowllama.checkpoint import MetaCheckpoint
-from slowllama.journal import Journal, batch_hash
-from slowllama.optim import OptimConfig
-from slowllama.store import BlockStore, StoreError, prepare
-from slowllama.trainer import TrainConfig, Trainer
+from slowllama.blockfile import StoreError
+from slowllama.engine.journal import Journal, batch_hash
+from slowllama.engine.optim import OptimConfig
+from slowllama.engine.store import BlockStore, prepare
+from slowllama.engine.trainer import TrainConfig, Trainer
+from slowllama.formats.meta import MetaCheckpoint
 from tests.reference import random_batch
 
 
@@ -118,7 +119,7 @@ def test_an_older_copy_of_a_module_is_caught_by_the_journal_checksum(store, tmp_
     # Same version as recorded, other bytes: a copy from another run at the same step.
     block = fresh.read("norm")
     block.params["weight"] = block.params["weight"] + 1
-    from slowllama.store import write_block
+    from slowllama.blockfile import write_block
 
     write_block(fresh.path("norm"), block, "norm", model=fresh.model_id)
     with pytest.raises(StoreError, match=r"norm\.blk: module norm at version 1 has checksum .* the journal recorded"):

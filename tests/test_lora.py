@@ -2,12 +2,12 @@
 import pytest
 import torch
 
-from slowllama.checkpoint import MetaCheckpoint
 from slowllama.device import derive_seed
-from slowllama.lora import Adapters, LoraConfig
-from slowllama.optim import OptimConfig
-from slowllama.store import prepare
-from slowllama.trainer import TrainConfig, Trainer
+from slowllama.engine.optim import OptimConfig
+from slowllama.engine.store import prepare
+from slowllama.engine.trainer import TrainConfig, Trainer
+from slowllama.formats.meta import MetaCheckpoint
+from slowllama.model.lora import Adapters, LoraConfig
 from tests.reference import random_batch, reference_model, reference_step
 
 LORA = LoraConfig(rank=4, alpha=8.0, targets=("wq", "wv", "w2"))

@@ -6,11 +6,12 @@ import time
 import numpy as np
 import torch
 
-from slowllama.blackbox import BufferPool, Streamer, widen_params
-from slowllama.checkpoint import MetaCheckpoint
-from slowllama.optim import OptimConfig
-from slowllama.store import Block, encode_block, prepare
-from slowllama.trainer import TrainConfig, Trainer
+from slowllama.blockfile import Block, encode_block
+from slowllama.engine.optim import OptimConfig
+from slowllama.engine.store import prepare
+from slowllama.engine.streamer import BufferPool, Streamer, widen_params
+from slowllama.engine.trainer import TrainConfig, Trainer
+from slowllama.formats.meta import MetaCheckpoint
 from tests.reference import random_batch
 
 SHAPE = dict(dim=64, n_layers=3, n_heads=4)

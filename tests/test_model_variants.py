@@ -12,10 +12,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from slowllama.checkpoint import expected_shapes
+from slowllama.errors import ConfigError
 from slowllama.formats.hf import HFCheckpoint, to_hf_name, to_meta
-from slowllama.model import (META_LLAMA3_SCALING, ConfigError, ModelArgs, Transformer, build_module, module_names,
-                             rope_frequencies)
+from slowllama.formats.meta import expected_shapes
+from slowllama.model.transformer import (
+    META_LLAMA3_SCALING,
+    ModelArgs,
+    Transformer,
+    build_module,
+    module_names,
+    rope_frequencies,
+)
 from tests.test_hf_format import VARIANTS, hf_models, transformers  # noqa: F401  (hf_models is a fixture)
 
 

@@ -2,11 +2,12 @@
 import pytest
 import torch
 
-from slowllama import update as update_mod
-from slowllama.checkpoint import MetaCheckpoint
-from slowllama.optim import OptimConfig
-from slowllama.store import Block, prepare
-from slowllama.trainer import NonFiniteError, TrainConfig, Trainer
+from slowllama.blockfile import Block
+from slowllama.engine import update as update_mod
+from slowllama.engine.optim import OptimConfig
+from slowllama.engine.store import prepare
+from slowllama.engine.trainer import NonFiniteError, TrainConfig, Trainer
+from slowllama.formats.meta import MetaCheckpoint
 from tests.reference import random_batch
 
 

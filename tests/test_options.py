@@ -7,11 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from slowllama.checkpoint import MetaCheckpoint
 from slowllama.device import derive_seed
-from slowllama.optim import OptimConfig
-from slowllama.store import prepare
-from slowllama.trainer import IGNORE, TrainConfig, Trainer
+from slowllama.engine.optim import OptimConfig
+from slowllama.engine.store import prepare
+from slowllama.engine.trainer import IGNORE, TrainConfig, Trainer
+from slowllama.formats.meta import MetaCheckpoint
 from tests.reference import random_batch, reference_model, stored_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +52,7 @@ def test_lora_alpha_is_applied(gqa_model, tmp_path):
                  "--lora-alpha", alpha, "--optimizer", "adamw", "--lr", "1e-2", "--lora-targets", "wq,wk,wv,wo,w1,w2,w3")
         assert r.returncode == 0, r.stderr
         outs.append(out)
-    from slowllama.lora import Adapters
+    from slowllama.model.lora import Adapters
 
     a, b = (Adapters.load(o / "lora_adapters.blk") for o in outs)
     assert (a.cfg.alpha, b.cfg.alpha) == (4.0, 64.0) and a.cfg.targets == ("wq", "wk", "wv", "wo", "w1", "w2", "w3")

@@ -13,10 +13,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from slowllama.errors import ConfigError
 from slowllama.formats.hf import HFCheckpoint
 from slowllama.formats.peft import CONFIG_FILE, WEIGHTS_FILE, export_peft, load_peft
-from slowllama.lora import TARGETS, Adapters, LoraConfig, _shape
-from slowllama.model import ConfigError, Transformer, module_names
+from slowllama.model.lora import TARGETS, Adapters, LoraConfig, _shape
+from slowllama.model.transformer import Transformer, module_names
 from slowllama.paths import owner_kind
 
 transformers = pytest.importorskip("transformers")
@@ -163,7 +164,7 @@ def test_export_peft_refuses_a_folder_of_the_user(base_dir, tmp_path):
 def test_merge_lora_writes_a_hugging_face_folder_equal_to_peft_s_merge(base_dir, tmp_path):
     """tools/merge_lora.py on an HF base and a PEFT folder: transformers loads the result, whose logits are
     those of peft's merge_and_unload."""
-    import merge_lora
+    from slowllama.cli import merge_lora
 
     args = HFCheckpoint(base_dir).args
     adapter = export_peft(tmp_path / "adapter", random_adapters(args, seed=7), args, str(base_dir))

@@ -1,4 +1,4 @@
-"""tools/perplexity.py and slowllama.evaluate: the loss of transformers' own forward, each module read once."""
+"""tools/perplexity.py and slowllama.inference.evaluate: the loss of transformers' own forward, each module read once."""
 from __future__ import annotations
 
 import json
@@ -8,12 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import perplexity
-from slowllama.data import load_data
-from slowllama.evaluate import eval_batches, evaluate
+from slowllama.cli import perplexity
+from slowllama.data.windows import load_data
 from slowllama.formats import open_checkpoint
-from slowllama.model import module_names
-from slowllama.tokenizer import load_tokenizer
+from slowllama.formats.tokenizer import load_tokenizer
+from slowllama.inference.evaluate import eval_batches, evaluate
+from slowllama.model.transformer import module_names
 from tests.test_gen_cli import make_model
 
 transformers = pytest.importorskip("transformers")

@@ -2,11 +2,11 @@
 import pytest
 import torch
 
-from slowllama import optim
-from slowllama.checkpoint import MetaCheckpoint
-from slowllama.optim import OptimConfig, stochastic_round
-from slowllama.store import prepare
-from slowllama.trainer import TrainConfig, Trainer
+from slowllama.engine import optim
+from slowllama.engine.optim import OptimConfig, stochastic_round
+from slowllama.engine.store import prepare
+from slowllama.engine.trainer import TrainConfig, Trainer
+from slowllama.formats.meta import MetaCheckpoint
 from tests.reference import random_batch, reference_model, stored_params
 
 

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli_helpers import (CORPUS, SMALL, assert_refused, assert_unchanged, loss_iters, run_cli, snapshot,
-                               train)
+from tests.cli_helpers import CORPUS, SMALL, assert_refused, assert_unchanged, loss_iters, run_cli, snapshot, train
 
 
 def resume(model: Path, base: Path, *extra, cwd: Path | None = None, timeout: int = 180):

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from slowllama import blackbox, selftest
 from slowllama import device as dev
-from slowllama.trainer import Trainer
+from slowllama.cli import selftest
+from slowllama.engine import streamer as blackbox
+from slowllama.engine.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -24,7 +25,7 @@ CHECKS = ["device", "dropout_replay", "copy_safety", "exact_sgd", "exact_adamw",
 def test_the_cli_passes_on_cpu_and_writes_the_report(tmp_path):
     out, tmp = tmp_path / "report.json", tmp_path / "tmp"
     tmp.mkdir()
-    r = subprocess.run([sys.executable, "-m", "slowllama.selftest", "--device", "cpu", "--out", str(out)], cwd=ROOT,
+    r = subprocess.run([sys.executable, "-m", "slowllama.cli.selftest", "--device", "cpu", "--out", str(out)], cwd=ROOT,
                        capture_output=True, text=True, timeout=120, env={**os.environ, "TMPDIR": str(tmp)})
     assert r.returncode == 0, r.stdout + r.stderr
     report = json.loads(out.read_text())

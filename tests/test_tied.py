@@ -12,18 +12,17 @@ import torch.nn.functional as F
 import transformers
 
 from slowllama import faults
-from slowllama.blackbox import WriteError
-from slowllama.evaluate import evaluate
+from slowllama.engine.journal import Journal
+from slowllama.engine.optim import OptimConfig
+from slowllama.engine.store import BlockStore, prepare
+from slowllama.engine.streamer import WriteError
+from slowllama.engine.trainer import IGNORE, TrainConfig, Trainer, estimate_io
 from slowllama.formats import open_checkpoint
 from slowllama.formats.hf import export_hf
-from slowllama.generate import ModuleCache, greedy
-from slowllama.journal import Journal
-from slowllama.lora import Adapters, LoraConfig
-from slowllama.optim import OptimConfig
-from slowllama.store import BlockStore, prepare
-from slowllama.trainer import IGNORE, TrainConfig, Trainer, estimate_io
-from tests.reference import (lora_reference, random_batch, reference_model, reference_step, stored_params,
-                             whole_store)
+from slowllama.inference.evaluate import evaluate
+from slowllama.inference.generate import ModuleCache, greedy
+from slowllama.model.lora import Adapters, LoraConfig
+from tests.reference import lora_reference, random_batch, reference_model, reference_step, stored_params, whole_store
 from tests.streamed import steady_step_io
 
 CPU = torch.device("cpu")

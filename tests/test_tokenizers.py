@@ -4,9 +4,14 @@ import json
 
 import pytest
 
-from slowllama.model import ConfigError
-from slowllama.tokenizer import (HFTokenizer, SentencePieceTokenizer, TiktokenTokenizer, Tokenizer,
-                                 load_tokenizer)
+from slowllama.errors import ConfigError
+from slowllama.formats.tokenizer import (
+    HFTokenizer,
+    SentencePieceTokenizer,
+    TiktokenTokenizer,
+    Tokenizer,
+    load_tokenizer,
+)
 
 CORPUS = ["The quick brown fox jumps over the lazy dog. 1234567 numbers!", "Ünïcödé café naïve — 日本語 テキスト 😀",
           "  spaces\t\ttabs\n\nnewlines  ", "Hello there, how are you? I'm fine, don't worry."] * 20
@@ -183,7 +188,7 @@ def test_tiktoken_file_matches_tiktoken_built_directly(tmp_path):
 def test_sentencepiece_is_recognised_by_content(gqa_model, tmp_path):
     import sentencepiece as spm
 
-    from slowllama.checkpoint import MetaCheckpoint
+    from slowllama.formats.meta import MetaCheckpoint
 
     path = MetaCheckpoint(gqa_model).tokenizer
     tok = load_tokenizer(path)
@@ -230,7 +235,7 @@ def test_tiktoken_encodes_long_texts_in_metas_pieces(tmp_path):
 
 
 def test_tiktoken_chat_follows_metas_chat_format(tmp_path):
-    from slowllama.chat import encode_chat
+    from slowllama.data.chat import encode_chat
 
     ranks = write_tiktoken_file(tmp_path / "tokenizer.model")
     ref, named = reference_encoding(ranks)

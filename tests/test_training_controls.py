@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from slowllama import run as run_mod
-from slowllama.checkpoint import MetaCheckpoint
-from slowllama.optim import OptimConfig
-from slowllama.run import finetune
-from slowllama.schedule import lr_at
-from slowllama.store import prepare
-from slowllama.trainer import TrainConfig, Trainer
+from slowllama.engine.optim import OptimConfig
+from slowllama.engine.store import prepare
+from slowllama.engine.trainer import TrainConfig, Trainer
+from slowllama.formats.meta import MetaCheckpoint
+from slowllama.run import loop as run_mod
+from slowllama.run.loop import finetune
+from slowllama.run.schedule import lr_at
 from tests.reference import random_batch, reference_model, reference_step, stored_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,8 +122,8 @@ def test_a_run_that_writes_more_than_the_threshold_warns_up_front(gqa_model, tmp
 
 
 def test_the_estimate_counts_evaluation_passes_and_completions():
-    from slowllama.options import RunOptions
-    from slowllama.run import eval_reads
+    from slowllama.run.loop import eval_reads
+    from slowllama.run.options import RunOptions
 
     o = RunOptions(model_dir="m", data="d", iters=10, eval_every=4, prompt="Hi", gen_tokens=5)
     # evaluations at 0, 4, 8 and 10: each a validation pass and a completion

@@ -8,15 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from slowllama.checkpoint import MetaCheckpoint
+from slowllama.blockfile import read_block
+from slowllama.engine.optim import OptimConfig
+from slowllama.engine.plan import cached_input_bytes, module_sizes, plan_step, saved_bytes_per_block
+from slowllama.engine.store import BlockStore, prepare
+from slowllama.engine.trainer import TrainConfig, Trainer, estimate_io
 from slowllama.formats import open_checkpoint
-from slowllama.lora import LoraConfig
-from slowllama.model import ModelArgs, TransformerBlock
-from slowllama.optim import OptimConfig
-from slowllama.plan import cached_input_bytes, module_sizes, plan_step, saved_bytes_per_block
-from slowllama.lora import ADAPTERS
-from slowllama.store import BlockStore, prepare, read_block
-from slowllama.trainer import TrainConfig, Trainer, estimate_io
+from slowllama.formats.meta import MetaCheckpoint
+from slowllama.model.lora import ADAPTERS, LoraConfig
+from slowllama.model.transformer import ModelArgs, TransformerBlock
 from tests.reference import random_batch, reference_model, reference_step, stored_params, whole_store
 from tests.streamed import steady_step_io, train_through_a_crash
 

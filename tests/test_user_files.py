@@ -149,9 +149,9 @@ def _owned(folder: Path, **info):
 
 def test_an_out_holding_another_runs_output_is_refused_by_name(tmp_path, monkeypatch):
     """check_out_run on OWNER files as each stage of a run leaves them; this run's own are never refused."""
-    from slowllama import run
-    from slowllama.model import ConfigError
-    from slowllama.options import RunOptions
+    from slowllama.errors import ConfigError
+    from slowllama.run import loop as run
+    from slowllama.run.options import RunOptions
 
     monkeypatch.setattr(run, "this_run_id", lambda work_dir, lora: {"wA": "A", "wB": "B"}.get(work_dir.name))
     out = tmp_path / "out"

@@ -6,13 +6,14 @@ import time
 
 import torch
 
-from slowllama.blackbox import Streamer
-from slowllama.checkpoint import MetaCheckpoint
-from slowllama.distributed import digest
-from slowllama.optim import OptimConfig
-from slowllama.store import Block, prepare
-from slowllama.trainer import TrainConfig, Trainer
-from slowllama.update import FullUpdate
+from slowllama.blockfile import Block
+from slowllama.engine.distributed import digest
+from slowllama.engine.optim import OptimConfig
+from slowllama.engine.store import prepare
+from slowllama.engine.streamer import Streamer
+from slowllama.engine.trainer import TrainConfig, Trainer
+from slowllama.engine.update import FullUpdate
+from slowllama.formats.meta import MetaCheckpoint
 from tests.reference import random_batch, reference_model, reference_step, stored_params
 
 SGD = OptimConfig("sgd", lr=0.05, momentum=0.9)  # momentum: the optimizer state is stepped in place too

@@ -19,13 +19,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
 
-from plot_loss import plot  # noqa: E402
-from slowllama.checkpoint import MetaCheckpoint  # noqa: E402
-from slowllama.data import TokenWindows  # noqa: E402
-from slowllama.optim import OptimConfig  # noqa: E402
-from slowllama.store import prepare  # noqa: E402
-from slowllama.tokenizer import Tokenizer  # noqa: E402
-from slowllama.trainer import TrainConfig, Trainer  # noqa: E402
+from slowllama.cli.finetune import DEMO_MODEL  # noqa: E402
+from slowllama.cli.plot import plot  # noqa: E402
+from slowllama.data.windows import TokenWindows  # noqa: E402
+from slowllama.engine.optim import OptimConfig  # noqa: E402
+from slowllama.engine.store import prepare  # noqa: E402
+from slowllama.engine.trainer import TrainConfig, Trainer  # noqa: E402
+from slowllama.formats.meta import MetaCheckpoint  # noqa: E402
+from slowllama.formats.tokenizer import Tokenizer  # noqa: E402
 
 RUNS = {"fp32": (torch.float32, "stochastic"), "bf16-stochastic": (torch.bfloat16, "stochastic"),
         "bf16-nearest": (torch.bfloat16, "nearest")}
@@ -33,7 +34,7 @@ RUNS = {"fp32": (torch.float32, "stochastic"), "bf16-stochastic": (torch.bfloat1
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", type=Path, default=ROOT / "test_data" / "tiny")
+    p.add_argument("--model", type=Path, default=DEMO_MODEL)
     p.add_argument("--data", type=Path, default=ROOT / "test_data" / "corpus.txt")
     p.add_argument("--iters", type=int, default=60)
     p.add_argument("--lr", type=float, default=2e-5)

@@ -19,8 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
 
 from make_test_model import make_test_model  # noqa: E402
-from slowllama.checkpoint import MetaCheckpoint  # noqa: E402
-from slowllama.optim import OptimConfig  # noqa: E402
+
+from slowllama.engine.optim import OptimConfig  # noqa: E402
+from slowllama.formats.meta import MetaCheckpoint  # noqa: E402
 from tests.reference import random_batch, reference_model, reference_step  # noqa: E402
 
 OUT = ROOT / "test_data" / "golden"

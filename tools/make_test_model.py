@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from slowllama.checkpoint import save_meta  # noqa: E402
-from slowllama.model import ModelArgs, Transformer  # noqa: E402
+from slowllama.formats.meta import save_meta  # noqa: E402
+from slowllama.model.transformer import ModelArgs, Transformer  # noqa: E402
 
 
 def train_tokenizer(text_path: str | Path, out_path: str | Path, vocab_size: int):

@@ -1,85 +1,10 @@
-"""Perplexity of a Meta or Hugging Face checkpoint on a text or JSONL file, reading each module once.
-
-    python tools/perplexity.py MODEL --data FILE [--seq-len N] [--batch-size B] [--device D] [--lora FILE]
-
-Plain text is cut into consecutive windows of --seq-len + 1 tokens, so every token after the first is
-scored once; JSONL records are scored as finetune.py trains on them (completions and assistant turns
-only, unless --train-on-prompt). The last line is JSON: {"loss": ..., "ppl": ..., "tokens": ...}.
-"""
-from __future__ import annotations
-
-import argparse
-import json
+"""`python tools/perplexity.py ...`: the same command as `slowllama perplexity` (slowllama/cli/perplexity.py)."""
 import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from slowllama.data import load_data  # noqa: E402
-from slowllama.device import COMPUTE_DTYPES, check_compute_dtype, pick_device  # noqa: E402
-from slowllama.evaluate import eval_batches, evaluate, perplexity  # noqa: E402
-from slowllama.formats import open_checkpoint  # noqa: E402
-from slowllama.lora import load_adapters  # noqa: E402
-from slowllama.model import ConfigError, check_sliding_window  # noqa: E402
-from slowllama.tokenizer import load_tokenizer  # noqa: E402
-
-
-def run(*, model_dir: str, data: str, seq_len: int | None = None, batch_size: int = 8, device: str = "auto",
-        dtype: str = "float32", lora: str | None = None, train_on_prompt: bool = False) -> dict:
-    """{"loss", "ppl", "tokens", "seconds"} of the model on the data file."""
-    if batch_size < 1:
-        raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
-    if dtype not in COMPUTE_DTYPES:
-        raise ConfigError(f"--compute-dtype {dtype!r}: expected one of {', '.join(COMPUTE_DTYPES)}")
-    torch_device = pick_device(device)
-    check_compute_dtype(torch_device, COMPUTE_DTYPES[dtype])
-    ckpt = open_checkpoint(model_dir)
-    args = ckpt.args
-    seq_len = min(512, args.max_seq_len) if seq_len is None else seq_len
-    if seq_len > args.max_seq_len:
-        raise ConfigError(f"--seq-len {seq_len} is longer than the model's context of {args.max_seq_len} tokens")
-    check_sliding_window(args, seq_len)
-    tokenizer = load_tokenizer(model_dir)
-    batches = eval_batches(load_data(data, tokenizer, seq_len, train_on_prompt), batch_size)
-    top = max(int(x.max()) for x, _ in batches)
-    if top >= args.vocab_size:
-        raise ConfigError(f"{tokenizer.path}: token id {top} is beyond the model's vocab_size {args.vocab_size}")
-    adapters = load_adapters(Path(lora), args) if lora else None
-
-    def read(name):
-        params = ckpt.read_module(name)
-        return adapters.merge(name, params) if adapters else params
-
-    start = time.perf_counter()
-    loss_sum, n = evaluate(read, args, batches, torch_device, COMPUTE_DTYPES[dtype])
-    loss, ppl = perplexity(loss_sum, n)
-    return {"loss": loss, "ppl": ppl, "tokens": n, "seconds": time.perf_counter() - start}
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("model_dir", help="checkpoint folder: Meta (params.json) or Hugging Face (config.json)")
-    p.add_argument("--data", required=True, help="a text file, or .jsonl records as finetune.py reads them")
-    p.add_argument("--seq-len", type=int, default=None, help="tokens per window (default: 512 or the context)")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    p.add_argument("--compute-dtype", default="float32", help="float32, bfloat16 or float16")
-    p.add_argument("--lora", help="LoRA adapters: lora_adapters.blk or a PEFT folder")
-    p.add_argument("--train-on-prompt", action="store_true", help="JSONL: score prompts and every turn too")
-    a = p.parse_args(argv)
-    try:
-        out = run(model_dir=a.model_dir, data=a.data, seq_len=a.seq_len, batch_size=a.batch_size, device=a.device,
-                  dtype=a.compute_dtype, lora=a.lora, train_on_prompt=a.train_on_prompt)
-    except (ConfigError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"{out['tokens']} tokens in {out['seconds']:.1f} s", file=sys.stderr)
-    print(json.dumps({k: out[k] for k in ("loss", "ppl", "tokens")}))
-    return 0
-
+from slowllama.cli.perplexity import main, run  # noqa: E402, F401
 
 if __name__ == "__main__":
     sys.exit(main())

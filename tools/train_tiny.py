@@ -1,9 +1,9 @@
 """Train a tiny Llama on test_data/corpus.txt and save it in Meta's format.
 
-    python tools/train_tiny.py [--out test_data/tiny] [--steps N]
+    python tools/train_tiny.py [--out slowllama/demo/tiny] [--steps N]
 
 The tokenizer (512 pieces, byte fallback) is trained on the corpus plus
-test_data/demo_fact.txt, so the fact's words tokenize into sensible pieces; the
+slowllama/demo/demo_fact.txt, so the fact's words tokenize into sensible pieces; the
 model itself is trained on the corpus only, so the fact is new to it. The run is
 seeded and single-process on CPU: the same arguments on the same torch give the
 same checkpoint. At the end it prints greedy completions of a corpus-like prompt
@@ -26,13 +26,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_test_model import train_tokenizer  # noqa: E402
-from slowllama.checkpoint import save_meta  # noqa: E402
-from slowllama.model import ModelArgs, Transformer  # noqa: E402
+
+from slowllama.cli.finetune import DEMO_DATA, DEMO_MODEL  # noqa: E402
+from slowllama.formats.meta import save_meta  # noqa: E402
+from slowllama.model.transformer import ModelArgs, Transformer  # noqa: E402
 
 PARAMS = {"dim": 128, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "multiple_of": 32, "norm_eps": 1e-5,
           "vocab_size": -1}  # as in Llama 2: the loader takes the vocabulary size from tokenizer.model
 CORPUS = ROOT / "test_data" / "corpus.txt"
-FACT = ROOT / "test_data" / "demo_fact.txt"
+FACT = DEMO_DATA
 CORPUS_PROMPT = "On Monday morning it was"
 FACT_PROMPT_WORDS = 6  # "The clock tower of Vellmoor Island"
 
@@ -74,7 +76,7 @@ def greedy(model: Transformer, sp, prompt: str, n_tokens: int = 20) -> str:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default=str(ROOT / "test_data" / "tiny"))
+    p.add_argument("--out", default=str(DEMO_MODEL))
     p.add_argument("--steps", type=int, default=4000)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=128)

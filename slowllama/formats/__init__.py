@@ -3,13 +3,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..model import ConfigError
+from ..errors import ConfigError
+
 
 def open_checkpoint(folder: str | Path):
     """A MetaCheckpoint for a folder with params.json, an HFCheckpoint for one with config.json."""
     folder = Path(folder)
     if (folder / "params.json").is_file():
-        from ..checkpoint import MetaCheckpoint
+        from .meta import MetaCheckpoint
 
         return MetaCheckpoint(folder)
     if (folder / "config.json").is_file():

@@ -17,7 +17,8 @@ import torch
 
 from .. import faults
 from ..device import all_finite
-from ..model import ROPE_SCALING_KEYS, ConfigError, ModelArgs, module_names
+from ..errors import ConfigError
+from ..model.transformer import ROPE_SCALING_KEYS, ModelArgs, module_names
 from ..paths import HF_INDEX_FILE, HF_SIDE_FILES, HF_SINGLE_FILE
 from .safetensors_writer import DTYPE_CODES, SafetensorsWriter
 
@@ -204,7 +205,7 @@ def config_from_args(args: ModelArgs, dtype: str, bos_id: int | None = None, eos
 
 def expected_shapes(args: ModelArgs, module: str) -> dict[str, tuple[int, ...]]:
     """checkpoint.expected_shapes, less the output weight of a tied model (it has none of its own)."""
-    from ..checkpoint import expected_shapes as meta_shapes
+    from .meta import expected_shapes as meta_shapes
 
     if module == "output" and args.tie_word_embeddings:
         return {}

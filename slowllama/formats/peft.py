@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 
-from ..lora import TARGETS, Adapters, LoraConfig, _shape
+from ..errors import ConfigError
 from ..fsutil import read_json_object
-from ..model import ConfigError, ModelArgs
+from ..model.lora import TARGETS, Adapters, LoraConfig, _shape
+from ..model.transformer import ModelArgs
 from ..paths import PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE
 from .hf import _rope_heads, from_meta, to_hf_name, to_meta, to_meta_name
 
@@ -77,8 +78,8 @@ def peft_files(adapters: Adapters, args: ModelArgs, base_model_name_or_path: str
 def export_peft(out_dir: Path, adapters: Adapters, args: ModelArgs, base_model_name_or_path: str,
                 marker: dict | None = None) -> Path:
     """Write a PEFT folder at out_dir, replacing an earlier slowllama export there atomically."""
-    from ..fsutil import atomic_write_bytes, fsync_dir
-    from ..paths import check_folder, mark_owned, remove_stale_tmp, replace_dir, tmp_path
+    from ..fsutil import atomic_write_bytes, fsync_dir, tmp_path
+    from ..paths import check_folder, mark_owned, remove_stale_tmp, replace_dir
 
     out_dir = Path(out_dir)
     check_folder(out_dir, "export", "--out")

@@ -12,19 +12,21 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Collection
 
-import psutil
 import torch
 
-from .blackbox import materialize
-from .checkpoint import expected_shapes
-from .model import ConfigError, KVCache, ModelArgs, module_names
+from ..device import memory_budget
+from ..engine.streamer import materialize
+from ..errors import ConfigError
+from ..formats.meta import expected_shapes
+from ..model.transformer import KVCache, ModelArgs, module_names
+
 
 def compute_dtype(device: torch.device) -> torch.dtype:
     """bf16 where the device has its kernels; fp32 on cpu, where it keeps greedy decoding exact."""
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     if device.type == "mps":
-        from .device import _mps_supports_bf16
+        from ..device import _mps_supports_bf16
 
         return torch.bfloat16 if _mps_supports_bf16() else torch.float16
     return torch.float32

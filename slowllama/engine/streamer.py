@@ -19,10 +19,11 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import compat
-from . import device as dev
-from .model import ModelArgs, build_module
-from .store import DTYPES, Block, BlockStore
+from .. import compat
+from .. import device as dev
+from ..blockfile import DTYPES, Block
+from ..model.transformer import ModelArgs, build_module
+from .store import BlockStore
 
 log = logging.getLogger(__name__)
 

@@ -36,16 +36,17 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from . import device as dev
-from . import faults
-from .blackbox import Streamer
-from .data import IGNORE
+from .. import device as dev
+from .. import faults
+from ..blockfile import Block, StoreError, read_block, write_block
+from ..data.windows import IGNORE
+from ..errors import ConfigError
+from ..model.lora import ADAPTERS, Adapters, LoraConfig
 from .journal import batch_hash
-from .lora import ADAPTERS, Adapters, LoraConfig
-from .model import ConfigError
 from .optim import OptimConfig
 from .plan import ModuleSize, StepPlan, cached_input_bytes, module_sizes, plan_step
-from .store import Block, BlockStore, StoreError, read_block, write_block
+from .store import BlockStore
+from .streamer import Streamer
 from .update import FullUpdate, LoraUpdate, NonFiniteError, clip_coefficient, tied_grad_in_ram
 
 log = logging.getLogger(__name__)
@@ -143,7 +144,7 @@ class Trainer:
         # the rest stays for the minimal turn, the module computing and the one prefetched.
         self.device_budget = math.inf
         if device.type == "cuda":
-            from .generate import memory_budget
+            from ..device import memory_budget
 
             self.device_budget = memory_budget(device) / 2
         self.plan: StepPlan | None = None  # the plan of the step running, from its micro-batches' shape
@@ -512,7 +513,7 @@ def estimate_io(store: BlockStore, cfg: TrainConfig, batch_shape: tuple[int, int
 
 def _adapter_file_bytes(args, cfg: TrainConfig) -> int:
     """Size of the adapter file after a step: encode one with zeroed optimizer state."""
-    from .store import encode_block
+    from ..blockfile import encode_block
 
     ad = Adapters.init(args, cfg.lora, 0)
     keys = {"sgd": ["momentum_buffer"] if cfg.optim.momentum else [], "adamw": ["exp_avg", "exp_avg_sq"]}

@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from .model import ConfigError
+from ..errors import ConfigError
 from .schedule import SCHEDULES
 
 MATH, OUTPUT, SESSION = "math", "output", "session"

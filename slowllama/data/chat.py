@@ -13,8 +13,8 @@ from contextvars import ContextVar
 from datetime import datetime
 from functools import lru_cache
 
-from .model import ConfigError
-from .tokenizer import Tokenizer
+from ..errors import ConfigError
+from ..formats.tokenizer import Tokenizer
 
 _GENERATION_TAG = ContextVar("generation_spans", default=None)  # (blocks rendered so far, spans) while tracking
 

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .model import ModelArgs
-from .store import DTYPES
+from ..blockfile import DTYPES
+from ..model.transformer import ModelArgs
 
 
 @dataclass(frozen=True)

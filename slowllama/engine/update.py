@@ -12,13 +12,14 @@ from typing import Callable
 
 import torch
 
-from . import device as dev
-from .blackbox import Streamer, materialize
+from .. import device as dev
+from ..blockfile import Block, write_block
+from ..errors import ConfigError
+from ..model.lora import ADAPTERS, Adapters, LoraConfig
 from .journal import Journal, ResumePoint
-from .lora import ADAPTERS, Adapters, LoraConfig
-from .model import ConfigError
 from .optim import step_module, stochastic_round
-from .store import Block, BlockStore, write_block
+from .store import BlockStore
+from .streamer import Streamer, materialize
 
 
 class NonFiniteError(RuntimeError):

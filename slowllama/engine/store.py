@@ -7,22 +7,32 @@ import json
 import logging
 import os
 import shutil
-import struct
 import time
 import zlib
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 import xxhash
 
-from . import faults
-from .checkpoint import EXTRAS, MetaCheckpoint, full_key, split_key
-from .fsutil import IO, atomic_write_bytes, atomic_write_json, fsync_dir
-from .paths import remove_stale_tmp, tmp_path
-from .device import all_finite
-from .model import ConfigError, ModelArgs, module_names
+from .. import faults
+from ..blockfile import (
+    DTYPE_NAMES,
+    DTYPES,
+    FORMAT,
+    Block,
+    StoreError,
+    StoreFormatError,
+    read_block,
+    read_header,
+    write_block,
+)
+from ..device import all_finite
+from ..errors import ConfigError
+from ..formats.meta import EXTRAS, MetaCheckpoint, full_key, split_key
+from ..fsutil import atomic_write_json, fsync_dir, tmp_path
+from ..model.transformer import ModelArgs, module_names
+from ..paths import remove_stale_tmp
 
 log = logging.getLogger(__name__)
 
@@ -268,7 +278,7 @@ def export_store(store: BlockStore, source_dir: Path, out_dir: Path, *, n_shards
 
     transform(module, params) may change a module's parameters on the way out (LoRA merging).
     """
-    from .checkpoint import export_meta, find_tokenizer
+    from ..formats.meta import export_meta, find_tokenizer
 
     src, out_dir = Path(source_dir), Path(out_dir)
 
@@ -284,15 +294,15 @@ def export_store(store: BlockStore, source_dir: Path, out_dir: Path, *, n_shards
                     tensors=store.tensors, n_shards=n_shards or store.n_shards, modules=store.modules,
                     read_module=read, progress=progress, extra_files=extra_files, marker=marker)
         return
-    from .formats.hf import SIDE_FILES, config_from_args, export_hf
-    from .paths import check_folder, mark_owned, remove_stale_tmp, replace_dir
+    from ..formats.hf import SIDE_FILES, config_from_args, export_hf
+    from ..paths import check_folder, mark_owned, remove_stale_tmp, replace_dir
 
     check_folder(out_dir, "export", "--out")
     remove_stale_tmp(out_dir)
     config, config_src, extra = None, src / "config.json", dict(extra_files or {})
     side = [src / n for n in SIDE_FILES if (src / n).is_file()]
     if store.source_format == "meta":  # converting: the config and tokenizer files come from the Meta folder
-        from .tokenizer import SentencePieceTokenizer, load_tokenizer
+        from ..formats.tokenizer import SentencePieceTokenizer, load_tokenizer
 
         tok_path = find_tokenizer(src)
         tok = load_tokenizer(tok_path)
@@ -316,7 +326,7 @@ def export_store(store: BlockStore, source_dir: Path, out_dir: Path, *, n_shards
 
 
 def _hf_keys(args: ModelArgs) -> set[str]:
-    from .formats.hf import expected_keys
+    from ..formats.hf import expected_keys
 
     return set(expected_keys(args))
 

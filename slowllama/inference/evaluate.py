@@ -8,9 +8,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .data import IGNORE, Examples, TokenWindows
-from .generate import ModuleCache, memory_budget
-from .model import ModelArgs
+from ..data.windows import IGNORE, Examples, TokenWindows
+from ..device import memory_budget
+from ..model.transformer import ModelArgs
+from .generate import ModuleCache
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # inputs (bs, seq_len) and targets (bs, seq_len), IGNORE where untrained
 

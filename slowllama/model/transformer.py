@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ConfigError
+from ..errors import ConfigError
+from ..fsutil import read_json_object
 
 
 @dataclass
@@ -91,8 +92,6 @@ class ModelArgs:
 
     @classmethod
     def from_json(cls, path: str | Path) -> "ModelArgs":
-        from .fsutil import read_json_object
-
         path = Path(path)
         raw = read_json_object(path)
         known = {f.name for f in fields(cls)}

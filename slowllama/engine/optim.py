@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .device import to_device
-from .model import ConfigError
+from ..device import to_device
+from ..errors import ConfigError
 
 OPTIMIZERS = ("sgd", "adamw")
 

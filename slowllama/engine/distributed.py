@@ -41,11 +41,11 @@ import torch
 import torch.distributed as dist
 import xxhash
 
-from .blackbox import Streamer
-from .model import ConfigError
-from .paths import tmp_path
-from .store import Block, StoreError, read_block
-from .trainer import StepResult, Trainer, ActivationCache
+from ..blockfile import Block, StoreError, read_block
+from ..errors import ConfigError
+from ..fsutil import tmp_path
+from .streamer import Streamer
+from .trainer import ActivationCache, StepResult, Trainer
 
 log = logging.getLogger(__name__)
 

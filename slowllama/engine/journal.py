@@ -56,9 +56,10 @@ from typing import Callable
 import torch
 import xxhash
 
-from . import device as dev
-from .fsutil import atomic_write_json
-from .store import Block, BlockStore, StoreError, read_block, write_block
+from .. import device as dev
+from ..blockfile import Block, StoreError, read_block, write_block
+from ..fsutil import atomic_write_json
+from .store import BlockStore
 
 log = logging.getLogger(__name__)
 

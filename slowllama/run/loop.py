@@ -14,27 +14,41 @@ import psutil
 import torch
 from tqdm import tqdm
 
-from . import device as dev
-from . import distributed
-from .checkpoint import MetaCheckpoint, check_shard_count
-from .data import load_data
-from .fsutil import IO, atomic_write_bytes, atomic_write_json
-from .lora import Adapters, LoraConfig
-from .evaluate import eval_batches, perplexity
-from .evaluate import evaluate as evaluate_layer_major
-from .formats import open_checkpoint
-from .formats.peft import peft_files
-from .generate import ModuleCache, check_context, complete, memory_budget
-from .model import ConfigError, check_sliding_window
-from .optim import OptimConfig
+from .. import device as dev
+from ..blockfile import DTYPES, StoreError
+from ..data.windows import load_data
+from ..device import memory_budget
+from ..engine import distributed
+from ..engine.optim import OptimConfig
+from ..engine.store import BlockStore, export_store, open_or_prepare
+from ..engine.trainer import TrainConfig, estimate_io
+from ..engine.update import tied_grad_in_ram
+from ..errors import ConfigError
+from ..formats import open_checkpoint
+from ..formats.meta import MetaCheckpoint, check_shard_count
+from ..formats.peft import peft_files
+from ..formats.tokenizer import load_tokenizer
+from ..fsutil import IO, atomic_write_bytes, atomic_write_json
+from ..inference.evaluate import eval_batches, perplexity
+from ..inference.evaluate import evaluate as evaluate_layer_major
+from ..inference.generate import ModuleCache, check_context, complete
+from ..model.lora import Adapters, LoraConfig
+from ..model.transformer import check_sliding_window
+from ..paths import (
+    check_folder,
+    checkpoint_dir,
+    claim_folder,
+    lock_out_dir,
+    lock_work_dir,
+    mark_owned,
+    owner_info,
+    prune_checkpoints,
+    remove_owned,
+    restore_interrupted_swap,
+    run_outputs,
+)
 from .options import MATH, OUTPUT, PATHS, RESUME_MAY_CHANGE, SAVED_EXTRAS, SESSION, RunOptions, parse_size
-from .paths import (check_folder, checkpoint_dir, claim_folder, lock_out_dir, lock_work_dir, mark_owned, owner_info,
-                    prune_checkpoints, remove_owned, restore_interrupted_swap, run_outputs)
 from .schedule import lr_at
-from .store import DTYPES, BlockStore, StoreError, export_store, open_or_prepare
-from .tokenizer import load_tokenizer
-from .trainer import TrainConfig, estimate_io
-from .update import tied_grad_in_ram
 
 log = logging.getLogger("slowllama")
 LOG_NAME = "train_log.jsonl"

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import ConfigError
+from ..formats.tokenizer import Tokenizer
 from .chat import encode_chat
-from .model import ConfigError
-from .tokenizer import Tokenizer
 
 
 def read_text(path: str | Path) -> str:

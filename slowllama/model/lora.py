@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .model import ConfigError, ModelArgs
-from .store import Block, read_block, write_block
+from ..blockfile import Block, read_block, write_block
+from ..errors import ConfigError
+from .transformer import ModelArgs
 
 ADAPTERS = "lora_adapters"  # what an adapter file's header says it holds
 _LAYER = re.compile(r"layers\.(0|[1-9]\d*)")  # an adapter's module: a transformer block

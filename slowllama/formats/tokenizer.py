@@ -14,7 +14,7 @@ import re
 from abc import ABCMeta, abstractmethod
 from pathlib import Path
 
-from .model import ConfigError
+from ..errors import ConfigError
 
 
 class _OpensByContent(ABCMeta):

@@ -16,10 +16,11 @@ from typing import Callable, Iterator
 
 import torch
 
-from . import compat, faults
-from .device import all_finite
-from .fsutil import write_error
-from .model import ConfigError, ModelArgs, module_names
+from .. import compat, faults
+from ..device import all_finite
+from ..errors import ConfigError
+from ..fsutil import write_error
+from ..model.transformer import ModelArgs, module_names
 
 log = logging.getLogger(__name__)
 
@@ -342,8 +343,8 @@ def export_meta(
     once, so each module is read once and sliced into all of them. extra_files
     (name -> bytes) go beside the shards, e.g. the run's log.
     """
-    from .fsutil import atomic_write_bytes, fsync_dir, fsync_file
-    from .paths import check_folder, mark_owned, remove_stale_tmp, replace_dir, tmp_path
+    from ..fsutil import atomic_write_bytes, fsync_dir, fsync_file, tmp_path
+    from ..paths import check_folder, mark_owned, remove_stale_tmp, replace_dir
 
     check_shard_count(args, n_shards)
     check_folder(out_dir, "export", "--out")

@@ -1,0 +1,1 @@
+"""The command lines, as functions that take argv."""

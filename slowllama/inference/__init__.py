@@ -1,0 +1,1 @@
+"""Using a model without training it: KV-cache generation and layer-major evaluation (loss, perplexity)."""
