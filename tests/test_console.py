@@ -34,3 +34,24 @@ def test_unknown_command_is_one_line(capsys):
 def test_python_dash_m_runs_the_same_command():
     r = subprocess.run([sys.executable, "-m", "slowllama", "generate"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "usage: slowllama generate" in r.stderr  # argparse: MODEL_DIR is missing
+
+
+def test_finetune_help_lists_every_option_once_in_its_group(capsys):
+    from dataclasses import fields
+
+    from slowllama.run.options import HELP_GROUPS, RunOptions
+
+    with pytest.raises(SystemExit):
+        main(["finetune", "--help"])
+    out = capsys.readouterr().out
+    heads = [out.index(f"\n{title}:\n") for title in HELP_GROUPS.values()]
+    assert heads == sorted(heads)  # the groups in RunOptions' order
+    names = [f.name for f in fields(RunOptions)]
+    starts = [names.index(first) for first in HELP_GROUPS]
+    for i, f in enumerate(fields(RunOptions)):
+        shown = f.name if f.metadata.get("positional") else RunOptions.flag(f.name)
+        at = [k for k in range(len(out)) if out.startswith(f"  {shown} ", k) or out.startswith(f"  {shown}\n", k)]
+        assert len(at) == 1, shown
+        g = max(j for j, s in enumerate(starts) if s <= i)  # the group whose range holds this field
+        end = heads[g + 1] if g + 1 < len(heads) else len(out)
+        assert heads[g] < at[0] < end, f"{shown} is not under {list(HELP_GROUPS.values())[g]!r}"

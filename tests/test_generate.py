@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import test_gen
+from slowllama import device as dev
 from slowllama.device import memory_budget
 from slowllama.errors import ConfigError
 from slowllama.inference import generate as gen
@@ -106,15 +107,15 @@ def test_generation_budget_follows_the_device_memory(monkeypatch):
     """The budget is what cuda says is free, MPS's recommended working set less what it holds, or available RAM."""
     gib = 1 << 30
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (3 * gib, 80 * gib))
-    assert memory_budget(torch.device("cuda")) == int(3 * gib * (1 - gen.HEADROOM))
+    assert memory_budget(torch.device("cuda")) == int(3 * gib * (1 - dev.HEADROOM))
     monkeypatch.setattr(torch.mps, "recommended_max_memory", lambda: 16 * gib)
     monkeypatch.setattr(torch.mps, "driver_allocated_memory", lambda: 6 * gib)
-    assert memory_budget(torch.device("mps")) == int(10 * gib * (1 - gen.HEADROOM))
+    assert memory_budget(torch.device("mps")) == int(10 * gib * (1 - dev.HEADROOM))
 
     class Mem:
         available = 5 * gib
-    monkeypatch.setattr(gen.psutil, "virtual_memory", lambda: Mem)
-    assert memory_budget(torch.device("cpu")) == int(5 * gib * (1 - gen.HEADROOM))
+    monkeypatch.setattr(dev.psutil, "virtual_memory", lambda: Mem)
+    assert memory_budget(torch.device("cpu")) == int(5 * gib * (1 - dev.HEADROOM))
     # A cache on a device with little free memory keeps fewer modules than one with much.
     args = ModelArgs(dim=1024, n_layers=8, n_heads=8, vocab_size=32000, intermediate_size=2816)
     total = sum(module_nbytes(args, n, torch.bfloat16) for n in module_names(args))

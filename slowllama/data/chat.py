@@ -73,8 +73,8 @@ def has_generation_tag(template: str) -> bool:
 
 
 def render(template: str, messages: list[dict], *, add_generation_prompt: bool = False,
-           variables: dict | None = None) -> tuple[str, list[tuple[int, int]]]:
-    """(text, character spans of its {% generation %} blocks)."""
+           variables: dict | None = None, where: str | None = None) -> tuple[str, list[tuple[int, int]]]:
+    """(text, character spans of its {% generation %} blocks). `where` (file:line) leads a refusal's line."""
     import jinja2
 
     compiled = _compile(template)
@@ -86,7 +86,7 @@ def render(template: str, messages: list[dict], *, add_generation_prompt: bool =
                                        add_generation_prompt=add_generation_prompt, **(variables or {})):
             blocks.append(block)
     except jinja2.TemplateError as e:
-        raise ConfigError(f"chat template refused the conversation: {e}") from e
+        raise ConfigError(f"{where + ': ' if where else ''}chat template refused the conversation: {e}") from e
     finally:
         _GENERATION_TAG.reset(token)
     return "".join(blocks), spans
@@ -109,8 +109,8 @@ def assistant_spans(template: str, messages: list[dict], text: str, variables: d
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        before, _ = render(template, messages[:i], add_generation_prompt=True, variables=variables)
-        upto, _ = render(template, messages[: i + 1], variables=variables)
+        before, _ = render(template, messages[:i], add_generation_prompt=True, variables=variables, where=where)
+        upto, _ = render(template, messages[: i + 1], variables=variables, where=where)
         if not (upto.startswith(before) and text.startswith(upto)):
             raise ConfigError(f"{where}: the chat template renders messages[{i}] differently inside and at the end "
                               f"of the conversation, so its assistant text cannot be located; use a template with "
@@ -128,7 +128,7 @@ def encode_chat(tokenizer: Tokenizer, messages: list[dict], *, train_on_prompt: 
         raise ConfigError(f"{where}: chat messages need a chat template, and {tokenizer.path} has none "
                           f"(chat_template.jinja or chat_template in tokenizer_config.json)")
     variables = dict(tokenizer.template_tokens)
-    text, spans = render(template, messages, variables=variables)
+    text, spans = render(template, messages, variables=variables, where=where)
     ids, offsets = tokenizer.encode_with_offsets(text)
     if train_on_prompt:
         return ids, [True] * len(ids)

@@ -51,6 +51,11 @@ DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # transformers' "5GB"
 _LAYER = re.compile(r"^(model\.layers\.|layers\.)(\d+)\.(.+)$")
 
 
+def _keys(path: Path) -> list[str]:
+    with _safe_open(path) as f:
+        return list(f.keys())
+
+
 def _template(key: str) -> tuple[str, int | None]:
     m = _LAYER.match(key)
     return (f"{m.group(1)}{{}}.{m.group(3)}", int(m.group(2))) if m else (key, None)
@@ -179,8 +184,15 @@ def args_from_config(config_json_path: str | Path) -> ModelArgs:
             tie_word_embeddings=raw.get("tie_word_embeddings", False),
             sliding_window=sliding,
         )
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from e
+    except ConfigError as e:  # ModelArgs names its own fields; the user's file names them as config.json does
+        msg = str(e)
+        ours = msg.split(" ", 1)[0]
+        raise ConfigError(f"{path}: {HF_KEY_OF.get(ours, ours)}{msg[len(ours):]}") from e
+
+
+# ModelArgs' field -> the config.json key it is read from, for error lines.
+HF_KEY_OF = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
+             "n_kv_heads": "num_key_value_heads", "norm_eps": "rms_norm_eps", "max_seq_len": "max_position_embeddings"}
 
 
 def config_from_args(args: ModelArgs, dtype: str, bos_id: int | None = None, eos_id: int | None = None) -> dict:
@@ -296,6 +308,12 @@ class HFCheckpoint:
     def _check_layout(self):
         """Check every tensor's name, dtype and shape against config.json, from the file headers alone."""
         a = self.args
+        # The layer count first, from the names alone: a config.json that says 10**9 layers must not make us list
+        # 10**9 layers' tensors before finding out.
+        held = {i for path in self.shards for k in _keys(path) if (i := _template(k)[1]) is not None}
+        if len(held) != a.n_layers or (held and (min(held) != 0 or max(held) != a.n_layers - 1)):
+            raise ConfigError(f"{self.config_path}: num_hidden_layers is {a.n_layers}, but the weights hold "
+                              f"{len(held)} layers" + (f" (numbered {min(held)} to {max(held)})" if held else ""))
         expected = {k: s for m in module_names(a) for k, s in
                     ((f"{m}.{p}", s) for p, s in expected_shapes(a, m).items())}
         seen: dict[str, tuple[Path, str]] = {}

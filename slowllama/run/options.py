@@ -209,20 +209,30 @@ def _at_least(o: RunOptions, name: str, low: int):
 _FIELDS = {f.name: f for f in fields(RunOptions)}
 
 
+# --help lists the options in these groups, in RunOptions' order: each group runs from the field named here to
+# the next group's, so an option added to RunOptions lands in the group of its neighbours.
+HELP_GROUPS = {"model_dir": "model and data", "iters": "training", "lora_rank": "LoRA",
+               "eval_every": "reports and export", "overwrite_out": "where and how fast"}
+
+
 def add_arguments(p: argparse.ArgumentParser):
-    """RunOptions as command-line flags. Defaults are left out of the namespace (SUPPRESS),
+    """RunOptions as command-line flags, by HELP_GROUPS. Defaults are left out of the namespace (SUPPRESS),
     so that what a user typed can be told from what they did not."""
+    group = p
     for f in fields(RunOptions):
         md = f.metadata
+        if f.name in HELP_GROUPS:
+            group = p.add_argument_group(HELP_GROUPS[f.name])
         hint = f"{md['help']} (default: {f.default})" if f.default not in (None, False, "") else md["help"]
         if md.get("positional"):
-            p.add_argument(f.name, nargs="?", default=argparse.SUPPRESS, help=md["help"])
+            group.add_argument(f.name, nargs="?", default=argparse.SUPPRESS, help=md["help"])
         elif isinstance(f.default, bool):
-            p.add_argument(RunOptions.flag(f.name), action="store_true", default=argparse.SUPPRESS, help=md["help"])
+            group.add_argument(RunOptions.flag(f.name), action="store_true", default=argparse.SUPPRESS,
+                               help=md["help"])
         else:
             typ = {"int": int, "float": float, "int | None": int, "str": str, "str | None": str}[str(f.type)]
-            p.add_argument(RunOptions.flag(f.name), type=typ, default=argparse.SUPPRESS, choices=md.get("choices"),
-                           help=hint)
+            group.add_argument(RunOptions.flag(f.name), type=typ, default=argparse.SUPPRESS,
+                               choices=md.get("choices"), help=hint)
 
 
 def read_config(path: str | Path) -> dict:
