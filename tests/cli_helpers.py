@@ -107,3 +107,14 @@ def probe_data(tmp_path_factory) -> Path:
     p = tmp_path_factory.mktemp("probe-data") / "data.txt"
     p.write_text(CORPUS.read_text(encoding="utf-8")[:4000], encoding="utf-8")
     return p
+
+
+def edit_json(path: Path, changes: dict):
+    """Set each key of a JSON file to its value in `changes`, or remove it where the value is None."""
+    d = json.loads(path.read_text())
+    for k, v in changes.items():
+        if v is None:
+            d.pop(k, None)
+        else:
+            d[k] = v
+    path.write_text(json.dumps(d))

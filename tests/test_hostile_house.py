@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli_helpers import SMALL, assert_unchanged, env, snapshot
+from tests.cli_helpers import SMALL, assert_unchanged, edit_json, env, snapshot
 from tests.test_hostile_cli import cli, ok, refused
 
 transformers = pytest.importorskip("transformers")
@@ -54,13 +54,7 @@ def test_hub_cache_folder_trains_and_its_blobs_stay_untouched(hf, tmp_path):
 
 def edited_config(hf: Path, tmp_path: Path, **changes) -> Path:
     folder = shutil.copytree(hf, tmp_path / "model")
-    cfg = json.loads((folder / "config.json").read_text())
-    for k, v in changes.items():
-        if v is None:
-            cfg.pop(k, None)
-        else:
-            cfg[k] = v
-    (folder / "config.json").write_text(json.dumps(cfg))
+    edit_json(folder / "config.json", changes)
     return folder
 
 

@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.cli_helpers import edit_json
+
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "test_data" / "corpus.txt"
 GOOD = ["--iters", "2", "--batch-size", "2", "--seq-len", "16", "--device", "cpu"]
@@ -74,13 +76,7 @@ def model_copy(base_model, tmp_path):
 
 def edit_params(**changes):
     def edit(d: Path):
-        p = json.loads((d / "params.json").read_text())
-        for k, v in changes.items():
-            if v is None:
-                p.pop(k, None)
-            else:
-                p[k] = v
-        (d / "params.json").write_text(json.dumps(p))
+        edit_json(d / "params.json", changes)
     return edit
 
 

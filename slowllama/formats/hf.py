@@ -141,6 +141,14 @@ def _rope(path: Path, raw: dict) -> tuple[float, dict | None]:
     return theta, scaling
 
 
+# ModelArgs' field -> the config.json key it is read from: args_from_config reads through it, and its error
+# lines name the user's key rather than ours.
+HF_KEY_OF = {"dim": "hidden_size", "intermediate_size": "intermediate_size", "n_layers": "num_hidden_layers",
+             "n_heads": "num_attention_heads", "vocab_size": "vocab_size", "n_kv_heads": "num_key_value_heads",
+             "head_dim": "head_dim", "norm_eps": "rms_norm_eps", "max_seq_len": "max_position_embeddings"}
+REQUIRED = ("dim", "intermediate_size", "n_layers", "n_heads", "vocab_size")  # no default in transformers either
+
+
 def args_from_config(config_json_path: str | Path) -> ModelArgs:
     """The architecture from a Llama or Mistral config.json; anything that changes the math is refused by name."""
     path = Path(config_json_path)
@@ -159,9 +167,9 @@ def args_from_config(config_json_path: str | Path) -> ModelArgs:
                       ("attention_dropout", 0.0), ("quantization_config", None)):
         if raw.get(key, want) != want:
             refuse(key, f"{raw[key]!r} is not supported (slowllama implements {want!r})")
-    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
-        if key not in raw:
-            refuse(key, "is missing")
+    for field in REQUIRED:
+        if HF_KEY_OF[field] not in raw:
+            refuse(HF_KEY_OF[field], "is missing")
     theta, scaling = _rope(path, raw)
     sliding = raw.get("sliding_window") if model_type == "mistral" else None
     dtype = raw.get("dtype", raw.get("torch_dtype"))
@@ -169,13 +177,9 @@ def args_from_config(config_json_path: str | Path) -> ModelArgs:
         refuse("dtype" if "dtype" in raw else "torch_dtype", f"{dtype!r} is not supported (float32, bfloat16, float16)")
     try:
         return ModelArgs(
-            dim=raw["hidden_size"],
-            n_layers=raw["num_hidden_layers"],
-            n_heads=raw["num_attention_heads"],
+            **{field: raw[HF_KEY_OF[field]] for field in REQUIRED},
             n_kv_heads=raw.get("num_key_value_heads") or raw["num_attention_heads"],
-            vocab_size=raw["vocab_size"],
             head_dim=raw.get("head_dim"),
-            intermediate_size=raw["intermediate_size"],
             norm_eps=raw.get("rms_norm_eps", 1e-6),
             rope_theta=theta,
             rope_scaling=scaling,
@@ -189,10 +193,6 @@ def args_from_config(config_json_path: str | Path) -> ModelArgs:
         ours = msg.split(" ", 1)[0]
         raise ConfigError(f"{path}: {HF_KEY_OF.get(ours, ours)}{msg[len(ours):]}") from e
 
-
-# ModelArgs' field -> the config.json key it is read from, for error lines.
-HF_KEY_OF = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
-             "n_kv_heads": "num_key_value_heads", "norm_eps": "rms_norm_eps", "max_seq_len": "max_position_embeddings"}
 
 
 def config_from_args(args: ModelArgs, dtype: str, bos_id: int | None = None, eos_id: int | None = None) -> dict:
