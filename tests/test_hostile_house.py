@@ -144,3 +144,21 @@ def test_ctrl_c_while_preparing_leaves_a_work_dir_that_starts_over(hf, tmp_path)
         assert "--resume" in last or "delete" in last, last
         ok(subprocess.run(args + ["--resume"], env=env(), capture_output=True, text=True, timeout=120))
     assert (out / "config.json").exists()
+
+
+@pytest.mark.parametrize("how", ["edited", "deleted"])
+def test_data_edited_or_deleted_before_a_resume_is_named(hf, tmp_path, how):
+    """A resume without --data reads the saved path: the file's hash, not its name, says whether the
+    steps still to come would draw the same batches."""
+    data = tmp_path / "d.txt"
+    data.write_text("The quick brown fox jumps over the lazy dog. " * 30)
+    out, work = tmp_path / "out", tmp_path / "work"
+    ok(cli("finetune", hf, "--data", data, "--out", out, "--work-dir", work, *SMALL, "--iters", "1"))
+    if how == "edited":
+        data.write_text("Another text entirely, of about the same size. " * 30)
+    else:
+        data.unlink()
+    before = snapshot(out, work)
+    last = refused(cli("finetune", hf, "--resume", "--work-dir", work, "--iters", "2"), str(data), "--data")
+    assert ("changed since the run began" if how == "edited" else "not found") in last, last
+    assert_unchanged(before, out, work, what="the run after a refused resume")

@@ -14,7 +14,7 @@ from slowllama.engine.optim import OptimConfig
 from slowllama.engine.store import prepare
 from slowllama.engine.trainer import TrainConfig, Trainer
 from slowllama.formats.meta import MetaCheckpoint
-from slowllama.run import loop as run_mod
+from slowllama.run import costs as costs_mod
 from slowllama.run.loop import finetune
 from slowllama.run.schedule import lr_at
 from tests.reference import random_batch, reference_model, reference_step, stored_params
@@ -109,20 +109,20 @@ def test_a_config_file_equals_the_same_flags_and_run_json_is_one(gqa_model, tmp_
 def test_a_run_that_writes_more_than_the_threshold_warns_up_front(gqa_model, tmp_path, capsys, monkeypatch):
     data = tmp_path / "d.txt"
     data.write_text("Anna counted the hens in the field. " * 20)
-    monkeypatch.setattr(run_mod, "WEAR_WARNING_BYTES", 1000)
+    monkeypatch.setattr(costs_mod, "WEAR_WARNING_BYTES", 1000)
     finetune(model_dir=gqa_model, data=data, out=tmp_path / "out", iters=1, seq_len=16, batch_size=2, device="cpu")
     printed = capsys.readouterr().out
     line = next(x for x in printed.splitlines() if x.startswith("disk per iteration"))
     assert line.endswith("TB)")
     warning = next(x for x in printed.splitlines() if x.startswith("warning:"))
     assert "--store-dtype bfloat16" in warning and "LoRA" in warning
-    monkeypatch.setattr(run_mod, "WEAR_WARNING_BYTES", 1e12)
+    monkeypatch.setattr(costs_mod, "WEAR_WARNING_BYTES", 1e12)
     finetune(model_dir=gqa_model, data=data, out=tmp_path / "out2", iters=1, seq_len=16, batch_size=2, device="cpu")
     assert "warning:" not in capsys.readouterr().out
 
 
 def test_the_estimate_counts_evaluation_passes_and_completions():
-    from slowllama.run.loop import eval_reads
+    from slowllama.run.costs import eval_reads
     from slowllama.run.options import RunOptions
 
     o = RunOptions(model_dir="m", data="d", iters=10, eval_every=4, prompt="Hi", gen_tokens=5)

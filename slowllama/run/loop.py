@@ -5,7 +5,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import os
 import time
 from pathlib import Path
@@ -17,12 +16,10 @@ from tqdm import tqdm
 from .. import device as dev
 from ..blockfile import DTYPES, StoreError
 from ..data.windows import load_data
-from ..device import memory_budget
 from ..engine import distributed
 from ..engine.optim import OptimConfig
 from ..engine.store import BlockStore, export_store, open_or_prepare
 from ..engine.trainer import TrainConfig, estimate_io
-from ..engine.update import tied_grad_in_ram
 from ..errors import ConfigError
 from ..formats import open_checkpoint
 from ..formats.meta import MetaCheckpoint, check_shard_count
@@ -47,14 +44,23 @@ from ..paths import (
     restore_interrupted_swap,
     run_outputs,
 )
-from .options import MATH, OUTPUT, PATHS, RESUME_MAY_CHANGE, SAVED_EXTRAS, SESSION, RunOptions, parse_size
+from .costs import print_costs
+from .options import (
+    MATH,
+    OUTPUT,
+    PATHS,
+    RESUME_MAY_CHANGE,
+    SAVED_EXTRAS,
+    SESSION,
+    RunOptions,
+    parse_size,
+)
 from .schedule import lr_at
 
 log = logging.getLogger("slowllama")
 LOG_NAME = "train_log.jsonl"
 KEEP_ON_EXPORT = (LOG_NAME, "loss.png")
 ADAPTERS_NAME = "lora_adapters.blk"
-WEAR_WARNING_BYTES = 1e12  # a run that writes more is told what that costs a laptop's SSD
 
 
 def _inside(a: Path, b: Path) -> bool:
@@ -77,14 +83,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return f"{n} B"
 
 
 def _bar(it, **kw):
@@ -118,9 +116,18 @@ def resolve_options(given: dict, resume: bool) -> tuple[RunOptions, dict]:
         if name in given and name not in RESUME_MAY_CHANGE and given[name] != getattr(o, name):
             diffs.append(f"{RunOptions.flag(name)} {given[name]} (the run has {getattr(o, name)})")
     for name in ("data", "val_data"):
-        if given.get(name) and _sha256(Path(given[name])) != saved.get(f"{name}_sha256"):
-            diffs.append(f"{RunOptions.flag(name)} {given[name]} (its content differs from the run's "
-                         f"{getattr(o, name)})")
+        # The saved hash, not the path, names the data: a file edited in place since the run began
+        # would silently change the batches of the steps still to come.
+        path = given.get(name) or getattr(o, name)
+        if not path or saved.get(f"{name}_sha256") is None:
+            continue
+        if not Path(path).is_file():
+            raise ConfigError(f"--resume: {RunOptions.flag(name)} {path} not found; the run trains on it. "
+                              f"Put it back or pass {RunOptions.flag(name)} with the same content")
+        if _sha256(Path(path)) != saved[f"{name}_sha256"]:
+            what = f"its content differs from the run's {getattr(o, name)}" if given.get(name) else \
+                "the file changed since the run began"
+            diffs.append(f"{RunOptions.flag(name)} {path} ({what})")
     if diffs:
         raise ConfigError("--resume: options differ from the saved run, which an exact resume must repeat: "
                           + "; ".join(diffs) + ". Start a new run with another --work-dir to change them")
@@ -198,7 +205,8 @@ def finetune(*, resume: bool = False, **given) -> dict:
             locks.append(lock_out_dir(out))
             # Under the lock: a run still going is refused above with its pid; none can export here meanwhile.
             check_out_run(out, work_dir, o)
-        return _run(o, resume, saved, ckpt, tokenizer, windows, val_batches, optim, lora, torch_device, ranks)
+        return Run(o, resume, saved, Prepared(ckpt, tokenizer, windows, val_batches, optim, lora, torch_device),
+                   ranks).train()
     except BaseException:
         if ranks.writer and new_work and not (work_dir / "run.json").exists():
             # Preparation found the checkpoint damaged: leave nothing of the run behind.
@@ -210,123 +218,147 @@ def finetune(*, resume: bool = False, **given) -> dict:
         distributed.teardown(ranks)
 
 
-def _run(o: RunOptions, resume: bool, saved: dict, ckpt, tokenizer, windows, val_batches, optim, lora,
-         torch_device, ranks: distributed.Ranks) -> dict:
-    model_dir, out, work_dir = Path(o.model_dir), Path(o.out), Path(o.work_dir)
-    run_path = work_dir / "run.json"
-    # LoRA reads a store that is never written, in the checkpoint's own dtype.
-    store_root = work_dir / ("base" if lora else "store")
-    store_dtype = ckpt.checkpoint_dtype() if lora else DTYPES[o.store_dtype]
-    if not ranks.writer:
-        ranks.wait("the preparation of the stores")
-    if resume:
-        if not (store_root / "manifest.json").exists():
-            raise ConfigError(f"--resume: {store_root} is missing; the run in {work_dir} cannot continue")
-        store = BlockStore(store_root)
-        if not store.matches(ckpt):
-            raise StoreError(f"--resume: {model_dir} is not the checkpoint {store_root} was prepared from "
-                             f"(its config, tokenizer or weights differ)")
-    else:
-        progress = _progress(work_dir) if ranks.writer else ""
-        if progress:
-            raise ConfigError(f"--work-dir {work_dir} holds a run {progress}: pass --resume to continue it, "
-                              f"or delete the folder to start over")
-        if ranks.writer:
-            store, prepared = open_or_prepare(ckpt, store_root, store_dtype,
-                                              progress=lambda it: _bar(it, desc="prepare", unit="module"))
-            log.info("%s store at %s", "prepared" if prepared else "reusing", store_root)
-        else:
-            store = BlockStore(store_root)
-        hashes = (_sha256(Path(o.data)), _sha256(Path(o.val_data)) if o.val_data else None)
-        saved = {**o.saved(), **dict(zip(SAVED_EXTRAS, (*hashes, ranks.world) if ranks.world > 1 else hashes))}
+@dataclasses.dataclass
+class Prepared:
+    """What finetune() read and checked before writing anything."""
+    ckpt: object
+    tokenizer: object
+    windows: object
+    val_batches: list
+    optim: OptimConfig
+    lora: LoraConfig | None
+    device: torch.device
+
+
+def train_config(o: RunOptions, optim: OptimConfig, lora: LoraConfig | None) -> TrainConfig:
     micro = o.micro_batch or (o.batch_size if o.grad_accum > 1 else None)
-    tcfg = TrainConfig(optim=optim, seed=o.seed, dropout=o.dropout, micro_batch=micro,
+    return TrainConfig(optim=optim, seed=o.seed, dropout=o.dropout, micro_batch=micro,
                        compute_dtype=DTYPES[o.compute_dtype], act_dtype=DTYPES[o.act_dtype],
                        ram_budget=parse_size(o.ram_budget), prefetch=not o.no_prefetch, verify=not o.no_verify,
                        stop_on_nonfinite_loss=o.stop_on_nan, lora=lora,
                        optim_state_dtype=DTYPES[o.optim_state_dtype], clip_grad_norm=o.clip_grad_norm,
                        lr_at=lambda step: lr_at(step, o.iters, o.lr, o.lr_schedule, o.warmup_iters, o.min_lr))
-    if ranks.writer:
-        ranks.wait("the preparation of the stores")
-    trainer = distributed.make_trainer(store, work_dir, torch_device, tcfg, progress=_bar, ranks=ranks,
-                                       rows_per_rank=o.batch_size)
-    try:
+
+
+class Run:
+    """One run once its folders are locked: its store and trainer, and the loop's pieces, one concern each
+    (the store, the batches, evaluation, saving, the log, the loop)."""
+
+    def __init__(self, o: RunOptions, resume: bool, saved: dict, p: Prepared, ranks: distributed.Ranks):
+        self.o, self.resume, self.p, self.ranks = o, resume, p, ranks
+        self.out, self.work_dir = Path(o.out), Path(o.work_dir)
+        self.log_path = self.out / LOG_NAME
+        self.store, self.saved = self._open_store(saved)
+        self.tcfg = train_config(o, p.optim, p.lora)
+        self.summary = {"out": str(self.out), "work_dir": str(self.work_dir), "losses": [], "rank": ranks.rank}
+        self.trainer = None
+
+    def _open_store(self, saved: dict) -> tuple[BlockStore, dict]:
+        """The run's block store, prepared from the checkpoint on a new run; and what run.json is to hold."""
+        o, ranks, ckpt = self.o, self.ranks, self.p.ckpt
+        # LoRA reads a store that is never written, in the checkpoint's own dtype.
+        root = self.work_dir / ("base" if self.p.lora else "store")
+        if not ranks.writer:
+            ranks.wait("the preparation of the stores")
+        if self.resume:
+            if not (root / "manifest.json").exists():
+                raise ConfigError(f"--resume: {root} is missing; the run in {self.work_dir} cannot continue")
+            store = BlockStore(root)
+            if not store.matches(ckpt):
+                raise StoreError(f"--resume: {o.model_dir} is not the checkpoint {root} was prepared from "
+                                 f"(its config, tokenizer or weights differ)")
+        else:
+            progress = _progress(self.work_dir) if ranks.writer else ""
+            if progress:
+                raise ConfigError(f"--work-dir {self.work_dir} holds a run {progress}: pass --resume to continue "
+                                  f"it, or delete the folder to start over")
+            if ranks.writer:
+                dtype = ckpt.checkpoint_dtype() if self.p.lora else DTYPES[o.store_dtype]
+                store, prepared = open_or_prepare(ckpt, root, dtype,
+                                                  progress=lambda it: _bar(it, desc="prepare", unit="module"))
+                log.info("%s store at %s", "prepared" if prepared else "reusing", root)
+            else:
+                store = BlockStore(root)
+            hashes = (_sha256(Path(o.data)), _sha256(Path(o.val_data)) if o.val_data else None)
+            saved = {**o.saved(), **dict(zip(SAVED_EXTRAS, (*hashes, ranks.world) if ranks.world > 1 else hashes))}
+        if ranks.writer:
+            ranks.wait("the preparation of the stores")
+        return store, saved
+
+    def _finished(self) -> bool:
+        """Whether a resumed run has nothing left to do; refuses --iters below the run's step."""
+        o, trainer = self.o, self.trainer
         trainer.update.resume_point()  # reads every module's header: a swapped or stale file stops here
         if trainer.step > o.iters:
-            raise ConfigError(f"--iters {o.iters}: the run in {work_dir} is already at iteration {trainer.step}")
-        if resume and trainer.step == o.iters and trainer.journal().get("phase", "idle") == "idle" \
-                and _export_step(out, store.model_id) == o.iters:
-            print(f"nothing to do: the run finished its {o.iters} iterations and {out} holds its export "
-                  f"(pass --iters N to train further)")
-            trainer.close()
-            return {"out": str(out), "work_dir": str(work_dir), "losses": [], "nothing_to_do": True}
-    except BaseException:
-        trainer.close()
-        raise
-    log_path = out / LOG_NAME
-    if ranks.writer and (resume and o.iters != saved["iters"] or not resume):
-        atomic_write_json(run_path, {**saved, **o.saved()})
-    if ranks.leader:
-        restore_interrupted_swap(out)
-        claim_folder(out, "export", "--out")
-        if not owner_info(out).get("run"):  # a new output folder: its log is this run's before any export is
-            mark_owned(out, "export", run=store.model_id, work_dir=str(work_dir))
-        if not resume:
-            log_path.unlink(missing_ok=True)
-    run_id = store.model_id
-    est = estimate_io(store, tcfg, (o.batch_size * o.grad_accum, o.seq_len))
-    if ranks.leader:  # one copy of the costs, however many ranks
-        print_costs(o, store, ckpt, tcfg, est, trainer.step, lora, resume, saved, bool(val_batches), torch_device,
-                    ranks.world)
+            raise ConfigError(f"--iters {o.iters}: the run in {self.work_dir} is already at iteration {trainer.step}")
+        return (self.resume and trainer.step == o.iters and trainer.journal().get("phase", "idle") == "idle"
+                and _export_step(self.out, self.store.model_id) == o.iters)
 
-    def batch_for(step):
+    def _claim_out(self):
+        """run.json, then the output folder: this run's, its log started afresh on a new run."""
+        o, ranks = self.o, self.ranks
+        if ranks.writer and (not self.resume or o.iters != self.saved["iters"]):
+            atomic_write_json(self.work_dir / "run.json", {**self.saved, **o.saved()})
+        if ranks.leader:
+            restore_interrupted_swap(self.out)
+            claim_folder(self.out, "export", "--out")
+            if not owner_info(self.out).get("run"):  # a new output folder: its log is this run's before any export
+                mark_owned(self.out, "export", run=self.store.model_id, work_dir=str(self.work_dir))
+            if not self.resume:
+                self.log_path.unlink(missing_ok=True)
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         # Gradient accumulation: the iteration's batches all pass through each block in one
         # layer-major pass, so no gradient is kept between them, on disk or in RAM.
         # Under torchrun: the global batch, the one a single process with --batch-size B×N draws;
         # each rank computes its own rows of it (distributed.DataParallelTrainer).
-        parts = [windows.batch(step * o.grad_accum + k, o.batch_size * ranks.world, o.seed)
+        o = self.o
+        parts = [self.p.windows.batch(step * o.grad_accum + k, o.batch_size * self.ranks.world, o.seed)
                  for k in range(o.grad_accum)]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
-    def evaluate(step):
-        if not ranks.leader:
+    def read_tuned(self, name: str) -> dict:
+        params = self.store.module_tensors(name)
+        return self.trainer.adapters.merge(name, params) if self.trainer.adapters else params
+
+    def evaluate(self, step: int) -> str | None:
+        """Validation loss and the sample completion at iteration step (rank 0 only); returns the completion."""
+        o, p = self.o, self.p
+        if not self.ranks.leader:
             return None
-        if val_batches:
-            trainer.streamer.flush()
-            v, ppl = perplexity(*evaluate_layer_major(read_tuned, store.args, val_batches, torch_device,
+        if p.val_batches:
+            self.trainer.streamer.flush()
+            v, ppl = perplexity(*evaluate_layer_major(self.read_tuned, self.store.args, p.val_batches, p.device,
                                                       DTYPES[o.compute_dtype]))
             tqdm.write(f"[iter {step}] validation loss {v:.4f} (perplexity {ppl:.2f})")
-            _append(log_path, {"iter": step, "val_loss": v, "val_ppl": ppl})
-            summary.setdefault("val_losses", []).append(v)
+            _append(self.log_path, {"iter": step, "val_loss": v, "val_ppl": ppl})
+            self.summary.setdefault("val_losses", []).append(v)
         if not o.prompt:
             return None
-        trainer.streamer.flush()
-        cache = ModuleCache(store.args, read_tuned, torch_device, torch.float32)
-        text = complete(cache, tokenizer, o.prompt, o.gen_tokens)
+        self.trainer.streamer.flush()
+        cache = ModuleCache(self.store.args, self.read_tuned, p.device, torch.float32)
+        text = complete(cache, p.tokenizer, o.prompt, o.gen_tokens)
         tqdm.write(f"[iter {step}] {o.prompt}{text}")
-        _append(log_path, {"iter": step, "completion": o.prompt + text})
+        _append(self.log_path, {"iter": step, "completion": o.prompt + text})
         return text
 
-    def read_tuned(name):
-        params = store.module_tensors(name)
-        return trainer.adapters.merge(name, params) if trainer.adapters else params
-
-    def save(final: bool = True):
+    def save(self, final: bool = True):
         """The export: into out at the end, into out/checkpoint-NNNNNN every --save-every iterations."""
-        if not ranks.leader:
+        o, store, trainer, out = self.o, self.store, self.trainer, self.out
+        if not self.ranks.leader:
             return
         trainer.streamer.flush()
-        marker = {"run": run_id, "step": trainer.step, "work_dir": str(work_dir)}
+        marker = {"run": store.model_id, "step": trainer.step, "work_dir": str(self.work_dir)}
         target = out if final else checkpoint_dir(out, trainer.step)
         logs = {n: (out / n).read_bytes() for n in KEEP_ON_EXPORT if final and (out / n).exists()}
-        if not lora:
-            export(store, model_dir, target, o, marker, extra=logs)
+        if not self.p.lora:
+            export(store, Path(o.model_dir), target, o, marker, extra=logs)
         else:
             files = {ADAPTERS_NAME: trainer.adapters_path.read_bytes()}
             if store.source_format == "hf":  # PEFT's files, which peft.PeftModel.from_pretrained(base, out) reads
-                files.update(peft_files(trainer.adapters, store.args, str(model_dir)))
+                files.update(peft_files(trainer.adapters, store.args, o.model_dir))
             if o.merge:
-                export(store, model_dir, target, o, marker, transform=trainer.adapters.merge,
+                export(store, Path(o.model_dir), target, o, marker, transform=trainer.adapters.merge,
                        extra={**files, **logs})
             else:
                 claim_folder(target, "export", "--out")
@@ -336,128 +368,83 @@ def _run(o: RunOptions, resume: bool, saved: dict, ckpt, tokenizer, windows, val
         if not final:
             prune_checkpoints(out, o.keep)
 
-    summary = {"out": str(out), "work_dir": str(work_dir), "losses": [], "rank": ranks.rank}
-    try:
-        rec = trainer.recover(batch_for)
-        if rec is not None:
-            if ranks.leader:
-                tqdm.write(f"resumed: finished iteration {rec.step} (loss {rec.loss:.4f})")
+    def _recover(self) -> int:
+        """Finish an interrupted step, log it if the crash came before its record; returns the first step."""
+        o, trainer = self.o, self.trainer
+        rec = trainer.recover(self.batch)
+        if rec is not None and self.ranks.leader:
+            tqdm.write(f"resumed: finished iteration {rec.step} (loss {rec.loss:.4f})")
         last = (dict(iter=rec.step, loss=rec.loss, tokens=rec.tokens,
                      **({"grad_norm": rec.grad_norm} if rec.grad_norm is not None else {})) if rec is not None
-                else trainer.journal().get("last") if resume else None)
-        if ranks.leader and last and last["iter"] not in _logged_iters(log_path):
-            _append(log_path, {**last, "resumed": True})  # the crash came before its log record
+                else trainer.journal().get("last") if self.resume else None)
+        if self.ranks.leader and last and last["iter"] not in _logged_iters(self.log_path):
+            _append(self.log_path, {**last, "resumed": True})
         start = trainer.step
         if o.save_every and 0 < start < o.iters and start % o.save_every == 0 \
-                and _export_step(checkpoint_dir(out, start), run_id) != start:
-            save(final=False)  # the run was stopped while it saved this checkpoint
-        if start == 0 or o.eval_every and resume:
-            summary["before"] = evaluate(start)
-        proc = psutil.Process()
-        for step in _bar(range(start, o.iters), desc="iterations", unit="it", initial=start, total=o.iters):
-            inputs, targets = batch_for(step)
-            r0, w0 = IO.snapshot()
-            c0, s0 = ranks.comm_bytes, ranks.comm_seconds
-            t0 = time.perf_counter()
-            res = trainer.train_step(inputs, targets)
-            trainer.streamer.flush()
-            dt = time.perf_counter() - t0
-            r1, w1 = IO.snapshot()
-            rec = {"iter": step, "loss": res.loss, "seconds": round(dt, 4), "tokens": res.tokens,
-                   "peak_rss_bytes": _peak_rss(proc), "bytes_read": r1 - r0, "bytes_written": w1 - w0,
-                   "lr": tcfg.optim_at(step).lr}
-            if res.skipped:
-                rec["skipped"] = True
-            if ranks.world > 1:  # the disk figures above are rank 0's own
-                rec.update(ranks=ranks.world, comm_bytes=ranks.comm_bytes - c0,
-                           comm_seconds=round(ranks.comm_seconds - s0, 4))
-            if res.grad_norm is not None:
-                rec["grad_norm"] = res.grad_norm  # before clipping
-            summary["losses"].append(res.loss)
-            if ranks.leader:
-                _append(log_path, rec)
-                tqdm.write(f"iter {step:5d}  loss {res.loss:.4f}  {dt:.2f}s  {res.tokens / dt:.0f} tok/s")
-            done = step + 1
-            if o.eval_every and done % o.eval_every == 0 and done < o.iters:
-                evaluate(done)
-            if o.save_every and done % o.save_every == 0 and done < o.iters:
-                save(final=False)
-        if ranks.world > 1:  # every store holds the last step before the followers drop their boundaries
-            trainer.settle("the end of the run")
-        summary["after"] = evaluate(o.iters)
-        save()
-    finally:
-        trainer.close()
-    summary["estimate"] = est
-    return summary
+                and _export_step(checkpoint_dir(self.out, start), self.store.model_id) != start:
+            self.save(final=False)  # the run was stopped while it saved this checkpoint
+        return start
 
+    def _step(self, step: int, proc: psutil.Process):
+        """One iteration and its log record."""
+        ranks = self.ranks
+        inputs, targets = self.batch(step)
+        r0, w0 = IO.snapshot()
+        c0, s0 = ranks.comm_bytes, ranks.comm_seconds
+        t0 = time.perf_counter()
+        res = self.trainer.train_step(inputs, targets)
+        self.trainer.streamer.flush()
+        dt = time.perf_counter() - t0
+        r1, w1 = IO.snapshot()
+        rec = {"iter": step, "loss": res.loss, "seconds": round(dt, 4), "tokens": res.tokens,
+               "peak_rss_bytes": _peak_rss(proc), "bytes_read": r1 - r0, "bytes_written": w1 - w0,
+               "lr": self.tcfg.optim_at(step).lr}
+        if res.skipped:
+            rec["skipped"] = True
+        if ranks.world > 1:  # the disk figures above are rank 0's own
+            rec.update(ranks=ranks.world, comm_bytes=ranks.comm_bytes - c0,
+                       comm_seconds=round(ranks.comm_seconds - s0, 4))
+        if res.grad_norm is not None:
+            rec["grad_norm"] = res.grad_norm  # before clipping
+        self.summary["losses"].append(res.loss)
+        if ranks.leader:
+            _append(self.log_path, rec)
+            tqdm.write(f"iter {step:5d}  loss {res.loss:.4f}  {dt:.2f}s  {res.tokens / dt:.0f} tok/s")
 
-def distributed_line(store: BlockStore, tcfg: TrainConfig, est: dict, world: int, batch_size: int) -> str:
-    """What a data-parallel run reads, writes and communicates per iteration: per rank and in all.
-    est is one rank's (its rows); a rank that does not write the store writes its activation
-    scratch and its own boundary gradients (journal.py)."""
-    grad = sum(math.prod(shape) * 4 for name in store.trainable for key, _, shape, _ in store.header(name)["tensors"]
-               if "#" not in key) if tcfg.lora is None else 0
-    other = est["activations"] + est["gradients"]
-    passes = 2 if tcfg.clip_grad_norm and tcfg.lora is None else 1  # the norm-only pass all-reduces too
-    return (f"data parallel: {world} ranks x --batch-size {batch_size} = a global batch of {world * batch_size}; "
-            f"per iteration, rank 0 reads ~{fmt_bytes(est['read'])} and writes ~{fmt_bytes(est['written'])}, "
-            f"each other rank reads ~{fmt_bytes(est['read'])} and writes ~{fmt_bytes(other)} "
-            f"(all ranks: ~{fmt_bytes(world * est['read'])} read, "
-            f"~{fmt_bytes(est['written'] + (world - 1) * other)} written, when they share one work dir); each rank "
-            f"all-reduces " + (f"~{fmt_bytes(passes * grad)} of gradients" if grad else "its adapters' gradients")
-            + " per iteration")
-
-
-def print_costs(o: RunOptions, store: BlockStore, ckpt, tcfg: TrainConfig, est: dict, step: int, lora, resume: bool,
-                saved: dict, validation: bool, torch_device, world: int):
-    """What the run will cost, before iteration 0: the store, the RAM budget, disk bytes (and SSD wear),
-    tied embeddings, evaluations, data parallelism and the lr schedule."""
-    remaining = o.iters - step
-    print(f"store: {fmt_bytes(store.nbytes())} ({str(store.dtype).removeprefix('torch.')}) at {store.root}; "
-          f"checkpoint: {fmt_bytes(sum(p.stat().st_size for p in ckpt.shards))}")
-    held = "no limit" if tcfg.ram_budget is None else fmt_bytes(tcfg.ram_budget)
-    plan, n = est["plan"], len(store.trainable)
-    cache = "no limit" if math.isinf(plan.cache_budget) else fmt_bytes(plan.cache_budget)
-    below = "nothing is recomputed" if plan.top <= plan.lowest else (
-        f"{plan.top - plan.lowest} modules below it are recomputed from cached inputs "
-        f"(~{fmt_bytes(plan.act_bytes)}, {'in RAM' if plan.acts_in_ram else 'in scratch files'})")
-    print(f"RAM budget: {held} (--ram-budget {o.ram_budget}): the turn holds {n - plan.top} of {n} modules "
-          f"(K = {plan.turn_blocks} beyond the minimal three, ~{fmt_bytes(plan.turn_bytes)} more), {below}; "
-          f"modules cached: up to {cache} (the estimate below counts all of it)")
-    print(f"disk per iteration: ~{fmt_bytes(est['read'])} read, ~{fmt_bytes(est['written'])} written; "
-          f"for {remaining} iterations: ~{fmt_bytes(est['read'] * remaining)} read, "
-          f"~{fmt_bytes(est['written'] * remaining)} written ({est['written'] * remaining / 1e12:.2f} TB)")
-    if est["written"] * remaining > WEAR_WARNING_BYTES:
-        cheaper = [c for c, on in (("--store-dtype bfloat16", o.store_dtype == "float32" and not lora),
-                                   ("LoRA (--lora-rank 8)", not lora)) if on]
-        print(f"warning: this run writes {est['written'] * remaining / 1e12:.1f} TB to {store.root}'s disk "
-              f"({fmt_bytes(est['written'])} per iteration), a large share of a consumer SSD's rated endurance"
-              + (f"; cheaper: {', '.join(cheaper)}" if cheaper else ""))
-    if o.clip_grad_norm and not lora:
-        print(f"gradient clipping: a norm-only reverse pass recomputes every module below the turn, "
-              f"reading ~{fmt_bytes(est['clip'])} more per iteration (counted above) and writing nothing")
-    if store.args.tie_word_embeddings and not lora:
-        where = "kept in RAM" if tied_grad_in_ram(tcfg, store.args) else "written to disk and read back"
-        print(f"tied embeddings: the output side's gradient ({fmt_bytes(store.args.vocab_size * store.args.dim * 4)}) "
-              f"is {where} each iteration (a --ram-budget that holds it keeps it in RAM); tying adds "
-              f"~{fmt_bytes(est['tied'])} of disk traffic per iteration, counted above")
-    evals = eval_reads(o, step, store.nbytes(), validation, memory_budget(torch_device))
-    if evals:
-        print(f"evaluations: ~{fmt_bytes(evals)} more read (validation passes read the store once each; a "
-              f"completion reads it once, or once per token when it does not fit the device)")
-    if world > 1:
-        print(distributed_line(store, tcfg, est, world, o.batch_size))
-    if resume and o.lr_schedule != "constant" and o.iters != saved["iters"]:
-        print(f"the lr schedule now spans {o.iters} iterations (it spanned {saved['iters']})")
-
-
-def eval_reads(o: RunOptions, start: int, store_bytes: int, validation: bool, device_budget: int) -> int:
-    """Disk bytes the run's validation passes and sample completions will read, from iteration start on."""
-    points = {i for i in range(o.eval_every, o.iters, o.eval_every)} if o.eval_every else set()
-    points = {i for i in points | {o.iters} | ({0} if start == 0 else set()) if i >= start}
-    per_completion = store_bytes * (1 if store_bytes <= device_budget else o.gen_tokens)
-    return len(points) * (store_bytes * validation + per_completion * bool(o.prompt))
+    def train(self) -> dict:
+        """From the store to the export: the costs, the iterations with their evals and checkpoints."""
+        o, p, ranks = self.o, self.p, self.ranks
+        self.trainer = distributed.make_trainer(self.store, self.work_dir, p.device, self.tcfg, progress=_bar,
+                                                ranks=ranks, rows_per_rank=o.batch_size)
+        try:
+            if self._finished():
+                print(f"nothing to do: the run finished its {o.iters} iterations and {self.out} holds its export "
+                      f"(pass --iters N to train further)")
+                return {"out": str(self.out), "work_dir": str(self.work_dir), "losses": [], "nothing_to_do": True}
+            self._claim_out()
+            est = estimate_io(self.store, self.tcfg, (o.batch_size * o.grad_accum, o.seq_len))
+            if ranks.leader:  # one copy of the costs, however many ranks
+                print_costs(o, self.store, p.ckpt, self.tcfg, est, self.trainer.step, p.lora, self.resume,
+                            self.saved, bool(p.val_batches), p.device, ranks.world)
+            start = self._recover()
+            if start == 0 or o.eval_every and self.resume:
+                self.summary["before"] = self.evaluate(start)
+            proc = psutil.Process()
+            for step in _bar(range(start, o.iters), desc="iterations", unit="it", initial=start, total=o.iters):
+                self._step(step, proc)
+                done = step + 1
+                if o.eval_every and done % o.eval_every == 0 and done < o.iters:
+                    self.evaluate(done)
+                if o.save_every and done % o.save_every == 0 and done < o.iters:
+                    self.save(final=False)
+            if ranks.world > 1:  # every store holds the last step before the followers drop their boundaries
+                self.trainer.settle("the end of the run")
+            self.summary["after"] = self.evaluate(o.iters)
+            self.save()
+        finally:
+            self.trainer.close()
+        self.summary["estimate"] = est
+        return self.summary
 
 
 def default_dirs(model_dir: Path, out: str | Path | None, work_dir: str | Path | None) -> tuple[Path, Path]:
