@@ -24,7 +24,10 @@ TEST_DEVICES = ("cpu", "cuda", "mps")
 
 
 def pytest_configure(config):
+    # `pytest -m "not slow"` is the developer's quick pass (under two minutes on 2 cores); CI runs everything.
     config.addinivalue_line("markers", "slow: takes more than a few seconds")
+    config.addinivalue_line("markers", "crash: kills a run (signals, injected faults, full disks) and resumes it")
+    config.addinivalue_line("markers", "distributed: runs torchrun data-parallel jobs")
     config.addinivalue_line("markers", "gpu: needs a CUDA device")
     config.addinivalue_line("markers", f"device: runs on ${TEST_DEVICE_VAR} (cpu, cuda or mps; default cpu)")
     name = os.environ.get(TEST_DEVICE_VAR, "cpu")

@@ -14,6 +14,8 @@ import torch
 import test_gen
 from slowllama.paths import owner_info
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -27,6 +27,8 @@ from tests.reference import (
 )
 from tests.streamed import crash_at, train_through_a_crash
 
+pytestmark = pytest.mark.slow
+
 CPU = torch.device("cpu")
 SGD = OptimConfig("sgd", lr=0.05, momentum=0.9)
 ADAMW = OptimConfig("adamw", lr=1e-2, weight_decay=0.01)

@@ -29,6 +29,8 @@ import torch
 
 from slowllama.engine.store import BlockStore, file_stem
 
+pytestmark = [pytest.mark.slow, pytest.mark.crash]
+
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "test_data" / "corpus.txt"
 EVENTS = ["forward", "backward", "before_fsync", "before_rename", "after_rename", "prepare_module",

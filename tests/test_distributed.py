@@ -26,7 +26,7 @@ from slowllama.errors import ConfigError
 from slowllama.model.lora import Adapters
 from tests.cli_helpers import FINETUNE, ROOT, env, run_cli, train
 
-pytestmark = pytest.mark.slow  # each test starts several Python processes
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]  # each test starts several Python processes
 TIMEOUT = 120  # a run that outlives this hangs
 COMMON = ["--seq-len", "16", "--device", "cpu", "--iters", "3"]
 

@@ -21,6 +21,8 @@ from slowllama.formats import open_checkpoint
 from tests.test_hf_format import LLAMA3_ROPE, make_config
 from tests.test_tokenizers import make_llama3_like
 
+pytestmark = pytest.mark.slow
+
 transformers = pytest.importorskip("transformers")
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -18,6 +18,8 @@ import pytest
 
 from tests.cli_helpers import SMALL, assert_unchanged, env, snapshot, start_cli
 
+pytestmark = pytest.mark.slow
+
 transformers = pytest.importorskip("transformers")
 
 ROOT = Path(__file__).resolve().parents[1]

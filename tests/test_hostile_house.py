@@ -17,6 +17,8 @@ import pytest
 from tests.cli_helpers import SMALL, assert_unchanged, edit_json, env, snapshot
 from tests.test_hostile_cli import cli, ok, refused
 
+pytestmark = pytest.mark.slow
+
 transformers = pytest.importorskip("transformers")
 
 ONE = [*SMALL, "--iters", "1"]

@@ -16,6 +16,8 @@ from slowllama.formats.meta import MetaCheckpoint, export_meta, split_key
 from slowllama.model.lora import ADAPTERS, Adapters, LoraConfig
 from slowllama.model.transformer import ModelArgs
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = DEMO_MODEL
 LORA = LoraConfig(rank=2, alpha=4.0, targets=("wq", "w2"))

@@ -20,6 +20,8 @@ import torch
 
 from tests.cli_helpers import edit_json
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "test_data" / "corpus.txt"
 GOOD = ["--iters", "2", "--batch-size", "2", "--seq-len", "16", "--device", "cpu"]

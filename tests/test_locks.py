@@ -16,6 +16,8 @@ import pytest
 
 from tests.cli_helpers import SMALL, assert_refused, run_cli, start_cli
 
+pytestmark = pytest.mark.slow
+
 FOREVER = "100000"  # iterations: the first run is still training whenever the test looks
 
 

@@ -14,6 +14,8 @@ from slowllama.engine.trainer import IGNORE, TrainConfig, Trainer
 from slowllama.formats.meta import MetaCheckpoint
 from tests.reference import random_batch, reference_model, stored_params
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -15,6 +15,8 @@ import pytest
 
 from tests.cli_helpers import CORPUS, SMALL, assert_refused, assert_unchanged, loss_iters, run_cli, snapshot, train
 
+pytestmark = pytest.mark.slow
+
 
 def resume(model: Path, base: Path, *extra, cwd: Path | None = None, timeout: int = 180):
     """--resume of the run in base/work (exported to base/out)."""

@@ -19,6 +19,8 @@ from slowllama.run.loop import finetune
 from slowllama.run.schedule import lr_at
 from tests.reference import random_batch, reference_model, reference_step, stored_params
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -12,6 +12,8 @@ import pytest
 
 from tests.cli_helpers import SMALL, assert_refused, assert_unchanged, loss_iters, run_cli, snapshot, train
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def finished(probe_model, probe_data, tmp_path_factory):
