@@ -117,3 +117,22 @@ def test_a_sliding_window_config_that_slides_no_layer_is_accepted(qwen, tmp_path
     args = args_from_config(edited(qwen("qwen2"), tmp_path, layer_types=None, use_sliding_window=False,
                                    sliding_window=131072, max_window_layers=1))
     assert args.sliding_window is None and args.qkv_bias
+
+
+@pytest.mark.parametrize("variant", ["qwen2", "qwen3_bias"])
+def test_lora_adapters_export_to_what_peft_computes(qwen, variant, tmp_path):
+    """LoRA needs nothing of its own: the biases and q/k norms stay in the base, adapters add to the projections."""
+    peft = pytest.importorskip("peft")
+    from slowllama.formats.peft import export_peft
+    from tests.test_peft import IDS, random_adapters, slowllama_logits
+
+    folder = qwen(variant)
+    args = open_checkpoint(folder).args
+    adapters = random_adapters(args)
+    out = export_peft(tmp_path / "adapter", adapters, args, str(folder))
+    base = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        plain = base(IDS).logits
+        got = peft.PeftModel.from_pretrained(base, out).eval()(IDS).logits
+    assert (got - plain).abs().max() > 1e-2  # the adapters change the output
+    torch.testing.assert_close(got, slowllama_logits(folder, adapters), rtol=0, atol=1e-5)
