@@ -122,8 +122,8 @@ def test_name_table_reads_both_ways():
         assert to_hf_name(meta.format(7)) == hf.format(7)
     assert to_meta_name("model.layers.12.mlp.up_proj.weight") == "layers.12.feed_forward.w3.weight"
     assert to_hf_name("layers.0.feed_forward.w2.weight") == "model.layers.0.mlp.down_proj.weight"
-    with pytest.raises(ConfigError, match="model.layers.0.self_attn.q_proj.bias"):
-        to_meta_name("model.layers.0.self_attn.q_proj.bias")
+    with pytest.raises(ConfigError, match="model.layers.0.mlp.gate_proj.bias"):
+        to_meta_name("model.layers.0.mlp.gate_proj.bias")
     with pytest.raises(ConfigError, match="rope.freqs"):
         to_hf_name("rope.freqs")
 

@@ -136,3 +136,22 @@ def test_lora_adapters_export_to_what_peft_computes(qwen, variant, tmp_path):
         got = peft.PeftModel.from_pretrained(base, out).eval()(IDS).logits
     assert (got - plain).abs().max() > 1e-2  # the adapters change the output
     torch.testing.assert_close(got, slowllama_logits(folder, adapters), rtol=0, atol=1e-5)
+
+
+def test_a_qwen3_folder_without_its_q_norm_is_refused_by_name(qwen, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = shutil.copytree(qwen("qwen3"), tmp_path / "m")
+    sd = load_file(folder / "model.safetensors")
+    del sd["model.layers.1.self_attn.q_norm.weight"]
+    save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ConfigError, match="missing tensor 'model.layers.1.self_attn.q_norm.weight'"):
+        open_checkpoint(folder)
+
+
+def test_a_llama_config_json_cannot_be_written_for_qwen_attention():
+    from slowllama.formats.hf import config_from_args
+    from slowllama.model.transformer import ModelArgs
+
+    with pytest.raises(ConfigError, match="qk_norm"):
+        config_from_args(ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=256, qk_norm=True), "float32")
