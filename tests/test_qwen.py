@@ -155,3 +155,18 @@ def test_a_llama_config_json_cannot_be_written_for_qwen_attention():
 
     with pytest.raises(ConfigError, match="qk_norm"):
         config_from_args(ModelArgs(dim=64, n_layers=1, n_heads=4, vocab_size=256, qk_norm=True), "float32")
+
+
+def test_finetune_cli_trains_a_qwen3_folder_and_exports_what_transformers_loads(qwen, tmp_path):
+    from tests.test_hf_training import finetune_cli
+
+    folder = qwen("qwen3_bias")
+    r, out = finetune_cli(folder, tmp_path, "--iters", "1", "--lr", "0.05", "--prompt", "The quick", "--gen-tokens", "3")
+    assert r.returncode == 0, r.stderr
+    assert (out / "config.json").read_bytes() == (folder / "config.json").read_bytes()
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
+    assert not any(info.values()), info
+    before = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    attn, ref = model.model.layers[0].self_attn, before.model.layers[0].self_attn
+    for name in ("q_proj.bias", "o_proj.bias", "q_norm.weight", "k_norm.weight"):  # trained like any other weight
+        assert not torch.equal(attn.get_parameter(name), ref.get_parameter(name)), name
