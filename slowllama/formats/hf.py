@@ -198,7 +198,7 @@ def _check_qwen_layers(raw: dict, refuse):
 
 
 def args_from_config(config_json_path: str | Path) -> ModelArgs:
-    """The architecture from a Llama, Mistral, Qwen2 or Qwen3 config.json; anything that changes the math is refused by name."""
+    """The architecture from a Llama, Mistral, Qwen2 or Qwen3 config.json; what changes the math is refused by name."""
     path = Path(config_json_path)
     raw = _read_json(path)
 
@@ -315,7 +315,7 @@ def _safe_open(path: Path):
 
 
 class HFCheckpoint:
-    """A validated Hugging Face Llama/Mistral/Qwen2/Qwen3 folder, read one module at a time in Meta's names and layout."""
+    """A validated Hugging Face folder (Llama, Mistral, Qwen2, Qwen3), read one module at a time in Meta's names and layout."""
 
     def __init__(self, folder: str | Path):
         self.dir = Path(folder)

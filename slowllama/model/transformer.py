@@ -1,4 +1,5 @@
-"""The Llama architecture (Llama 2, Code Llama, Llama 3.x, Mistral, TinyLlama, SmolLM2, Qwen2, Qwen3), with Meta's parameter names.
+"""The Llama architecture (Llama 2, Code Llama, Llama 3.x, Mistral, TinyLlama, SmolLM2, Qwen2, Qwen3),
+with Meta's parameter names.
 
 Every piece that the block store streams (embedding, each block, the final
 norm, the output layer) is a module of its own, so that `Transformer` is only
