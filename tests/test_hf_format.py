@@ -51,9 +51,17 @@ VARIANTS = {
 }
 
 
+# kind -> transformers' config and model class names
+HF_CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM"),
+              "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM")}
+
+
 def make_config(kind: str, **kw):
-    cls = transformers.MistralConfig if kind == "mistral" else transformers.LlamaConfig
-    return cls(**{**SMALL, **kw})
+    return getattr(transformers, HF_CLASSES[kind][0])(**{**SMALL, **kw})
+
+
+def model_class(kind: str):
+    return getattr(transformers, HF_CLASSES[kind][1])
 
 
 def to_4x_style(config_path: Path):
@@ -69,8 +77,7 @@ def to_4x_style(config_path: Path):
 def make_hf_model(folder: Path, variant: str, seed: int = 0) -> Path:
     kind, kw, dtype, shard, style = VARIANTS[variant]
     torch.manual_seed(seed)
-    cls = transformers.MistralForCausalLM if kind == "mistral" else transformers.LlamaForCausalLM
-    model = cls(make_config(kind, **kw))
+    model = model_class(kind)(make_config(kind, **kw))
     with torch.no_grad():  # move every weight off its init (norms off 1) so no mapping error can hide
         for name, p in model.named_parameters():
             p.add_(torch.randn_like(p) * 0.1)
@@ -115,8 +122,8 @@ def test_name_table_reads_both_ways():
         assert to_hf_name(meta.format(7)) == hf.format(7)
     assert to_meta_name("model.layers.12.mlp.up_proj.weight") == "layers.12.feed_forward.w3.weight"
     assert to_hf_name("layers.0.feed_forward.w2.weight") == "model.layers.0.mlp.down_proj.weight"
-    with pytest.raises(ConfigError, match="model.layers.0.self_attn.q_proj.bias"):
-        to_meta_name("model.layers.0.self_attn.q_proj.bias")
+    with pytest.raises(ConfigError, match="model.layers.0.mlp.gate_proj.bias"):
+        to_meta_name("model.layers.0.mlp.gate_proj.bias")
     with pytest.raises(ConfigError, match="rope.freqs"):
         to_hf_name("rope.freqs")
 

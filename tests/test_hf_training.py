@@ -18,7 +18,7 @@ from slowllama.engine.optim import OptimConfig
 from slowllama.engine.store import export_store, prepare
 from slowllama.engine.trainer import TrainConfig, Trainer
 from slowllama.formats import open_checkpoint
-from tests.test_hf_format import LLAMA3_ROPE, make_config
+from tests.test_hf_format import LLAMA3_ROPE, make_config, model_class
 from tests.test_tokenizers import make_llama3_like
 
 pytestmark = pytest.mark.slow
@@ -34,8 +34,7 @@ def make_model(folder: Path, kind: str = "llama", seed: int = 0, dtype=torch.flo
     """A tiny HF model with a Llama-3-like tokenizer, weights moved off their init."""
     make_llama3_like(folder)
     torch.manual_seed(seed)
-    cls = transformers.MistralForCausalLM if kind == "mistral" else transformers.LlamaForCausalLM
-    model = cls(make_config(kind, **{"vocab_size": VOCAB, "num_key_value_heads": 2, **kw}))
+    model = model_class(kind)(make_config(kind, **{"vocab_size": VOCAB, "num_key_value_heads": 2, **kw}))
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.1)
@@ -85,7 +84,11 @@ def tensors_of(folder: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("variant", ["llama2", "llama31_gqa", "mistral", "sharded"])
 def test_streamed_sgd_step_equals_transformers(hf_model, variant, tmp_path):
-    folder = hf_model(variant)
+    assert_streamed_sgd_step_equals_transformers(hf_model(variant), tmp_path)
+
+
+def assert_streamed_sgd_step_equals_transformers(folder: Path, tmp_path: Path):
+    """One streamed SGD step on folder, exported, equals one step of transformers' in-memory model."""
     store = prepare(open_checkpoint(folder), tmp_path / "store")
     tr = Trainer(store, tmp_path, torch.device("cpu"), TrainConfig(optim=OptimConfig("sgd", lr=0.5), micro_batch=1))
     g = torch.Generator().manual_seed(1)
@@ -136,9 +139,23 @@ def test_streamed_adamw_steps_stay_within_transformers_own_fp32_noise(hf_model, 
     assert noise > 0 and ours <= 2 * noise, (ours, noise)
 
 
+def in_memory_model(folder: Path):
+    """slowllama's whole-model Transformer with folder's weights, read through its checkpoint reader."""
+    from slowllama.model.transformer import Transformer, module_names
+
+    ckpt = open_checkpoint(folder)
+    model = Transformer(ckpt.args)
+    model.load_state_dict({f"{m}.{k}": t for m in module_names(ckpt.args) for k, t in ckpt.read_module(m).items()})
+    return model
+
+
 @pytest.mark.parametrize("variant", ["llama31_gqa", "bf16"])
 def test_import_export_without_training_is_bit_identical(hf_model, variant, tmp_path):
-    folder = hf_model(variant)
+    assert_round_trip_bit_identical(hf_model(variant), tmp_path)
+
+
+def assert_round_trip_bit_identical(folder: Path, tmp_path: Path):
+    """prepare then export with no training gives back folder's tensors and files, bit for bit."""
     store = prepare(open_checkpoint(folder), tmp_path / "store")
     export_store(store, folder, tmp_path / "out")
     a, b = tensors_of(folder), tensors_of(tmp_path / "out")
@@ -161,12 +178,7 @@ def test_finetune_cli_on_an_hf_folder_exports_what_transformers_loads(hf_model, 
     # The export holds the trained weights: they moved, and slowllama's own reading of them gives transformers' logits.
     before = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     assert not torch.equal(model.model.layers[0].self_attn.q_proj.weight, before.model.layers[0].self_attn.q_proj.weight)
-    from slowllama.model.transformer import Transformer
-
-    ckpt = open_checkpoint(out)
-    mine = Transformer(ckpt.args)
-    mine.load_state_dict({f"{m}.{k}": t for m in ("tok_embeddings", *(f"layers.{i}" for i in range(ckpt.args.n_layers)),
-                                                    "norm", "output") for k, t in ckpt.read_module(m).items()})
+    mine = in_memory_model(out)
     x = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         torch.testing.assert_close(mine(x), model(x).logits, atol=1e-5, rtol=0)

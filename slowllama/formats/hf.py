@@ -1,4 +1,4 @@
-"""Hugging Face's format: config.json and model*.safetensors, for Llama and Mistral models.
+"""Hugging Face's format: config.json and model*.safetensors, for Llama, Mistral, Qwen2 and Qwen3 models.
 
 Names and layouts map onto Meta's (the names model.py uses) through one table read in
 both directions; wq and wk rows are permuted between Hugging Face's rotate-half RoPE
@@ -29,9 +29,15 @@ log = logging.getLogger(__name__)
 HF_TO_META: dict[str, str] = {
     "model.embed_tokens.weight": "tok_embeddings.weight",
     "model.layers.{}.self_attn.q_proj.weight": "layers.{}.attention.wq.weight",
+    "model.layers.{}.self_attn.q_proj.bias": "layers.{}.attention.wq.bias",
     "model.layers.{}.self_attn.k_proj.weight": "layers.{}.attention.wk.weight",
+    "model.layers.{}.self_attn.k_proj.bias": "layers.{}.attention.wk.bias",
     "model.layers.{}.self_attn.v_proj.weight": "layers.{}.attention.wv.weight",
+    "model.layers.{}.self_attn.v_proj.bias": "layers.{}.attention.wv.bias",
     "model.layers.{}.self_attn.o_proj.weight": "layers.{}.attention.wo.weight",
+    "model.layers.{}.self_attn.o_proj.bias": "layers.{}.attention.wo.bias",
+    "model.layers.{}.self_attn.q_norm.weight": "layers.{}.attention.q_norm.weight",
+    "model.layers.{}.self_attn.k_norm.weight": "layers.{}.attention.k_norm.weight",
     "model.layers.{}.mlp.gate_proj.weight": "layers.{}.feed_forward.w1.weight",
     "model.layers.{}.mlp.up_proj.weight": "layers.{}.feed_forward.w3.weight",
     "model.layers.{}.mlp.down_proj.weight": "layers.{}.feed_forward.w2.weight",
@@ -44,7 +50,16 @@ META_TO_HF = {m: h for h, m in HF_TO_META.items()}
 # Tensors some checkpoints carry that the model recomputes or ignores: skipped on read.
 IGNORED = {"model.layers.{}.self_attn.rotary_emb.inv_freq"}
 
-SUPPORTED = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
+# model_type -> its one architecture and transformers' defaults for keys a config.json may leave out.
+# The attention flags (ModelArgs.qkv_bias, o_bias, qk_norm) are fixed per model_type except where a
+# config key ("attention_bias") sets them; see _attention_flags.
+MODEL_TYPES = {
+    "llama": dict(arch="LlamaForCausalLM", max_seq_len=2048, head_dim=None),
+    "mistral": dict(arch="MistralForCausalLM", max_seq_len=131072, head_dim=None),
+    "qwen2": dict(arch="Qwen2ForCausalLM", max_seq_len=32768, head_dim=None),
+    "qwen3": dict(arch="Qwen3ForCausalLM", max_seq_len=32768, head_dim=128),
+}
+SUPPORTED = {t: d["arch"] for t, d in MODEL_TYPES.items()}
 SAFETENSORS_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
 SINGLE_FILE, INDEX_FILE, SIDE_FILES = HF_SINGLE_FILE, HF_INDEX_FILE, HF_SIDE_FILES
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # transformers' "5GB"
@@ -92,11 +107,17 @@ def from_meta(w: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
 
 
 def _rope_heads(args: ModelArgs, meta_key: str) -> int | None:
-    """The head count whose rows a Meta key's RoPE permutation acts on, None if it has none."""
-    if meta_key.endswith("attention.wq.weight"):
+    """The head count whose rows a Meta key's RoPE permutation acts on, None if it has none.
+
+    Biases of wq and wk move with their rows; q_norm and k_norm scale one head's head_dim
+    entries, which RoPE's layout orders too, so they permute as a single head.
+    """
+    if meta_key.endswith(("attention.wq.weight", "attention.wq.bias")):
         return args.n_heads
-    if meta_key.endswith("attention.wk.weight"):
+    if meta_key.endswith(("attention.wk.weight", "attention.wk.bias")):
         return args.n_kv_heads
+    if meta_key.endswith(("attention.q_norm.weight", "attention.k_norm.weight")):
+        return 1
     return None
 
 
@@ -149,8 +170,35 @@ HF_KEY_OF = {"dim": "hidden_size", "intermediate_size": "intermediate_size", "n_
 REQUIRED = ("dim", "intermediate_size", "n_layers", "n_heads", "vocab_size")  # no default in transformers either
 
 
+def _attention_flags(model_type: str, raw: dict, refuse) -> dict:
+    """ModelArgs' qkv_bias, o_bias, qk_norm as transformers builds each model_type's attention."""
+    if model_type == "qwen2":  # q/k/v biases always, none on o_proj; Qwen2 ignores attention_bias
+        return dict(qkv_bias=True, o_bias=False, qk_norm=False)
+    bias = raw.get("attention_bias", False)
+    if model_type == "qwen3":  # attention_bias puts a bias on all four projections; q_norm/k_norm always
+        if not isinstance(bias, bool):
+            refuse("attention_bias", f"must be true or false, got {bias!r}")
+        return dict(qkv_bias=bias, o_bias=bias, qk_norm=True)
+    if bias is not False:
+        refuse("attention_bias", f"{bias!r} is not supported for model_type {model_type!r} (slowllama implements False)")
+    return dict(qkv_bias=False, o_bias=False, qk_norm=False)
+
+
+def _check_qwen_layers(raw: dict, refuse):
+    """Refuse a Qwen config whose layers use sliding-window attention, judged as transformers does:
+    layer_types if given, else use_sliding_window with sliding_window from layer max_window_layers on."""
+    types = raw.get("layer_types")
+    if types is None:
+        if raw.get("use_sliding_window", False) is not False and raw.get("sliding_window", 4096) is not None \
+                and raw.get("max_window_layers", 28) < raw.get("num_hidden_layers", 0):
+            refuse("use_sliding_window", "true is not supported (slowllama's attention is full causal)")
+        return
+    if not isinstance(types, list) or any(t != "full_attention" for t in types):
+        refuse("layer_types", f"{types!r} is not supported (slowllama implements only full_attention layers)")
+
+
 def args_from_config(config_json_path: str | Path) -> ModelArgs:
-    """The architecture from a Llama or Mistral config.json; anything that changes the math is refused by name."""
+    """The architecture from a Llama, Mistral, Qwen2 or Qwen3 config.json; what changes the math is refused by name."""
     path = Path(config_json_path)
     raw = _read_json(path)
 
@@ -163,7 +211,7 @@ def args_from_config(config_json_path: str | Path) -> ModelArgs:
     archs = raw.get("architectures") or [SUPPORTED[model_type]]
     if archs != [SUPPORTED[model_type]]:
         refuse("architectures", f"{archs!r} is not supported for model_type {model_type!r} (expected [{SUPPORTED[model_type]!r}])")
-    for key, want in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False),
+    for key, want in (("hidden_act", "silu"), ("mlp_bias", False),
                       ("attention_dropout", 0.0), ("quantization_config", None)):
         if raw.get(key, want) != want:
             refuse(key, f"{raw[key]!r} is not supported (slowllama implements {want!r})")
@@ -171,6 +219,9 @@ def args_from_config(config_json_path: str | Path) -> ModelArgs:
         if HF_KEY_OF[field] not in raw:
             refuse(HF_KEY_OF[field], "is missing")
     theta, scaling = _rope(path, raw)
+    flags = _attention_flags(model_type, raw, refuse)
+    if model_type in ("qwen2", "qwen3"):
+        _check_qwen_layers(raw, refuse)
     sliding = raw.get("sliding_window") if model_type == "mistral" else None
     dtype = raw.get("dtype", raw.get("torch_dtype"))
     if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
@@ -179,14 +230,15 @@ def args_from_config(config_json_path: str | Path) -> ModelArgs:
         return ModelArgs(
             **{field: raw[HF_KEY_OF[field]] for field in REQUIRED},
             n_kv_heads=raw.get("num_key_value_heads") or raw["num_attention_heads"],
-            head_dim=raw.get("head_dim"),
+            head_dim=raw.get("head_dim", MODEL_TYPES[model_type]["head_dim"]),
             norm_eps=raw.get("rms_norm_eps", 1e-6),
             rope_theta=theta,
             rope_scaling=scaling,
             # transformers' defaults when the key is absent
-            max_seq_len=raw.get("max_position_embeddings", 2048 if model_type == "llama" else 131072),
+            max_seq_len=raw.get("max_position_embeddings", MODEL_TYPES[model_type]["max_seq_len"]),
             tie_word_embeddings=raw.get("tie_word_embeddings", False),
             sliding_window=sliding,
+            **flags,
         )
     except ConfigError as e:  # ModelArgs names its own fields; the user's file names them as config.json does
         msg = str(e)
@@ -197,6 +249,9 @@ def args_from_config(config_json_path: str | Path) -> ModelArgs:
 
 def config_from_args(args: ModelArgs, dtype: str, bos_id: int | None = None, eos_id: int | None = None) -> dict:
     """A transformers 5 config.json for a Meta checkpoint's architecture (the inverse of args_from_config)."""
+    qwen = [f for f in ("qkv_bias", "o_bias", "qk_norm") if getattr(args, f)]
+    if qwen:  # a Llama config.json cannot say these; Hugging Face folders keep their own config.json
+        raise ConfigError(f"params.json: {qwen[0]} has no place in a Llama config.json; export in Meta's format")
     rope = {"rope_type": "default", "rope_theta": float(args.rope_theta)}
     if args.rope_scaling:
         rope.update(args.rope_scaling)
@@ -260,7 +315,7 @@ def _safe_open(path: Path):
 
 
 class HFCheckpoint:
-    """A validated Hugging Face Llama/Mistral folder, read one module at a time in Meta's names and layout."""
+    """A validated Hugging Face folder (Llama, Mistral, Qwen2, Qwen3), read one module at a time in Meta's names and layout."""
 
     def __init__(self, folder: str | Path):
         self.dir = Path(folder)

@@ -39,6 +39,13 @@ SPLIT_AXIS: dict[str, int | None] = {
     "layers.{}.feed_forward.w3.weight": 0,
     "layers.{}.attention_norm.weight": None,
     "layers.{}.ffn_norm.weight": None,
+    # Qwen's (ModelArgs.qkv_bias, o_bias, qk_norm); Meta's checkpoints never hold them.
+    "layers.{}.attention.wq.bias": 0,
+    "layers.{}.attention.wk.bias": 0,
+    "layers.{}.attention.wv.bias": 0,
+    "layers.{}.attention.wo.bias": None,
+    "layers.{}.attention.q_norm.weight": None,
+    "layers.{}.attention.k_norm.weight": None,
     # Some Meta checkpoints carry this; the model recomputes it, export keeps it as it was.
     "rope.freqs": None,
 }
@@ -89,7 +96,7 @@ def expected_shapes(args: ModelArgs, module: str) -> dict[str, tuple[int, ...]]:
         return {"weight": (args.vocab_size, d)}
     if module == "norm":
         return {"weight": (d,)}
-    return {
+    shapes = {
         "attention.wq.weight": (h, d),
         "attention.wk.weight": (kv, d),
         "attention.wv.weight": (kv, d),
@@ -100,6 +107,13 @@ def expected_shapes(args: ModelArgs, module: str) -> dict[str, tuple[int, ...]]:
         "attention_norm.weight": (d,),
         "ffn_norm.weight": (d,),
     }
+    if args.qkv_bias:
+        shapes.update({"attention.wq.bias": (h,), "attention.wk.bias": (kv,), "attention.wv.bias": (kv,)})
+    if args.o_bias:
+        shapes["attention.wo.bias"] = (d,)
+    if args.qk_norm:
+        shapes.update({"attention.q_norm.weight": (args.head_dim,), "attention.k_norm.weight": (args.head_dim,)})
+    return shapes
 
 
 def find_tokenizer(model_dir: Path) -> Path | None:

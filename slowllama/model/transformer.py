@@ -1,4 +1,5 @@
-"""The Llama architecture (Llama 2, Code Llama, Llama 3.x, Mistral, TinyLlama, SmolLM2), with Meta's parameter names.
+"""The Llama architecture (Llama 2, Code Llama, Llama 3.x, Mistral, TinyLlama, SmolLM2, Qwen2, Qwen3),
+with Meta's parameter names.
 
 Every piece that the block store streams (embedding, each block, the final
 norm, the output layer) is a module of its own, so that `Transformer` is only
@@ -42,6 +43,12 @@ class ModelArgs:
     # Mistral's attention window. The attention here is plain causal, which equals the
     # window only for sequences no longer than it: check_sliding_window refuses longer ones.
     sliding_window: int | None = None
+    # Qwen's attention. qkv_bias: wq, wk, wv add a bias (Qwen2 always; Qwen3's attention_bias);
+    # o_bias: wo adds one too (Qwen3's attention_bias); qk_norm: each head of q and k passes an
+    # RMSNorm over head_dim before RoPE (Qwen3). The model, the block tables and the export read these.
+    qkv_bias: bool = False
+    o_bias: bool = False
+    qk_norm: bool = False
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -56,7 +63,7 @@ class ModelArgs:
         for name in ("intermediate_size", "sliding_window"):
             if getattr(self, name) is not None:
                 _check_positive_int(name, getattr(self, name))
-        for name in ("use_scaled_rope", "tie_word_embeddings"):
+        for name in ("use_scaled_rope", "tie_word_embeddings", "qkv_bias", "o_bias", "qk_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.use_scaled_rope:
@@ -198,18 +205,30 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
         self.rope_theta, self.rope_scaling = args.rope_theta, args.rope_scaling
-        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=args.qkv_bias)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=args.o_bias)
+        self.qk_norm = args.qk_norm
+        if args.qk_norm:
+            self.q_norm = RMSNorm(args.head_dim, args.norm_eps)
+            self.k_norm = RMSNorm(args.head_dim, args.norm_eps)
+
+    def _qkv(self, x):
+        """q, k, v of x as (bs, seqlen, heads, head_dim); q and k normed per head (Qwen3), not yet roped."""
+        bs, seqlen, _ = x.shape
+        q = self.wq(x).view(bs, seqlen, self.n_heads, self.head_dim)
+        k = self.wk(x).view(bs, seqlen, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(bs, seqlen, self.n_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v
 
     def forward(self, x, kv: "KVCache | None" = None, layer: int = 0):
         if kv is not None:
             return self._cached(x, kv, layer)
         bs, seqlen, _ = x.shape
-        q = self.wq(x).view(bs, seqlen, self.n_heads, self.head_dim)
-        k = self.wk(x).view(bs, seqlen, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(bs, seqlen, self.n_kv_heads, self.head_dim)
+        q, k, v = self._qkv(x)
         cos, sin = rope_tables(seqlen, self.head_dim, self.rope_theta, x.device, self.rope_scaling)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         rep = self.n_heads // self.n_kv_heads
@@ -223,9 +242,7 @@ class Attention(nn.Module):
     def _cached(self, x, kv: "KVCache", layer: int):
         """x's queries against the keys and values of every token so far; x's own are added to the cache."""
         bs, seqlen, _ = x.shape
-        q = self.wq(x).view(bs, seqlen, self.n_heads, self.head_dim)
-        k = self.wk(x).view(bs, seqlen, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(bs, seqlen, self.n_kv_heads, self.head_dim)
+        q, k, v = self._qkv(x)
         q, k = apply_rope(q, kv.cos, kv.sin), apply_rope(k, kv.cos, kv.sin)
         k, v = kv.store(layer, k, v)  # (bs, tokens so far, n_kv_heads, head_dim)
         rep = self.n_heads // self.n_kv_heads
