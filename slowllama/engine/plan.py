@@ -45,7 +45,7 @@ class StepPlan:
 def saved_bytes_per_block(args: ModelArgs, rows: int, seq: int, compute_dtype: torch.dtype, dropout: float,
                           lora_rank: int = 0, lora_targets: int = 0) -> int:
     """Bytes autograd saves running one TransformerBlock forward with grad on a (rows, seq) micro-batch,
-    parameters not counted (model.py's ops with torch's CPU kernels; checked in tests/test_turn.py).
+    parameters not counted (model.py's ops with torch's CPU kernels; checked in tests/engine/test_turn.py).
 
     Per RMSNorm: the fp32 input, the rsqrt (one per token), the normalised input and its product with
     the weight (compute dtype). Attention: the cos and sin tables, q, k, v (k and v after the GQA

@@ -15,7 +15,7 @@ from slowllama.errors import ConfigError
 from slowllama.formats import open_checkpoint
 from slowllama.formats.hf import args_from_config
 from slowllama.model.transformer import KVCache
-from tests.test_hf_training import (
+from tests.engine.test_hf_training import (
     VOCAB,
     assert_round_trip_bit_identical,
     assert_streamed_sgd_step_equals_transformers,
@@ -124,7 +124,7 @@ def test_lora_adapters_export_to_what_peft_computes(qwen, variant, tmp_path):
     """LoRA needs nothing of its own: the biases and q/k norms stay in the base, adapters add to the projections."""
     peft = pytest.importorskip("peft")
     from slowllama.formats.peft import export_peft
-    from tests.test_peft import IDS, random_adapters, slowllama_logits
+    from tests.formats.test_peft import IDS, random_adapters, slowllama_logits
 
     folder = qwen(variant)
     args = open_checkpoint(folder).args
@@ -158,7 +158,7 @@ def test_a_llama_config_json_cannot_be_written_for_qwen_attention():
 
 
 def test_finetune_cli_trains_a_qwen3_folder_and_exports_what_transformers_loads(qwen, tmp_path):
-    from tests.test_hf_training import finetune_cli
+    from tests.engine.test_hf_training import finetune_cli
 
     folder = qwen("qwen3_bias")
     r, out = finetune_cli(folder, tmp_path, "--iters", "1", "--lr", "0.05", "--prompt", "The quick", "--gen-tokens", "3")

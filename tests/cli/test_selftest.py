@@ -15,7 +15,7 @@ from slowllama.cli import selftest
 from slowllama.engine import streamer as blackbox
 from slowllama.engine.trainer import Trainer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CPU = torch.device("cpu")
 CHECKS = ["device", "dropout_replay", "copy_safety", "exact_sgd", "exact_adamw", "recovery", "stochastic_rounding",
           "memory", "benchmark"]

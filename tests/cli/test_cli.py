@@ -9,7 +9,7 @@ import pytest
 import finetune
 import test_gen
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FACT = finetune.DEMO_DATA.read_text()
 PROMPT = "The clock tower of Vellmoor Island"
 

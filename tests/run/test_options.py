@@ -16,7 +16,7 @@ from tests.reference import random_batch, reference_model, stored_params
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _run(*args):

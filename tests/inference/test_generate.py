@@ -18,7 +18,7 @@ from slowllama.errors import ConfigError
 from slowllama.inference import generate as gen
 from slowllama.inference.generate import ModuleCache, Sampler, Sampling, module_nbytes
 from slowllama.model.transformer import ModelArgs, module_names
-from tests.test_gen_cli import PROMPT, auto_ids, make_model, run_json
+from tests.cli.test_gen_cli import PROMPT, auto_ids, make_model, run_json
 
 transformers = pytest.importorskip("transformers")
 

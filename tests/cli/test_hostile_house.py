@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.cli_helpers import SMALL, assert_unchanged, edit_json, env, snapshot
-from tests.test_hostile_cli import cli, ok, refused
+from tests.cli.test_hostile_cli import cli, ok, refused
 
 pytestmark = pytest.mark.slow
 
@@ -26,7 +26,7 @@ ONE = [*SMALL, "--iters", "1"]
 
 @pytest.fixture(scope="module")
 def hf(tmp_path_factory):
-    from tests.test_hf_training import make_model
+    from tests.engine.test_hf_training import make_model
     return make_model(tmp_path_factory.mktemp("hf-llama"))
 
 
@@ -88,7 +88,7 @@ def test_tokenizer_of_a_larger_vocabulary_is_refused(hf, tmp_path):
 
 @pytest.fixture(scope="module")
 def hf_chat(tmp_path_factory):
-    from tests.test_gen_cli import make_model
+    from tests.cli.test_gen_cli import make_model
     return make_model(tmp_path_factory.mktemp("hf-chat"))
 
 
@@ -128,7 +128,7 @@ def test_ctrl_c_while_preparing_leaves_a_work_dir_that_starts_over(hf, tmp_path)
     data.write_text("The quick brown fox jumps over the lazy dog. " * 30)
     out, work = tmp_path / "out", tmp_path / "work"
     before = snapshot(hf)
-    args = [sys.executable, str(Path(__file__).resolve().parents[1] / "finetune.py"), str(hf), "--data", str(data),
+    args = [sys.executable, str(Path(__file__).resolve().parents[2] / "finetune.py"), str(hf), "--data", str(data),
             "--out", str(out), "--work-dir", str(work), *SMALL, "--iters", "1"]
     p = subprocess.Popen(args, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60

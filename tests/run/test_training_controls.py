@@ -21,7 +21,7 @@ from tests.reference import random_batch, reference_model, reference_step, store
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_schedule_follows_the_formula_and_torch_schedulers():

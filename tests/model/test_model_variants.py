@@ -1,6 +1,6 @@
 """model.py's later-Llama features against transformers: logits and one SGD step per variant.
 
-Each variant is a tiny model that transformers builds and saves (see tests/test_hf_format.py);
+Each variant is a tiny model that transformers builds and saves (see tests/formats/test_hf_format.py);
 slowllama's in-memory Transformer is filled from HFCheckpoint's modules.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ from slowllama.model.transformer import (
     module_names,
     rope_frequencies,
 )
-from tests.test_hf_format import VARIANTS, hf_models, transformers  # noqa: F401  (hf_models is a fixture)
+from tests.formats.test_hf_format import VARIANTS, hf_models, transformers  # noqa: F401  (hf_models is a fixture)
 
 
 def slowllama_model(ckpt: HFCheckpoint) -> Transformer:

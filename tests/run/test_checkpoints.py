@@ -16,7 +16,7 @@ from slowllama.paths import owner_info
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _run(model, data, base: Path, *extra, kill: str | None = None):

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 
 transformers = pytest.importorskip("transformers")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = {"finetune": ROOT / "finetune.py", "gen": ROOT / "test_gen.py",
            "ppl": ROOT / "tools" / "perplexity.py", "merge": ROOT / "tools" / "merge_lora.py"}
 ONE = [*SMALL, "--iters", "1"]
@@ -64,14 +64,14 @@ def copy(src: Path, dst: Path) -> Path:
 @pytest.fixture(scope="module")
 def hf(tmp_path_factory):
     """A tiny HF Llama with a Llama-3-like tokenizer and no chat template (read-only)."""
-    from tests.test_hf_training import make_model
+    from tests.engine.test_hf_training import make_model
     return make_model(tmp_path_factory.mktemp("hf-llama"))
 
 
 @pytest.fixture(scope="module")
 def hf_chat(tmp_path_factory):
     """A tiny HF Llama with a ChatML template and eos <|im_end|> (read-only)."""
-    from tests.test_gen_cli import make_model
+    from tests.cli.test_gen_cli import make_model
     return make_model(tmp_path_factory.mktemp("hf-chat"))
 
 
@@ -200,7 +200,7 @@ def test_bad_data(user, tmp_path, content, names):
 
 
 def test_mistral_sliding_window_shorter_than_seq_len(probe_data, tmp_path):
-    from tests.test_hf_training import make_model
+    from tests.engine.test_hf_training import make_model
     model = make_model(tmp_path / "mistral", kind="mistral", sliding_window=8)
     before = snapshot(model, probe_data.parent)
     refused(cli("finetune", model, "--data", probe_data, "--out", tmp_path / "out", "--work-dir", tmp_path / "work",
@@ -209,8 +209,8 @@ def test_mistral_sliding_window_shorter_than_seq_len(probe_data, tmp_path):
 
 
 def test_hf_folder_with_a_shard_deleted(probe_data, tmp_path):
-    from tests.test_hf_format import make_hf_model
-    from tests.test_tokenizers import make_llama3_like
+    from tests.formats.test_hf_format import make_hf_model
+    from tests.formats.test_tokenizers import make_llama3_like
     model = make_hf_model(tmp_path / "sharded", "sharded_bf16")
     make_llama3_like(model)
     shards = sorted(model.glob("model-*.safetensors"))

@@ -22,7 +22,7 @@ from tests.cli_helpers import edit_json
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CORPUS = ROOT / "test_data" / "corpus.txt"
 GOOD = ["--iters", "2", "--batch-size", "2", "--seq-len", "16", "--device", "cpu"]
 

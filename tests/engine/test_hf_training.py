@@ -18,14 +18,14 @@ from slowllama.engine.optim import OptimConfig
 from slowllama.engine.store import export_store, prepare
 from slowllama.engine.trainer import TrainConfig, Trainer
 from slowllama.formats import open_checkpoint
-from tests.test_hf_format import LLAMA3_ROPE, make_config, model_class
-from tests.test_tokenizers import make_llama3_like
+from tests.formats.test_hf_format import LLAMA3_ROPE, make_config, model_class
+from tests.formats.test_tokenizers import make_llama3_like
 
 pytestmark = pytest.mark.slow
 
 transformers = pytest.importorskip("transformers")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 VOCAB = 512  # above the test tokenizer's 400 pieces and specials
 
 
@@ -201,7 +201,7 @@ def test_meta_llama3_folder_trains_and_exports_its_own_files(tmp_path):
     from slowllama.formats.meta import save_meta
     from slowllama.formats.tokenizer import TiktokenTokenizer, load_tokenizer
     from slowllama.model.transformer import ModelArgs
-    from tests.test_tokenizers import write_tiktoken_file
+    from tests.formats.test_tokenizers import write_tiktoken_file
     from tools.make_test_model import random_state_dict
 
     model = tmp_path / "llama3"

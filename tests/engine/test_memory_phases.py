@@ -124,7 +124,7 @@ def test_the_benchmarks_phase_peaks_charge_each_part_its_own_peak():
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
     from _phases import PhasePeaks
 
     split = PhasePeaks()

@@ -11,7 +11,7 @@ import torch
 
 pytestmark = [pytest.mark.slow, pytest.mark.crash]
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _finetune(model, data, out, *extra, fsize=None):

@@ -18,7 +18,7 @@ from slowllama.model.transformer import ModelArgs
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = DEMO_MODEL
 LORA = LoraConfig(rank=2, alpha=4.0, targets=("wq", "w2"))
 

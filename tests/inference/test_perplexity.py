@@ -14,7 +14,7 @@ from slowllama.formats import open_checkpoint
 from slowllama.formats.tokenizer import load_tokenizer
 from slowllama.inference.evaluate import eval_batches, evaluate
 from slowllama.model.transformer import module_names
-from tests.test_gen_cli import make_model
+from tests.cli.test_gen_cli import make_model
 
 transformers = pytest.importorskip("transformers")
 

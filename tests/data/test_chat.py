@@ -6,7 +6,7 @@ import pytest
 from slowllama.data.chat import encode_chat, render
 from slowllama.errors import ConfigError
 from slowllama.formats.tokenizer import load_tokenizer
-from tests.test_tokenizers import make_llama3_like, make_smollm_like
+from tests.formats.test_tokenizers import make_llama3_like, make_smollm_like
 
 LLAMA3 = ("{{ bos_token }}{% for message in messages %}"
           "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"

@@ -14,12 +14,12 @@ import torch
 
 import test_gen
 from slowllama.cli.finetune import DEMO_MODEL
-from tests.test_chat import CHATML
-from tests.test_tokenizers import make_smollm_like
+from tests.data.test_chat import CHATML
+from tests.formats.test_tokenizers import make_smollm_like
 
 transformers = pytest.importorskip("transformers")
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=512, max_position_embeddings=128, rms_norm_eps=1e-5)
 PROMPT = "The quick brown fox"

@@ -31,7 +31,7 @@ from slowllama.engine.store import BlockStore, file_stem
 
 pytestmark = [pytest.mark.slow, pytest.mark.crash]
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CORPUS = ROOT / "test_data" / "corpus.txt"
 EVENTS = ["forward", "backward", "before_fsync", "before_rename", "after_rename", "prepare_module",
           "export_module", "export_swap"]
