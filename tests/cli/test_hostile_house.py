@@ -164,3 +164,27 @@ def test_data_edited_or_deleted_before_a_resume_is_named(hf, tmp_path, how):
     last = refused(cli("finetune", hf, "--resume", "--work-dir", work, "--iters", "2"), str(data), "--data")
     assert ("changed since the run began" if how == "edited" else "not found") in last, last
     assert_unchanged(before, out, work, what="the run after a refused resume")
+
+
+@pytest.mark.parametrize("save_every", [None, 1], ids=["final-export", "checkpoint"])
+def test_ctrl_c_during_export_or_checkpointing_leaves_one_line_and_resumes(hf, tmp_path, save_every):
+    """Ctrl-C as the first module is written (into --out at the end, or into checkpoint-000001 with
+    --save-every 1): one line, no half-written model where the user looks, and --resume completes it."""
+    data = tmp_path / "d.txt"
+    data.write_text("The quick brown fox jumps over the lazy dog. " * 30)
+    out, work = tmp_path / "out", tmp_path / "work"
+    args = [sys.executable, str(Path(__file__).resolve().parents[2] / "finetune.py"), str(hf), "--data", str(data),
+            "--out", str(out), "--work-dir", str(work), *SMALL, "--iters", "2",
+            *(["--save-every", str(save_every)] if save_every else [])]
+    r = subprocess.run(args, env=env(kill="export_module:1:INT"), capture_output=True, text=True, timeout=180)
+    assert r.returncode == 130 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines()[-1].startswith("interrupted"), r.stderr[-2000:]
+    target = out / "checkpoint-000001" if save_every else out
+    assert not (target / "config.json").exists(), "a half-written export appeared under its final name"
+    ok(subprocess.run(args + ["--resume"], env=env(), capture_output=True, text=True, timeout=180))
+    for folder in [out] + ([out / "checkpoint-000001"] if save_every else []):
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder)
+        assert model.config.num_hidden_layers == json.loads((hf / "config.json").read_text())["num_hidden_layers"]
+    left = [p.name for p in out.parent.iterdir() if p.name not in ("d.txt", "out", "work")]
+    left += [p.name for p in out.iterdir() if p.name.startswith(".") and p.name not in (".slowllama", ".slowllama.lock")]
+    assert not left, f"the interrupted export left {left}"
