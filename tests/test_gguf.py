@@ -71,7 +71,7 @@ def test_transformers_loads_gguf(tmp_path, tied):
     text = "The quick brown fox, 1234!"
     want = transformers.AutoTokenizer.from_pretrained(folder)(text)["input_ids"]
     have = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")(text)["input_ids"]
-    assert [i for i in have if i != want[0]] == [i for i in want if i != want[0]]
+    assert have == want
 
 
 def test_refusals(model, tmp_path):

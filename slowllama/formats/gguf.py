@@ -107,8 +107,20 @@ def _add_hf_bpe(w, folder: Path, vocab_size: int):
     cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     if isinstance(cfg.get("bos_token_id"), int):
         w.add_bos_token_id(cfg["bos_token_id"])
+    # transformers' fast tokenizer adds BOS only when tokenizer.json's post-processor does; say the same to llama.cpp
+    w.add_add_bos_token(_post_processor_adds_first(raw.get("post_processor")))
     if isinstance(cfg.get("eos_token_id"), int):
         w.add_eos_token_id(cfg["eos_token_id"])
+
+
+def _post_processor_adds_first(pp) -> bool:
+    """Whether a TemplateProcessing post-processor (alone or in a Sequence) puts a special token first."""
+    if not isinstance(pp, dict):
+        return False
+    if pp.get("type") == "Sequence":
+        return any(_post_processor_adds_first(p) for p in pp.get("processors") or [])
+    single = pp.get("single") or []
+    return pp.get("type") == "TemplateProcessing" and bool(single) and "SpecialToken" in single[0]
 
 
 def _add_sentencepiece(w, path: Path):
