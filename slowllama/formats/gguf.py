@@ -18,6 +18,7 @@ from ..errors import ConfigError
 from ..fsutil import fsync_dir, tmp_path, write_error
 from ..model.transformer import module_names
 from .hf import HFCheckpoint, expected_shapes
+from .tokenizer import HFTokenizer
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 MAGIC = b"GGUF"
@@ -103,14 +104,13 @@ def _add_hf_bpe(w, folder: Path, vocab_size: int):
     w.add_token_list(tokens)
     w.add_token_types(types)
     w.add_token_merges(merges)
-    cfg_path = folder / "config.json"
-    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    if isinstance(cfg.get("bos_token_id"), int):
-        w.add_bos_token_id(cfg["bos_token_id"])
+    tok = HFTokenizer(folder)  # bos/eos as slowllama and transformers read them (tokenizer_config, generation_config)
+    if tok.bos_id is not None:
+        w.add_bos_token_id(tok.bos_id)
+    if tok.eos_id is not None:
+        w.add_eos_token_id(tok.eos_id)
     # transformers' fast tokenizer adds BOS only when tokenizer.json's post-processor does; say the same to llama.cpp
     w.add_add_bos_token(_post_processor_adds_first(raw.get("post_processor")))
-    if isinstance(cfg.get("eos_token_id"), int):
-        w.add_eos_token_id(cfg["eos_token_id"])
 
 
 def _post_processor_adds_first(pp) -> bool:
