@@ -97,3 +97,27 @@ def test_overwrites_own_gguf(model, tmp_path):
     export_gguf(model, out, "f16")
     assert {t.tensor_type for t in gguf.GGUFReader(out).tensors} == {gguf.GGMLQuantizationType.F16,
                                                                       gguf.GGMLQuantizationType.F32}
+
+
+def test_full_disk_leaves_no_partial_file(model, tmp_path, monkeypatch):
+    """A write failing mid-data (ENOSPC) leaves the previous GGUF as it was and no temp file; one line names out."""
+    import errno
+
+    out = tmp_path / "m.gguf"
+    export_gguf(model, out, "f32")
+    before = out.read_bytes()
+    calls = []
+
+    def failing(self, tensor, *a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, tensor, *a, **k)
+
+    real = gguf.GGUFWriter.write_tensor_data
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", failing)
+    with pytest.raises(OSError, match="m.gguf: write failed") as e:
+        export_gguf(model, out, "f16")
+    assert e.value.errno == errno.ENOSPC and "\n" not in str(e.value)
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
