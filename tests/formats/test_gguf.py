@@ -13,11 +13,11 @@ from slowllama.errors import ConfigError
 from slowllama.formats.gguf import encode_tensor, export_gguf, gguf_name, _qtype
 from slowllama.formats.hf import HFCheckpoint, expected_shapes
 from slowllama.model.transformer import module_names
-from tests.test_hf_training import make_model
+from tests.engine.test_hf_training import make_model
 
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 KEYS = ["general.architecture", "llama.context_length", "llama.embedding_length", "llama.block_count",
         "llama.feed_forward_length", "llama.attention.head_count", "llama.attention.head_count_kv",
         "llama.attention.layer_norm_rms_epsilon", "llama.rope.freq_base", "llama.rope.dimension_count",
