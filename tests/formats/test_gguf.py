@@ -15,7 +15,7 @@ from slowllama.formats.hf import HFCheckpoint, expected_shapes
 from slowllama.model.transformer import module_names
 from tests.engine.test_hf_training import make_model
 
-gguf = pytest.importorskip("gguf")
+import gguf  # noqa: E402  (a test dependency: requirements.txt)
 transformers = pytest.importorskip("transformers")
 ROOT = Path(__file__).resolve().parents[2]
 KEYS = ["general.architecture", "llama.context_length", "llama.embedding_length", "llama.block_count",
