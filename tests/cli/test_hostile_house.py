@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli_helpers import SMALL, assert_unchanged, edit_json, env, snapshot
 from tests.cli.test_hostile_cli import cli, ok, refused
+from tests.cli_helpers import SMALL, assert_unchanged, edit_json, env, snapshot
 
 pytestmark = pytest.mark.slow
 

@@ -5,17 +5,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
 import torch
 
 from slowllama.errors import ConfigError
-from slowllama.formats.gguf import encode_tensor, export_gguf, gguf_name, _qtype
+from slowllama.formats.gguf import _qtype, encode_tensor, export_gguf, gguf_name
 from slowllama.formats.hf import HFCheckpoint, expected_shapes
 from slowllama.model.transformer import module_names
 from tests.engine.test_hf_training import make_model
 
-import gguf  # noqa: E402  (a test dependency: requirements.txt)
 transformers = pytest.importorskip("transformers")
 ROOT = Path(__file__).resolve().parents[2]
 KEYS = ["general.architecture", "llama.context_length", "llama.embedding_length", "llama.block_count",
