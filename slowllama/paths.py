@@ -37,7 +37,12 @@ HF_SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.j
 PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 EXPORT_NAMES = META_FILES + [re.escape(n) for n in ("config.json", HF_SINGLE_FILE, HF_INDEX_FILE, *HF_SIDE_FILES,
                                                     PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE)] + [
-    r"model-\d+-of-\d+\.safetensors"]
+    r"model-\d+-of-\d+\.safetensors", r"model-[a-z0-9_]+\.gguf"]
+
+
+def gguf_file(gguf_type: str) -> str:
+    """The GGUF file a run's --gguf TYPE writes beside its export."""
+    return f"model-{gguf_type}.gguf"
 
 # The names each kind of folder may hold, besides OWNER and LOCK. Anything else is the user's.
 RUN_FILES = [r"train_log\.jsonl", r"loss\.png", r"lora_adapters\.blk", r"checkpoint-\d+"]

@@ -157,9 +157,11 @@ def check_request(folder: Path, out: Path, gguf_type: str) -> HFCheckpoint:
     if ckpt.args.rope_scaling:
         raise ConfigError(f"{ckpt.config_path}: rope scaling is not supported for GGUF yet")
     out = Path(out)
+    if out.is_dir():
+        raise ConfigError(f"{out}: is a folder; give the path of the .gguf file to write")
     if out.exists():
         with open(out, "rb") as f:
-            if out.is_dir() or f.read(4) != MAGIC:
+            if f.read(4) != MAGIC:
                 raise ConfigError(f"{out}: exists and is not a GGUF file; refusing to overwrite it")
     if not (ckpt.dir / "tokenizer.json").is_file() and not (ckpt.dir / "tokenizer.model").is_file():
         raise ConfigError(f"{ckpt.dir}: no tokenizer.json or tokenizer.model to write into the GGUF")

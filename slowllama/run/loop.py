@@ -22,6 +22,9 @@ from ..engine.store import BlockStore, export_store, open_or_prepare
 from ..engine.trainer import TrainConfig, estimate_io
 from ..errors import ConfigError
 from ..formats import open_checkpoint
+from ..formats.gguf import check_request as check_gguf
+from ..formats.gguf import export_gguf
+from ..formats.hf import HFCheckpoint
 from ..formats.meta import MetaCheckpoint, check_shard_count
 from ..formats.peft import peft_files
 from ..formats.tokenizer import load_tokenizer
@@ -35,6 +38,7 @@ from ..paths import (
     check_folder,
     checkpoint_dir,
     claim_folder,
+    gguf_file,
     lock_out_dir,
     lock_work_dir,
     mark_owned,
@@ -172,6 +176,11 @@ def finetune(*, resume: bool = False, **given) -> dict:
         if export_format != "meta":
             raise ConfigError("--shards: a Hugging Face export is sharded by size (5 GB), not by count")
         check_shard_count(ckpt.args, o.shards)
+    if o.gguf:
+        if export_format != "hf" or not isinstance(ckpt, HFCheckpoint) or (lora and not o.merge):
+            raise ConfigError("--gguf: writes the GGUF of a whole Hugging Face export of a Hugging Face folder (a LoRA "
+                              "run needs --merge); convert other exports with tools/export_gguf.py")
+        check_gguf(model_dir, out / gguf_file(o.gguf), o.gguf)  # the architecture, the tokenizer, the file
     check_sliding_window(ckpt.args, o.seq_len)
     tokenizer = load_tokenizer(model_dir)
     if o.prompt:
@@ -292,7 +301,8 @@ class Run:
         if trainer.step > o.iters:
             raise ConfigError(f"--iters {o.iters}: the run in {self.work_dir} is already at iteration {trainer.step}")
         return (self.resume and trainer.step == o.iters and trainer.journal().get("phase", "idle") == "idle"
-                and _export_step(self.out, self.store.model_id) == o.iters)
+                and _export_step(self.out, self.store.model_id) == o.iters
+                and not (o.gguf and not (self.out / gguf_file(o.gguf)).is_file()))
 
     def _claim_out(self):
         """run.json, then the output folder: this run's, its log started afresh on a new run."""
@@ -365,6 +375,8 @@ class Run:
                 for name, data in files.items():
                     atomic_write_bytes(target / name, [data])
                 mark_owned(target, "export", **marker)
+        if final and o.gguf:
+            export_gguf(out, out / gguf_file(o.gguf), o.gguf)
         if not final:
             prune_checkpoints(out, o.keep)
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..formats.gguf import GGUF_TYPES
 from .schedule import SCHEDULES
 
 MATH, OUTPUT, SESSION = "math", "output", "session"
@@ -121,6 +122,8 @@ class RunOptions:
                                           "in; a Meta checkpoint can come out as a Hugging Face folder)", OUTPUT,
                                     choices=("hf", "meta"))
     shards: int | None = opt(None, "shard count of the exported model (default: as the original)", OUTPUT)
+    gguf: str | None = opt(None, "also write OUT/model-TYPE.gguf for llama.cpp, Ollama and LM Studio from the Hugging "
+                                 "Face export of a Llama model: f32, f16, bf16 or q8_0", OUTPUT, choices=GGUF_TYPES)
     merge: bool = opt(False, "LoRA: also export the model with the adapters merged in (Meta format)", OUTPUT)
     # Never saved: permission to replace another run's output is given each time, not inherited by a resume.
     overwrite_out: bool = opt(False, "let this run replace what another run left in --out (its export, "

@@ -121,3 +121,36 @@ def test_full_disk_leaves_no_partial_file(model, tmp_path, monkeypatch):
     assert e.value.errno == errno.ENOSPC and "\n" not in str(e.value)
     assert out.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
+
+
+def test_finetune_writes_the_gguf_of_its_export(tmp_path):
+    """finetune --gguf f32: OUT/model-f32.gguf holds the tuned model, as transformers' GGUF loader reads it."""
+    from slowllama.run.loop import finetune
+
+    folder = make_model(tmp_path / "m", hidden_size=64, intermediate_size=96)
+    data = tmp_path / "d.txt"
+    data.write_text("The quick brown fox jumps over the lazy dog. " * 30)
+    out = tmp_path / "out"
+    finetune(model_dir=str(folder), data=str(data), out=str(out), iters=1, seq_len=16, batch_size=2,
+             device="cpu", lr=0.5, gguf="f32")
+    tuned = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    got = transformers.AutoModelForCausalLM.from_pretrained(out, gguf_file="model-f32.gguf", dtype=torch.float32)
+    base = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    ids = torch.randint(0, 400, (1, 12))
+    with torch.no_grad():
+        a, b, c = tuned(ids).logits, got(ids).logits, base(ids).logits
+    assert (a - b).abs().max() < 1e-4 and (a - c).abs().max() > 1e-3  # the tuned weights, not the base's
+
+
+def test_finetune_refuses_gguf_before_any_work(tmp_path):
+    from slowllama.run.loop import finetune
+
+    mistral = make_model(tmp_path / "mi", kind="mistral", hidden_size=64, intermediate_size=96, sliding_window=None)
+    data = tmp_path / "d.txt"
+    data.write_text("The quick brown fox jumps over the lazy dog. " * 30)
+    for kw, match in [({"model_dir": str(mistral), "gguf": "f16"}, "model_type"),
+                      ({"model_dir": str(make_model(tmp_path / "m")), "gguf": "f16", "lora_rank": 2}, "--merge")]:
+        with pytest.raises(ConfigError, match=match):
+            finetune(data=str(data), out=str(tmp_path / "out"), work_dir=str(tmp_path / "work"), iters=1,
+                     seq_len=16, batch_size=2, device="cpu", **kw)
+        assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists()
