@@ -146,11 +146,11 @@ def _add_sentencepiece(w, path: Path):
 
 # ---- the file ----------------------------------------------------------------
 
-def check_request(folder: Path, out: Path, gguf_type: str) -> HFCheckpoint:
-    """Every refusal before any work: the type, the model, the output path."""
+def check_request(ckpt: HFCheckpoint, out: Path, gguf_type: str):
+    """Every refusal before any work: the type, the model, the output path. ckpt is the folder to convert,
+    or the one a run will export (its config.json and tokenizer go into the export unchanged)."""
     if gguf_type not in GGUF_TYPES:
         raise ConfigError(f"--type {gguf_type!r} is not supported (supported: {', '.join(GGUF_TYPES)})")
-    ckpt = HFCheckpoint(folder)
     raw = json.loads(ckpt.config_path.read_text(encoding="utf-8"))
     if raw.get("model_type") != "llama":
         raise ConfigError(f"{ckpt.config_path}: model_type {raw.get('model_type')!r} is not supported for GGUF (llama)")
@@ -165,7 +165,6 @@ def check_request(folder: Path, out: Path, gguf_type: str) -> HFCheckpoint:
                 raise ConfigError(f"{out}: exists and is not a GGUF file; refusing to overwrite it")
     if not (ckpt.dir / "tokenizer.json").is_file() and not (ckpt.dir / "tokenizer.model").is_file():
         raise ConfigError(f"{ckpt.dir}: no tokenizer.json or tokenizer.model to write into the GGUF")
-    return ckpt
 
 
 def export_gguf(folder: str | Path, out: str | Path, gguf_type: str = "f16") -> Path:
@@ -173,7 +172,8 @@ def export_gguf(folder: str | Path, out: str | Path, gguf_type: str = "f16") -> 
     import gguf
 
     folder, out = Path(folder), Path(out)
-    ckpt = check_request(folder, out, gguf_type)
+    ckpt = HFCheckpoint(folder)
+    check_request(ckpt, out, gguf_type)
     args = ckpt.args
     plan = []  # (module, param, gguf name, shape, qtype): the header's tensor infos, in data order
     for module in module_names(args):
@@ -214,13 +214,11 @@ def export_gguf(folder: str | Path, out: str | Path, gguf_type: str = "f16") -> 
         os.fsync(w.fout[0].fileno())
         w.close()
         os.replace(tmp, out)
-    except OSError as e:
+    except BaseException as e:
         w.close()
         tmp.unlink(missing_ok=True)
-        raise write_error(out, e) from e
-    except BaseException:
-        w.close()
-        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise write_error(out, e) from e
         raise
     fsync_dir(out.parent)
     return out

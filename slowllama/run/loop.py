@@ -180,7 +180,7 @@ def finetune(*, resume: bool = False, **given) -> dict:
         if export_format != "hf" or not isinstance(ckpt, HFCheckpoint) or (lora and not o.merge):
             raise ConfigError("--gguf: writes the GGUF of a whole Hugging Face export of a Hugging Face folder (a LoRA "
                               "run needs --merge); convert other exports with tools/export_gguf.py")
-        check_gguf(model_dir, out / gguf_file(o.gguf), o.gguf)  # the architecture, the tokenizer, the file
+        check_gguf(ckpt, out / gguf_file(o.gguf), o.gguf)  # the architecture, the tokenizer, the file
     check_sliding_window(ckpt.args, o.seq_len)
     tokenizer = load_tokenizer(model_dir)
     if o.prompt:

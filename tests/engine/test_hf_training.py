@@ -12,13 +12,17 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
 from slowllama.engine.optim import OptimConfig
 from slowllama.engine.store import export_store, prepare
 from slowllama.engine.trainer import TrainConfig, Trainer
 from slowllama.formats import open_checkpoint
-from tests.formats.test_hf_format import LLAMA3_ROPE, make_config, model_class
+from tests.formats.test_hf_format import (
+    LLAMA3_ROPE,
+    all_tensors,
+    make_config,
+    model_class,
+)
 from tests.formats.test_tokenizers import make_llama3_like
 
 pytestmark = pytest.mark.slow
@@ -75,13 +79,6 @@ def hf_model(tmp_path_factory):
     return get
 
 
-def tensors_of(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
-
-
 @pytest.mark.parametrize("variant", ["llama2", "llama31_gqa", "mistral", "sharded"])
 def test_streamed_sgd_step_equals_transformers(hf_model, variant, tmp_path):
     assert_streamed_sgd_step_equals_transformers(hf_model(variant), tmp_path)
@@ -103,7 +100,7 @@ def assert_streamed_sgd_step_equals_transformers(folder: Path, tmp_path: Path):
     ref_loss.backward()
     torch.optim.SGD(ref.parameters(), lr=0.5).step()
     assert loss == pytest.approx(ref_loss.item(), abs=1e-5)
-    got = tensors_of(tmp_path / "out")
+    got = all_tensors(tmp_path / "out")
     want = {k: v for k, v in ref.state_dict().items()}
     assert set(got) == set(want)
     for k, v in want.items():
@@ -122,7 +119,7 @@ def test_streamed_adamw_steps_stay_within_transformers_own_fp32_noise(hf_model, 
         tr.train_step(x[:, :-1], x[:, 1:])
     tr.close()
     export_store(store, folder, tmp_path / "out")
-    got = tensors_of(tmp_path / "out")
+    got = all_tensors(tmp_path / "out")
 
     def reference(dtype):
         model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
@@ -158,7 +155,7 @@ def assert_round_trip_bit_identical(folder: Path, tmp_path: Path):
     """prepare then export with no training gives back folder's tensors and files, bit for bit."""
     store = prepare(open_checkpoint(folder), tmp_path / "store")
     export_store(store, folder, tmp_path / "out")
-    a, b = tensors_of(folder), tensors_of(tmp_path / "out")
+    a, b = all_tensors(folder), all_tensors(tmp_path / "out")
     assert a.keys() == b.keys()
     for k in a:
         assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
@@ -276,10 +273,10 @@ def test_a_tied_model_trains_and_exports_tied(tmp_path):
     r, out = finetune_cli(folder, tmp_path, "--iters", "2", "--lr", "0.05")
     assert r.returncode == 0, r.stderr
     assert "tied embeddings:" in r.stdout
-    got = tensors_of(out)
+    got = all_tensors(out)
     assert "lm_head.weight" not in got
     model, info = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
     assert not any(info.values()), info
     assert torch.equal(model.lm_head.weight, got["model.embed_tokens.weight"])
-    before = tensors_of(folder)["model.embed_tokens.weight"]
+    before = all_tensors(folder)["model.embed_tokens.weight"]
     assert not torch.equal(got["model.embed_tokens.weight"], before)

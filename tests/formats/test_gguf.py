@@ -148,9 +148,21 @@ def test_finetune_refuses_gguf_before_any_work(tmp_path):
     mistral = make_model(tmp_path / "mi", kind="mistral", hidden_size=64, intermediate_size=96, sliding_window=None)
     data = tmp_path / "d.txt"
     data.write_text("The quick brown fox jumps over the lazy dog. " * 30)
+    from slowllama.cli.finetune import DEMO_MODEL
+
+    llama = make_model(tmp_path / "m")
     for kw, match in [({"model_dir": str(mistral), "gguf": "f16"}, "model_type"),
-                      ({"model_dir": str(make_model(tmp_path / "m")), "gguf": "f16", "lora_rank": 2}, "--merge")]:
+                      ({"model_dir": str(llama), "gguf": "f16", "lora_rank": 2}, "--merge"),
+                      ({"model_dir": str(DEMO_MODEL), "gguf": "f16"}, "--gguf")]:  # a Meta checkpoint
         with pytest.raises(ConfigError, match=match):
             finetune(data=str(data), out=str(tmp_path / "out"), work_dir=str(tmp_path / "work"), iters=1,
                      seq_len=16, batch_size=2, device="cpu", **kw)
         assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists()
+    # A file of the user's where the GGUF would go: refused before training, and left as it was.
+    (tmp_path / "out").mkdir()
+    mine = tmp_path / "out" / "model-f16.gguf"
+    mine.write_text("my notes")
+    with pytest.raises(ConfigError, match="model-f16.gguf"):  # --out's own check: not ours
+        finetune(model_dir=str(llama), data=str(data), out=str(tmp_path / "out"), work_dir=str(tmp_path / "work"),
+                 iters=1, seq_len=16, batch_size=2, device="cpu", gguf="f16")
+    assert mine.read_text() == "my notes" and not (tmp_path / "work").exists()
