@@ -189,9 +189,11 @@ def finetune(*, resume: bool = False, **given) -> dict:
         except ConfigError as e:
             raise ConfigError(f"--prompt and --gen-tokens: {e}") from e
     windows = load_data(o.data, tokenizer, o.seq_len, o.train_on_prompt)
+    print(f"data: {windows.summary}")
     val = None
     if o.val_data:
         val = load_data(o.val_data, tokenizer, o.seq_len, o.train_on_prompt)
+        print(f"validation data: {val.summary}")
     elif o.val_fraction:
         windows, val = windows.split(o.val_fraction)
     val_batches = eval_batches(val, o.batch_size) if val is not None else []  # every held-out token once

@@ -70,9 +70,11 @@ class RunOptions:
     model_dir: str | None = opt(None, "checkpoint folder: Meta (params.json, consolidated.NN.pth) or Hugging Face "
                                       "(config.json, *.safetensors)", MATH,
                                 positional=True)
-    data: str | None = opt(None, 'UTF-8 text to train on, or .jsonl records of {"text"}, {"prompt", "completion"} '
-                                 'or {"messages"} (rendered with the model\'s chat template)')
-    val_data: str | None = opt(None, "text or .jsonl whose loss is reported every --eval-every iterations")
+    data: str | None = opt(None, 'UTF-8 text to train on, or records in .jsonl, .json (an array), .parquet or .csv '
+                                 '(a column per key): {"text"}, {"prompt", "completion"}, {"messages"}, Alpaca '
+                                 '{"instruction", "input", "output"} or ShareGPT {"conversations"}; chat records are '
+                                 'rendered with the model\'s chat template')
+    val_data: str | None = opt(None, "text or records whose loss is reported every --eval-every iterations")
     val_fraction: float = opt(0.0, "hold out this fraction of --data for the validation loss")
     out: str | None = opt(None, "output folder for the tuned model (default: MODEL_DIR-tuned)", OUTPUT)
     work_dir: str | None = opt(None, "where the block store and cached activations live (default: OUT.work)", MATH)
@@ -105,7 +107,7 @@ class RunOptions:
     store_dtype: str = opt("float32", "dtype of the block store's master weights (bfloat16 rounds updates "
                                       "stochastically)", choices=("float32", "bfloat16"))
     act_dtype: str = opt("float32", "dtype of the cached activations", choices=DTYPE_CHOICES)
-    train_on_prompt: bool = opt(False, "also train on prompts and non-assistant turns of .jsonl records "
+    train_on_prompt: bool = opt(False, "also train on prompts and non-assistant turns of records "
                                        "(default: completions and assistant turns only)")
     lora_rank: int = opt(0, "train LoRA adapters of this rank instead of all weights (0: full fine-tuning)")
     lora_alpha: float = opt(16.0, "LoRA scale numerator: adapters add alpha/rank * B @ A")
