@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError
+from .chat import check_messages
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,8 @@ def convert(kind: Kind, rec: dict, where: Where):
     if kind.name == "prompt/completion":
         return _string(rec, "prompt", where), _string(rec, "completion", where)
     if kind.name == "messages":
-        return rec["messages"]  # chat.check_messages checks it, naming the message
+        check_messages(rec["messages"], str(where))  # here: a string in its place is no text record
+        return rec["messages"]
     if kind.name == "ShareGPT":
         return _sharegpt(rec, where)
     system = _string(rec, "system", where, optional=True)
