@@ -60,15 +60,17 @@ def run(*, model_dir: str, data: str, seq_len: int | None = None, batch_size: in
 def main(argv=None, prog: str | None = None) -> int:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("model_dir", help="checkpoint folder: Meta (params.json) or Hugging Face (config.json)")
-    p.add_argument("--data", required=True, help="a text file, or records (.jsonl, .json, .parquet, .csv) as "
-                                                 "finetune.py reads them")
-    p.add_argument("--seq-len", type=int, default=None, help="tokens per window (default: 512 or the context)")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    p.add_argument("--compute-dtype", default="float32", help="float32, bfloat16 or float16")
-    p.add_argument("--lora", help="LoRA adapters: lora_adapters.blk or a PEFT folder")
-    p.add_argument("--train-on-prompt", action="store_true", help="records: score prompts and every turn too")
+    what = p.add_argument_group("model and data")
+    what.add_argument("model_dir", help="checkpoint folder: Meta (params.json) or Hugging Face (config.json)")
+    what.add_argument("--data", required=True, help="a text file, or records (.jsonl, .json, .parquet, .csv) as "
+                                                    "finetune.py reads them")
+    what.add_argument("--lora", help="LoRA adapters: lora_adapters.blk or a PEFT folder")
+    what.add_argument("--train-on-prompt", action="store_true", help="records: score prompts and every turn too")
+    what.add_argument("--seq-len", type=int, default=None, help="tokens per window (default: 512 or the context)")
+    where = p.add_argument_group("where and how fast")
+    where.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    where.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    where.add_argument("--compute-dtype", default="float32", help="float32, bfloat16 or float16")
     a = p.parse_args(argv)
     try:
         out = run(model_dir=a.model_dir, data=a.data, seq_len=a.seq_len, batch_size=a.batch_size, device=a.device,
