@@ -47,19 +47,21 @@ JSON_VALUED = ("messages", "conversations")  # a CSV cell holds these as JSON te
 
 @dataclass(frozen=True)
 class Where:
-    """Where a record is, for a refusal: FILE:LINE in JSONL, FILE: record N (and its column) elsewhere."""
+    """Where a record is, for a refusal: FILE:LINE in JSONL, FILE: record N elsewhere; a table's fields are
+    its columns."""
     file: str
     n: int
-    line: bool = False  # n is a line number
+    line: bool = False  # n is a JSONL line number
+    table: bool = False
 
     def __str__(self) -> str:
         return f"{self.file}:{self.n}" if self.line else f"{self.file}: record {self.n}"
 
-    def field(self, name: str) -> str:
-        return f"{self}, {'key' if self.line else 'column'} {name!r}"
+    def name(self, field: str) -> str:
+        return f"column {field!r}" if self.table else repr(field)
 
-    def bad(self, name: str, what: str) -> ConfigError:
-        return ConfigError(f"{self}: expected {what} for {name!r}" if self.line else f"{self.field(name)}: expected {what}")
+    def bad(self, field: str, what: str) -> ConfigError:
+        return ConfigError(f"{self}: expected {what} for {self.name(field)}")
 
 
 def _string(rec: dict, name: str, where: Where, optional: bool = False) -> str:
@@ -77,8 +79,9 @@ def _sharegpt(rec: dict, where: Where) -> list[dict]:
         raise where.bad("conversations", "a non-empty list of {\"from\", \"value\"} turns")
     messages = [{"role": "system", "content": _string(rec, "system", where)}] if rec.get("system") is not None else []
     for i, t in enumerate(turns):
-        if not (isinstance(t, dict) and set(t) == {"from", "value"} and isinstance(t["value"], str)):
-            raise where.bad("conversations", f'conversations[{i}] as {{"from": ..., "value": "..."}}')
+        if not (isinstance(t, dict) and set(t) == {"from", "value"} and isinstance(t["from"], str)
+                and isinstance(t["value"], str)):
+            raise where.bad("conversations", f'conversations[{i}] as {{"from": "...", "value": "..."}}')
         role = SHAREGPT_ROLES.get(t["from"])
         if role is None:
             raise where.bad("conversations", f"conversations[{i}][\"from\"] to be one of {', '.join(SHAREGPT_ROLES)}, "
@@ -151,13 +154,13 @@ class Records:
         used = [c for c in columns if c in (*kind.required, *kind.optional)]
         self.table = fmt, used, [c for c in columns if c not in used]
         for n, rec in enumerate(rows(used), 1):
-            where = Where(str(self.path), n)
+            where = Where(str(self.path), n, table=True)
             for name in JSON_VALUED:
                 if isinstance(rec.get(name), str):  # a CSV cell, or a Parquet string column, of JSON
                     try:
                         rec[name] = json.loads(rec[name])
                     except ValueError as e:
-                        raise ConfigError(f"{where.field(name)}: not valid JSON ({e})") from e
+                        raise ConfigError(f"{where}: {where.name(name)} is not valid JSON ({e})") from e
             yield self._count(kind, rec, where)
 
     @property

@@ -142,6 +142,7 @@ GOOD_A, GOOD_S = json.dumps(ALPACA[0]), json.dumps(SHAREGPT[1])
     ("m.jsonl", ['{"messages": "hi"}'], r'm.jsonl:1: "messages" must be a non-empty list'),  # not a text record
     ("a.json", ['[' + GOOD_A + ', {"text": "plain"}]'], r"a.json: record 2: a text record in a file whose first"),
     ("a.json", ['{"instruction": "x", "output": "y"}'], r"a.json: expected a JSON array"),
+    ("a.json", ['[' + GOOD_A + ', {"instruction": "x", "output": 1}]'], r"a.json: record 2: expected a string for 'output'"),
 ])
 def test_malformed_or_mixed_records_name_the_record(tok, tmp_path, name, lines, match):
     path = tmp_path / name
@@ -153,15 +154,15 @@ def test_malformed_or_mixed_records_name_the_record(tok, tmp_path, name, lines, 
 def test_malformed_tables_name_the_record_and_column(tok, tmp_path):
     cases = [
         (write_csv(tmp_path / "m.csv", ["messages"], [[json.dumps(SHAREGPT_MESSAGES[0])], ["{not json"]]),
-         r"m.csv: record 2, column 'messages': not valid JSON"),
+         r"m.csv: record 2: column 'messages' is not valid JSON"),
         (write_csv(tmp_path / "f.csv", ["text", "id"], [["a", "1"], ["b", "2", "3"]]),
          r"f.csv: record 2 has 3 fields, the header 2"),
         (write_csv(tmp_path / "n.csv", ["title", "body"], [["a", "b"]]),
          r"n.csv: no column set of a known kind among title, body"),
         (write_parquet(tmp_path / "t.parquet", {"text": ["fine", None, "fine"]}),
-         r"t.parquet: record 2, column 'text': expected a string"),
+         r"t.parquet: record 2: expected a string for column 'text'"),
         (write_parquet(tmp_path / "a.parquet", {"instruction": ["x", "y"], "output": ["z", None]}),
-         r"a.parquet: record 2, column 'output': expected a string"),
+         r"a.parquet: record 2: expected a string for column 'output'"),
         (write_parquet(tmp_path / "m.parquet", {"messages": [SHAREGPT_MESSAGES[1], [{"role": "user", "content": None}]]}),
          r"m.parquet: record 2: messages\[0\] must be an object with string"),
     ]
