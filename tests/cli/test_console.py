@@ -71,12 +71,14 @@ def test_each_help_lists_its_options_by_group(name, capsys):
     headings = [s.split("\n")[0] for s in sections if not s.startswith(("usage", "options:", " "))]
     assert any(h.endswith(":") for h in headings)
 
-def test_export_is_the_tools_script(tmp_path):
-    """`slowllama export` and tools/export_gguf.py: one parser, one refusal of a folder that is no export."""
+def test_export_is_the_tools_script(tmp_path, capsys):
+    """`slowllama export` and tools/export_gguf.py: one command, one refusal of a folder that is no export."""
     from pathlib import Path
 
+    args = [str(tmp_path), "--out", str(tmp_path / "m.gguf")]
+    assert main(["export", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(tmp_path) in err[0]
     script = Path(__file__).resolve().parents[2] / "tools" / "export_gguf.py"
-    for cmd in ([sys.executable, "-m", "slowllama", "export"], [sys.executable, str(script)]):
-        r = subprocess.run([*cmd, str(tmp_path), "--out", str(tmp_path / "m.gguf")], capture_output=True, text=True,
-                           timeout=120)
-        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and str(tmp_path) in r.stderr
+    r = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == err
