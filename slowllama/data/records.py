@@ -41,6 +41,7 @@ KINDS = (
     Kind("prompt/completion", ("prompt", "completion")),
     Kind("text", ("text",)),
 )
+SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")  # the files read as records; any other is plain text
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 JSON_VALUED = ("messages", "conversations")  # a CSV cell holds these as JSON text
 

@@ -14,7 +14,7 @@ import torch
 from ..errors import ConfigError
 from ..formats.tokenizer import Tokenizer
 from .chat import encode_chat
-from .records import Records
+from .records import SUFFIXES, Records
 
 
 def read_text(path: str | Path) -> str:
@@ -158,14 +158,11 @@ def encode_record(tokenizer: Tokenizer, record, train_on_prompt: bool, where: st
     return encode_chat(tokenizer, record, train_on_prompt=train_on_prompt, where=where)
 
 
-RECORD_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")  # any other file is plain text
-
-
 def load_data(path: str | Path, tokenizer: Tokenizer, seq_len: int, train_on_prompt: bool = False):
     """TokenWindows for plain text, Examples for records (train_on_prompt: prompts and non-assistant turns too).
     Either's `summary` says what was read, for the up-front lines."""
     if seq_len < 1:
         raise ConfigError(f"--seq-len must be positive, got {seq_len}")
-    if Path(path).suffix.lower() in RECORD_SUFFIXES:
+    if Path(path).suffix.lower() in SUFFIXES:
         return Examples.from_records(path, tokenizer, seq_len, train_on_prompt)
     return TokenWindows.from_file(path, tokenizer, seq_len)
