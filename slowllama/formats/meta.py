@@ -11,8 +11,8 @@ import pickle
 import re
 import shutil
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 
@@ -46,6 +46,9 @@ SPLIT_AXIS: dict[str, int | None] = {
     "layers.{}.attention.wo.bias": None,
     "layers.{}.attention.q_norm.weight": None,
     "layers.{}.attention.k_norm.weight": None,
+    # Gemma's (ModelArgs.post_norms), likewise.
+    "layers.{}.post_attention_norm.weight": None,
+    "layers.{}.post_ffn_norm.weight": None,
     # Some Meta checkpoints carry this; the model recomputes it, export keeps it as it was.
     "rope.freqs": None,
 }
@@ -113,6 +116,8 @@ def expected_shapes(args: ModelArgs, module: str) -> dict[str, tuple[int, ...]]:
         shapes["attention.wo.bias"] = (d,)
     if args.qk_norm:
         shapes.update({"attention.q_norm.weight": (args.head_dim,), "attention.k_norm.weight": (args.head_dim,)})
+    if args.post_norms:
+        shapes.update({"post_attention_norm.weight": (d,), "post_ffn_norm.weight": (d,)})
     return shapes
 
 
