@@ -1,5 +1,5 @@
-"""Hugging Face's format: config.json and model*.safetensors, for Llama, Mistral, Qwen2, Qwen3, Gemma 2 and
-Gemma 3 (text) models.
+"""Hugging Face's format: config.json and model*.safetensors, for Llama, Mistral, Qwen2, Qwen3, Gemma 2,
+Gemma 3 (text) and OLMo 2 models.
 
 Names and layouts map onto Meta's (the names model.py uses) through one table read in
 both directions; wq and wk rows are permuted between Hugging Face's rotate-half RoPE
@@ -48,7 +48,7 @@ HF_TO_META: dict[str, str] = {
     "lm_head.weight": "output.weight",
 }
 META_TO_HF = {m: h for h, m in HF_TO_META.items()}
-# A block with post-norms (ModelArgs.post_norms, Gemma): post_attention_layernorm follows the attention there,
+# A block with post-norms (ModelArgs.post_norms, Gemma, OLMo 2): post_attention_layernorm follows the attention there,
 # where Llama's is the FFN's pre-norm, and pre_feedforward_layernorm is the FFN's pre-norm. Layers' order
 # (transformers'): these three after input_layernorm.
 POST_NORM_NAMES = {
@@ -81,6 +81,9 @@ MODEL_TYPES = {
     "gemma3_text": dict(arch="Gemma3ForCausalLM", max_seq_len=131072, head_dim=256, tied=True, pad_id=0),
 }
 GEMMA_TYPES = ("gemma2", "gemma3_text")
+# OLMo 2: norms after each sublayer only, q/k norms over the whole projections, rms_norm_eps 1e-5 unless said.
+MODEL_TYPES["olmo2"] = dict(arch="Olmo2ForCausalLM", max_seq_len=2048, head_dim=None, pad_id=1, norm_eps=1e-5)
+OLMO2_ARGS = dict(qk_norm=True, qk_norm_whole=True, norm_weight_fp32=True, pre_norms=False, post_norms=True)
 SUPPORTED = {t: d["arch"] for t, d in MODEL_TYPES.items()}
 SAFETENSORS_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
 SINGLE_FILE, INDEX_FILE, SIDE_FILES = HF_SINGLE_FILE, HF_INDEX_FILE, HF_SIDE_FILES
@@ -132,13 +135,16 @@ def _rope_heads(args: ModelArgs, meta_key: str) -> int | None:
     """The head count whose rows a Meta key's RoPE permutation acts on, None if it has none.
 
     Biases of wq and wk move with their rows; q_norm and k_norm scale one head's head_dim
-    entries, which RoPE's layout orders too, so they permute as a single head.
+    entries, which RoPE's layout orders too, so they permute as a single head (OLMo 2's, over the
+    whole projection, as its rows do).
     """
     if meta_key.endswith(("attention.wq.weight", "attention.wq.bias")):
         return args.n_heads
     if meta_key.endswith(("attention.wk.weight", "attention.wk.bias")):
         return args.n_kv_heads
     if meta_key.endswith(("attention.q_norm.weight", "attention.k_norm.weight")):
+        if args.qk_norm_whole:
+            return args.n_heads if "q_norm" in meta_key else args.n_kv_heads
         return 1
     return None
 
@@ -195,11 +201,11 @@ REQUIRED = ("dim", "intermediate_size", "n_layers", "n_heads", "vocab_size")  # 
 
 def _attention_flags(model_type: str, raw: dict, refuse) -> dict:
     """ModelArgs' qkv_bias, o_bias, qk_norm as transformers builds each model_type's attention."""
-    if model_type in GEMMA_TYPES:  # attention_bias on all four projections; Gemma 3 norms q and k per head
+    if model_type in (*GEMMA_TYPES, "olmo2"):  # attention_bias on all four projections; q/k norms per model_type
         bias = raw.get("attention_bias", False)
         if not isinstance(bias, bool):
             refuse("attention_bias", f"must be true or false, got {bias!r}")
-        return dict(qkv_bias=bias, o_bias=bias, qk_norm=model_type == "gemma3_text")
+        return dict(qkv_bias=bias, o_bias=bias, qk_norm=model_type != "gemma2")
     if model_type == "qwen2":  # q/k/v biases always, none on o_proj; Qwen2 ignores attention_bias
         return dict(qkv_bias=True, o_bias=False, qk_norm=False)
     bias = raw.get("attention_bias", False)
@@ -284,8 +290,8 @@ def _gemma_args(path: Path, model_type: str, raw: dict, refuse) -> dict:
 
 
 def args_from_config(config_json_path: str | Path) -> ModelArgs:
-    """The architecture from a Llama, Mistral, Qwen2, Qwen3, Gemma 2 or Gemma 3 (text) config.json; what changes the
-    math is refused by name."""
+    """The architecture from a Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 (text) or OLMo 2 config.json; what
+    changes the math is refused by name."""
     path = Path(config_json_path)
     raw = _read_json(path)
 
@@ -314,6 +320,8 @@ def args_from_config(config_json_path: str | Path) -> ModelArgs:
         flags.update(zip(("rope_theta", "rope_scaling"), _rope(path, raw)))
     if model_type in ("qwen2", "qwen3"):
         flags["layer_windows"] = _qwen_windows(raw, refuse)
+    if model_type == "olmo2":
+        flags.update(OLMO2_ARGS)
     sliding = raw.get("sliding_window") if model_type == "mistral" else None  # Mistral: every layer slides
     defaults = MODEL_TYPES[model_type]
     dtype = raw.get("dtype", raw.get("torch_dtype"))
@@ -324,7 +332,7 @@ def args_from_config(config_json_path: str | Path) -> ModelArgs:
             **{field: raw[HF_KEY_OF[field]] for field in REQUIRED},
             n_kv_heads=raw.get("num_key_value_heads") or raw["num_attention_heads"],
             head_dim=raw.get("head_dim", MODEL_TYPES[model_type]["head_dim"]),
-            norm_eps=raw.get("rms_norm_eps", 1e-6),
+            norm_eps=raw.get("rms_norm_eps", defaults.get("norm_eps", 1e-6)),
             # transformers' defaults when the key is absent
             max_seq_len=raw.get("max_position_embeddings", defaults["max_seq_len"]),
             tie_word_embeddings=raw.get("tie_word_embeddings", defaults.get("tied", False)),
@@ -367,8 +375,8 @@ def non_llama_fields(args: ModelArgs) -> list[str]:
     """The per-layer window and Gemma fields of args that differ from Llama's."""
     from dataclasses import fields
 
-    names = ("layer_windows", "local_rope_theta", "norm_plus_one", "post_norms", "hidden_act", "embed_scale",
-             "query_pre_attn_scalar", "attn_softcap", "final_softcap")
+    names = ("layer_windows", "local_rope_theta", "norm_plus_one", "norm_weight_fp32", "pre_norms", "post_norms",
+             "qk_norm_whole", "hidden_act", "embed_scale", "query_pre_attn_scalar", "attn_softcap", "final_softcap")
     return [f.name for f in fields(args) if f.name in names and getattr(args, f.name) != f.default]
 
 
@@ -417,7 +425,8 @@ def _safe_open(path: Path):
 
 
 class HFCheckpoint:
-    """A validated Hugging Face folder (Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 text), read one module at a time in Meta's names and layout."""
+    """A validated Hugging Face folder (Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 text, OLMo 2), read one
+    module at a time in Meta's names and layout."""
 
     def __init__(self, folder: str | Path):
         self.dir = Path(folder)

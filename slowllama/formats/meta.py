@@ -115,7 +115,10 @@ def expected_shapes(args: ModelArgs, module: str) -> dict[str, tuple[int, ...]]:
     if args.o_bias:
         shapes["attention.wo.bias"] = (d,)
     if args.qk_norm:
-        shapes.update({"attention.q_norm.weight": (args.head_dim,), "attention.k_norm.weight": (args.head_dim,)})
+        q, k = (h, kv) if args.qk_norm_whole else (args.head_dim, args.head_dim)
+        shapes.update({"attention.q_norm.weight": (q,), "attention.k_norm.weight": (k,)})
+    if not args.pre_norms:
+        del shapes["attention_norm.weight"], shapes["ffn_norm.weight"]
     if args.post_norms:
         shapes.update({"post_attention_norm.weight": (d,), "post_ffn_norm.weight": (d,)})
     return shapes

@@ -1,5 +1,5 @@
 """The Llama architecture and its relatives (Llama 2, Code Llama, Llama 3.x, Mistral, TinyLlama, SmolLM2,
-Qwen2, Qwen3, Gemma 2, Gemma 3 text), with Meta's parameter names.
+Qwen2, Qwen3, Gemma 2, Gemma 3 text, OLMo 2), with Meta's parameter names.
 
 Every piece that the block store streams (embedding, each block, the final
 norm, the output layer) is a module of its own, so that `Transformer` is only
@@ -48,14 +48,17 @@ class ModelArgs:
     qkv_bias: bool = False
     o_bias: bool = False
     qk_norm: bool = False
-    # ---- Per-layer attention windows, and Gemma 2 / Gemma 3 (see _check_layer_fields) ----
+    # ---- Per-layer attention windows, Gemma 2 / Gemma 3 and OLMo 2 (see _check_layer_fields) ----
     # layer_windows: each layer's window (None: full causal), as transformers' layer_types decide it
     # (Qwen's max_window_layers, Gemma's alternating local/global layers); None: sliding_window everywhere.
     # A query at t sees the keys at s with t - window < s <= t: the window counts the query itself.
     layer_windows: list[int | None] | None = None
     local_rope_theta: float | None = None  # the windowed layers' RoPE base, unscaled (Gemma 3's local layers)
     norm_plus_one: bool = False  # every RMSNorm scales by 1 + weight, in fp32 before the cast (Gemma)
+    norm_weight_fp32: bool = False  # every RMSNorm scales by weight in fp32 before the cast (OLMo 2)
+    pre_norms: bool = True  # attention_norm and ffn_norm on each sublayer's input (OLMo 2 has none)
     post_norms: bool = False  # post_attention_norm, post_ffn_norm on each sublayer's output, before the residual
+    qk_norm_whole: bool = False  # qk_norm over the whole q and k projections, not per head (OLMo 2)
     hidden_act: str = "silu"  # the FFN gate's activation, a key of ACTIVATIONS
     embed_scale: bool = False  # the embedding's output times sqrt(dim), the factor rounded to the weight's dtype
     query_pre_attn_scalar: float | None = None  # scores scaled by its -1/2 power rather than head_dim's
@@ -150,7 +153,7 @@ def _check_layer_fields(a: ModelArgs):
         for w in a.layer_windows:
             if w is not None:
                 _check_positive_int("layer_windows", w)
-    for name in ("norm_plus_one", "post_norms", "embed_scale"):
+    for name in ("norm_plus_one", "norm_weight_fp32", "pre_norms", "post_norms", "qk_norm_whole", "embed_scale"):
         if not isinstance(getattr(a, name), bool):
             raise ConfigError(f"{name} must be true or false, got {getattr(a, name)!r}")
     if a.hidden_act not in ACTIVATIONS:
@@ -218,17 +221,24 @@ class RMSNorm(nn.Module):
         return out.type_as(x) * self.weight
 
 
-class PlusOneRMSNorm(RMSNorm):
-    """Gemma's RMSNorm: scales by 1 + weight (weights stored around 0), in fp32, and casts last."""
+class CastLastRMSNorm(RMSNorm):
+    """An RMSNorm that scales in fp32 and casts last: by 1 + weight (Gemma, weights stored around 0) or by
+    weight (OLMo 2), as transformers computes them."""
+
+    def __init__(self, dim: int, eps: float, offset: float):
+        super().__init__(dim, eps)
+        self.offset = offset
 
     def forward(self, x):
         xf = x.float()
         out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (out * (1.0 + self.weight.float())).type_as(x)
+        return (out * (self.offset + self.weight.float())).type_as(x)
 
 
 def make_norm(args: ModelArgs, dim: int) -> RMSNorm:
-    return (PlusOneRMSNorm if args.norm_plus_one else RMSNorm)(dim, args.norm_eps)
+    if args.norm_plus_one or args.norm_weight_fp32:
+        return CastLastRMSNorm(dim, args.norm_eps, 1.0 if args.norm_plus_one else 0.0)
+    return RMSNorm(dim, args.norm_eps)
 
 
 def rope_frequencies(head_dim: int, theta: float, scaling: dict | None, device=None) -> torch.Tensor:
@@ -279,18 +289,23 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=args.o_bias)
-        self.qk_norm = args.qk_norm
+        self.qk_norm, self.qk_norm_whole = args.qk_norm, args.qk_norm_whole
         if args.qk_norm:
-            self.q_norm = make_norm(args, args.head_dim)
-            self.k_norm = make_norm(args, args.head_dim)
+            q_dim, k_dim = (args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim) if args.qk_norm_whole \
+                else (args.head_dim, args.head_dim)
+            self.q_norm = make_norm(args, q_dim)
+            self.k_norm = make_norm(args, k_dim)
 
     def _qkv(self, x):
         """q, k, v of x as (bs, seqlen, heads, head_dim); q and k normed per head (Qwen3), not yet roped."""
         bs, seqlen, _ = x.shape
-        q = self.wq(x).view(bs, seqlen, self.n_heads, self.head_dim)
-        k = self.wk(x).view(bs, seqlen, self.n_kv_heads, self.head_dim)
+        q, k = self.wq(x), self.wk(x)
+        if self.qk_norm_whole:  # OLMo 2: over all heads at once
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(bs, seqlen, self.n_heads, self.head_dim)
+        k = k.view(bs, seqlen, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(bs, seqlen, self.n_kv_heads, self.head_dim)
-        if self.qk_norm:
+        if self.qk_norm and not self.qk_norm_whole:
             q, k = self.q_norm(q), self.k_norm(k)
         return q, k, v
 
@@ -424,8 +439,9 @@ class TransformerBlock(nn.Module):
         super().__init__()
         self.attention = Attention(args, layer)
         self.feed_forward = FeedForward(args)
-        self.attention_norm = make_norm(args, args.dim)
-        self.ffn_norm = make_norm(args, args.dim)
+        # OLMo 2 norms only the sublayers' outputs: Identity holds no weight, so the block's tensors stay its own.
+        self.attention_norm = make_norm(args, args.dim) if args.pre_norms else nn.Identity()
+        self.ffn_norm = make_norm(args, args.dim) if args.pre_norms else nn.Identity()
         self.post_norms = args.post_norms
         if args.post_norms:  # Gemma: each sublayer's output is normed too, before it joins the residual
             self.post_attention_norm = make_norm(args, args.dim)

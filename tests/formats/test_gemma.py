@@ -14,7 +14,7 @@ import torch
 from slowllama.errors import ConfigError
 from slowllama.formats import open_checkpoint
 from slowllama.formats.hf import args_from_config
-from slowllama.model.transformer import Embedding, ModelArgs, PlusOneRMSNorm
+from slowllama.model.transformer import CastLastRMSNorm, Embedding, ModelArgs
 from tests.engine.test_hf_training import (
     VOCAB,
     assert_round_trip_bit_identical,
@@ -120,7 +120,7 @@ def test_norm_and_embedding_scale_round_as_transformers_does_in_half_precision(d
     g = torch.Generator().manual_seed(3)
     w, table = torch.randn(dim, generator=g), torch.randn(VOCAB, dim, generator=g)
     theirs = Gemma3RMSNorm(dim, eps=1e-6)
-    ours = PlusOneRMSNorm(dim, eps=1e-6)
+    ours = CastLastRMSNorm(dim, 1e-6, offset=1.0)
     theirs.weight.data, ours.weight.data = w.clone(), w.clone()
     x = torch.randn(3, dim, generator=g).to(dtype)
     assert torch.equal(ours.to(dtype)(x), theirs.to(dtype)(x))

@@ -54,7 +54,8 @@ VARIANTS = {
 # kind -> transformers' config and model class names
 HF_CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM"),
               "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM")}
-HF_CLASSES.update(gemma2=("Gemma2Config", "Gemma2ForCausalLM"), gemma3=("Gemma3TextConfig", "Gemma3ForCausalLM"))
+HF_CLASSES.update(gemma2=("Gemma2Config", "Gemma2ForCausalLM"), gemma3=("Gemma3TextConfig", "Gemma3ForCausalLM"),
+                  olmo2=("Olmo2Config", "Olmo2ForCausalLM"))
 
 
 def make_config(kind: str, **kw):
