@@ -255,9 +255,10 @@ def _gemma_rope(path: Path, model_type: str, raw: dict) -> dict:
         return dict(rope_theta=theta, rope_scaling=scaling)
     params = raw.get("rope_parameters")
     if params is not None and set(params) <= {"full_attention", "sliding_attention"}:
-        # transformers 5: one rope_parameters per layer type
-        theta, scaling = _rope(path, {"rope_parameters": params.get("full_attention") or {"rope_theta": 1e6}})
-        local, local_scaling = _rope(path, {"rope_parameters": params.get("sliding_attention") or {"rope_theta": 1e4}})
+        # transformers 5: one rope_parameters per layer type, rope_theta defaulting as Gemma3TextConfig's do
+        theta, scaling = _rope(path, {"rope_parameters": {"rope_theta": 1e6, **(params.get("full_attention") or {})}})
+        local, local_scaling = _rope(path, {"rope_parameters": {"rope_theta": raw.get("rope_local_base_freq", 1e4),
+                                                                **(params.get("sliding_attention") or {})}})
         if local_scaling is not None:
             raise ConfigError(f"{path}: rope_parameters.sliding_attention.rope_type {local_scaling['rope_type']!r} "
                               f"is not supported (slowllama implements default)")
