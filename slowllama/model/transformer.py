@@ -297,7 +297,8 @@ class Attention(nn.Module):
             self.k_norm = make_norm(args, k_dim)
 
     def _qkv(self, x):
-        """q, k, v of x as (bs, seqlen, heads, head_dim); q and k normed per head (Qwen3), not yet roped."""
+        """q, k, v of x as (bs, seqlen, heads, head_dim), not yet roped; q and k normed per head (Qwen3, Gemma 3)
+        or over the whole projection (OLMo 2)."""
         bs, seqlen, _ = x.shape
         q, k = self.wq(x), self.wk(x)
         if self.qk_norm_whole:  # OLMo 2: over all heads at once
