@@ -21,7 +21,6 @@ from slowllama.formats import open_checkpoint
 from slowllama.formats.peft import load_adapters
 from slowllama.formats.tokenizer import load_tokenizer
 from slowllama.inference.evaluate import eval_batches, evaluate, perplexity
-from slowllama.model.transformer import check_sliding_window
 
 
 def run(*, model_dir: str, data: str, seq_len: int | None = None, batch_size: int = 8, device: str = "auto",
@@ -38,7 +37,6 @@ def run(*, model_dir: str, data: str, seq_len: int | None = None, batch_size: in
     seq_len = min(512, args.max_seq_len) if seq_len is None else seq_len
     if seq_len > args.max_seq_len:
         raise ConfigError(f"--seq-len {seq_len} is longer than the model's context of {args.max_seq_len} tokens")
-    check_sliding_window(args, seq_len)
     tokenizer = load_tokenizer(model_dir)
     examples = load_data(data, tokenizer, seq_len, train_on_prompt)
     batches = eval_batches(examples, batch_size)

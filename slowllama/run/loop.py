@@ -33,7 +33,6 @@ from ..inference.evaluate import eval_batches, perplexity
 from ..inference.evaluate import evaluate as evaluate_layer_major
 from ..inference.generate import ModuleCache, check_context, complete
 from ..model.lora import Adapters, LoraConfig
-from ..model.transformer import check_sliding_window
 from ..paths import (
     check_folder,
     checkpoint_dir,
@@ -181,7 +180,6 @@ def finetune(*, resume: bool = False, **given) -> dict:
             raise ConfigError("--gguf: writes the GGUF of a whole Hugging Face export of a Hugging Face folder (a LoRA "
                               "run needs --merge); convert other exports with tools/export_gguf.py")
         check_gguf(ckpt, out / gguf_file(o.gguf), o.gguf)  # the architecture, the tokenizer, the file
-    check_sliding_window(ckpt.args, o.seq_len)
     tokenizer = load_tokenizer(model_dir)
     if o.prompt:
         try:

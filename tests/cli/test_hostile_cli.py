@@ -199,15 +199,6 @@ def test_bad_data(user, tmp_path, content, names):
 # ---------------------------------------------------------------- finetune.py: the model folder
 
 
-def test_mistral_sliding_window_shorter_than_seq_len(probe_data, tmp_path):
-    from tests.engine.test_hf_training import make_model
-    model = make_model(tmp_path / "mistral", kind="mistral", sliding_window=8)
-    before = snapshot(model, probe_data.parent)
-    refused(cli("finetune", model, "--data", probe_data, "--out", tmp_path / "out", "--work-dir", tmp_path / "work",
-                *ONE), "sliding_window")
-    assert_unchanged(before, model, probe_data.parent, what="model and data")
-
-
 def test_hf_folder_with_a_shard_deleted(probe_data, tmp_path):
     from tests.formats.test_hf_format import make_hf_model
     from tests.formats.test_tokenizers import make_llama3_like
