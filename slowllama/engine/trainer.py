@@ -29,9 +29,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -47,13 +47,7 @@ from .optim import OptimConfig
 from .plan import ModuleSize, StepPlan, cached_input_bytes, module_sizes, plan_step
 from .store import BlockStore
 from .streamer import Streamer
-from .update import (
-    FullUpdate,
-    LoraUpdate,
-    NonFiniteError,
-    clip_coefficient,
-    tied_grad_in_ram,
-)
+from .update import FullUpdate, LoraUpdate, NonFiniteError, clip_coefficient, tied_grad_in_ram
 
 log = logging.getLogger(__name__)
 
