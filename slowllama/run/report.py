@@ -116,9 +116,9 @@ def render(recs: list[dict], options: dict, plan: list[str], status: str, iters:
     eta = s["eta_s"][-1][1] if s["eta_s"] and status == "running" else None
     written = s["bytes_written"][-1][1] if s["bytes_written"] else 0
     read = s["bytes_read"][-1][1] if s["bytes_read"] else 0
-    wear = f"{written / 1e12:.3f} TB written to the work dir's disk so far"
+    wear = f"{fmt_bytes(written)} written to the work dir's disk so far"
     if written_estimate:
-        wear += f", of ~{written_estimate / 1e12:.3f} TB for the whole run"
+        wear += f", of ~{fmt_bytes(written_estimate)} estimated for the whole run (an SSD is rated in TB written)"
     summary = [("status", status), ("iterations", f"{done} of {iters}"),
                ("time left", fmt_seconds(eta) if eta is not None else "-"),
                ("last loss", _num(its[-1]["loss"]) if its else "-"),
