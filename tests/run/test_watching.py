@@ -183,3 +183,22 @@ def test_time_estimate_is_within_10x_of_the_measured_iterations(model_factory, t
     assert 0.1 <= ratio <= 10, (summary["time_estimate"], [r["seconds"] for r in recs])
     etas = [r["eta_s"] for r in recs]
     assert all(e >= 0 for e in etas) and etas[-1] == min(etas)
+
+
+def test_a_resumed_run_keeps_its_page_and_events_whole(model_factory, tmp_path):
+    """A resume draws the page from the whole log and adds an events file that TensorBoard reads after the first."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    model = model_factory("base", dim=64, n_layers=2)
+    common = {"model_dir": model, "data": CORPUS, "out": tmp_path / "out", "seq_len": 16, "batch_size": 2,
+              "device": "cpu", "tensorboard": tmp_path / "tb"}
+    finetune(**common, iters=1)
+    finetune(**common, iters=2, resume=True)
+    assert len(list((tmp_path / "tb").iterdir())) == 2
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    recs = [r for r in records(tmp_path / "out") if "loss" in r]
+    assert [(e.step, e.value) for e in acc.Scalars(TAGS["loss"])] == pytest.approx([(r["iter"], r["loss"]) for r in recs])
+    found = Polylines()
+    found.feed((tmp_path / "out" / REPORT_FILE).read_text())
+    assert [r["iter"] for r in recs] == [0, 1] and found.found["loss"] == (2, 2)
