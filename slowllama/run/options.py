@@ -26,7 +26,7 @@ DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 
 
 # Options that name files: made absolute, so that a run resumes from any working directory.
-PATHS = ("model_dir", "data", "val_data", "out", "work_dir")
+PATHS = ("model_dir", "data", "val_data", "out", "work_dir", "tensorboard")
 # What run.json keeps beside the options: the content hashes a resume checks the data against,
 # and the number of data-parallel ranks (distributed.py), which decides the global batch.
 SAVED_EXTRAS = ("data_sha256", "val_data_sha256", "ranks")
@@ -127,6 +127,9 @@ class RunOptions:
     gguf: str | None = opt(None, "also write OUT/model-TYPE.gguf for llama.cpp, Ollama and LM Studio from the Hugging "
                                  "Face export of a Llama model: f32, f16, bf16 or q8_0", OUTPUT, choices=GGUF_TYPES)
     merge: bool = opt(False, "LoRA: also export the model with the adapters merged in (Meta format)", OUTPUT)
+    tensorboard: str | None = opt(None, "also write TensorBoard scalar events (loss, validation, lr, grad norm, "
+                                        "tokens/s, disk bytes, ETA) into DIR; needs pip install "
+                                        "'slowllama[tensorboard]'", OUTPUT, metavar="DIR")
     # Never saved: permission to replace another run's output is given each time, not inherited by a resume.
     overwrite_out: bool = opt(False, "let this run replace what another run left in --out (its export, "
                                      "checkpoints and log)", SESSION)
@@ -237,7 +240,7 @@ def add_arguments(p: argparse.ArgumentParser):
         else:
             typ = {"int": int, "float": float, "int | None": int, "str": str, "str | None": str}[str(f.type)]
             group.add_argument(RunOptions.flag(f.name), type=typ, default=argparse.SUPPRESS,
-                               choices=md.get("choices"), help=hint)
+                               choices=md.get("choices"), metavar=md.get("metavar"), help=hint)
 
 
 def read_config(path: str | Path) -> dict:
