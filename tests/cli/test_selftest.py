@@ -1,5 +1,6 @@
 """The device self-test: it passes on cpu as CI runs it, and each check fails when what it checks is broken."""
 import ctypes
+import itertools
 import json
 import os
 import subprocess
