@@ -30,6 +30,11 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "distributed: runs torchrun data-parallel jobs")
     config.addinivalue_line("markers", "gpu: needs a CUDA device")
     config.addinivalue_line("markers", f"device: runs on ${TEST_DEVICE_VAR} (cpu, cuda or mps; default cpu)")
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:  # run_tests.sh runs one worker per core: torch's own threads would oversubscribe them
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
     name = os.environ.get(TEST_DEVICE_VAR, "cpu")
     if name not in TEST_DEVICES:
         raise pytest.UsageError(f"{TEST_DEVICE_VAR}={name!r}: expected one of {', '.join(TEST_DEVICES)}")
