@@ -86,6 +86,9 @@ def test_tensors_and_metadata_read_back(models, tmp_path, name, kind):
                                                      K.Attention.HEAD_COUNT_KV, K.LLM.FEED_FORWARD_LENGTH)] == \
         [cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["intermediate_size"]]
     assert field(r, K.Tokenizer.PRE) == MODELS[name][4] and field(r, K.Tokenizer.MODEL) == "gpt2"
+    hf_tok = transformers.AutoTokenizer.from_pretrained(folder)  # llama.cpp adds BOS where transformers does
+    assert field(r, K.Tokenizer.ADD_BOS) == (hf_tok("x")["input_ids"][0] == hf_tok.bos_token_id)
+    assert field(r, K.Tokenizer.CHAT_TEMPLATE) == hf_tok.chat_template
     assert field(r, K.General.FILE_TYPE) == gguf.LlamaFileType[{"f32": "ALL_F32", "f16": "MOSTLY_F16",
                                                              "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}[kind]]
     want = expected_tensors(folder, name, kind)
