@@ -1,6 +1,9 @@
 """`python tools/export_gguf.py EXPORT_DIR --out FILE.gguf --type f16`: a Hugging Face Llama, Mistral, Qwen2 or
 Qwen3 folder (e.g. a finetune export) as one GGUF file for llama.cpp, and FILE.Modelfile beside it for Ollama
-(slowllama/formats/gguf.py, slowllama/formats/ollama.py)."""
+(slowllama/formats/gguf.py, slowllama/formats/ollama.py).
+
+`python tools/export_gguf.py LORA_OUT --base BASE_DIR --out adapter.gguf`: a PEFT LoRA folder (a LoRA run's
+output) as a GGUF LoRA adapter for llama.cpp's --lora over BASE_DIR's GGUF (slowllama/formats/gguf_lora.py)."""
 import argparse
 import sys
 from pathlib import Path
@@ -9,6 +12,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from slowllama.errors import ConfigError
 from slowllama.formats.gguf import GGUF_TYPES, export_gguf
+from slowllama.paths import PEFT_CONFIG_FILE
+
+
+def export_adapter(peft_dir: Path, base: Path, out: Path, gguf_type: str) -> Path:
+    from slowllama.formats.gguf_lora import check_adapter_request, export_adapter_gguf
+    from slowllama.formats.hf import HFCheckpoint
+    from slowllama.formats.peft import load_peft
+
+    ckpt = HFCheckpoint(base)
+    check_adapter_request(ckpt.config_path, out, gguf_type)
+    adapters = load_peft(peft_dir, ckpt.args)
+    return export_adapter_gguf(adapters, ckpt.args, ckpt.config_path, out, gguf_type, name=base.name)
 
 
 def main(argv=None) -> int:
@@ -16,10 +31,17 @@ def main(argv=None) -> int:
     p.add_argument("export_dir")
     p.add_argument("--out", required=True, help="the .gguf file to write")
     p.add_argument("--type", default="f16", help=f"weight type: {', '.join(GGUF_TYPES)} (norms stay f32)")
+    p.add_argument("--base", help="for a PEFT LoRA folder: the Hugging Face base model it adapts")
     p.add_argument("--no-modelfile", action="store_true", help="do not write the Ollama Modelfile beside it")
     a = p.parse_args(argv)
+    folder = Path(a.export_dir)
     try:
-        out = export_gguf(a.export_dir, a.out, a.type, modelfile=not a.no_modelfile)
+        if (folder / PEFT_CONFIG_FILE).is_file() and not (folder / "config.json").is_file():
+            if not a.base:
+                raise ConfigError(f"{folder}: a PEFT LoRA folder; give --base, the model it adapts")
+            out = export_adapter(folder, Path(a.base), Path(a.out), a.type)
+        else:
+            out = export_gguf(folder, a.out, a.type, modelfile=not a.no_modelfile)
     except (ConfigError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

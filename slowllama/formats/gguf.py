@@ -23,6 +23,7 @@ from ..fsutil import fsync_dir, read_json_object, tmp_path, write_error
 from ..model.transformer import ModelArgs, module_names
 from .gguf_vocab import add_vocab, vocab_source
 from .hf import HFCheckpoint, _rope_heads, expected_shapes, from_meta
+from .ollama import check_modelfile, modelfile_path, write_modelfile
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 MAGIC = b"GGUF"
@@ -161,8 +162,6 @@ def check_type(gguf_type: str):
 def check_request(ckpt: HFCheckpoint, out: Path, gguf_type: str, modelfile: bool = True):
     """Every refusal before any work: the type, the model, its tokenizer, the output paths. ckpt is the folder
     to convert, or the one a run will export (its config.json and tokenizer go into the export unchanged)."""
-    from .ollama import check_modelfile, modelfile_path
-
     check_type(gguf_type)
     _check_arch(ckpt, model_arch(ckpt.config_path))
     check_out(out)
@@ -241,8 +240,6 @@ def _add_model_metadata(w, ckpt: HFCheckpoint, arch: str, gguf_type: str, name: 
 def export_gguf(folder: str | Path, out: str | Path, gguf_type: str = "f16", modelfile: bool = True) -> Path:
     """Write the Hugging Face folder as a GGUF file at out, atomically, and (modelfile) an Ollama Modelfile
     beside it; returns out."""
-    from .ollama import write_modelfile
-
     folder, out = Path(folder), Path(out)
     ckpt = HFCheckpoint(folder)
     check_request(ckpt, out, gguf_type, modelfile)

@@ -2,6 +2,9 @@
 the tuned model's GGUF and Modelfile, a LoRA run's adapter GGUF, and the refusals before any work."""
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import gguf
 import numpy as np
 import pytest
@@ -23,6 +26,7 @@ from tests.formats.gguf_helpers import (
 from tests.formats.test_peft import random_adapters
 
 transformers = pytest.importorskip("transformers")
+ROOT = Path(__file__).resolve().parents[2]
 TEXT = "The quick brown fox jumps over the lazy dog. " * 30
 
 
@@ -94,6 +98,13 @@ def test_lora_run_writes_its_adapter_as_gguf(tmp_path):
     adapters = load_peft(out, HFCheckpoint(folder).args)
     assert_adapter_gguf_equals_peft(folder, out / "adapter-f16.gguf", adapters, "f16")
     assert not (out / "model-f16.gguf").exists()
+    # tools/export_gguf.py converts the PEFT folder afterwards into the same file
+    spec = importlib.util.spec_from_file_location("export_gguf_tool", ROOT / "tools" / "export_gguf.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.main([str(out), "--out", str(tmp_path / "t.gguf")]) == 2  # no --base: refused
+    assert tool.main([str(out), "--base", str(folder), "--out", str(tmp_path / "t.gguf"), "--type", "f16"]) == 0
+    assert (tmp_path / "t.gguf").read_bytes() == (out / "adapter-f16.gguf").read_bytes()
 
 
 def test_finetune_refuses_gguf_before_any_work(tmp_path):
