@@ -216,3 +216,23 @@ def test_full_disk_leaves_no_partial_file(models, tmp_path, monkeypatch):
     assert e.value.errno == errno.ENOSPC and "\n" not in str(e.value)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
     assert sorted(before) == ["m.Modelfile", "m.gguf"]
+
+
+def test_sentencepiece_tokenizer(tmp_path):
+    """A folder with a sentencepiece tokenizer.model and no tokenizer.json: llama.cpp's "llama" vocabulary, whose
+    tokenizer in transformers' GGUF loader gives sentencepiece's own ids (BOS first, as llama.cpp adds it)."""
+    import sentencepiece as spm
+
+    from slowllama.cli.finetune import DEMO_MODEL
+
+    folder = make_model(tmp_path / "m")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        (folder / name).unlink(missing_ok=True)
+    (folder / "tokenizer.model").write_bytes((DEMO_MODEL / "tokenizer.model").read_bytes())
+    r = gguf.GGUFReader(export_gguf(folder, tmp_path / "m.gguf", "f16"))
+    sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+    assert field(r, K.Tokenizer.MODEL) == "llama" and len(r.fields[K.Tokenizer.LIST].data) == sp.vocab_size()
+    assert (field(r, K.Tokenizer.BOS_ID), field(r, K.Tokenizer.EOS_ID)) == (sp.bos_id(), sp.eos_id())
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
+    for text in ("The quick brown fox, 1234!", "the lazy dog jumps"):
+        assert tok(text)["input_ids"] == [sp.bos_id(), *sp.encode(text)], text
