@@ -37,12 +37,17 @@ HF_SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.j
 PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 EXPORT_NAMES = META_FILES + [re.escape(n) for n in ("config.json", HF_SINGLE_FILE, HF_INDEX_FILE, *HF_SIDE_FILES,
                                                     PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE)] + [
-    r"model-\d+-of-\d+\.safetensors", r"model-[a-z0-9_]+\.gguf"]
+    r"model-\d+-of-\d+\.safetensors", r"(model|adapter)-[a-z0-9_]+\.gguf", r"model-[a-z0-9_]+\.Modelfile"]
 
 
 def gguf_file(gguf_type: str) -> str:
-    """The GGUF file a run's --gguf TYPE writes beside its export."""
+    """The GGUF file a run's --gguf TYPE writes beside its export (its Ollama Modelfile: model-TYPE.Modelfile)."""
     return f"model-{gguf_type}.gguf"
+
+
+def adapter_gguf_file(gguf_type: str) -> str:
+    """The GGUF LoRA adapter (llama.cpp's --lora) a LoRA run's --gguf TYPE writes beside its adapters."""
+    return f"adapter-{gguf_type}.gguf"
 
 # The names each kind of folder may hold, besides OWNER and LOCK. Anything else is the user's.
 REPORT_FILE = "report.html"  # the run's page (run/report.py), rewritten as the run goes

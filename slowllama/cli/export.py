@@ -1,30 +1,55 @@
-"""Write a Hugging Face Llama folder (e.g. a finetune export) as one GGUF file for llama.cpp, Ollama and LM Studio.
+"""Write a Hugging Face folder (e.g. a finetune export) as one GGUF file for llama.cpp, Ollama and LM Studio, with
+an Ollama Modelfile beside it; or a PEFT LoRA folder (a LoRA run's output) as a GGUF LoRA adapter for llama.cpp's
+--lora over its base model's GGUF.
 
     slowllama export EXPORT_DIR --out FILE.gguf [--type f16]
-    python tools/export_gguf.py EXPORT_DIR --out FILE.gguf [--type f16]
+    slowllama export LORA_OUT --base BASE_DIR --out adapter.gguf
+    python tools/export_gguf.py ...   (the same command)
 
-Module by module, through slowllama/formats/gguf.py (needs pip install "slowllama[gguf]").
+Module by module, through slowllama/formats/gguf.py, gguf_lora.py and ollama.py (needs pip install "slowllama[gguf]").
 """
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from slowllama.errors import ConfigError
 from slowllama.formats.gguf import GGUF_TYPES, export_gguf
+from slowllama.paths import PEFT_CONFIG_FILE
+
+
+def export_adapter(peft_dir: Path, base: Path, out: Path, gguf_type: str) -> Path:
+    from slowllama.formats.gguf_lora import check_adapter_request, export_adapter_gguf
+    from slowllama.formats.hf import HFCheckpoint
+    from slowllama.formats.peft import load_peft
+
+    ckpt = HFCheckpoint(base)
+    check_adapter_request(ckpt.config_path, out, gguf_type)
+    adapters = load_peft(peft_dir, ckpt.args)
+    return export_adapter_gguf(adapters, ckpt.args, ckpt.config_path, out, gguf_type, name=base.name)
 
 
 def main(argv=None, prog: str | None = None) -> int:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     source = p.add_argument_group("what to convert")
-    source.add_argument("export_dir", help="a Hugging Face Llama folder: config.json, *.safetensors, tokenizer.json")
+    source.add_argument("export_dir", help="a Hugging Face Llama, Mistral, Qwen2 or Qwen3 folder (config.json, "
+                                           "*.safetensors, tokenizer.json), or a PEFT LoRA folder")
+    source.add_argument("--base", help="for a PEFT LoRA folder: the Hugging Face base model it adapts")
     out = p.add_argument_group("the GGUF file")
     out.add_argument("--out", required=True, help="the .gguf file to write")
     out.add_argument("--type", default="f16", help=f"weight type: {', '.join(GGUF_TYPES)} (norms stay f32; "
                                                    f"default: f16)")
+    out.add_argument("--no-modelfile", action="store_true", help="do not write the Ollama Modelfile beside it")
     a = p.parse_args(argv)
+    folder = Path(a.export_dir)
     try:
-        written = export_gguf(a.export_dir, a.out, a.type)
+        if (folder / PEFT_CONFIG_FILE).is_file() and not (folder / "config.json").is_file():
+            if not a.base:
+                raise ConfigError(f"{folder}: a PEFT LoRA folder; give --base, the model it adapts")
+            written = export_adapter(folder, Path(a.base), Path(a.out), a.type)
+        else:
+            written = export_gguf(folder, a.out, a.type, modelfile=not a.no_modelfile)
     except (ConfigError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,52 +1,66 @@
-"""llama.cpp's GGUF: a Hugging Face Llama folder written as one .gguf file, streamed one module at a time.
+"""llama.cpp's GGUF: a Hugging Face Llama, Mistral, Qwen2 or Qwen3 folder written as one .gguf file, streamed
+one module at a time.
 
 Tensor infos (names, shapes, types, byte sizes) are known from ModelArgs alone, so the header is written
 first and each module's data after it, read, converted and dropped in turn: peak memory is one module.
-wq/wk are written in Meta's interleaved RoPE order, which is the order llama.cpp's converter produces
-from Hugging Face's rotate-half one (HFCheckpoint.read_module already un-permutes them).
+Names come from the gguf package's own tables (gguf.TENSOR_NAMES), so they are llama.cpp's.
+RoPE layout: llama.cpp runs its "llama" architecture (Llama and Mistral) with interleaved RoPE, so wq/wk stay
+in Meta's order (the order its converter permutes Hugging Face's rotate-half rows into; HFCheckpoint.read_module
+already un-permutes them), and runs qwen2/qwen3 with rotate-half RoPE, so those get Hugging Face's order back.
 """
 from __future__ import annotations
 
-import json
+import math
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import ConfigError
-from ..fsutil import fsync_dir, tmp_path, write_error
-from ..model.transformer import module_names
-from .hf import HFCheckpoint, expected_shapes
-from .tokenizer import HFTokenizer
+from ..fsutil import fsync_dir, read_json_object, tmp_path, write_error
+from ..model.transformer import ModelArgs, module_names
+from .gguf_vocab import add_vocab, vocab_source
+from .hf import HFCheckpoint, _rope_heads, expected_shapes, from_meta
+from .ollama import check_modelfile, modelfile_path, write_modelfile
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 MAGIC = b"GGUF"
-# Meta parameter name within a module -> llama.cpp's name ("{}" is the layer index).
-LLAMA_NAMES = {
-    ("tok_embeddings", "weight"): "token_embd.weight",
-    ("norm", "weight"): "output_norm.weight",
-    ("output", "weight"): "output.weight",
-    ("layer", "attention.wq.weight"): "blk.{}.attn_q.weight",
-    ("layer", "attention.wk.weight"): "blk.{}.attn_k.weight",
-    ("layer", "attention.wv.weight"): "blk.{}.attn_v.weight",
-    ("layer", "attention.wo.weight"): "blk.{}.attn_output.weight",
-    ("layer", "feed_forward.w1.weight"): "blk.{}.ffn_gate.weight",
-    ("layer", "feed_forward.w3.weight"): "blk.{}.ffn_up.weight",
-    ("layer", "feed_forward.w2.weight"): "blk.{}.ffn_down.weight",
-    ("layer", "attention_norm.weight"): "blk.{}.attn_norm.weight",
-    ("layer", "ffn_norm.weight"): "blk.{}.ffn_norm.weight",
+# config.json's model_type -> the gguf.MODEL_ARCH member llama.cpp loads it as (its converter writes Mistral as llama).
+ARCHS = {"llama": "LLAMA", "mistral": "LLAMA", "qwen2": "QWEN2", "qwen3": "QWEN3"}
+ROTATE_HALF_ARCHS = {"QWEN2", "QWEN3"}  # llama.cpp's NEOX RoPE: q/k rows in Hugging Face's order
+# The attention biases llama.cpp's graph for each architecture adds (a file with others fails to load there).
+ATTENTION_BIASES = {"LLAMA": {"wq", "wk", "wv", "wo"}, "QWEN2": {"wq", "wk", "wv"}, "QWEN3": set()}
+# Architectures whose llama.cpp graph reads the rope_freqs tensor (its converter writes it for Llama 3 RoPE).
+ROPE_FREQS_ARCHS = {"LLAMA"}
+# Meta's name of a weight (and llama.cpp's rope_freqs), less ".weight"/".bias" -> the gguf.MODEL_TENSOR member it is written as.
+TENSORS = {
+    "tok_embeddings": "TOKEN_EMBD", "norm": "OUTPUT_NORM", "output": "OUTPUT", "rope_freqs": "ROPE_FREQS",
+    "attention.wq": "ATTN_Q", "attention.wk": "ATTN_K", "attention.wv": "ATTN_V", "attention.wo": "ATTN_OUT",
+    "attention.q_norm": "ATTN_Q_NORM", "attention.k_norm": "ATTN_K_NORM", "attention_norm": "ATTN_NORM",
+    "feed_forward.w1": "FFN_GATE", "feed_forward.w3": "FFN_UP", "feed_forward.w2": "FFN_DOWN", "ffn_norm": "FFN_NORM",
 }
+FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}  # gguf.LlamaFileType
+
+
+def _tensor_name(meta: str, layer: int | None = None) -> str:
+    """'attention.wq', 3 -> 'blk.3.attn_q', from gguf's own table."""
+    import gguf
+
+    return gguf.TENSOR_NAMES[gguf.MODEL_TENSOR[TENSORS[meta]]].format(bid=layer)
 
 
 def gguf_name(module: str, param: str) -> str:
+    """('layers.3', 'attention.wq.bias') -> 'blk.3.attn_q.bias'; ('norm', 'weight') -> 'output_norm.weight'."""
     if module.startswith("layers."):
-        return LLAMA_NAMES[("layer", param)].format(module.split(".")[1])
-    return LLAMA_NAMES[(module, param)]
+        base, _, suffix = param.rpartition(".")
+        return f"{_tensor_name(base, int(module.split('.')[1]))}.{suffix}"
+    return f"{_tensor_name(module)}.{param}"
 
 
 def _qtype(gguf_type: str, shape: tuple[int, ...]):
-    """The ggml type of one tensor: norms (1-D) stay f32 as llama.cpp keeps them; q8_0 needs rows of 32."""
+    """The ggml type of one tensor: 1-D ones (norms, biases) stay f32 as llama.cpp keeps them; q8_0 needs rows of 32."""
     import gguf
 
     T = gguf.GGMLQuantizationType
@@ -74,88 +88,63 @@ def _nbytes(shape, qtype) -> int:
     import gguf
 
     block, size = gguf.GGML_QUANT_SIZES[qtype]
-    n = int(np.prod(shape))
-    return n // block * size
+    return int(np.prod(shape)) // block * size
 
 
-# ---- tokenizer ---------------------------------------------------------------
-
-def _add_hf_bpe(w, folder: Path, vocab_size: int):
-    """tokenizer.json's BPE vocabulary as llama.cpp's "gpt2" tokenizer: tokens by id, types, merges, bos/eos."""
-    path = folder / "tokenizer.json"
-    raw = json.loads(path.read_text(encoding="utf-8"))
-    model = raw.get("model") or {}
-    if model.get("type") != "BPE":
-        raise ConfigError(f"{path}: model.type {model.get('type')!r} is not supported for GGUF (BPE)")
-    vocab = dict(model["vocab"])
-    kinds = {}
-    for a in raw.get("added_tokens") or []:
-        vocab[a["content"]] = a["id"]
-        kinds[a["id"]] = 3 if a.get("special") else 4  # CONTROL, USER_DEFINED
-    n = max(max(vocab.values()) + 1, vocab_size)  # rows past the tokenizer are padding, as llama.cpp pads
-    tokens = [f"[PAD{i}]" for i in range(n)]
-    types = [5] * n  # UNUSED until named
-    for tok, i in vocab.items():
-        tokens[i] = tok
-        types[i] = kinds.get(i, 1)  # NORMAL
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(merges)
-    tok = HFTokenizer(folder)  # bos/eos as slowllama and transformers read them (tokenizer_config, generation_config)
-    if tok.bos_id is not None:
-        w.add_bos_token_id(tok.bos_id)
-    if tok.eos_id is not None:
-        w.add_eos_token_id(tok.eos_id)
-    # transformers' fast tokenizer adds BOS only when tokenizer.json's post-processor does; say the same to llama.cpp
-    w.add_add_bos_token(_post_processor_adds_first(raw.get("post_processor")))
+def gguf_layout(arch: str, args: ModelArgs, key: str, t: torch.Tensor) -> torch.Tensor:
+    """A tensor in Meta's layout (Meta key `key`) as llama.cpp's architecture arch reads it."""
+    heads = _rope_heads(args, key)
+    return from_meta(t, heads, args.head_dim) if heads is not None and arch in ROTATE_HALF_ARCHS else t
 
 
-def _post_processor_adds_first(pp) -> bool:
-    """Whether a TemplateProcessing post-processor (alone or in a Sequence) puts a special token first."""
-    if not isinstance(pp, dict):
-        return False
-    if pp.get("type") == "Sequence":
-        return any(_post_processor_adds_first(p) for p in pp.get("processors") or [])
-    single = pp.get("single") or []
-    return pp.get("type") == "TemplateProcessing" and bool(single) and "SpecialToken" in single[0]
+def rope_freqs(args: ModelArgs) -> torch.Tensor:
+    """llama.cpp's rope_freqs for Llama 3 RoPE: per frequency, the factor its graph divides it by, computed as
+    convert_hf_to_gguf.py computes it (float32 frequencies, float32 comparisons). The original context is the
+    rope scaling's own original_max_position_embeddings, as transformers and Meta use it (llama.cpp's converter
+    reads a top-level key that Llama 3.x configs lack and falls back to 8192, their value)."""
+    s = args.rope_scaling
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old = s["original_max_position_embeddings"]
+    dim = args.head_dim
+    freqs = 1.0 / (float(args.rope_theta) ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    low_wavelen, high_wavelen = old / low, old / high
+    factors = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_wavelen:
+            factors.append(1.0)
+        elif wavelen > low_wavelen:
+            factors.append(float(factor))
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            factors.append(float(1 / ((1 - smooth) / factor + smooth)))
+    return torch.tensor(factors, dtype=torch.float32)
 
 
-def _add_sentencepiece(w, path: Path):
-    """tokenizer.model as llama.cpp's "llama" tokenizer: pieces, scores and types by id."""
-    import sentencepiece as spm
-
-    sp = spm.SentencePieceProcessor(model_file=str(path))
-    tokens, scores, types = [], [], []
-    for i in range(sp.vocab_size()):
-        tokens.append(sp.id_to_piece(i))
-        scores.append(sp.get_score(i))
-        types.append(2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i)
-                     else 5 if sp.is_unused(i) else 1)
-    w.add_tokenizer_model("llama")
-    w.add_token_list(tokens)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    if sp.bos_id() >= 0:
-        w.add_bos_token_id(sp.bos_id())
-    if sp.eos_id() >= 0:
-        w.add_eos_token_id(sp.eos_id())
+def model_arch(config_path: Path) -> str:
+    """The gguf.MODEL_ARCH member name of a config.json's model; refuses one llama.cpp has no mapping for here."""
+    model_type = read_json_object(config_path).get("model_type")
+    if model_type not in ARCHS:
+        raise ConfigError(f"{config_path}: model_type {model_type!r} has no GGUF mapping "
+                          f"(supported: {', '.join(ARCHS)})")
+    return ARCHS[model_type]
 
 
-# ---- the file ----------------------------------------------------------------
+def _check_arch(ckpt: HFCheckpoint, arch: str):
+    a, where = ckpt.args, ckpt.config_path
+    biases = {t for t, on in (("wq", a.qkv_bias), ("wk", a.qkv_bias), ("wv", a.qkv_bias), ("wo", a.o_bias)) if on}
+    extra = sorted(biases - ATTENTION_BIASES[arch])
+    if extra:
+        raise ConfigError(f"{where}: attention biases on {', '.join(extra)} have no place in llama.cpp's "
+                          f"{arch.lower()} architecture")
+    kind = (a.rope_scaling or {}).get("rope_type")
+    if kind == "llama3" and arch not in ROPE_FREQS_ARCHS:
+        raise ConfigError(f"{where}: llama3 rope scaling is read by llama.cpp's llama architecture only, "
+                          f"not {arch.lower()}")
 
-def check_request(ckpt: HFCheckpoint, out: Path, gguf_type: str):
-    """Every refusal before any work: the type, the model, the output path. ckpt is the folder to convert,
-    or the one a run will export (its config.json and tokenizer go into the export unchanged)."""
-    if gguf_type not in GGUF_TYPES:
-        raise ConfigError(f"--type {gguf_type!r} is not supported (supported: {', '.join(GGUF_TYPES)})")
-    raw = json.loads(ckpt.config_path.read_text(encoding="utf-8"))
-    if raw.get("model_type") != "llama":
-        raise ConfigError(f"{ckpt.config_path}: model_type {raw.get('model_type')!r} is not supported for GGUF (llama)")
-    if ckpt.args.rope_scaling:
-        raise ConfigError(f"{ckpt.config_path}: rope scaling is not supported for GGUF yet")
+
+def check_out(out: Path):
+    """Refuse an output path that is a folder or a file that is not a GGUF (a user's, never replaced)."""
     out = Path(out)
     if out.is_dir():
         raise ConfigError(f"{out}: is a folder; give the path of the .gguf file to write")
@@ -163,53 +152,47 @@ def check_request(ckpt: HFCheckpoint, out: Path, gguf_type: str):
         with open(out, "rb") as f:
             if f.read(4) != MAGIC:
                 raise ConfigError(f"{out}: exists and is not a GGUF file; refusing to overwrite it")
-    if not (ckpt.dir / "tokenizer.json").is_file() and not (ckpt.dir / "tokenizer.model").is_file():
-        raise ConfigError(f"{ckpt.dir}: no tokenizer.json or tokenizer.model to write into the GGUF")
 
 
-def export_gguf(folder: str | Path, out: str | Path, gguf_type: str = "f16") -> Path:
-    """Write the Hugging Face Llama folder as a GGUF file at out, atomically; returns out."""
+def check_type(gguf_type: str):
+    if gguf_type not in GGUF_TYPES:
+        raise ConfigError(f"--type {gguf_type!r} is not supported (supported: {', '.join(GGUF_TYPES)})")
+
+
+def check_request(ckpt: HFCheckpoint, out: Path, gguf_type: str, modelfile: bool = True):
+    """Every refusal before any work: the type, the model, its tokenizer, the output paths. ckpt is the folder
+    to convert, or the one a run will export (its config.json and tokenizer go into the export unchanged)."""
+    check_type(gguf_type)
+    _check_arch(ckpt, model_arch(ckpt.config_path))
+    check_out(out)
+    vocab_source(ckpt.dir)
+    if modelfile:
+        check_modelfile(modelfile_path(Path(out)))
+
+
+def write_gguf(out: Path, arch: str, add_metadata: Callable, infos: list[tuple[str, tuple, object]],
+               data: Iterator[np.ndarray]) -> Path:
+    """Write a GGUF at out atomically (a temp file beside it, fsynced, renamed): metadata, the tensor infos
+    (name, shape, ggml type) and then each array `data` yields, in the same order. A failure (a full disk)
+    leaves out as it was and no temp file; an OSError comes back as one line naming out."""
     import gguf
 
-    folder, out = Path(folder), Path(out)
-    ckpt = HFCheckpoint(folder)
-    check_request(ckpt, out, gguf_type)
-    args = ckpt.args
-    plan = []  # (module, param, gguf name, shape, qtype): the header's tensor infos, in data order
-    for module in module_names(args):
-        for param, shape in expected_shapes(args, module).items():
-            plan.append((module, param, gguf_name(module, param), tuple(shape), _qtype(gguf_type, tuple(shape))))
+    out = Path(out)
     tmp = tmp_path(out)
-    w = gguf.GGUFWriter(tmp, "llama")
+    w = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[arch]])
     try:
-        w.add_context_length(args.max_seq_len)
-        w.add_embedding_length(args.dim)
-        w.add_block_count(args.n_layers)
-        w.add_feed_forward_length(args.ffn_hidden_dim)
-        w.add_head_count(args.n_heads)
-        w.add_head_count_kv(args.n_kv_heads)
-        w.add_layer_norm_rms_eps(args.norm_eps)
-        w.add_rope_freq_base(float(args.rope_theta))
-        w.add_rope_dimension_count(args.head_dim)
-        w.add_key_length(args.head_dim)
-        w.add_value_length(args.head_dim)
-        w.add_vocab_size(args.vocab_size)
-        w.add_file_type({"f32": 0, "f16": 1, "bf16": 32, "q8_0": 7}[gguf_type])  # llama_ftype
-        if (folder / "tokenizer.json").is_file():
-            _add_hf_bpe(w, folder, args.vocab_size)
-        else:
-            _add_sentencepiece(w, folder / "tokenizer.model")
-        for _, _, name, shape, qtype in plan:
+        add_metadata(w)
+        for name, shape, qtype in infos:
             w.add_tensor_info(name, shape, np.float32, _nbytes(shape, qtype), raw_dtype=qtype)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        for module in dict.fromkeys(p[0] for p in plan):
-            tensors = ckpt.read_module(module)  # one module in memory at a time
-            for m, param, _, _, qtype in plan:
-                if m == module:
-                    w.write_tensor_data(encode_tensor(tensors.pop(param), qtype))
-            del tensors
+        n = 0
+        for array in data:
+            w.write_tensor_data(array)
+            n += 1
+        if n != len(infos):
+            raise RuntimeError(f"{out}: {n} tensors written for {len(infos)} announced")
         w.fout[0].flush()
         os.fsync(w.fout[0].fileno())
         w.close()
@@ -221,4 +204,67 @@ def export_gguf(folder: str | Path, out: str | Path, gguf_type: str = "f16") -> 
             raise write_error(out, e) from e
         raise
     fsync_dir(out.parent)
+    return out
+
+
+def _add_model_metadata(w, ckpt: HFCheckpoint, arch: str, gguf_type: str, name: str):
+    """What llama.cpp's loader reads for these architectures, as its converter writes it, and the tokenizer."""
+    import gguf
+
+    args = ckpt.args
+    w.add_type(gguf.GGUFType.MODEL)
+    w.add_name(name)
+    w.add_context_length(args.max_seq_len)
+    w.add_embedding_length(args.dim)
+    w.add_block_count(args.n_layers)
+    w.add_feed_forward_length(args.ffn_hidden_dim)
+    w.add_head_count(args.n_heads)
+    w.add_head_count_kv(args.n_kv_heads)
+    w.add_layer_norm_rms_eps(args.norm_eps)
+    w.add_rope_freq_base(float(args.rope_theta))
+    w.add_rope_dimension_count(args.head_dim)
+    w.add_key_length(args.head_dim)
+    w.add_value_length(args.head_dim)
+    w.add_vocab_size(args.vocab_size)
+    scaling = args.rope_scaling or {}
+    if scaling.get("rope_type") == "linear":  # llama3 scaling travels as the rope_freqs tensor instead
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(scaling["factor"]))
+    if args.sliding_window is not None:
+        w.add_sliding_window(args.sliding_window)
+    w.add_file_type(gguf.LlamaFileType[FILE_TYPES[gguf_type]])
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    add_vocab(w, ckpt.dir, args.vocab_size)
+
+
+def export_gguf(folder: str | Path, out: str | Path, gguf_type: str = "f16", modelfile: bool = True) -> Path:
+    """Write the Hugging Face folder as a GGUF file at out, atomically, and (modelfile) an Ollama Modelfile
+    beside it; returns out."""
+    folder, out = Path(folder), Path(out)
+    ckpt = HFCheckpoint(folder)
+    check_request(ckpt, out, gguf_type, modelfile)
+    arch, args = model_arch(ckpt.config_path), ckpt.args
+    plan = []  # (module, param, gguf name, shape, qtype): the header's tensor infos, in data order
+    if (args.rope_scaling or {}).get("rope_type") == "llama3":  # first, as llama.cpp's converter writes it
+        plan.append((None, None, f"{_tensor_name('rope_freqs')}.weight",
+                     (args.head_dim // 2,), _qtype(gguf_type, (1,))))
+    for module in module_names(args):
+        for param, shape in expected_shapes(args, module).items():
+            plan.append((module, param, gguf_name(module, param), tuple(shape), _qtype(gguf_type, tuple(shape))))
+
+    def data():
+        if plan[0][0] is None:
+            yield encode_tensor(rope_freqs(args), plan[0][4])
+        for module in dict.fromkeys(p[0] for p in plan if p[0] is not None):
+            tensors = ckpt.read_module(module)  # one module in memory at a time
+            for m, param, _, _, qtype in plan:
+                if m == module:
+                    t = gguf_layout(arch, args, f"{module}.{param}", tensors.pop(param))
+                    yield encode_tensor(t, qtype)
+            del tensors
+
+    write_gguf(out, arch, lambda w: _add_model_metadata(w, ckpt, arch, gguf_type, folder.name),
+               [(n, s, q) for _, _, n, s, q in plan], data())
+    if modelfile:
+        write_modelfile(out, folder)
     return out

@@ -24,6 +24,7 @@ from ..errors import ConfigError
 from ..formats import open_checkpoint
 from ..formats.gguf import check_request as check_gguf
 from ..formats.gguf import export_gguf
+from ..formats.gguf_lora import check_adapter_request, export_adapter_gguf
 from ..formats.hf import HFCheckpoint
 from ..formats.meta import MetaCheckpoint, check_shard_count
 from ..formats.peft import peft_files
@@ -35,6 +36,7 @@ from ..inference.generate import ModuleCache, check_context, complete
 from ..model.lora import Adapters, LoraConfig
 from ..paths import (
     REPORT_FILE,
+    adapter_gguf_file,
     check_folder,
     checkpoint_dir,
     claim_folder,
@@ -180,10 +182,13 @@ def finetune(*, resume: bool = False, **given) -> dict:
             raise ConfigError("--shards: a Hugging Face export is sharded by size (5 GB), not by count")
         check_shard_count(ckpt.args, o.shards)
     if o.gguf:
-        if export_format != "hf" or not isinstance(ckpt, HFCheckpoint) or (lora and not o.merge):
-            raise ConfigError("--gguf: writes the GGUF of a whole Hugging Face export of a Hugging Face folder (a LoRA "
-                              "run needs --merge); convert other exports with tools/export_gguf.py")
-        check_gguf(ckpt, out / gguf_file(o.gguf), o.gguf)  # the architecture, the tokenizer, the file
+        if export_format != "hf" or not isinstance(ckpt, HFCheckpoint):
+            raise ConfigError("--gguf: writes the GGUF of a Hugging Face folder's run (its export, or a LoRA run's "
+                              "adapter); convert other exports with tools/export_gguf.py")
+        if lora and not o.merge:  # the adapter alone, for llama.cpp's --lora over the base model's GGUF
+            check_adapter_request(ckpt.config_path, out / adapter_gguf_file(o.gguf), o.gguf)
+        else:  # the architecture, the tokenizer, the GGUF and its Modelfile
+            check_gguf(ckpt, out / gguf_file(o.gguf), o.gguf)
     tokenizer = load_tokenizer(model_dir)
     if o.prompt:
         try:
@@ -306,7 +311,12 @@ class Run:
             raise ConfigError(f"--iters {o.iters}: the run in {self.work_dir} is already at iteration {trainer.step}")
         return (self.resume and trainer.step == o.iters and trainer.journal().get("phase", "idle") == "idle"
                 and _export_step(self.out, self.store.model_id) == o.iters
-                and not (o.gguf and not (self.out / gguf_file(o.gguf)).is_file()))
+                and not (o.gguf and not (self.out / self._gguf_name()).is_file()))
+
+    def _gguf_name(self) -> str:
+        """The GGUF --gguf writes into out: the model's, or a LoRA run's adapter without --merge."""
+        o = self.o
+        return adapter_gguf_file(o.gguf) if self.p.lora and not o.merge else gguf_file(o.gguf)
 
     def _claim_out(self):
         """run.json, then the output folder: this run's, its log started afresh on a new run."""
@@ -379,8 +389,11 @@ class Run:
                 for name, data in files.items():
                     atomic_write_bytes(target / name, [data])
                 mark_owned(target, "export", **marker)
-        if final and o.gguf:
-            export_gguf(out, out / gguf_file(o.gguf), o.gguf)
+        if final and o.gguf and self.p.lora and not o.merge:
+            export_adapter_gguf(trainer.adapters, store.args, Path(o.model_dir) / "config.json",
+                                out / self._gguf_name(), o.gguf, name=Path(o.model_dir).name)
+        elif final and o.gguf:
+            export_gguf(out, out / self._gguf_name(), o.gguf)
         if not final:
             prune_checkpoints(out, o.keep)
 

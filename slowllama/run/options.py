@@ -124,8 +124,10 @@ class RunOptions:
                                           "in; a Meta checkpoint can come out as a Hugging Face folder)", OUTPUT,
                                     choices=("hf", "meta"))
     shards: int | None = opt(None, "shard count of the exported model (default: as the original)", OUTPUT)
-    gguf: str | None = opt(None, "also write OUT/model-TYPE.gguf for llama.cpp, Ollama and LM Studio from the Hugging "
-                                 "Face export of a Llama model: f32, f16, bf16 or q8_0", OUTPUT, choices=GGUF_TYPES)
+    gguf: str | None = opt(None, "also write OUT/model-TYPE.gguf and its Ollama model-TYPE.Modelfile for llama.cpp, "
+                                 "Ollama and LM Studio from the Hugging Face export of a Llama, Mistral, Qwen2 or "
+                                 "Qwen3 model (a LoRA run without --merge: its adapter as OUT/adapter-TYPE.gguf, "
+                                 "for llama.cpp's --lora): f32, f16, bf16 or q8_0", OUTPUT, choices=GGUF_TYPES)
     merge: bool = opt(False, "LoRA: also export the model with the adapters merged in (Meta format)", OUTPUT)
     tensorboard: str | None = opt(None, "also write TensorBoard scalar events (loss, validation, lr, grad norm, "
                                         "tokens/s, disk bytes, ETA) into DIR; needs pip install "
@@ -195,7 +197,7 @@ class RunOptions:
         return {k: v for k, v in dataclasses.asdict(self).items() if self.kind(k) != SESSION}
 
     @classmethod
-    def from_saved(cls, path: Path) -> tuple["RunOptions", dict]:
+    def from_saved(cls, path: Path) -> tuple[RunOptions, dict]:
         """The options a run saved, and the whole of run.json (which also holds the data's hashes)."""
         try:
             raw = json.loads(path.read_text())
