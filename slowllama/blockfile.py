@@ -16,9 +16,9 @@ import json
 import os
 import struct
 import zlib
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 import xxhash

@@ -85,4 +85,4 @@ def stored_params(store) -> dict[str, torch.Tensor]:
     return out
 
 
-__all__ = ["EXTRAS", "lora_reference", "random_batch", "reference_backward", "reference_model", "reference_step", "stored_params", "whole_store"]
+__all__ = ["reference_model", "reference_backward", "reference_step", "whole_store", "lora_reference", "random_batch", "stored_params", "EXTRAS"]

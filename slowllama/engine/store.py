@@ -9,8 +9,8 @@ import os
 import shutil
 import time
 import zlib
-from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
 import xxhash
@@ -345,14 +345,5 @@ def source_format(ckpt) -> str:
     return "meta" if isinstance(ckpt, MetaCheckpoint) else "hf"
 
 
-__all__ = [
-    "Block",
-    "BlockStore",
-    "StoreError",
-    "export_store",
-    "full_key",
-    "open_or_prepare",
-    "prepare",
-    "read_block",
-    "write_block",
-]
+__all__ = ["Block", "BlockStore", "StoreError", "prepare", "open_or_prepare", "export_store",
+           "read_block", "write_block", "full_key"]

@@ -7,8 +7,8 @@ marks a step done, and what a resume finds. `Trainer` keeps only the layer-major
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 from pathlib import Path
+from typing import Callable
 
 import torch
 

@@ -197,7 +197,7 @@ class RunOptions:
         return {k: v for k, v in dataclasses.asdict(self).items() if self.kind(k) != SESSION}
 
     @classmethod
-    def from_saved(cls, path: Path) -> tuple[RunOptions, dict]:
+    def from_saved(cls, path: Path) -> tuple["RunOptions", dict]:
         """The options a run saved, and the whole of run.json (which also holds the data's hashes)."""
         try:
             raw = json.loads(path.read_text())
