@@ -131,6 +131,16 @@ def dequantize_module(params: dict[str, torch.Tensor], dtype: torch.dtype) -> di
     return out
 
 
+def part_shapes(kind: str, shape: tuple[int, int], dtype: torch.dtype) -> dict[str, tuple[torch.dtype, tuple]]:
+    """(dtype, shape) of each part quantize() makes of an (out, in) weight of dtype, without quantizing it."""
+    out_f, in_f = shape
+    n = out_f * in_f
+    if kind == "nf4":
+        return {"nf4.data": (torch.uint8, (out_f, in_f // 2)), "nf4.scalers": (torch.int8, (n // NF4_BLOCK,)),
+                "nf4.factor": (dtype, (n // (NF4_BLOCK * NF4_SCALER_BLOCK),)), "nf4.mean": (dtype, ())}
+    return {"int8.q": (torch.int8, (out_f, in_f)), "int8.scale": (torch.float32, (out_f, 1))}
+
+
 def stored_sizes(tensors: list[tuple[str, torch.dtype, tuple[int, ...]]], wide: int) -> tuple[int, int, int]:
     """(parameters, bytes the streamer holds, bytes the dequantized weights take while the module computes)
     of a module from its stored tensors: a floating tensor is widened to `wide` bytes a value as read."""
