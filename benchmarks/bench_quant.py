@@ -30,22 +30,22 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _phases import ROOT, bench_dir, parse_bytes, peak_rss_bytes, rss_bytes, run_phase  # noqa: E402
+from _phases import ROOT, bench_dir, parse_bytes, peak_rss_bytes, rss_bytes, run_phase
 
 sys.path.insert(0, str(ROOT))
 GB = 1e9
 # name -> ModelArgs fields of real checkpoints (bf16 on disk), smallest first.
 MODELS = {
-    "Llama-2-7B": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, vocab_size=32000, intermediate_size=11008),
-    "Llama-3.1-8B": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, intermediate_size=14336),
-    "Llama-2-13B": dict(dim=5120, n_layers=40, n_heads=40, n_kv_heads=40, vocab_size=32000, intermediate_size=13824),
-    "Qwen3-14B": dict(dim=5120, n_layers=40, n_heads=40, n_kv_heads=8, head_dim=128, vocab_size=151936,
-                      intermediate_size=17408, qk_norm=True),
-    "Mistral-Small-24B": dict(dim=5120, n_layers=40, n_heads=32, n_kv_heads=8, head_dim=128, vocab_size=131072,
-                              intermediate_size=32768),
-    "Qwen3-32B": dict(dim=5120, n_layers=64, n_heads=64, n_kv_heads=8, head_dim=128, vocab_size=151936,
-                      intermediate_size=25600, qk_norm=True),
-    "Llama-3.1-70B": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, vocab_size=128256, intermediate_size=28672),
+    "Llama-2-7B": {"dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 32, "vocab_size": 32000, "intermediate_size": 11008},
+    "Llama-3.1-8B": {"dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8, "vocab_size": 128256, "intermediate_size": 14336},
+    "Llama-2-13B": {"dim": 5120, "n_layers": 40, "n_heads": 40, "n_kv_heads": 40, "vocab_size": 32000, "intermediate_size": 13824},
+    "Qwen3-14B": {"dim": 5120, "n_layers": 40, "n_heads": 40, "n_kv_heads": 8, "head_dim": 128, "vocab_size": 151936,
+                      "intermediate_size": 17408, "qk_norm": True},
+    "Mistral-Small-24B": {"dim": 5120, "n_layers": 40, "n_heads": 32, "n_kv_heads": 8, "head_dim": 128, "vocab_size": 131072,
+                              "intermediate_size": 32768},
+    "Qwen3-32B": {"dim": 5120, "n_layers": 64, "n_heads": 64, "n_kv_heads": 8, "head_dim": 128, "vocab_size": 151936,
+                      "intermediate_size": 25600, "qk_norm": True},
+    "Llama-3.1-70B": {"dim": 8192, "n_layers": 80, "n_heads": 64, "n_kv_heads": 8, "vocab_size": 128256, "intermediate_size": 28672},
 }
 
 
@@ -75,7 +75,8 @@ def main():
 
 def _phase(name: str, cfg: dict) -> dict:
     """One phase of this script in a fresh interpreter: its peak RSS is its own (see _phases.py)."""
-    proc = subprocess.run([sys.executable, __file__, "--phase", f"{name} {json.dumps(cfg)}"], stdout=subprocess.PIPE,
+    proc = subprocess.run([sys.executable, __file__, "--phase", f"{name} {json.dumps(cfg)}"], check=False,
+                          stdout=subprocess.PIPE,
                           text=True, cwd=str(ROOT))
     if proc.returncode != 0:
         raise SystemExit(f"phase {name} failed ({proc.returncode}):\n" + "\n".join(proc.stdout.splitlines()[-20:]))
