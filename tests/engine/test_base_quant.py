@@ -218,14 +218,15 @@ def test_a_run_writes_peft_adapters_for_the_original_model_and_merges_into_its_o
         torch.testing.assert_close(mine(x), tuned, atol=1e-5, rtol=0)
 
 
-def test_unquantizable_shapes_and_full_fine_tuning_are_refused_in_one_line(model, tmp_path):
+def test_unquantizable_shapes_and_full_fine_tuning_are_refused_in_one_line_before_any_work(model, tmp_path):
     from slowllama.run.loop import finetune
 
-    with pytest.raises(ConfigError, match=r"^--base-quant nf4: layers.0.attention.wk.weight \[64, 128\]"):
-        check_quantizable("nf4", open_checkpoint(model("llama_gqa")).shapes)
-    check_quantizable("int8", open_checkpoint(model("llama_gqa")).shapes)
     data = tmp_path / "d.txt"
     data.write_text(TEXT)
+    run = {"data": str(data), "out": str(tmp_path / "out"), "iters": 1, "device": "cpu"}
+    with pytest.raises(ConfigError, match=r"^--base-quant nf4: layers.0.attention.wk.weight \[64, 128\] has 8192 "):
+        finetune(model_dir=str(model("llama_gqa")), lora_rank=4, base_quant="nf4", **run)
     with pytest.raises(ConfigError, match="^--base-quant needs --lora-rank"):
-        finetune(model_dir=str(model("llama")), data=str(data), out=str(tmp_path / "out"), base_quant="nf4")
-    assert not (tmp_path / "out").exists()
+        finetune(model_dir=str(model("llama")), base_quant="nf4", **run)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.work").exists()
+    check_quantizable("int8", open_checkpoint(model("llama_gqa")).shapes)  # int8 takes any shape
