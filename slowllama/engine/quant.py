@@ -29,8 +29,12 @@ PARTS = {"nf4": ("nf4.data", "nf4.scalers", "nf4.factor", "nf4.mean"), "int8": (
 
 def _torchao():
     """torchao's NF4 and int8 pieces, imported on first use (the import takes seconds)."""
-    # torchao logs each optional CUDA kernel library it cannot load; none of them is used here.
-    logging.getLogger("torchao").setLevel(logging.ERROR)
+    # Importing torchao logs each optional CUDA kernel library it cannot load (none is used here) and
+    # torch's pytree deprecations of its enums: quiet for the import only.
+    loggers = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
     try:
         from torchao.quantization.granularity import PerRow
         from torchao.quantization.quant_primitives import dequantize_affine
@@ -41,6 +45,9 @@ def _torchao():
         )
     except ImportError as e:
         raise ConfigError(f"--base-quant needs torchao (pip install 'slowllama[quant]'): {e}") from e
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
     return NF4Tensor, SubclassTensorArgs, Int8Tensor, PerRow, dequantize_affine
 
 
