@@ -45,7 +45,8 @@ def gguf_file(gguf_type: str) -> str:
     return f"model-{gguf_type}.gguf"
 
 # The names each kind of folder may hold, besides OWNER and LOCK. Anything else is the user's.
-RUN_FILES = [r"train_log\.jsonl", r"loss\.png", r"lora_adapters\.blk", r"checkpoint-\d+"]
+REPORT_FILE = "report.html"  # the run's page (run/report.py), rewritten as the run goes
+RUN_FILES = [r"train_log\.jsonl", r"loss\.png", re.escape(REPORT_FILE), r"lora_adapters\.blk", r"checkpoint-\d+"]
 CHECKPOINT = re.compile(r"checkpoint-(\d+)")  # OUT/checkpoint-000100: the export after iteration 100
 WORK_NAMES = [r"run\.json", r"store", r"base", r"acts", r"lora_adapters\.blk"]
 

@@ -29,13 +29,14 @@ def parser(prog: str | None = None) -> argparse.ArgumentParser:
                                 epilog="With no arguments at all, runs the demo (a tiny model bundled with slowllama) "
                                        "into ./demo-out.")
     add_arguments(p)
-    p.add_argument("--resume", action="store_true", help="continue the run in --work-dir exactly where it stopped; "
-                   "only --iters (to extend) and --device, --ram-budget, --no-prefetch, --no-verify, --stop-on-nan "
-                   "may differ from the saved run")
-    p.add_argument("--verify", action="store_true", help="check every module of the block store in --work-dir "
-                   "against its checksums, then exit")
-    p.add_argument("--config", help="a TOML or JSON file of options (a run's run.json is one); flags given here win")
-    p.add_argument("-v", "--verbose", action="store_true", help="log more")
+    run = p.add_argument_group("resume, check and configure")
+    run.add_argument("--resume", action="store_true", help="continue the run in --work-dir exactly where it stopped; "
+                     "only --iters (to extend) and --device, --ram-budget, --no-prefetch, --no-verify, --stop-on-nan "
+                     "may differ from the saved run")
+    run.add_argument("--verify", action="store_true", help="check every module of the block store in --work-dir "
+                     "against its checksums, then exit")
+    run.add_argument("--config", help="a TOML or JSON file of options (a run's run.json is one); flags given here win")
+    run.add_argument("-v", "--verbose", action="store_true", help="log more")
     return p
 
 

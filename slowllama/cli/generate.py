@@ -13,9 +13,9 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -167,32 +167,36 @@ def generate_text(*, model_dir: str, device: str = "auto", prompt: str, max_new_
 def main(argv=None, prog: str | None = None) -> int:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("model_dir", help="checkpoint folder: Meta (params.json) or Hugging Face (config.json)")
-    p.add_argument("device", nargs="?", default=None, help="the older form of --device")
-    p.add_argument("--device", dest="device_flag", default=None,
-                   help="auto, cpu, cuda or mps (auto: mps, then cuda, then cpu)")
-    p.add_argument("--prompt", default=None, help="text to complete (default: The)")
-    p.add_argument("--prompt-file", help="a UTF-8 file of prompts, one per line, generated together")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate")
-    p.add_argument("--lora", help="LoRA adapters to apply: lora_adapters.blk from finetune.py --lora-rank, or a "
-                                  "PEFT folder (adapter_config.json)")
-    p.add_argument("--chat", action="store_true",
-                   help="send the prompt as one user message in the model's chat template")
-    p.add_argument("--json", action="store_true",
-                   help="end with one JSON line per prompt: prompt_tokens, tokens, text, tokens_per_s, first_token_s")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy; above 0 samples")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
-    p.add_argument("--top-p", type=float, default=1.0, help="sample among the most likely tokens holding this "
-                                                            "probability (1: all)")
-    p.add_argument("--repetition-penalty", type=float, default=1.0,
-                   help="divide the logits of tokens already in the sequence by this (1: off)")
-    p.add_argument("--seed", type=int, default=0, help="the sampling seed: the same seed gives the same text")
-    p.add_argument("--ram-budget", default=None,
-                   help="device memory for modules and the KV cache, e.g. 8G (default: what the device has free; "
-                        "none: no limit); modules beyond it are read again for every token")
-    p.add_argument("--compute-dtype", default="auto",
-                   help="auto (bfloat16 on cuda and mps where supported, float32 on cpu), float32, bfloat16 "
-                        "or float16")
+    # --help lists the options by group; the positionals keep their order (model_dir, then device).
+    what = p.add_argument_group("model and prompt")
+    sampling = p.add_argument_group("sampling")
+    where = p.add_argument_group("where and how fast")
+    what.add_argument("model_dir", help="checkpoint folder: Meta (params.json) or Hugging Face (config.json)")
+    where.add_argument("device", nargs="?", default=None, help="the older form of --device")
+    where.add_argument("--device", dest="device_flag", default=None,
+                       help="auto, cpu, cuda or mps (auto: mps, then cuda, then cpu)")
+    what.add_argument("--prompt", default=None, help="text to complete (default: The)")
+    what.add_argument("--prompt-file", help="a UTF-8 file of prompts, one per line, generated together")
+    what.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate")
+    what.add_argument("--lora", help="LoRA adapters to apply: lora_adapters.blk from finetune.py --lora-rank, or a "
+                                     "PEFT folder (adapter_config.json)")
+    what.add_argument("--chat", action="store_true",
+                      help="send the prompt as one user message in the model's chat template")
+    what.add_argument("--json", action="store_true",
+                      help="end with one JSON line per prompt: prompt_tokens, tokens, text, tokens_per_s, first_token_s")
+    sampling.add_argument("--temperature", type=float, default=0.0, help="0 is greedy; above 0 samples")
+    sampling.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
+    sampling.add_argument("--top-p", type=float, default=1.0, help="sample among the most likely tokens holding this "
+                                                                   "probability (1: all)")
+    sampling.add_argument("--repetition-penalty", type=float, default=1.0,
+                          help="divide the logits of tokens already in the sequence by this (1: off)")
+    sampling.add_argument("--seed", type=int, default=0, help="the sampling seed: the same seed gives the same text")
+    where.add_argument("--ram-budget", default=None,
+                       help="device memory for modules and the KV cache, e.g. 8G (default: what the device has free; "
+                            "none: no limit); modules beyond it are read again for every token")
+    where.add_argument("--compute-dtype", default="auto",
+                       help="auto (bfloat16 on cuda and mps where supported, float32 on cpu), float32, bfloat16 "
+                            "or float16")
     a = p.parse_args(argv)
 
     def show(piece: str):

@@ -14,6 +14,7 @@ COMMANDS = {
     "generate": ("generate", "print completions from a model (original or tuned), with a KV cache"),
     "perplexity": ("perplexity", "loss and perplexity of a model on a text or JSONL file, one read of the model"),
     "merge-lora": ("merge_lora", "merge LoRA adapters into their base model, in the base's format"),
+    "export": ("export", "write a Hugging Face Llama folder as one GGUF file for llama.cpp and Ollama"),
     "plot": ("plot", "draw a run's loss curves from its train_log.jsonl"),
     "selftest": ("selftest", "check this device: exactness, dropout replay, recovery, memory, speed"),
 }

@@ -70,10 +70,13 @@ def _merge_hf(ckpt, out: Path, read, progress):
 
 def main(argv=None, prog: str | None = None) -> int:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
-    p.add_argument("base", type=Path, help="the Meta or Hugging Face checkpoint the adapters were trained on")
-    p.add_argument("adapters", type=Path, help="lora_adapters.blk or a PEFT adapter folder")
-    p.add_argument("out", type=Path, help="folder for the merged model")
-    p.add_argument("--shards", type=int, default=None, help="shard count (default: as the base)")
+    what = p.add_argument_group("what to merge")
+    what.add_argument("base", type=Path, help="the Meta or Hugging Face checkpoint the adapters were trained on")
+    what.add_argument("adapters", type=Path, help="lora_adapters.blk or a PEFT adapter folder")
+    out = p.add_argument_group("the merged model")
+    out.add_argument("out", type=Path, help="folder for the merged model")
+    out.add_argument("--shards", type=int, default=None, help="shard count of a Meta base's merge (default: as the "
+                                                              "base)")
     a = p.parse_args(argv)
     try:
         merge_lora(a.base, a.adapters, a.out, a.shards)

@@ -58,10 +58,12 @@ def plot(logs: list[Path], labels: list[str], out: Path, title: str = "slowllama
 
 def main(argv=None, prog: str | None = None) -> int:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
-    p.add_argument("logs", nargs="+", type=Path, help="train_log.jsonl files")
-    p.add_argument("--labels", nargs="*", help="one label per log (default: the folder names)")
-    p.add_argument("-o", "--out", type=Path, help="PNG to write (default: loss.png beside the first log)")
-    p.add_argument("--title", default="slowllama")
+    logs = p.add_argument_group("the runs")
+    logs.add_argument("logs", nargs="+", type=Path, help="train_log.jsonl files")
+    logs.add_argument("--labels", nargs="*", help="one label per log (default: the folder names)")
+    picture = p.add_argument_group("the picture")
+    picture.add_argument("-o", "--out", type=Path, help="PNG to write (default: loss.png beside the first log)")
+    picture.add_argument("--title", default="slowllama", help="its title (default: slowllama)")
     a = p.parse_args(argv)
     labels = a.labels or [path.parent.name for path in a.logs]
     if len(labels) != len(a.logs):

@@ -443,8 +443,9 @@ def format_table(report: dict) -> str:
 
 def main(argv: list[str] | None = None, prog: str = "python -m slowllama.selftest") -> int:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="auto", choices=dev.DEVICES, help="device to check (default: auto)")
-    p.add_argument("--out", default=None, help="write the report as JSON here")
+    check = p.add_argument_group("the check")
+    check.add_argument("--device", default="auto", choices=dev.DEVICES, help="device to check (default: auto)")
+    check.add_argument("--out", default=None, help="write the report as JSON here")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:

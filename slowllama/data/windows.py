@@ -1,12 +1,11 @@
 """Training data to token batches, sampled reproducibly from (seed, step).
 
-Plain text becomes windows of one long token stream; JSONL becomes one example per
-record, padded on the right so that, under the causal mask, no real token ever
-attends to padding, and with prompt tokens masked out of the loss.
+Plain text becomes windows of one long token stream; records (JSONL, JSON, Parquet or
+CSV, read by records.py) become one example each, padded on the right so that, under
+the causal mask, no real token ever attends to padding, and with prompt tokens masked out of the loss.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ import torch
 from ..errors import ConfigError
 from ..formats.tokenizer import Tokenizer
 from .chat import encode_chat
+from .records import SUFFIXES, Records
 
 
 def read_text(path: str | Path) -> str:
@@ -45,12 +45,16 @@ class TokenWindows:
         if len(tokens) < seq_len + 1:
             raise ConfigError(f"{source}: encodes to {len(tokens)} tokens, fewer than --seq-len + 1 = {seq_len + 1}")
         self.tokens = torch.tensor(tokens, dtype=torch.long)
-        self.seq_len = seq_len
+        self.seq_len, self.source = seq_len, source
         self.n_windows = len(tokens) - seq_len
 
     @classmethod
-    def from_file(cls, path: str | Path, tokenizer: Tokenizer, seq_len: int) -> "TokenWindows":
+    def from_file(cls, path: str | Path, tokenizer: Tokenizer, seq_len: int) -> TokenWindows:
         return cls(tokenizer.encode(read_text(path), bos=True, eos=False), seq_len, str(path))
+
+    @property
+    def summary(self) -> str:
+        return f"plain text, {len(self.tokens)} tokens from {self.source}"
 
     def batch(self, step: int, batch_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng([seed, step])
@@ -58,7 +62,7 @@ class TokenWindows:
         w = torch.stack([self.tokens[s: s + self.seq_len + 1] for s in starts])
         return w[:, :-1], w[:, 1:]
 
-    def split(self, fraction: float) -> tuple["TokenWindows", "TokenWindows"]:
+    def split(self, fraction: float) -> tuple[TokenWindows, TokenWindows]:
         """(train, validation): the last `fraction` of the tokens is held out."""
         n = len(self.tokens)
         cut = n - max(self.seq_len + 1, int(n * fraction))
@@ -78,11 +82,12 @@ IGNORE = -100  # a target id the loss skips: masked prompt tokens and padding
 
 
 class Examples:
-    """Instruction, chat or document records from JSONL, one example per sequence.
+    """Instruction, chat or document records, one example per sequence.
 
     {"text": ...} trains on every token; {"prompt": ..., "completion": ...} trains
-    only on the completion, each BOS + tokens + EOS; {"messages": [...]} is rendered
-    with the model's chat template and trains only on the assistant turns. With
+    only on the completion, each BOS + tokens + EOS; {"messages": [...]} (and Alpaca and
+    ShareGPT records, made messages by records.py) is rendered with the model's chat
+    template and trains only on the assistant turns. With
     train_on_prompt every token is trained on. Examples are cut to seq_len + 1 tokens
     and padded on the right; padded and untrained targets are IGNORE.
     """
@@ -92,6 +97,7 @@ class Examples:
         if not examples:
             raise ConfigError(f"{source}: no records")
         self.seq_len, self.source = seq_len, source
+        self.summary = f"{len(examples)} records from {source}"
         rows, masks = [], []
         for ids, trained in examples:
             ids, trained = ids[: seq_len + 1], torch.tensor(trained[: seq_len + 1], dtype=torch.bool)
@@ -106,32 +112,14 @@ class Examples:
             raise ConfigError(f"{source}: no example has a completion token within --seq-len {seq_len}")
 
     @classmethod
-    def from_jsonl(cls, path: str | Path, tokenizer: Tokenizer, seq_len: int,
-                   train_on_prompt: bool = False) -> "Examples":
-        text = read_text(path)
-        examples = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except ValueError as e:
-                raise ConfigError(f"{path}:{n}: not valid JSON ({e})") from e
-            if isinstance(rec, dict) and set(rec) == {"text"} and isinstance(rec["text"], str):
-                ids = tokenizer.encode(rec["text"], bos=True, eos=True)
-                examples.append((ids, [True] * len(ids)))
-            elif (isinstance(rec, dict) and set(rec) == {"prompt", "completion"}
-                  and isinstance(rec["prompt"], str) and isinstance(rec["completion"], str)):
-                prompt = tokenizer.encode(rec["prompt"], bos=True, eos=False)
-                completion = tokenizer.encode(rec["completion"], bos=False, eos=True)
-                examples.append((prompt + completion, [train_on_prompt] * len(prompt) + [True] * len(completion)))
-            elif isinstance(rec, dict) and set(rec) == {"messages"}:
-                examples.append(encode_chat(tokenizer, rec["messages"], train_on_prompt=train_on_prompt,
-                                            where=f"{path}:{n}"))
-            else:
-                raise ConfigError(f"{path}:{n}: expected {{\"text\": ...}}, {{\"prompt\": ..., \"completion\": ...}} "
-                                  f"with string values, or {{\"messages\": [...]}}")
-        return cls(examples, seq_len, tokenizer.pad_id, str(path))
+    def from_records(cls, path: str | Path, tokenizer: Tokenizer, seq_len: int,
+                     train_on_prompt: bool = False) -> Examples:
+        """The records of a JSONL, JSON, Parquet or CSV file (records.py), encoded one by one as they are read."""
+        records = Records(path)
+        examples = [encode_record(tokenizer, rec, train_on_prompt, str(where)) for rec, where in records]
+        ex = cls(examples, seq_len, tokenizer.pad_id, str(path))
+        ex.summary = records.summary
+        return ex
 
     def __len__(self) -> int:
         return len(self.inputs)
@@ -140,13 +128,13 @@ class Examples:
         idx = torch.from_numpy(np.random.default_rng([seed, step]).integers(0, len(self), size=batch_size))
         return self.inputs[idx], self.targets[idx]
 
-    def _subset(self, idx) -> "Examples":
+    def _subset(self, idx) -> Examples:
         new = object.__new__(Examples)
-        new.seq_len, new.source = self.seq_len, self.source
+        new.seq_len, new.source, new.summary = self.seq_len, self.source, self.summary
         new.inputs, new.targets = self.inputs[idx], self.targets[idx]
         return new
 
-    def split(self, fraction: float) -> tuple["Examples", "Examples"]:
+    def split(self, fraction: float) -> tuple[Examples, Examples]:
         n_val = max(1, int(len(self) * fraction))
         if n_val >= len(self):
             raise ConfigError(f"--val-fraction {fraction}: {self.source} has too few records to hold some out")
@@ -157,10 +145,24 @@ class Examples:
         return list(zip(self.inputs[:k].split(batch_size), self.targets[:k].split(batch_size)))
 
 
+def encode_record(tokenizer: Tokenizer, record, train_on_prompt: bool, where: str) -> tuple[list[int], list[bool]]:
+    """Token ids and which are trained on: all of a text; a completion (BOS + prompt, completion + EOS);
+    the assistant turns of messages, rendered with the model's chat template."""
+    if isinstance(record, str):
+        ids = tokenizer.encode(record, bos=True, eos=True)
+        return ids, [True] * len(ids)
+    if isinstance(record, tuple):
+        prompt = tokenizer.encode(record[0], bos=True, eos=False)
+        completion = tokenizer.encode(record[1], bos=False, eos=True)
+        return prompt + completion, [train_on_prompt] * len(prompt) + [True] * len(completion)
+    return encode_chat(tokenizer, record, train_on_prompt=train_on_prompt, where=where)
+
+
 def load_data(path: str | Path, tokenizer: Tokenizer, seq_len: int, train_on_prompt: bool = False):
-    """TokenWindows for plain text, Examples for .jsonl (train_on_prompt: prompts and non-assistant turns too)."""
+    """TokenWindows for plain text, Examples for records (train_on_prompt: prompts and non-assistant turns too).
+    Either's `summary` says what was read, for the up-front lines."""
     if seq_len < 1:
         raise ConfigError(f"--seq-len must be positive, got {seq_len}")
-    if str(path).endswith(".jsonl"):
-        return Examples.from_jsonl(path, tokenizer, seq_len, train_on_prompt)
+    if Path(path).suffix.lower() in SUFFIXES:
+        return Examples.from_records(path, tokenizer, seq_len, train_on_prompt)
     return TokenWindows.from_file(path, tokenizer, seq_len)

@@ -66,7 +66,40 @@ def saved_bytes_per_block(args: ModelArgs, rows: int, seq: int, compute_dtype: t
     ffn = 4 * n * args.ffn_hidden_dim * c
     masks = 2 * n * args.dim * c if dropout > 0 else 0
     adapters = lora_targets * 2 * n * lora_rank * c  # x @ A^T and its scaled product, per target
-    return 2 * norm + attention + ffn + masks + adapters
+    return 2 * norm + attention + ffn + masks + adapters + _variant_saved_bytes(args, rows, seq, c)
+
+
+def _variant_saved_bytes(args: ModelArgs, rows: int, seq: int, c: int) -> int:
+    """What the per-layer windows, soft-caps and extra norms of Qwen3, Gemma and OLMo 2 add to a Llama block's
+    saved bytes (c: the compute dtype's itemsize), from the ops they add (checked as saved_bytes_per_block is).
+
+    A norm that casts last (Gemma, OLMo 2) keeps its fp32 normalised input and its fp32 scale instead of the
+    compute-dtype one; a post-norm's output goes to the residual, which keeps nothing; a q/k norm keeps one
+    rsqrt per head (per token over the whole projection); without pre-norms the linear layers keep the block's
+    own input and h. A window: SDPA's additive mask, (seq, seq). Soft-capping writes attention out: tanh's
+    output, the fp32 softmax and its cast (one tensor in fp32), less SDPA's logsumexp, plus the bool mask.
+    """
+    n, d = rows * seq, args.dim
+    cast_last = args.norm_plus_one or args.norm_weight_fp32
+
+    def norm_extra(width: int) -> int:  # a cast-last norm beyond a Llama one over the same tensor
+        return (n * width * (4 - c) + 4 * width) if cast_last else 0
+
+    out = 2 * norm_extra(d) if args.pre_norms else 2 * n * d * c - 2 * (n * d * 4 + n * 4 + 2 * n * d * c)
+    if args.post_norms:
+        out += 2 * (n * d * 4 + n * 4 + n * d * c + norm_extra(d))
+    if args.qk_norm:
+        for heads in (args.n_heads, args.n_kv_heads):
+            width = heads * args.head_dim
+            out += n * width * 4 + (n if args.qk_norm_whole else n * heads) * 4 + n * width * c
+            out += (n * width * (4 - c) + 4 * (width if args.qk_norm_whole else args.head_dim)) if cast_last else 0
+    windowed = any(args.window(i) is not None for i in range(args.n_layers))
+    if args.attn_softcap is not None:
+        scores = rows * args.n_heads * seq * seq
+        out += scores * (c + 4 + (c if c != 4 else 0)) - rows * args.n_heads * seq * 4 + seq * seq
+    elif windowed:
+        out += seq * seq * c
+    return out
 
 
 def turn_module_bytes(i: int, args: ModelArgs, size: ModuleSize, cfg, rows: int, mb_rows: int, seq: int) -> int:

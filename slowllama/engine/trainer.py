@@ -504,7 +504,11 @@ def estimate_io(store: BlockStore, cfg: TrainConfig, batch_shape: tuple[int, int
     written = module_bytes + act_bytes + grad_bytes + journal
     # Clipping reads the cached activations twice: once per reverse pass.
     clip_read = norm_read + (act_bytes if clip else 0)
+    # Files made durable per step (each an fsync of the file and of its folder): the modules and the
+    # boundary gradients, tied.blk and the journal's two writes; a LoRA step, its adapter file.
+    durable = 1 if lora else len(names) + (len(names) - 1) + (1 if tied else 0) + 2
     return {"read": reads + act_bytes + tied_read + (act_bytes if clip else 0), "written": written,
+            "durable_files": durable,
             "store": sum(file.values()), "activations": act_bytes, "gradients": grad_bytes,
             "tied": turn_read + tied_written + tied_read,  # what tying adds to a step (in read and written)
             "clip": clip_read,  # what exact clipping adds to a step's reads (it writes nothing more)

@@ -1,4 +1,5 @@
-"""Hugging Face's format: config.json and model*.safetensors, for Llama, Mistral, Qwen2 and Qwen3 models.
+"""Hugging Face's format: config.json and model*.safetensors, for Llama, Mistral, Qwen2, Qwen3, Gemma 2,
+Gemma 3 (text) and OLMo 2 models.
 
 Names and layouts map onto Meta's (the names model.py uses) through one table read in
 both directions; wq and wk rows are permuted between Hugging Face's rotate-half RoPE
@@ -10,8 +11,8 @@ import json
 import logging
 import re
 import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 
@@ -47,6 +48,23 @@ HF_TO_META: dict[str, str] = {
     "lm_head.weight": "output.weight",
 }
 META_TO_HF = {m: h for h, m in HF_TO_META.items()}
+# A block with post-norms (ModelArgs.post_norms, Gemma, OLMo 2): post_attention_layernorm follows the attention there,
+# where Llama's is the FFN's pre-norm, and pre_feedforward_layernorm is the FFN's pre-norm. Layers' order
+# (transformers'): these three after input_layernorm.
+POST_NORM_NAMES = {
+    "model.layers.{}.post_attention_layernorm.weight": "layers.{}.post_attention_norm.weight",
+    "model.layers.{}.pre_feedforward_layernorm.weight": "layers.{}.ffn_norm.weight",
+    "model.layers.{}.post_feedforward_layernorm.weight": "layers.{}.post_ffn_norm.weight",
+}
+POST_NORM_HF_TO_META = {**{h: m for h, m in HF_TO_META.items() if h not in POST_NORM_NAMES}, **POST_NORM_NAMES}
+POST_NORM_META_TO_HF = {m: h for h, m in POST_NORM_HF_TO_META.items()}
+
+
+def name_tables(args: ModelArgs | None) -> tuple[dict[str, str], dict[str, str]]:
+    """(Hugging Face -> Meta, Meta -> Hugging Face) names for args' blocks."""
+    if args is not None and args.post_norms:
+        return POST_NORM_HF_TO_META, POST_NORM_META_TO_HF
+    return HF_TO_META, META_TO_HF
 # Tensors some checkpoints carry that the model recomputes or ignores: skipped on read.
 IGNORED = {"model.layers.{}.self_attn.rotary_emb.inv_freq"}
 
@@ -58,7 +76,14 @@ MODEL_TYPES = {
     "mistral": dict(arch="MistralForCausalLM", max_seq_len=131072, head_dim=None),
     "qwen2": dict(arch="Qwen2ForCausalLM", max_seq_len=32768, head_dim=None),
     "qwen3": dict(arch="Qwen3ForCausalLM", max_seq_len=32768, head_dim=128),
+    # Gemma: tied and pad_token_id 0 by default; the rest of their config is read by _gemma_args.
+    "gemma2": dict(arch="Gemma2ForCausalLM", max_seq_len=8192, head_dim=256, tied=True, pad_id=0),
+    "gemma3_text": dict(arch="Gemma3ForCausalLM", max_seq_len=131072, head_dim=256, tied=True, pad_id=0),
 }
+GEMMA_TYPES = ("gemma2", "gemma3_text")
+# OLMo 2: norms after each sublayer only, q/k norms over the whole projections, rms_norm_eps 1e-5 unless said.
+MODEL_TYPES["olmo2"] = dict(arch="Olmo2ForCausalLM", max_seq_len=2048, head_dim=None, pad_id=1, norm_eps=1e-5)
+OLMO2_ARGS = dict(qk_norm=True, qk_norm_whole=True, norm_weight_fp32=True, pre_norms=False, post_norms=True)
 SUPPORTED = {t: d["arch"] for t, d in MODEL_TYPES.items()}
 SAFETENSORS_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
 SINGLE_FILE, INDEX_FILE, SIDE_FILES = HF_SINGLE_FILE, HF_INDEX_FILE, HF_SIDE_FILES
@@ -83,13 +108,13 @@ def _rename(key: str, table: dict[str, str]) -> str:
     return table[t].format(i) if i is not None else table[t]
 
 
-def to_meta_name(hf_key: str) -> str:
-    """'model.layers.3.mlp.gate_proj.weight' -> 'layers.3.feed_forward.w1.weight'."""
-    return _rename(hf_key, HF_TO_META)
+def to_meta_name(hf_key: str, args: ModelArgs | None = None) -> str:
+    """'model.layers.3.mlp.gate_proj.weight' -> 'layers.3.feed_forward.w1.weight'; args picks the norms' names."""
+    return _rename(hf_key, name_tables(args)[0])
 
 
-def to_hf_name(meta_key: str) -> str:
-    return _rename(meta_key, META_TO_HF)
+def to_hf_name(meta_key: str, args: ModelArgs | None = None) -> str:
+    return _rename(meta_key, name_tables(args)[1])
 
 
 # ---- the RoPE layout ---------------------------------------------------------
@@ -110,13 +135,16 @@ def _rope_heads(args: ModelArgs, meta_key: str) -> int | None:
     """The head count whose rows a Meta key's RoPE permutation acts on, None if it has none.
 
     Biases of wq and wk move with their rows; q_norm and k_norm scale one head's head_dim
-    entries, which RoPE's layout orders too, so they permute as a single head.
+    entries, which RoPE's layout orders too, so they permute as a single head (OLMo 2's, over the
+    whole projection, as its rows do).
     """
     if meta_key.endswith(("attention.wq.weight", "attention.wq.bias")):
         return args.n_heads
     if meta_key.endswith(("attention.wk.weight", "attention.wk.bias")):
         return args.n_kv_heads
     if meta_key.endswith(("attention.q_norm.weight", "attention.k_norm.weight")):
+        if args.qk_norm_whole:
+            return args.n_heads if "q_norm" in meta_key else args.n_kv_heads
         return 1
     return None
 
@@ -166,12 +194,18 @@ def _rope(path: Path, raw: dict) -> tuple[float, dict | None]:
 # lines name the user's key rather than ours.
 HF_KEY_OF = {"dim": "hidden_size", "intermediate_size": "intermediate_size", "n_layers": "num_hidden_layers",
              "n_heads": "num_attention_heads", "vocab_size": "vocab_size", "n_kv_heads": "num_key_value_heads",
-             "head_dim": "head_dim", "norm_eps": "rms_norm_eps", "max_seq_len": "max_position_embeddings"}
+             "head_dim": "head_dim", "norm_eps": "rms_norm_eps", "max_seq_len": "max_position_embeddings",
+             "pad_id": "pad_token_id"}
 REQUIRED = ("dim", "intermediate_size", "n_layers", "n_heads", "vocab_size")  # no default in transformers either
 
 
 def _attention_flags(model_type: str, raw: dict, refuse) -> dict:
     """ModelArgs' qkv_bias, o_bias, qk_norm as transformers builds each model_type's attention."""
+    if model_type in (*GEMMA_TYPES, "olmo2"):  # attention_bias on all four projections; q/k norms per model_type
+        bias = raw.get("attention_bias", False)
+        if not isinstance(bias, bool):
+            refuse("attention_bias", f"must be true or false, got {bias!r}")
+        return dict(qkv_bias=bias, o_bias=bias, qk_norm=model_type != "gemma2")
     if model_type == "qwen2":  # q/k/v biases always, none on o_proj; Qwen2 ignores attention_bias
         return dict(qkv_bias=True, o_bias=False, qk_norm=False)
     bias = raw.get("attention_bias", False)
@@ -184,21 +218,81 @@ def _attention_flags(model_type: str, raw: dict, refuse) -> dict:
     return dict(qkv_bias=False, o_bias=False, qk_norm=False)
 
 
-def _check_qwen_layers(raw: dict, refuse):
-    """Refuse a Qwen config whose layers use sliding-window attention, judged as transformers does:
-    layer_types if given, else use_sliding_window with sliding_window from layer max_window_layers on."""
+def _layer_windows(raw: dict, window, default_types: Callable[[int], list[str]], refuse) -> list | None:
+    """ModelArgs.layer_windows from layer_types (or, where a config has none, the rule transformers' config
+    class applies); None where no layer slides."""
+    n = raw["num_hidden_layers"]
     types = raw.get("layer_types")
     if types is None:
-        if raw.get("use_sliding_window", False) is not False and raw.get("sliding_window", 4096) is not None \
-                and raw.get("max_window_layers", 28) < raw.get("num_hidden_layers", 0):
-            refuse("use_sliding_window", "true is not supported (slowllama's attention is full causal)")
-        return
-    if not isinstance(types, list) or any(t != "full_attention" for t in types):
-        refuse("layer_types", f"{types!r} is not supported (slowllama implements only full_attention layers)")
+        types = default_types(n)
+    if not isinstance(types, list) or len(types) != n or any(t not in ("full_attention", "sliding_attention") for t in types):
+        refuse("layer_types", f"{types!r} is not supported (one of full_attention, sliding_attention per layer, {n} in all)")
+    if "sliding_attention" not in types:
+        return None
+    if window is None:  # transformers cannot build these layers either
+        refuse("layer_types", "has sliding_attention layers but no sliding_window applies to them")
+    return [window if t == "sliding_attention" else None for t in types]
+
+
+def _qwen_windows(raw: dict, refuse) -> list | None:
+    """Qwen's sliding layers as transformers decides them: sliding_window counts only with use_sliding_window,
+    and without layer_types the layers from max_window_layers on slide."""
+    use = raw.get("use_sliding_window", False)
+    if not isinstance(use, bool):
+        refuse("use_sliding_window", f"must be true or false, got {use!r}")
+    window = raw.get("sliding_window", 4096) if use else None
+    first = raw.get("max_window_layers", 28)
+    if not isinstance(first, int) or isinstance(first, bool):
+        refuse("max_window_layers", f"must be an integer, got {first!r}")
+    return _layer_windows(raw, window, lambda n: ["sliding_attention" if window is not None and i >= first
+                                                  else "full_attention" for i in range(n)], refuse)
+
+
+def _gemma_rope(path: Path, model_type: str, raw: dict) -> dict:
+    """ModelArgs' rope_theta, rope_scaling and local_rope_theta of a Gemma config, transformers 5's or 4's."""
+    if model_type == "gemma2":
+        theta, scaling = _rope(path, raw)
+        return dict(rope_theta=theta, rope_scaling=scaling)
+    params = raw.get("rope_parameters")
+    if params is not None and set(params) <= {"full_attention", "sliding_attention"}:
+        # transformers 5: one rope_parameters per layer type, rope_theta defaulting as Gemma3TextConfig's do
+        theta, scaling = _rope(path, {"rope_parameters": {"rope_theta": 1e6, **(params.get("full_attention") or {})}})
+        local, local_scaling = _rope(path, {"rope_parameters": {"rope_theta": raw.get("rope_local_base_freq", 1e4),
+                                                                **(params.get("sliding_attention") or {})}})
+        if local_scaling is not None:
+            raise ConfigError(f"{path}: rope_parameters.sliding_attention.rope_type {local_scaling['rope_type']!r} "
+                              f"is not supported (slowllama implements default)")
+    else:  # transformers 4: rope_theta and rope_scaling for the full layers, rope_local_base_freq for the others
+        theta, scaling = _rope(path, {**raw, "rope_theta": raw.get("rope_theta", 1e6)})
+        local = raw.get("rope_local_base_freq", 1e4)
+    return dict(rope_theta=theta, rope_scaling=scaling, local_rope_theta=local)
+
+
+def _gemma_args(path: Path, model_type: str, raw: dict, refuse) -> dict:
+    """The ModelArgs fields of a Gemma 2 or Gemma 3 (text) config.json beyond Llama's, with transformers' defaults."""
+    if raw.get("use_bidirectional_attention"):
+        refuse("use_bidirectional_attention", "true is not supported (slowllama implements causal attention)")
+    act = raw.get("hidden_activation", "gelu_pytorch_tanh")  # transformers' Gemma ignores hidden_act
+    if act != "gelu_pytorch_tanh":
+        refuse("hidden_activation", f"{act!r} is not supported (slowllama implements 'gelu_pytorch_tanh')")
+    every = 2 if model_type == "gemma2" else raw.get("sliding_window_pattern", 6)  # layer i slides unless (i + 1) % every == 0
+    if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+        refuse("sliding_window_pattern", f"must be a positive integer, got {every!r}")
+    windows = _layer_windows(raw, raw.get("sliding_window", 4096),
+                             lambda n: ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(n)], refuse)
+    return dict(
+        **_gemma_rope(path, model_type, raw),
+        layer_windows=windows, norm_plus_one=True, post_norms=True, hidden_act=act, embed_scale=True,
+        query_pre_attn_scalar=raw.get("query_pre_attn_scalar", 256),
+        # Gemma 3's attention never passes attn_logit_softcapping on in transformers: ignored there, and here.
+        attn_softcap=raw.get("attn_logit_softcapping", 50.0) if model_type == "gemma2" else None,
+        final_softcap=raw.get("final_logit_softcapping", 30.0 if model_type == "gemma2" else None),
+    )
 
 
 def args_from_config(config_json_path: str | Path) -> ModelArgs:
-    """The architecture from a Llama, Mistral, Qwen2 or Qwen3 config.json; what changes the math is refused by name."""
+    """The architecture from a Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 (text) or OLMo 2 config.json; what
+    changes the math is refused by name."""
     path = Path(config_json_path)
     raw = _read_json(path)
 
@@ -211,18 +305,26 @@ def args_from_config(config_json_path: str | Path) -> ModelArgs:
     archs = raw.get("architectures") or [SUPPORTED[model_type]]
     if archs != [SUPPORTED[model_type]]:
         refuse("architectures", f"{archs!r} is not supported for model_type {model_type!r} (expected [{SUPPORTED[model_type]!r}])")
-    for key, want in (("hidden_act", "silu"), ("mlp_bias", False),
-                      ("attention_dropout", 0.0), ("quantization_config", None)):
+    checks = [("mlp_bias", False), ("attention_dropout", 0.0), ("quantization_config", None)]
+    if model_type not in GEMMA_TYPES:  # Gemma's activation is hidden_activation (_gemma_args)
+        checks.insert(0, ("hidden_act", "silu"))
+    for key, want in checks:
         if raw.get(key, want) != want:
             refuse(key, f"{raw[key]!r} is not supported (slowllama implements {want!r})")
     for field in REQUIRED:
         if HF_KEY_OF[field] not in raw:
             refuse(HF_KEY_OF[field], "is missing")
-    theta, scaling = _rope(path, raw)
     flags = _attention_flags(model_type, raw, refuse)
+    if model_type in GEMMA_TYPES:
+        flags.update(_gemma_args(path, model_type, raw, refuse))
+    else:
+        flags.update(zip(("rope_theta", "rope_scaling"), _rope(path, raw)))
     if model_type in ("qwen2", "qwen3"):
-        _check_qwen_layers(raw, refuse)
-    sliding = raw.get("sliding_window") if model_type == "mistral" else None
+        flags["layer_windows"] = _qwen_windows(raw, refuse)
+    if model_type == "olmo2":
+        flags.update(OLMO2_ARGS)
+    sliding = raw.get("sliding_window") if model_type == "mistral" else None  # Mistral: every layer slides
+    defaults = MODEL_TYPES[model_type]
     dtype = raw.get("dtype", raw.get("torch_dtype"))
     if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
         refuse("dtype" if "dtype" in raw else "torch_dtype", f"{dtype!r} is not supported (float32, bfloat16, float16)")
@@ -231,12 +333,11 @@ def args_from_config(config_json_path: str | Path) -> ModelArgs:
             **{field: raw[HF_KEY_OF[field]] for field in REQUIRED},
             n_kv_heads=raw.get("num_key_value_heads") or raw["num_attention_heads"],
             head_dim=raw.get("head_dim", MODEL_TYPES[model_type]["head_dim"]),
-            norm_eps=raw.get("rms_norm_eps", 1e-6),
-            rope_theta=theta,
-            rope_scaling=scaling,
+            norm_eps=raw.get("rms_norm_eps", defaults.get("norm_eps", 1e-6)),
             # transformers' defaults when the key is absent
-            max_seq_len=raw.get("max_position_embeddings", MODEL_TYPES[model_type]["max_seq_len"]),
-            tie_word_embeddings=raw.get("tie_word_embeddings", False),
+            max_seq_len=raw.get("max_position_embeddings", defaults["max_seq_len"]),
+            tie_word_embeddings=raw.get("tie_word_embeddings", defaults.get("tied", False)),
+            pad_id=raw.get("pad_token_id", defaults.get("pad_id")),
             sliding_window=sliding,
             **flags,
         )
@@ -249,8 +350,9 @@ def args_from_config(config_json_path: str | Path) -> ModelArgs:
 
 def config_from_args(args: ModelArgs, dtype: str, bos_id: int | None = None, eos_id: int | None = None) -> dict:
     """A transformers 5 config.json for a Meta checkpoint's architecture (the inverse of args_from_config)."""
-    qwen = [f for f in ("qkv_bias", "o_bias", "qk_norm") if getattr(args, f)]
-    if qwen:  # a Llama config.json cannot say these; Hugging Face folders keep their own config.json
+    # A Llama config.json cannot say these; Hugging Face folders keep their own config.json.
+    qwen = [f for f in ("qkv_bias", "o_bias", "qk_norm") if getattr(args, f)] + non_llama_fields(args)
+    if qwen:
         raise ConfigError(f"params.json: {qwen[0]} has no place in a Llama config.json; export in Meta's format")
     rope = {"rope_type": "default", "rope_theta": float(args.rope_theta)}
     if args.rope_scaling:
@@ -270,6 +372,15 @@ def config_from_args(args: ModelArgs, dtype: str, bos_id: int | None = None, eos
     return config
 
 
+def non_llama_fields(args: ModelArgs) -> list[str]:
+    """The per-layer window and Gemma fields of args that differ from Llama's."""
+    from dataclasses import fields
+
+    names = ("layer_windows", "local_rope_theta", "norm_plus_one", "norm_weight_fp32", "pre_norms", "post_norms",
+             "qk_norm_whole", "hidden_act", "embed_scale", "query_pre_attn_scalar", "attn_softcap", "final_softcap")
+    return [f.name for f in fields(args) if f.name in names and getattr(args, f.name) != f.default]
+
+
 def expected_shapes(args: ModelArgs, module: str) -> dict[str, tuple[int, ...]]:
     """checkpoint.expected_shapes, less the output weight of a tied model (it has none of its own)."""
     from .meta import expected_shapes as meta_shapes
@@ -285,7 +396,7 @@ def expected_keys(args: ModelArgs) -> list[str]:
     for module in module_names(args):
         shapes = expected_shapes(args, module)
         layer = module.split(".")[1] if module.startswith("layers.") else None
-        for meta in META_TO_HF:
+        for meta in name_tables(args)[1]:
             if ("{}" in meta) == (layer is not None):
                 key = meta.format(layer)
                 owner, param = split_meta_key(key)
@@ -315,7 +426,8 @@ def _safe_open(path: Path):
 
 
 class HFCheckpoint:
-    """A validated Hugging Face folder (Llama, Mistral, Qwen2, Qwen3), read one module at a time in Meta's names and layout."""
+    """A validated Hugging Face folder (Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 text, OLMo 2), read one
+    module at a time in Meta's names and layout."""
 
     def __init__(self, folder: str | Path):
         self.dir = Path(folder)
@@ -383,7 +495,7 @@ class HFCheckpoint:
                         log.info("%s: ignoring %s, which the model does not use", path, hf_key)
                         continue
                     try:
-                        key = to_meta_name(hf_key)
+                        key = to_meta_name(hf_key, a)
                     except ConfigError as e:
                         raise ConfigError(f"{path}: {e}") from e
                     if key not in expected:
@@ -401,7 +513,7 @@ class HFCheckpoint:
             absent = sorted(listed - {h for _, h in seen.values()} - ({"lm_head.weight"} if a.tie_word_embeddings else set()))
             if absent:
                 raise ConfigError(f"{self.index_path}: lists {absent[0]!r}, which no shard holds")
-        missing = [to_hf_name(k) for k in expected if k not in seen]
+        missing = [to_hf_name(k, a) for k in expected if k not in seen]
         if missing:
             raise ConfigError(f"{self.dir}: missing tensor {missing[0]!r}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
         self._where = seen
@@ -511,7 +623,7 @@ def export_hf(
     try:
         def writer(s: int) -> SafetensorsWriter:
             if s not in writers:  # opened when first needed, so few are open at once
-                specs = [(to_hf_name(tensors[i][0]), tensors[i][1], tensors[i][2]) for i in plan[s]]
+                specs = [(to_hf_name(tensors[i][0], args), tensors[i][1], tensors[i][2]) for i in plan[s]]
                 writers[s] = SafetensorsWriter(work / names[s], specs)
             return writers[s]
 
@@ -527,7 +639,7 @@ def export_hf(
                 if heads is not None:
                     t = from_meta(t, heads, args.head_dim)
                 w = writer(shard_of[key])
-                w.write(to_hf_name(key), t)
+                w.write(to_hf_name(key, args), t)
                 if w.done:
                     w.close()
             del params
@@ -538,7 +650,7 @@ def export_hf(
         if n > 1:
             index = {"metadata": {"total_parameters": sum(_numel(s) for _, s, _ in tensors),
                                   "total_size": sum(_numel(s) * dt.itemsize for _, s, dt in tensors)},
-                     "weight_map": {to_hf_name(k): names[shard_of[k]] for k, _, _ in tensors}}
+                     "weight_map": {to_hf_name(k, args): names[shard_of[k]] for k, _, _ in tensors}}
             atomic_write_bytes(work / INDEX_FILE, [(json.dumps(index, indent=2, sort_keys=True) + "\n").encode()], durable=False)
         if config is None:
             shutil.copyfile(config_src, work / "config.json")

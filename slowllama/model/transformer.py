@@ -1,5 +1,5 @@
-"""The Llama architecture (Llama 2, Code Llama, Llama 3.x, Mistral, TinyLlama, SmolLM2, Qwen2, Qwen3),
-with Meta's parameter names.
+"""The Llama architecture and its relatives (Llama 2, Code Llama, Llama 3.x, Mistral, TinyLlama, SmolLM2,
+Qwen2, Qwen3, Gemma 2, Gemma 3 text, OLMo 2), with Meta's parameter names.
 
 Every piece that the block store streams (embedding, each block, the final
 norm, the output layer) is a module of its own, so that `Transformer` is only
@@ -40,8 +40,7 @@ class ModelArgs:
     intermediate_size: int | None = None  # None: Meta's multiple_of rule
     # The output layer multiplies by the embedding matrix and has no weight of its own.
     tie_word_embeddings: bool = False
-    # Mistral's attention window. The attention here is plain causal, which equals the
-    # window only for sequences no longer than it: check_sliding_window refuses longer ones.
+    # Mistral's attention window, for every layer unless layer_windows says otherwise (see window()).
     sliding_window: int | None = None
     # Qwen's attention. qkv_bias: wq, wk, wv add a bias (Qwen2 always; Qwen3's attention_bias);
     # o_bias: wo adds one too (Qwen3's attention_bias); qk_norm: each head of q and k passes an
@@ -49,6 +48,23 @@ class ModelArgs:
     qkv_bias: bool = False
     o_bias: bool = False
     qk_norm: bool = False
+    # ---- Per-layer attention windows, Gemma 2 / Gemma 3 and OLMo 2 (see _check_layer_fields) ----
+    # layer_windows: each layer's window (None: full causal), as transformers' layer_types decide it
+    # (Qwen's max_window_layers, Gemma's alternating local/global layers); None: sliding_window everywhere.
+    # A query at t sees the keys at s with t - window < s <= t: the window counts the query itself.
+    layer_windows: list[int | None] | None = None
+    local_rope_theta: float | None = None  # the windowed layers' RoPE base, unscaled (Gemma 3's local layers)
+    norm_plus_one: bool = False  # every RMSNorm scales by 1 + weight, in fp32 before the cast (Gemma)
+    norm_weight_fp32: bool = False  # every RMSNorm scales by weight in fp32 before the cast (OLMo 2)
+    pre_norms: bool = True  # attention_norm and ffn_norm on each sublayer's input (OLMo 2 has none)
+    post_norms: bool = False  # post_attention_norm, post_ffn_norm on each sublayer's output, before the residual
+    qk_norm_whole: bool = False  # qk_norm over the whole q and k projections, not per head (OLMo 2)
+    hidden_act: str = "silu"  # the FFN gate's activation, a key of ACTIVATIONS
+    embed_scale: bool = False  # the embedding's output times sqrt(dim), the factor rounded to the weight's dtype
+    query_pre_attn_scalar: float | None = None  # scores scaled by its -1/2 power rather than head_dim's
+    attn_softcap: float | None = None  # scores -> cap * tanh(scores / cap) before the mask (Gemma 2)
+    final_softcap: float | None = None  # logits -> cap * tanh(logits / cap) (Gemma 2)
+    pad_id: int | None = None  # the embedding row that never takes a gradient (nn.Embedding's padding_idx)
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -86,6 +102,17 @@ class ModelArgs:
         m = self.ffn_dim_multiplier
         if m is not None and (not isinstance(m, (int, float)) or isinstance(m, bool) or not math.isfinite(m) or m <= 0):
             raise ConfigError(f"ffn_dim_multiplier must be a positive number, got {m!r}")
+        _check_layer_fields(self)
+
+    def window(self, layer: int) -> int | None:
+        """Layer's attention window in tokens (the query included), None where it attends to every earlier token."""
+        return self.sliding_window if self.layer_windows is None else self.layer_windows[layer]
+
+    def rope_of(self, layer: int) -> tuple[float, dict | None]:
+        """Layer's RoPE base and scaling: Gemma 3's windowed layers have a base of their own and no scaling."""
+        if self.local_rope_theta is not None and self.window(layer) is not None:
+            return self.local_rope_theta, None
+        return self.rope_theta, self.rope_scaling
 
     @property
     def ffn_hidden_dim(self) -> int:
@@ -98,7 +125,7 @@ class ModelArgs:
         return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
 
     @classmethod
-    def from_json(cls, path: str | Path) -> "ModelArgs":
+    def from_json(cls, path: str | Path) -> ModelArgs:
         path = Path(path)
         raw = read_json_object(path)
         known = {f.name for f in fields(cls)}
@@ -115,11 +142,42 @@ class ModelArgs:
             raise ConfigError(f"{path}: {e}") from e
 
 
-def check_sliding_window(args: ModelArgs, seq_len: int, option: str = "--seq-len"):
-    """Refuse sequences longer than Mistral's attention window: the attention here is full causal."""
-    if args.sliding_window is not None and seq_len > args.sliding_window:
-        raise ConfigError(f"{option} {seq_len} is longer than the model's sliding_window {args.sliding_window}; "
-                          f"slowllama's attention is full causal, exact only up to the window: use {option} {args.sliding_window} or less")
+ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
+def _check_layer_fields(a: ModelArgs):
+    """ModelArgs' per-layer windows and Gemma fields, refused by name when out of range."""
+    if a.layer_windows is not None:
+        if not isinstance(a.layer_windows, list) or len(a.layer_windows) != a.n_layers:
+            raise ConfigError(f"layer_windows must list one window (or null) per layer, {a.n_layers} in all, got {a.layer_windows!r}")
+        for w in a.layer_windows:
+            if w is not None:
+                _check_positive_int("layer_windows", w)
+    for name in ("norm_plus_one", "norm_weight_fp32", "pre_norms", "post_norms", "qk_norm_whole", "embed_scale"):
+        if not isinstance(getattr(a, name), bool):
+            raise ConfigError(f"{name} must be true or false, got {getattr(a, name)!r}")
+    if a.hidden_act not in ACTIVATIONS:
+        raise ConfigError(f"hidden_act {a.hidden_act!r} is not supported (supported: {', '.join(ACTIVATIONS)})")
+    for name in ("local_rope_theta", "query_pre_attn_scalar", "attn_softcap", "final_softcap"):
+        v = getattr(a, name)
+        if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0):
+            raise ConfigError(f"{name} must be a positive number or null, got {v!r}")
+    # nn.Embedding's range for padding_idx (a negative one counts from the end), which transformers passes on
+    if a.pad_id is not None and (not isinstance(a.pad_id, int) or isinstance(a.pad_id, bool)
+                                 or a.vocab_size > 0 and not -a.vocab_size <= a.pad_id < a.vocab_size):
+        raise ConfigError(f"pad_id must be a token id within vocab_size {a.vocab_size} or null, got {a.pad_id!r}")
+
+
+def window_mask(n_q: int, n_k: int, window: int, device) -> torch.Tensor:
+    """(n_q, n_k) bool, True where query row r (key column n_k - n_q + r) may see a key: causal, within the window."""
+    q = torch.arange(n_k - n_q, n_k, device=device)[:, None]
+    k = torch.arange(n_k, device=device)[None, :]
+    return (k <= q) & (k > q - window)
+
+
+def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """cap * tanh(x / cap), Gemma 2's bound on attention scores and logits; x itself when cap is None."""
+    return x if cap is None else torch.tanh(x / cap) * cap
 
 
 # Meta's Llama 3.1 constants (use_scaled_rope in params.json), from llama-models' apply_scaling.
@@ -163,6 +221,26 @@ class RMSNorm(nn.Module):
         return out.type_as(x) * self.weight
 
 
+class CastLastRMSNorm(RMSNorm):
+    """An RMSNorm that scales in fp32 and casts last: by 1 + weight (Gemma, weights stored around 0) or by
+    weight (OLMo 2), as transformers computes them."""
+
+    def __init__(self, dim: int, eps: float, offset: float):
+        super().__init__(dim, eps)
+        self.offset = offset
+
+    def forward(self, x):
+        xf = x.float()
+        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (out * (self.offset + self.weight.float())).type_as(x)
+
+
+def make_norm(args: ModelArgs, dim: int) -> RMSNorm:
+    if args.norm_plus_one or args.norm_weight_fp32:
+        return CastLastRMSNorm(dim, args.norm_eps, 1.0 if args.norm_plus_one else 0.0)
+    return RMSNorm(dim, args.norm_eps)
+
+
 def rope_frequencies(head_dim: int, theta: float, scaling: dict | None, device=None) -> torch.Tensor:
     """The rotary frequencies, (head_dim // 2,) in fp32, with Llama 3's or linear scaling applied."""
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device)[: head_dim // 2].float() / head_dim))
@@ -201,30 +279,38 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, layer: int = 0):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.rope_theta, self.rope_scaling = args.rope_theta, args.rope_scaling
+        self.rope_theta, self.rope_scaling = args.rope_of(layer)
+        self.window, self.softcap = args.window(layer), args.attn_softcap
+        self.scale = args.query_pre_attn_scalar ** -0.5 if args.query_pre_attn_scalar is not None else None
         self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=args.qkv_bias)
         self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=args.o_bias)
-        self.qk_norm = args.qk_norm
+        self.qk_norm, self.qk_norm_whole = args.qk_norm, args.qk_norm_whole
         if args.qk_norm:
-            self.q_norm = RMSNorm(args.head_dim, args.norm_eps)
-            self.k_norm = RMSNorm(args.head_dim, args.norm_eps)
+            q_dim, k_dim = (args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim) if args.qk_norm_whole \
+                else (args.head_dim, args.head_dim)
+            self.q_norm = make_norm(args, q_dim)
+            self.k_norm = make_norm(args, k_dim)
 
     def _qkv(self, x):
-        """q, k, v of x as (bs, seqlen, heads, head_dim); q and k normed per head (Qwen3), not yet roped."""
+        """q, k, v of x as (bs, seqlen, heads, head_dim), not yet roped; q and k normed per head (Qwen3, Gemma 3)
+        or over the whole projection (OLMo 2)."""
         bs, seqlen, _ = x.shape
-        q = self.wq(x).view(bs, seqlen, self.n_heads, self.head_dim)
-        k = self.wk(x).view(bs, seqlen, self.n_kv_heads, self.head_dim)
+        q, k = self.wq(x), self.wk(x)
+        if self.qk_norm_whole:  # OLMo 2: over all heads at once
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(bs, seqlen, self.n_heads, self.head_dim)
+        k = k.view(bs, seqlen, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(bs, seqlen, self.n_kv_heads, self.head_dim)
-        if self.qk_norm:
+        if self.qk_norm and not self.qk_norm_whole:
             q, k = self.q_norm(q), self.k_norm(k)
         return q, k, v
 
-    def forward(self, x, kv: "KVCache | None" = None, layer: int = 0):
+    def forward(self, x, kv: KVCache | None = None, layer: int = 0):
         if kv is not None:
             return self._cached(x, kv, layer)
         bs, seqlen, _ = x.shape
@@ -235,22 +321,37 @@ class Attention(nn.Module):
         if rep > 1:  # grouped-query attention: each kv head serves `rep` query heads
             k = k.repeat_interleave(rep, dim=2)
             v = v.repeat_interleave(rep, dim=2)
-        # (bs, heads, seqlen, head_dim)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        mask = None if self.window is None else window_mask(seqlen, seqlen, self.window, x.device)
+        out = self._attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)
         return self.wo(out.transpose(1, 2).reshape(bs, seqlen, -1))
 
-    def _cached(self, x, kv: "KVCache", layer: int):
+    def _attend(self, q, k, v, mask):
+        """softmax(q k^T * scale) v, all (bs, heads, seqlen, head_dim); mask (bool, True: seen) None means causal."""
+        if self.softcap is None:
+            if mask is None:
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        # Soft-capping sits between the product and the softmax, where SDPA has no hook: written out,
+        # as transformers' eager attention does it (softmax in fp32).
+        scale = self.scale if self.scale is not None else self.head_dim ** -0.5
+        scores = softcap(q @ k.transpose(-1, -2) * scale, self.softcap)
+        if mask is None:
+            mask = window_mask(q.shape[-2], k.shape[-2], k.shape[-2], q.device)
+        scores = scores.masked_fill(~mask, -math.inf)
+        return scores.softmax(-1, dtype=torch.float32).to(q.dtype) @ v
+
+    def _cached(self, x, kv: KVCache, layer: int):
         """x's queries against the keys and values of every token so far; x's own are added to the cache."""
         bs, seqlen, _ = x.shape
         q, k, v = self._qkv(x)
-        q, k = apply_rope(q, kv.cos, kv.sin), apply_rope(k, kv.cos, kv.sin)
+        cos, sin = kv.rope(self.rope_theta, self.rope_scaling)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k, v = kv.store(layer, k, v)  # (bs, tokens so far, n_kv_heads, head_dim)
         rep = self.n_heads // self.n_kv_heads
         if rep > 1:
             k = k.repeat_interleave(rep, dim=2)
             v = v.repeat_interleave(rep, dim=2)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             attn_mask=kv.mask)
+        out = self._attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), kv.mask_of(self.window))
         return self.wo(out.transpose(1, 2).reshape(bs, seqlen, -1))
 
 
@@ -268,7 +369,12 @@ class KVCache:
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
         self.valid = torch.zeros(bs, max_len, dtype=torch.bool, device=device)
-        self.cos_table, self.sin_table = rope_tables(max_len, args.head_dim, args.rope_theta, device, args.rope_scaling)
+        # One table per distinct (base, scaling) among the layers (two for Gemma 3), keyed by rope_key.
+        self.tables = {}
+        for i in range(args.n_layers):
+            theta, scaling = args.rope_of(i)
+            if rope_key(theta, scaling) not in self.tables:
+                self.tables[rope_key(theta, scaling)] = rope_tables(max_len, args.head_dim, theta, device, scaling)
         self.len = 0  # columns filled
         self.start = 0  # the first column of the tokens now passing through
 
@@ -278,22 +384,41 @@ class KVCache:
 
     def advance(self, valid: torch.Tensor):
         """Make room for the next columns; valid (bs, seqlen) is False where a column is padding."""
-        bs, seqlen = valid.shape
+        seqlen = valid.shape[1]
         self.start, end = self.len, self.len + seqlen
         self.valid[:, self.start:end] = valid
         pos = (self.valid[:, :end].long().cumsum(1) - 1).clamp(min=0)[:, self.start:end]
-        self.cos, self.sin = self.cos_table[pos], self.sin_table[pos]  # (bs, seqlen, head_dim // 2)
-        causal = torch.ones(seqlen, end, dtype=torch.bool, device=valid.device).tril(self.start)
-        # A padding query sees only itself, so that its row is finite and no NaN reaches real tokens.
-        itself = torch.zeros_like(causal)
-        itself[:, self.start:] = torch.eye(seqlen, dtype=torch.bool, device=valid.device)
-        self.mask = ((causal[None] & self.valid[:, None, :end]) | itself[None])[:, None]  # (bs, 1, seqlen, end)
+        # (bs, seqlen, head_dim // 2) per table
+        self.cos_sin = {key: (cos[pos], sin[pos]) for key, (cos, sin) in self.tables.items()}
+        self.masks = {}  # per window, made on first use
         self.len = end
+
+    def rope(self, theta: float, scaling: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin at the positions of the tokens now passing through, for one layer's RoPE."""
+        return self.cos_sin[rope_key(theta, scaling)]
+
+    def mask_of(self, window: int | None) -> torch.Tensor:
+        """(bs, 1, seqlen, len) bool: what each query now passing through sees, causal and within window.
+
+        Padding is on the left and hidden from every query, so a window of columns is one of positions.
+        """
+        if window not in self.masks:
+            seqlen, end = self.len - self.start, self.len
+            seen = window_mask(seqlen, end, end if window is None else window, self.valid.device)
+            # A padding query sees only itself, so that its row is finite and no NaN reaches real tokens.
+            itself = torch.zeros_like(seen)
+            itself[:, self.start:] = torch.eye(seqlen, dtype=torch.bool, device=self.valid.device)
+            self.masks[window] = ((seen[None] & self.valid[:, None, :end]) | itself[None])[:, None]
+        return self.masks[window]
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.k[layer][:, self.start:self.len] = k
         self.v[layer][:, self.start:self.len] = v
         return self.k[layer][:, :self.len], self.v[layer][:, :self.len]
+
+
+def rope_key(theta: float, scaling: dict | None) -> tuple:
+    return (theta, tuple(sorted(scaling.items())) if scaling else None)
 
 
 class FeedForward(nn.Module):
@@ -303,26 +428,59 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(args.dim, hidden, bias=False)
         self.w2 = nn.Linear(hidden, args.dim, bias=False)
         self.w3 = nn.Linear(args.dim, hidden, bias=False)
+        self.act = ACTIVATIONS[args.hidden_act]
 
     def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(self.act(self.w1(x)) * self.w3(x))
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, args: ModelArgs, dropout: float = 0.0):
+    def __init__(self, args: ModelArgs, dropout: float = 0.0, layer: int = 0):
+        """layer: the block's index, which picks its attention window and RoPE."""
         super().__init__()
-        self.attention = Attention(args)
+        self.attention = Attention(args, layer)
         self.feed_forward = FeedForward(args)
-        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
-        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        # OLMo 2 norms only the sublayers' outputs: Identity holds no weight, so the block's tensors stay its own.
+        self.attention_norm = make_norm(args, args.dim) if args.pre_norms else nn.Identity()
+        self.ffn_norm = make_norm(args, args.dim) if args.pre_norms else nn.Identity()
+        self.post_norms = args.post_norms
+        if args.post_norms:  # Gemma: each sublayer's output is normed too, before it joins the residual
+            self.post_attention_norm = make_norm(args, args.dim)
+            self.post_ffn_norm = make_norm(args, args.dim)
         # Residual dropout draws from the device's global RNG, which the trainer
         # saves before the forward pass and restores before the recompute.
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x, kv: KVCache | None = None, layer: int = 0):
         """kv (generation only): attend to the cached tokens too; layer is this block's index in it."""
-        h = x + self.dropout(self.attention(self.attention_norm(x), kv, layer))
-        return h + self.dropout(self.feed_forward(self.ffn_norm(h)))
+        a = self.attention(self.attention_norm(x), kv, layer)
+        h = x + self.dropout(self.post_attention_norm(a) if self.post_norms else a)
+        f = self.feed_forward(self.ffn_norm(h))
+        return h + self.dropout(self.post_ffn_norm(f) if self.post_norms else f)
+
+
+class Embedding(nn.Embedding):
+    """The token embedding, its output scaled by sqrt(dim) for Gemma, in the weight's dtype as transformers does
+    (bf16 rounds sqrt(3072) = 55.43 to 55.5). padding_idx's row takes no gradient, as in transformers."""
+
+    def __init__(self, args: ModelArgs, weight: torch.Tensor | None = None):
+        super().__init__(args.vocab_size, args.dim, args.pad_id, _weight=weight)
+        self.scale = args.dim ** 0.5 if args.embed_scale else None
+
+    def forward(self, tokens):
+        h = super().forward(tokens)
+        return h if self.scale is None else h * torch.tensor(self.scale).to(self.weight.dtype)
+
+
+class Output(nn.Linear):
+    """The output layer, its logits soft-capped where the model says so (Gemma 2)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__(args.dim, args.vocab_size, bias=False)
+        self.softcap = args.final_softcap
+
+    def forward(self, h):
+        return softcap(super().forward(h), self.softcap)
 
 
 class TiedOutput(nn.Module):
@@ -332,8 +490,12 @@ class TiedOutput(nn.Module):
     embedding's weight, and the gradient that reaches that weight belongs to the embedding.
     """
 
+    def __init__(self, final_softcap: float | None = None):
+        super().__init__()
+        self.softcap = final_softcap
+
     def forward(self, h: torch.Tensor, embedding_weight: torch.Tensor) -> torch.Tensor:
-        return F.linear(h, embedding_weight)
+        return softcap(F.linear(h, embedding_weight), self.softcap)
 
 
 def module_names(args: ModelArgs) -> list[str]:
@@ -346,13 +508,13 @@ def build_module(name: str, args: ModelArgs, dropout: float = 0.0) -> nn.Module:
     with torch.device("meta"):
         if name == "tok_embeddings":
             # An explicit weight skips nn.Embedding's init, which costs a second of imports.
-            return nn.Embedding(args.vocab_size, args.dim, _weight=torch.empty(args.vocab_size, args.dim))
+            return Embedding(args, torch.empty(args.vocab_size, args.dim))
         if name == "norm":
-            return RMSNorm(args.dim, args.norm_eps)
+            return make_norm(args, args.dim)
         if name == "output":
-            return TiedOutput() if args.tie_word_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
+            return TiedOutput(args.final_softcap) if args.tie_word_embeddings else Output(args)
         if name.startswith("layers."):
-            return TransformerBlock(args, dropout)
+            return TransformerBlock(args, dropout, int(name.split(".")[1]))
     raise ConfigError(f"unknown module name {name!r}")
 
 
@@ -362,13 +524,10 @@ class Transformer(nn.Module):
     def __init__(self, args: ModelArgs, dropout: float = 0.0):
         super().__init__()
         self.args = args
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(TransformerBlock(args, dropout) for _ in range(args.n_layers))
-        self.norm = RMSNorm(args.dim, args.norm_eps)
-        if args.tie_word_embeddings:
-            self.output = TiedOutput()
-        else:
-            self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.tok_embeddings = Embedding(args)
+        self.layers = nn.ModuleList(TransformerBlock(args, dropout, i) for i in range(args.n_layers))
+        self.norm = make_norm(args, args.dim)
+        self.output = TiedOutput(args.final_softcap) if args.tie_word_embeddings else Output(args)
 
     def forward(self, tokens):
         h = self.tok_embeddings(tokens)

@@ -38,11 +38,17 @@ def distributed_line(store: BlockStore, tcfg: TrainConfig, est: dict, world: int
 
 
 def print_costs(o: RunOptions, store: BlockStore, ckpt, tcfg: TrainConfig, est: dict, step: int, lora, resume: bool,
-                saved: dict, validation: bool, torch_device, world: int):
+                saved: dict, validation: bool, torch_device, world: int) -> list[str]:
     """What the run will cost, before iteration 0: the store, the RAM budget, disk bytes (and SSD wear),
-    tied embeddings, evaluations, data parallelism and the lr schedule."""
+    tied embeddings, evaluations, data parallelism and the lr schedule. Returns the lines printed."""
+    lines = []
+
+    def say(line: str):  # each line also goes to the report page
+        print(line)
+        lines.append(line)
+
     remaining = o.iters - step
-    print(f"store: {fmt_bytes(store.nbytes())} ({str(store.dtype).removeprefix('torch.')}) at {store.root}; "
+    say(f"store: {fmt_bytes(store.nbytes())} ({str(store.dtype).removeprefix('torch.')}) at {store.root}; "
           f"checkpoint: {fmt_bytes(sum(p.stat().st_size for p in ckpt.shards))}")
     if store.base_quant:
         print(base_quant_line(store, ckpt, est))
@@ -52,34 +58,35 @@ def print_costs(o: RunOptions, store: BlockStore, ckpt, tcfg: TrainConfig, est: 
     below = "nothing is recomputed" if plan.top <= plan.lowest else (
         f"{plan.top - plan.lowest} modules below it are recomputed from cached inputs "
         f"(~{fmt_bytes(plan.act_bytes)}, {'in RAM' if plan.acts_in_ram else 'in scratch files'})")
-    print(f"RAM budget: {held} (--ram-budget {o.ram_budget}): the turn holds {n - plan.top} of {n} modules "
+    say(f"RAM budget: {held} (--ram-budget {o.ram_budget}): the turn holds {n - plan.top} of {n} modules "
           f"(K = {plan.turn_blocks} beyond the minimal three, ~{fmt_bytes(plan.turn_bytes)} more), {below}; "
           f"modules cached: up to {cache} (the estimate below counts all of it)")
-    print(f"disk per iteration: ~{fmt_bytes(est['read'])} read, ~{fmt_bytes(est['written'])} written; "
+    say(f"disk per iteration: ~{fmt_bytes(est['read'])} read, ~{fmt_bytes(est['written'])} written; "
           f"for {remaining} iterations: ~{fmt_bytes(est['read'] * remaining)} read, "
           f"~{fmt_bytes(est['written'] * remaining)} written ({est['written'] * remaining / 1e12:.2f} TB)")
     if est["written"] * remaining > WEAR_WARNING_BYTES:
         cheaper = [c for c, on in (("--store-dtype bfloat16", o.store_dtype == "float32" and not lora),
                                    ("LoRA (--lora-rank 8)", not lora)) if on]
-        print(f"warning: this run writes {est['written'] * remaining / 1e12:.1f} TB to {store.root}'s disk "
+        say(f"warning: this run writes {est['written'] * remaining / 1e12:.1f} TB to {store.root}'s disk "
               f"({fmt_bytes(est['written'])} per iteration), a large share of a consumer SSD's rated endurance"
               + (f"; cheaper: {', '.join(cheaper)}" if cheaper else ""))
     if o.clip_grad_norm and not lora:
-        print(f"gradient clipping: a norm-only reverse pass recomputes every module below the turn, "
+        say(f"gradient clipping: a norm-only reverse pass recomputes every module below the turn, "
               f"reading ~{fmt_bytes(est['clip'])} more per iteration (counted above) and writing nothing")
     if store.args.tie_word_embeddings and not lora:
         where = "kept in RAM" if tied_grad_in_ram(tcfg, store.args) else "written to disk and read back"
-        print(f"tied embeddings: the output side's gradient ({fmt_bytes(store.args.vocab_size * store.args.dim * 4)}) "
+        say(f"tied embeddings: the output side's gradient ({fmt_bytes(store.args.vocab_size * store.args.dim * 4)}) "
               f"is {where} each iteration (a --ram-budget that holds it keeps it in RAM); tying adds "
               f"~{fmt_bytes(est['tied'])} of disk traffic per iteration, counted above")
     evals = eval_reads(o, step, store.nbytes(), validation, memory_budget(torch_device))
     if evals:
-        print(f"evaluations: ~{fmt_bytes(evals)} more read (validation passes read the store once each; a "
+        say(f"evaluations: ~{fmt_bytes(evals)} more read (validation passes read the store once each; a "
               f"completion reads it once, or once per token when it does not fit the device)")
     if world > 1:
-        print(distributed_line(store, tcfg, est, world, o.batch_size))
+        say(distributed_line(store, tcfg, est, world, o.batch_size))
     if resume and o.lr_schedule != "constant" and o.iters != saved["iters"]:
-        print(f"the lr schedule now spans {o.iters} iterations (it spanned {saved['iters']})")
+        say(f"the lr schedule now spans {o.iters} iterations (it spanned {saved['iters']})")
+    return lines
 
 
 def base_quant_line(store: BlockStore, ckpt, est: dict) -> str:

@@ -34,8 +34,8 @@ from ..inference.evaluate import eval_batches, perplexity
 from ..inference.evaluate import evaluate as evaluate_layer_major
 from ..inference.generate import ModuleCache, check_context, complete
 from ..model.lora import Adapters, LoraConfig
-from ..model.transformer import check_sliding_window
 from ..paths import (
+    REPORT_FILE,
     check_folder,
     checkpoint_dir,
     claim_folder,
@@ -49,7 +49,9 @@ from ..paths import (
     restore_interrupted_swap,
     run_outputs,
 )
+from . import tensorboard_log
 from .costs import print_costs
+from .monitor import Monitor
 from .options import (
     MATH,
     OUTPUT,
@@ -64,7 +66,7 @@ from .schedule import lr_at
 
 log = logging.getLogger("slowllama")
 LOG_NAME = "train_log.jsonl"
-KEEP_ON_EXPORT = (LOG_NAME, "loss.png")
+KEEP_ON_EXPORT = (LOG_NAME, "loss.png", REPORT_FILE)
 ADAPTERS_NAME = "lora_adapters.blk"
 
 
@@ -154,6 +156,7 @@ def finetune(*, resume: bool = False, **given) -> dict:
     check_paths(model_dir, out, work_dir)
     check_folder(out, "export", "--out")
     check_folder(work_dir, "work", "--work-dir")
+    tensorboard_log.check(o.tensorboard, ("--out", o.out), ("--work-dir", o.work_dir), ("MODEL_DIR", o.model_dir))
     if resume and not (work_dir / "run.json").is_file():
         raise ConfigError(f"--resume: {work_dir / 'run.json'} not found, there is no run to resume in {work_dir}")
     optim = OptimConfig(o.optimizer, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
@@ -182,7 +185,6 @@ def finetune(*, resume: bool = False, **given) -> dict:
             raise ConfigError("--gguf: writes the GGUF of a whole Hugging Face export of a Hugging Face folder (a LoRA "
                               "run needs --merge); convert other exports with tools/export_gguf.py")
         check_gguf(ckpt, out / gguf_file(o.gguf), o.gguf)  # the architecture, the tokenizer, the file
-    check_sliding_window(ckpt.args, o.seq_len)
     if o.base_quant:
         check_quantizable(o.base_quant, ckpt.shapes)
     tokenizer = load_tokenizer(model_dir)
@@ -192,9 +194,11 @@ def finetune(*, resume: bool = False, **given) -> dict:
         except ConfigError as e:
             raise ConfigError(f"--prompt and --gen-tokens: {e}") from e
     windows = load_data(o.data, tokenizer, o.seq_len, o.train_on_prompt)
+    print(f"data: {windows.summary}")
     val = None
     if o.val_data:
         val = load_data(o.val_data, tokenizer, o.seq_len, o.train_on_prompt)
+        print(f"validation data: {val.summary}")
     elif o.val_fraction:
         windows, val = windows.split(o.val_fraction)
     val_batches = eval_batches(val, o.batch_size) if val is not None else []  # every held-out token once
@@ -263,7 +267,7 @@ class Run:
         self.store, self.saved = self._open_store(saved)
         self.tcfg = train_config(o, p.optim, p.lora)
         self.summary = {"out": str(self.out), "work_dir": str(self.work_dir), "losses": [], "rank": ranks.rank}
-        self.trainer = None
+        self.trainer = self.monitor = None
 
     def _open_store(self, saved: dict) -> tuple[BlockStore, dict]:
         """The run's block store, prepared from the checkpoint on a new run; and what run.json is to hold."""
@@ -345,7 +349,7 @@ class Run:
             v, ppl = perplexity(*evaluate_layer_major(self.read_tuned, self.store.args, p.val_batches, p.device,
                                                       DTYPES[o.compute_dtype]))
             tqdm.write(f"[iter {step}] validation loss {v:.4f} (perplexity {ppl:.2f})")
-            _append(self.log_path, {"iter": step, "val_loss": v, "val_ppl": ppl})
+            _append(self.log_path, self.monitor.record({"iter": step, "val_loss": v, "val_ppl": ppl}))
             self.summary.setdefault("val_losses", []).append(v)
         if not o.prompt:
             return None
@@ -353,7 +357,7 @@ class Run:
         cache = ModuleCache(self.store.args, self.read_tuned, p.device, torch.float32)
         text = complete(cache, p.tokenizer, o.prompt, o.gen_tokens)
         tqdm.write(f"[iter {step}] {o.prompt}{text}")
-        _append(self.log_path, {"iter": step, "completion": o.prompt + text})
+        _append(self.log_path, self.monitor.record({"iter": step, "completion": o.prompt + text}))
         return text
 
     def save(self, final: bool = True):
@@ -399,7 +403,7 @@ class Run:
                      **({"grad_norm": rec.grad_norm} if rec.grad_norm is not None else {})) if rec is not None
                 else trainer.journal().get("last") if self.resume else None)
         if self.ranks.leader and last and last["iter"] not in _logged_iters(self.log_path):
-            _append(self.log_path, {**last, "resumed": True})
+            _append(self.log_path, self.monitor.record({**last, "resumed": True}))
         start = trainer.step
         if o.save_every and 0 < start < o.iters and start % o.save_every == 0 \
                 and _export_step(checkpoint_dir(self.out, start), self.store.model_id) != start:
@@ -429,7 +433,7 @@ class Run:
             rec["grad_norm"] = res.grad_norm  # before clipping
         self.summary["losses"].append(res.loss)
         if ranks.leader:
-            _append(self.log_path, rec)
+            _append(self.log_path, self.monitor.record(rec))
             tqdm.write(f"iter {step:5d}  loss {res.loss:.4f}  {dt:.2f}s  {res.tokens / dt:.0f} tok/s")
 
     def train(self) -> dict:
@@ -444,24 +448,33 @@ class Run:
                 return {"out": str(self.out), "work_dir": str(self.work_dir), "losses": [], "nothing_to_do": True}
             self._claim_out()
             est = estimate_io(self.store, self.tcfg, (o.batch_size * o.grad_accum, o.seq_len))
-            if ranks.leader:  # one copy of the costs, however many ranks
-                print_costs(o, self.store, p.ckpt, self.tcfg, est, self.trainer.step, p.lora, self.resume,
-                            self.saved, bool(p.val_batches), p.device, ranks.world)
+            plan = print_costs(o, self.store, p.ckpt, self.tcfg, est, self.trainer.step, p.lora, self.resume,
+                               self.saved, bool(p.val_batches), p.device, ranks.world) if ranks.leader else []
+            self.monitor = Monitor(self, est, plan, ranks.leader)  # one copy of the costs, however many ranks
             start = self._recover()
             if start == 0 or o.eval_every and self.resume:
                 self.summary["before"] = self.evaluate(start)
             proc = psutil.Process()
-            for step in _bar(range(start, o.iters), desc="iterations", unit="it", initial=start, total=o.iters):
+            bar = _bar(range(start, o.iters), desc="iterations", unit="it", initial=start, total=o.iters)
+            self.monitor.started(bar)
+            for step in bar:
                 self._step(step, proc)
                 done = step + 1
-                if o.eval_every and done % o.eval_every == 0 and done < o.iters:
+                evaluated = bool(o.eval_every and done % o.eval_every == 0 and done < o.iters)
+                if evaluated:
                     self.evaluate(done)
                 if o.save_every and done % o.save_every == 0 and done < o.iters:
                     self.save(final=False)
+                self.monitor.iteration_done(done, bar, evaluated)
             if ranks.world > 1:  # every store holds the last step before the followers drop their boundaries
                 self.trainer.settle("the end of the run")
             self.summary["after"] = self.evaluate(o.iters)
             self.save()
+            self.monitor.close(finished=True)
+        except BaseException:
+            if self.monitor:  # the page says the run stopped; the error itself goes on up
+                self.monitor.close(finished=False)
+            raise
         finally:
             self.trainer.close()
         self.summary["estimate"] = est

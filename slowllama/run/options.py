@@ -27,7 +27,7 @@ DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 
 
 # Options that name files: made absolute, so that a run resumes from any working directory.
-PATHS = ("model_dir", "data", "val_data", "out", "work_dir")
+PATHS = ("model_dir", "data", "val_data", "out", "work_dir", "tensorboard")
 # What run.json keeps beside the options: the content hashes a resume checks the data against,
 # and the number of data-parallel ranks (distributed.py), which decides the global batch.
 SAVED_EXTRAS = ("data_sha256", "val_data_sha256", "ranks")
@@ -71,9 +71,11 @@ class RunOptions:
     model_dir: str | None = opt(None, "checkpoint folder: Meta (params.json, consolidated.NN.pth) or Hugging Face "
                                       "(config.json, *.safetensors)", MATH,
                                 positional=True)
-    data: str | None = opt(None, 'UTF-8 text to train on, or .jsonl records of {"text"}, {"prompt", "completion"} '
-                                 'or {"messages"} (rendered with the model\'s chat template)')
-    val_data: str | None = opt(None, "text or .jsonl whose loss is reported every --eval-every iterations")
+    data: str | None = opt(None, 'UTF-8 text to train on, or records in .jsonl, .json (an array), .parquet or .csv '
+                                 '(a column per key): {"text"}, {"prompt", "completion"}, {"messages"}, Alpaca '
+                                 '{"instruction", "input", "output"} or ShareGPT {"conversations"}; chat records are '
+                                 'rendered with the model\'s chat template')
+    val_data: str | None = opt(None, "text or records whose loss is reported every --eval-every iterations")
     val_fraction: float = opt(0.0, "hold out this fraction of --data for the validation loss")
     out: str | None = opt(None, "output folder for the tuned model (default: MODEL_DIR-tuned)", OUTPUT)
     work_dir: str | None = opt(None, "where the block store and cached activations live (default: OUT.work)", MATH)
@@ -106,7 +108,7 @@ class RunOptions:
     store_dtype: str = opt("float32", "dtype of the block store's master weights (bfloat16 rounds updates "
                                       "stochastically)", choices=("float32", "bfloat16"))
     act_dtype: str = opt("float32", "dtype of the cached activations", choices=DTYPE_CHOICES)
-    train_on_prompt: bool = opt(False, "also train on prompts and non-assistant turns of .jsonl records "
+    train_on_prompt: bool = opt(False, "also train on prompts and non-assistant turns of records "
                                        "(default: completions and assistant turns only)")
     lora_rank: int = opt(0, "train LoRA adapters of this rank instead of all weights (0: full fine-tuning)")
     lora_alpha: float = opt(16.0, "LoRA scale numerator: adapters add alpha/rank * B @ A")
@@ -130,6 +132,9 @@ class RunOptions:
     gguf: str | None = opt(None, "also write OUT/model-TYPE.gguf for llama.cpp, Ollama and LM Studio from the Hugging "
                                  "Face export of a Llama model: f32, f16, bf16 or q8_0", OUTPUT, choices=GGUF_TYPES)
     merge: bool = opt(False, "LoRA: also export the model with the adapters merged in (Meta format)", OUTPUT)
+    tensorboard: str | None = opt(None, "also write TensorBoard scalar events (loss, validation, lr, grad norm, "
+                                        "tokens/s, disk bytes, ETA) into DIR; needs pip install "
+                                        "'slowllama[tensorboard]'", OUTPUT, metavar="DIR")
     # Never saved: permission to replace another run's output is given each time, not inherited by a resume.
     overwrite_out: bool = opt(False, "let this run replace what another run left in --out (its export, "
                                      "checkpoints and log)", SESSION)
@@ -242,7 +247,7 @@ def add_arguments(p: argparse.ArgumentParser):
         else:
             typ = {"int": int, "float": float, "int | None": int, "str": str, "str | None": str}[str(f.type)]
             group.add_argument(RunOptions.flag(f.name), type=typ, default=argparse.SUPPRESS,
-                               choices=md.get("choices"), help=hint)
+                               choices=md.get("choices"), metavar=md.get("metavar"), help=hint)
 
 
 def read_config(path: str | Path) -> dict:

@@ -53,7 +53,7 @@ def test_demo_learns_the_fact(demo):
     assert continuation not in before
     assert continuation in after
     assert sorted(p.name for p in demo.iterdir()) == [".slowllama", "consolidated.00.pth", "params.json",
-                                                       "tokenizer.model", "train_log.jsonl"]
+                                                       "report.html", "tokenizer.model", "train_log.jsonl"]
 
 
 @pytest.mark.slow
@@ -80,8 +80,8 @@ def test_lora_cli_end_to_end(tmp_path):
                         "--seq-len", "16", "--optimizer", "adamw", "--lr", "1e-2", "--lora-rank", "4", "--merge"])
     assert rc == 0
     names = sorted(p.name for p in out.iterdir())
-    assert names == [".slowllama", "consolidated.00.pth", "lora_adapters.blk", "params.json", "tokenizer.model",
-                     "train_log.jsonl"]
+    assert names == [".slowllama", "consolidated.00.pth", "lora_adapters.blk", "params.json", "report.html",
+                     "tokenizer.model", "train_log.jsonl"]
     recs = [r for r in _log(out) if "loss" in r]
     adapter_bytes = (out / "lora_adapters.blk").stat().st_size
     # LoRA writes only activations and the adapters: far less than the model per step

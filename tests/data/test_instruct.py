@@ -26,7 +26,7 @@ def test_prompt_tokens_are_masked_and_eos_ends_the_completion(gqa_model, tmp_pat
     tok = Tokenizer(MetaCheckpoint(gqa_model).tokenizer)
     path = _write_jsonl(tmp_path / "d.jsonl", [{"prompt": "Q: the fox?", "completion": " A: quick."},
                                                {"text": "The lazy dog."}])
-    ex = Examples.from_jsonl(path, tok, seq_len=32)
+    ex = Examples.from_records(path, tok, seq_len=32)
     prompt = tok.encode("Q: the fox?", bos=True)
     completion = tok.encode(" A: quick.", bos=False, eos=True)
     x, y = ex.inputs[0], ex.targets[0]
@@ -57,7 +57,7 @@ def test_padded_examples_train_like_autograd(gqa_model, tmp_path):
     """Right padding is attention-safe under the causal mask: the step equals the reference on the same batch."""
     tok = Tokenizer(MetaCheckpoint(gqa_model).tokenizer)
     recs = [{"prompt": f"Day {i}:", "completion": f" the hen laid {i} eggs."} for i in range(6)]
-    ex = Examples.from_jsonl(_write_jsonl(tmp_path / "d.jsonl", recs), tok, seq_len=24)
+    ex = Examples.from_records(_write_jsonl(tmp_path / "d.jsonl", recs), tok, seq_len=24)
     store = prepare(MetaCheckpoint(gqa_model), tmp_path / "store")
     optim = OptimConfig("sgd", lr=0.1)
     tr = Trainer(store, tmp_path, torch.device("cpu"), TrainConfig(optim=optim, seed=2, dropout=0.1, micro_batch=2))

@@ -120,12 +120,12 @@ def turn1_budget(model: Path) -> int:
 
 
 def load_export(out: Path) -> dict:
-    """Every tensor of every shard, plus the bytes of the other files except the log."""
+    """Every tensor of every shard, plus the bytes of the other files except the log and the report page."""
     got = {}
     for p in sorted(out.iterdir()):
         if p.name.endswith(".pth"):
             got[p.name] = torch.load(p, map_location="cpu", weights_only=True)
-        elif p.name not in ("train_log.jsonl", ".slowllama"):  # the marker names the run that wrote it
+        elif p.name not in ("train_log.jsonl", ".slowllama", "report.html"):  # the marker names the run that wrote it
             got[p.name] = p.read_bytes()
     return got
 

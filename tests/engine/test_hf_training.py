@@ -101,7 +101,9 @@ def assert_streamed_sgd_step_equals_transformers(folder: Path, tmp_path: Path):
     torch.optim.SGD(ref.parameters(), lr=0.5).step()
     assert loss == pytest.approx(ref_loss.item(), abs=1e-5)
     got = all_tensors(tmp_path / "out")
-    want = {k: v for k, v in ref.state_dict().items()}
+    # A tied model's export has no lm_head.weight: transformers' is the embedding itself, trained by both uses.
+    tied = ref.config.tie_word_embeddings
+    want = {k: v for k, v in ref.state_dict().items() if not (tied and k == "lm_head.weight")}
     assert set(got) == set(want)
     for k, v in want.items():
         torch.testing.assert_close(got[k], v, atol=1e-5, rtol=0, msg=k)
@@ -181,16 +183,6 @@ def test_finetune_cli_on_an_hf_folder_exports_what_transformers_loads(hf_model, 
         torch.testing.assert_close(mine(x), model(x).logits, atol=1e-5, rtol=0)
     recs = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in recs if "loss" in r] == [0, 1]
-
-
-def test_mistral_window_shorter_than_seq_len_is_refused_before_any_work(tmp_path):
-    folder = make_model(tmp_path / "m", kind="mistral", sliding_window=8)
-    data = tmp_path / "d.txt"
-    data.write_text("hello world " * 50)
-    r = subprocess.run([sys.executable, str(ROOT / "finetune.py"), str(folder), "--data", str(data), "--out",
-                        str(tmp_path / "out"), "--seq-len", "16"], capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode == 2 and "sliding_window" in r.stderr.strip().splitlines()[-1], r.stderr
-    assert not (tmp_path / "out").exists() and not (tmp_path / "out.work").exists()
 
 
 def test_meta_llama3_folder_trains_and_exports_its_own_files(tmp_path):

@@ -46,9 +46,17 @@ def measured_saved_bytes(args: ModelArgs, rows: int, seq: int, dtype: torch.dtyp
     return sum(seen.values())
 
 
+GEMMA = dict(dim=64, n_heads=4, n_kv_heads=2, norm_plus_one=True, post_norms=True, hidden_act="gelu_pytorch_tanh",
+             query_pre_attn_scalar=24, layer_windows=[8])
+
+
 @pytest.mark.parametrize("shape", [dict(dim=64, n_heads=4, n_kv_heads=2), dict(dim=96, n_heads=6),
-                                   dict(dim=64, n_heads=4, head_dim=32, ffn_dim_multiplier=1.3)],
-                         ids=["gqa", "mha", "wide-heads"])
+                                   dict(dim=64, n_heads=4, head_dim=32, ffn_dim_multiplier=1.3),
+                                   dict(dim=64, n_heads=4, n_kv_heads=2, qk_norm=True, sliding_window=8),
+                                   dict(GEMMA, attn_softcap=50.0), dict(GEMMA, qk_norm=True),
+                                   dict(dim=64, n_heads=4, qk_norm=True, qk_norm_whole=True, norm_weight_fp32=True,
+                                        pre_norms=False, post_norms=True)],
+                         ids=["gqa", "mha", "wide-heads", "qwen3-window", "gemma2", "gemma3", "olmo2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["no-dropout", "dropout"])
 def test_saved_bytes_per_block_are_what_autograd_keeps(shape, dtype, dropout):

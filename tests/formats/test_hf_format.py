@@ -29,7 +29,7 @@ from slowllama.formats.hf import (
     to_meta,
     to_meta_name,
 )
-from slowllama.model.transformer import check_sliding_window, module_names
+from slowllama.model.transformer import module_names
 
 transformers = pytest.importorskip("transformers")
 
@@ -54,6 +54,8 @@ VARIANTS = {
 # kind -> transformers' config and model class names
 HF_CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM"),
               "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM")}
+HF_CLASSES.update(gemma2=("Gemma2Config", "Gemma2ForCausalLM"), gemma3=("Gemma3TextConfig", "Gemma3ForCausalLM"),
+                  olmo2=("Olmo2Config", "Olmo2ForCausalLM"))
 
 
 def make_config(kind: str, **kw):
@@ -160,7 +162,7 @@ def test_config_fields(hf_models):
     assert tied.rope_scaling == {"rope_type": "linear", "factor": 2.0}
     mistral = args_from_config(hf_models("mistral") / "config.json")
     assert mistral.sliding_window is None and mistral.rope_scaling is None and mistral.norm_eps == 1e-5
-    check_sliding_window(mistral, 10**6)  # no window: any length
+    assert mistral.window(0) is None and mistral.window(1) is None  # no window: full causal
 
 
 def _write_config(tmp_path, kind="llama", edit=None, **kw) -> Path:
@@ -198,12 +200,10 @@ def test_unsupported_configs_are_refused_by_name(tmp_path, edit, key):
     assert str(path) in msg and key in msg and "\n" not in msg
 
 
-def test_mistral_sliding_window_shorter_than_seq_len_is_refused(tmp_path):
+def test_mistral_sliding_window_applies_to_every_layer(tmp_path):
     args = args_from_config(_write_config(tmp_path, "mistral", sliding_window=8, num_key_value_heads=2))
-    assert args.sliding_window == 8
-    check_sliding_window(args, 8)
-    with pytest.raises(ConfigError, match=r"--seq-len 16 .*sliding_window 8"):
-        check_sliding_window(args, 16)
+    assert args.sliding_window == 8 and args.layer_windows is None
+    assert [args.window(i) for i in range(args.n_layers)] == [8, 8]
 
 
 # ---- reading -----------------------------------------------------------------

@@ -104,10 +104,11 @@ def edited(folder, tmp_path, **changes):
 @pytest.mark.parametrize("changes, named", [
     (dict(architectures=["Qwen2MoeForCausalLM"]), "Qwen2MoeForCausalLM"),
     (dict(model_type="qwen2_moe"), "qwen2_moe"),
-    (dict(layer_types=["full_attention", "sliding_attention"]), "layer_types"),
-    (dict(layer_types=None, use_sliding_window=True, sliding_window=8, max_window_layers=1), "use_sliding_window"),
+    # a sliding layer with no window to slide: transformers cannot build it either
+    (dict(layer_types=["full_attention", "sliding_attention"], use_sliding_window=False), "layer_types"),
+    (dict(layer_types=["full_attention", "chunked_attention"]), "layer_types"),
 ])
-def test_unknown_architectures_and_sliding_windows_are_refused_by_name(qwen, tmp_path, changes, named):
+def test_unknown_architectures_and_windowless_sliding_layers_are_refused_by_name(qwen, tmp_path, changes, named):
     with pytest.raises(ConfigError, match=named):
         args_from_config(edited(qwen("qwen2"), tmp_path, **changes))
 

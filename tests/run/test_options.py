@@ -33,8 +33,10 @@ def test_many_options_in_one_run(gqa_model, tmp_path):
              "--save-every", "1", "--no-prefetch", "--no-verify", "--compute-dtype", "bfloat16",
              "--act-dtype", "bfloat16", "--ram-budget", "64M", "--stop-on-nan", "-v", "--prompt", "Anna",
              "--gen-tokens", "5", "--val-data", val, "--eval-every", "1", "--shards", "1", "--momentum", "0.5",
-             "--weight-decay", "0.01", "--seed", "3", "--dropout", "0.1", "--device", "cpu")
+             "--weight-decay", "0.01", "--seed", "3", "--dropout", "0.1", "--device", "cpu",
+             "--tensorboard", tmp_path / "tb")
     assert r.returncode == 0, r.stderr
+    assert [p.name.startswith("events.out.tfevents.") for p in (tmp_path / "tb").iterdir()] == [True]
     assert r.stderr.count("exported") == 3  # after iterations 1 and 2 (--save-every 1), and at the end
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-000001", "checkpoint-000002"]
     assert sorted(p.name for p in out.glob("*.pth")) == ["consolidated.00.pth"]  # re-sharded from 2 to 1
