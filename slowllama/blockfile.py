@@ -30,7 +30,7 @@ MAGIC = b"SLLMBLK1"
 ALIGN = 64
 FORMAT = 3  # 3: blocks name their module and model; 2: xxh3_64 data checksums (crc32 in 1)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-          "uint8": torch.uint8, "int64": torch.int64}
+          "uint8": torch.uint8, "int8": torch.int8, "int64": torch.int64}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 

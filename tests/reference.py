@@ -55,12 +55,13 @@ def whole_store(store) -> dict:
     return out
 
 
-def lora_reference(model_dir, start: dict, targets, scale: float, dropout: float = 0.0):
-    """The in-memory model with adapters added by plain forward hooks (not slowllama's own attach), starting
-    from `start` ({module: {"wq.A": A, "wq.B": B, ...}}); returns (model, {module: {name: leaf tensor}})."""
+def lora_reference(model_dir, start: dict, targets, scale: float, dropout: float = 0.0, model=None):
+    """The in-memory model (the checkpoint's, or `model`) with adapters added by plain forward hooks (not
+    slowllama's own attach), starting from `start` ({module: {"wq.A": A, "wq.B": B, ...}}); returns
+    (model, {module: {name: leaf tensor}})."""
     from slowllama.model.lora import TARGETS
 
-    model = reference_model(model_dir, dropout=dropout).requires_grad_(False)
+    model = (model or reference_model(model_dir, dropout=dropout)).requires_grad_(False)
     ref = {m: {k: t.clone().requires_grad_() for k, t in s.items()} for m, s in start.items()}
     for m, s in ref.items():
         for t in targets:

@@ -38,11 +38,11 @@ def steady_step_io(trainer, batches) -> tuple[int, int]:
     return r1 - r0, w1 - w0
 
 
-def train_through_a_crash(root, checkpoint, cfg, batches, monkeypatch, crash=None):
-    """Train on batches from a store prepared in root; with crash (event, n), stop there as a kill
-    would, then finish in a new Trainer (a new process) after its recover(). Returns (the store,
-    the resume point's first updated module or None, what recover returned)."""
-    tr = Trainer(prepare(checkpoint, root / "s"), root / "w", CPU, cfg)
+def train_through_a_crash(root, checkpoint, cfg, batches, monkeypatch, crash=None, **prepare_kw):
+    """Train on batches from a store prepared in root (prepare_kw: prepare's options); with crash (event, n),
+    stop there as a kill would, then finish in a new Trainer (a new process) after its recover(). Returns
+    (the store, the resume point's first updated module or None, what recover returned)."""
+    tr = Trainer(prepare(checkpoint, root / "s", **prepare_kw), root / "w", CPU, cfg)
     point = rec = None
     if crash is not None:
         with monkeypatch.context() as mp:

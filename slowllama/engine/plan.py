@@ -9,6 +9,9 @@ The RAM budget (TrainConfig.ram_budget; None: no limit) is split in this order:
      of a step on a CPU; the turn grows from the top down, and in full fine-tuning of an
      untied model it may take the embedding too, when the step recomputes nothing at all;
   3. the streamer's module cache gets what is left: a cached module saves a read only.
+A quantized LoRA base (--base-quant) first keeps all of itself cached when the budget holds it beside
+the activations, the turn taking what is left: there a turn block costs its dequantized copy, 4 to 8
+times the module as cached, while the cache spares every read of the base.
 With budget 0 the turn is the minimal one (the last block, the norm and the output
 layer, K = 0), the activations go to disk and no module stays cached.
 """
@@ -21,6 +24,7 @@ import torch
 
 from ..blockfile import DTYPES
 from ..model.transformer import ModelArgs
+from .quant import stored_sizes
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,7 @@ class ModuleSize:
     ram: int  # bytes the module takes in RAM as the streamer holds it (16-bit stores widened), state included
     file: int  # bytes a read of it moves at the steady state (its file, with the optimizer state it will have)
     numel: int  # parameters
+    dequant: int = 0  # bytes a quantized base's weights take dequantized while the module computes (quant.py)
 
 
 @dataclass(frozen=True)
@@ -105,7 +110,7 @@ def turn_module_bytes(i: int, args: ModelArgs, size: ModuleSize, cfg, rows: int,
     c = cfg.compute_dtype.itemsize
     lora = cfg.lora is not None
     if lora:  # a frozen base: no gradients of its own; a cast copy when it computes in another dtype
-        grads = 0 if size.ram <= size.numel * c else size.numel * c
+        grads = size.dequant or (0 if size.ram <= size.numel * c else size.numel * c)
     else:
         grads = size.numel * 4
     if i == 0:  # the embedding: token ids saved, a dense (vocab, dim) gradient, nothing handed down
@@ -146,8 +151,13 @@ def plan_step(cfg, args: ModelArgs, sizes: list[ModuleSize], rows: int, mb_rows:
     turn = [0] * m  # turn[top]: what modules [top, base) hold in the turn
     for top in range(base - 1, first - 1, -1):
         turn[top] = turn[top + 1] + turn_module_bytes(top, args, sizes[top], cfg, rows, mb_rows, seq)
+    # A quantized base stays cached whole where the budget holds it (see above); 0: not quantized.
+    resident = sum(s.ram for s in sizes) if any(s.dequant for s in sizes) else 0
     if cfg.turn_blocks is not None:
         top = max(first, base - cfg.turn_blocks)
+    elif resident and turn[base] + acts(base) + resident <= budget:
+        top = next(t for t in range(first, base + 1)
+                   if turn[t] + acts(t) + resident <= budget and turn[t] <= device_budget)
     else:
         # The cost of a larger turn grows as the top goes down (a block holds far more than its cached
         # input): take the lowest top whose turn and activations fit together.
@@ -171,9 +181,19 @@ def module_sizes(store, cfg) -> list[ModuleSize]:
         tensors = store.header(n)["tensors"]
         params = [(name, shape) for name, _, shape, _ in tensors if "#" not in name]
         have = sum(1 for name, _, _, _ in tensors if params and name.startswith(params[0][0] + "#"))
-        numel = sum(math.prod(shape) for _, shape in params)
+        # A quantized base holds its parts as stored, floating ones widened (quant.stored_sizes).
+        numel, held, dequant = stored_sizes([(k, DTYPES[dt], shape) for k, dt, shape, _ in tensors if "#" not in k],
+                                            wide)
         missing = max(0, n_state - have) * numel * cfg.optim_state_dtype.itemsize  # state a first step adds
         state = sum(DTYPES[dt].itemsize * math.prod(shape) for name, dt, shape, _ in tensors if "#" in name)
-        ram = numel * max(wide, store.dtype.itemsize) + state + missing
-        out.append(ModuleSize(ram=ram, file=store.path(n).stat().st_size + missing, numel=numel))
+        ram = held + state + missing
+        out.append(ModuleSize(ram=ram, file=store.path(n).stat().st_size + missing, numel=numel, dequant=dequant))
     return out
+
+
+def resident_budget(cfg, args: ModelArgs, sizes: list[ModuleSize], rows: int, seq: int) -> int:
+    """The smallest RAM budget that keeps every module cached beside the minimal turn and the cached
+    inputs: a step then reads nothing of the base (LoRA; a full fine-tune writes every module anyway)."""
+    lowest = 1 if cfg.lora is not None else 0
+    return sum(s.ram for s in sizes) + sum(cached_input_bytes(i, args, cfg, rows, seq)
+                                           for i in range(lowest, len(sizes) - 3))

@@ -33,6 +33,7 @@ from ..formats.meta import EXTRAS, MetaCheckpoint, full_key, split_key
 from ..fsutil import atomic_write_json, fsync_dir, tmp_path
 from ..model.transformer import ModelArgs, module_names
 from ..paths import remove_stale_tmp
+from .quant import dequantize_module, quantize_module
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,7 @@ class BlockStore:
             self.source: dict = m["source"]
             self.initial_checksums: dict[str, int] = m["checksums"]
             self.model_id: str = m["model_id"]
+            self.base_quant: str | None = m.get("base_quant")  # quant.KINDS: a quantized LoRA base
         except StoreFormatError:
             raise
         except FileNotFoundError as e:
@@ -139,8 +141,10 @@ class BlockStore:
         return sum(self.path(m).stat().st_size for m in self.modules)
 
     def module_tensors(self, name: str) -> dict[str, torch.Tensor]:
-        """Parameters only, keyed by parameter name (for export and generation)."""
-        return self.read(name).params
+        """Parameters only, keyed by parameter name (for export and generation); a quantized base's
+        dequantized, in the checkpoint's dtype."""
+        params = self.read(name).params
+        return dequantize_module(params, self.dtype) if self.base_quant else params
 
     def journal(self) -> dict:
         """The training journal: steps done, the update version, module checksums."""
@@ -189,6 +193,7 @@ def prepare(
     root: str | Path,
     dtype: torch.dtype = torch.float32,
     progress: Callable[[Iterator], Iterator] = lambda it: it,
+    base_quant: str | None = None,
 ) -> BlockStore:
     """Convert a checkpoint into a block store at root, one module at a time.
 
@@ -201,7 +206,7 @@ def prepare(
     remove_stale_tmp(root)
     source = source_fingerprint(ckpt)
     # Every block names the model it belongs to: the checkpoint's content and this preparation.
-    model_id = xxhash.xxh3_64_hexdigest(json.dumps([source, DTYPE_NAMES[dtype], os.getpid(), time.time_ns()]).encode())
+    model_id = xxhash.xxh3_64_hexdigest(json.dumps([source, DTYPE_NAMES[dtype], base_quant, os.getpid(), time.time_ns()]).encode())
     work.mkdir()
     try:
         # Forward order, extras last. Every module is stored, one without tensors too (a tied
@@ -213,6 +218,8 @@ def prepare(
             tensors = ckpt.read_module(name)
             keep_dtype = name == EXTRAS  # never trained: keep the bytes as they are
             params = {p: (t if keep_dtype else t.to(dtype)) for p, t in tensors.items()}
+            if base_quant:
+                params = quantize_module(base_quant, name, params)
             checksums[name] = write_block(work / f"{file_stem(name)}.blk", Block(step=0, params=params), name,
                                           model=model_id)
             faults.point("prepare_module")
@@ -228,6 +235,7 @@ def prepare(
             "source": source,
             "model_id": model_id,
             "checksums": checksums,
+            **({"base_quant": base_quant} if base_quant else {}),
         }
         manifest["manifest_crc32"] = _manifest_crc(manifest)
         atomic_write_json(work / "manifest.json", manifest)
@@ -247,8 +255,9 @@ def _manifest_crc(m: dict) -> int:
 
 
 def open_or_prepare(ckpt: MetaCheckpoint, root: str | Path, dtype: torch.dtype,
-                    progress: Callable[[Iterator], Iterator] = lambda it: it) -> tuple[BlockStore, bool]:
-    """Reuse the store at root if it was prepared from this very checkpoint with this dtype.
+                    progress: Callable[[Iterator], Iterator] = lambda it: it,
+                    base_quant: str | None = None) -> tuple[BlockStore, bool]:
+    """Reuse the store at root if it was prepared from this very checkpoint with this dtype and quantization.
 
     Returns the store and whether it was (re)prepared.
     """
@@ -262,28 +271,29 @@ def open_or_prepare(ckpt: MetaCheckpoint, root: str | Path, dtype: torch.dtype,
                                        f"to start again") from e
             log.info("%s was prepared by another slowllama version: preparing again", root)
         else:
-            if store.matches(ckpt) and store.dtype == dtype:
+            if store.matches(ckpt) and store.dtype == dtype and store.base_quant == base_quant:
                 return store, False
-            log.info("%s was prepared from a different checkpoint or dtype: preparing again", root)
-    return prepare(ckpt, root, dtype, progress), True
+            log.info("%s was prepared from a different checkpoint, dtype or --base-quant: preparing again", root)
+    return prepare(ckpt, root, dtype, progress, base_quant), True
 
 
 def export_store(store: BlockStore, source_dir: Path, out_dir: Path, *, n_shards: int | None = None,
                  progress: Callable[[Iterator], Iterator] = lambda it: it, extra_files: dict[str, bytes] | None = None,
                  transform: Callable[[str, dict], dict] | None = None, marker: dict | None = None,
-                 export_format: str | None = None):
+                 export_format: str | None = None, read_params: Callable[[str], dict] | None = None):
     """Export the store to out_dir atomically, in the format its checkpoint came in (or
     export_format: a Meta checkpoint may go out as a Hugging Face folder), with the config and
     tokenizer files from source_dir (the checkpoint the store was prepared from, wherever it lives now).
 
-    transform(module, params) may change a module's parameters on the way out (LoRA merging).
+    transform(module, params) may change a module's parameters on the way out (LoRA merging);
+    read_params(module), if given, supplies them instead of the store (a quantized base's merge reads the checkpoint).
     """
     from ..formats.meta import export_meta, find_tokenizer
 
     src, out_dir = Path(source_dir), Path(out_dir)
 
     def read(module):
-        params = store.module_tensors(module)
+        params = (read_params or store.module_tensors)(module)
         return transform(module, params) if transform else params
 
     export_format = export_format or store.source_format

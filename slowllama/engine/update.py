@@ -18,6 +18,7 @@ from ..errors import ConfigError
 from ..model.lora import ADAPTERS, Adapters, LoraConfig
 from .journal import Journal, ResumePoint
 from .optim import step_module, stochastic_round
+from .quant import dequantize_module
 from .store import BlockStore
 from .streamer import Streamer, materialize
 
@@ -320,7 +321,11 @@ class LoraUpdate:
         name = self.names[i]
         if name == "output" and self.args.tie_word_embeddings:
             return bind_output(self), None  # the base's embedding, frozen: no adapters there
-        module = materialize(name, self.args, self.streamer.to_device(block, self.cfg.compute_dtype), dropout)
+        if self.store.base_quant:  # the parts go to the device as stored and are dequantized there
+            params = dequantize_module(self.streamer.to_device(block), self.cfg.compute_dtype)
+        else:
+            params = self.streamer.to_device(block, self.cfg.compute_dtype)
+        module = materialize(name, self.args, params, dropout)
         module.requires_grad_(False)
         self.adapters.attach(module, name)
         return module, None

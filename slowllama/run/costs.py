@@ -50,6 +50,8 @@ def print_costs(o: RunOptions, store: BlockStore, ckpt, tcfg: TrainConfig, est: 
     remaining = o.iters - step
     say(f"store: {fmt_bytes(store.nbytes())} ({str(store.dtype).removeprefix('torch.')}) at {store.root}; "
           f"checkpoint: {fmt_bytes(sum(p.stat().st_size for p in ckpt.shards))}")
+    if store.base_quant:
+        print(base_quant_line(store, ckpt, est))
     held = "no limit" if tcfg.ram_budget is None else fmt_bytes(tcfg.ram_budget)
     plan, n = est["plan"], len(store.trainable)
     cache = "no limit" if math.isinf(plan.cache_budget) else fmt_bytes(plan.cache_budget)
@@ -85,6 +87,15 @@ def print_costs(o: RunOptions, store: BlockStore, ckpt, tcfg: TrainConfig, est: 
     if resume and o.lr_schedule != "constant" and o.iters != saved["iters"]:
         say(f"the lr schedule now spans {o.iters} iterations (it spanned {saved['iters']})")
     return lines
+
+
+def base_quant_line(store: BlockStore, ckpt, est: dict) -> str:
+    """Whether the quantized base stays in RAM (no base reads at the steady state) or is streamed."""
+    base_read = est["read"] - est["activations"]  # a LoRA step reads the base and the cached inputs, nothing else
+    where = ("it fits the RAM budget and stays resident: no base reads per iteration" if base_read == 0 else
+             f"it does not fit the RAM budget: streamed at its quantized size, ~{fmt_bytes(base_read)} read per iteration")
+    return (f"base: the blocks' linear weights in {store.base_quant} (--base-quant), {fmt_bytes(store.nbytes())} "
+            f"against {fmt_bytes(sum(p.stat().st_size for p in ckpt.shards))} as the checkpoint has them; {where}")
 
 
 def eval_reads(o: RunOptions, start: int, store_bytes: int, validation: bool, device_budget: int) -> int:

@@ -21,6 +21,7 @@ import time
 import torch
 
 from .. import device as dev
+from ..engine.quant import dequantize_module
 from ..engine.store import BlockStore
 from ..engine.streamer import materialize
 from ..engine.trainer import TrainConfig
@@ -96,8 +97,11 @@ def probe(store: BlockStore, tcfg: TrainConfig, mb_rows: int, seq: int, device: 
     # A small durable write is all latency (the fsyncs); the large one's time beyond it, bandwidth.
     sync_s = min(_write_probe(path, 4096) for _ in range(2)) if wrote > 0 else 0.0
     write_s = max(_write_probe(path, wrote) - sync_s, 1e-9) if wrote > 0 else 0.0
-    params = {k: t.to(device, tcfg.compute_dtype) if t.is_floating_point() else t.to(device)
-              for k, t in block.params.items()}
+    if store.base_quant:  # a quantized base's parts go to the device as stored and are dequantized there
+        params = dequantize_module({k: t.to(device) for k, t in block.params.items()}, tcfg.compute_dtype)
+    else:
+        params = {k: t.to(device, tcfg.compute_dtype) if t.is_floating_point() else t.to(device)
+                  for k, t in block.params.items()}
     del block
     module = materialize(name, store.args, params)
     module.requires_grad_(tcfg.lora is None)  # LoRA's base gets no weight gradients

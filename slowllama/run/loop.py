@@ -18,6 +18,7 @@ from ..blockfile import DTYPES, StoreError
 from ..data.windows import load_data
 from ..engine import distributed
 from ..engine.optim import OptimConfig
+from ..engine.quant import check_quantizable
 from ..engine.store import BlockStore, export_store, open_or_prepare
 from ..engine.trainer import TrainConfig, estimate_io
 from ..errors import ConfigError
@@ -293,7 +294,8 @@ class Run:
             if ranks.writer:
                 dtype = ckpt.checkpoint_dtype() if self.p.lora else DTYPES[o.store_dtype]
                 store, prepared = open_or_prepare(ckpt, root, dtype,
-                                                  progress=lambda it: _bar(it, desc="prepare", unit="module"))
+                                                  progress=lambda it: _bar(it, desc="prepare", unit="module"),
+                                                  base_quant=o.base_quant)
                 log.info("%s store at %s", "prepared" if prepared else "reusing", root)
             else:
                 store = BlockStore(root)
@@ -382,8 +384,13 @@ class Run:
             if store.source_format == "hf":  # PEFT's files, which peft.PeftModel.from_pretrained(base, out) reads
                 files.update(peft_files(trainer.adapters, store.args, o.model_dir))
             if o.merge:
+                # Onto the original weights: a quantized base's merge reads them from the checkpoint.
+                source = self.p.ckpt.read_module if store.base_quant else None
+                if source:
+                    log.info("--merge: the adapters go onto %s's original weights, not the %s base they trained on",
+                             o.model_dir, store.base_quant)
                 export(store, Path(o.model_dir), target, o, marker, transform=trainer.adapters.merge,
-                       extra={**files, **logs})
+                       extra={**files, **logs}, read_params=source)
             else:
                 claim_folder(target, "export", "--out")
                 for name, data in files.items():
@@ -513,9 +520,10 @@ def verify_store(*, model_dir: str | Path, out: str | Path | None = None, work_d
 
 
 def export(store: BlockStore, source_dir: Path, out: Path, o: RunOptions, marker: dict, transform=None,
-           extra: dict | None = None):
+           extra: dict | None = None, read_params=None):
     export_store(store, source_dir, out, n_shards=o.shards, progress=lambda it: _bar(it, desc="export", unit="module"),
-                 extra_files=extra, transform=transform, marker=marker, export_format=o.export_format)
+                 extra_files=extra, transform=transform, marker=marker, export_format=o.export_format,
+                 read_params=read_params)
 
 
 def _progress(work_dir: Path) -> str:

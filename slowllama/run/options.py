@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from ..engine.quant import KINDS as BASE_QUANT_KINDS
 from ..errors import ConfigError
 from ..formats.gguf import GGUF_TYPES
 from .schedule import SCHEDULES
@@ -112,6 +113,10 @@ class RunOptions:
     lora_rank: int = opt(0, "train LoRA adapters of this rank instead of all weights (0: full fine-tuning)")
     lora_alpha: float = opt(16.0, "LoRA scale numerator: adapters add alpha/rank * B @ A")
     lora_targets: str = opt("wq,wv", "comma-separated layers that get adapters: wq, wk, wv, wo, w1, w2, w3")
+    base_quant: str | None = opt(None, "LoRA: keep the blocks' linear weights in the base store quantized, so that "
+                                       "more of the base stays in RAM: nf4 (QLoRA's 4-bit NormalFloat) or int8 (per "
+                                       "output channel); dequantized on the device just before each module computes",
+                                 choices=BASE_QUANT_KINDS)
     # What the run reports and writes.
     eval_every: int = opt(0, "print a greedy completion of --prompt every N iterations (0: only before and after)",
                           OUTPUT)
@@ -190,6 +195,8 @@ class RunOptions:
                 raise ConfigError(f"{self.flag(f.name)} {getattr(self, f.name)!r}: expected one of {', '.join(choices)}")
         if self.merge and not self.lora_rank:
             raise ConfigError("--merge needs --lora-rank")
+        if self.base_quant and not self.lora_rank:
+            raise ConfigError("--base-quant needs --lora-rank: a full fine-tune updates the weights it would quantize")
         parse_size(self.ram_budget)
 
     def saved(self) -> dict:
