@@ -190,6 +190,8 @@ def finetune(*, resume: bool = False, **given) -> dict:
             check_adapter_request(ckpt.config_path, out / adapter_gguf_file(o.gguf), o.gguf)
         else:  # the architecture, the tokenizer, the GGUF and its Modelfile
             check_gguf(ckpt, out / gguf_file(o.gguf), o.gguf)
+    if o.base_quant:
+        check_quantizable(o.base_quant, ckpt.shapes)
     tokenizer = load_tokenizer(model_dir)
     if o.prompt:
         try:
