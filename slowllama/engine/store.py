@@ -116,8 +116,9 @@ class BlockStore:
         self._check_expected(name, block.step, block.checksum)
         return block
 
-    def write(self, name: str, block: Block) -> int:
-        checksum = write_block(self.path(name), block, name, model=self.model_id)
+    def write(self, name: str, block: Block, path: Path | None = None) -> int:
+        """Write the module's block to its file, or to path (an interval commit stages it there first)."""
+        checksum = write_block(path or self.path(name), block, name, model=self.model_id)
         self.expected[name] = (block.step, checksum)
         return checksum
 
