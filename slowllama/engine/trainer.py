@@ -540,7 +540,7 @@ def estimate_io(store: BlockStore, cfg: TrainConfig, batch_shape: tuple[int, int
     every = interval(cfg.commit_every) if cfg.commit_every != 1 and holds_trained_state(cfg, plan, sizes) else 1
     if every > 1:
         grad_bytes = tied_written = tied_read = 0
-        module_bytes, journal = module_bytes / every, journal / every
+        module_bytes, journal = module_bytes // every, journal // every
     written = module_bytes + act_bytes + grad_bytes + journal
     # Clipping reads the cached activations twice: once per reverse pass.
     clip_read = norm_read + (act_bytes if clip else 0)
