@@ -355,7 +355,7 @@ class Streamer:
             try:
                 if kind == "module":
                     fn, path = fn
-                    checksum = self.store.write(name, block, path)
+                    checksum = self.store.write(name, block) if path is None else self.store.write(name, block, path)
                     block.checksum = checksum
                     self._written.add(name)
                     with self._lock:

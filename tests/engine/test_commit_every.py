@@ -173,6 +173,7 @@ KILLS = {  # where -> (the journal's phase after the kill, the step it names, st
 }
 
 
+@pytest.mark.crash
 @pytest.mark.parametrize("where", list(KILLS))
 def test_kill_and_resume_is_bit_identical(runs, where, tmp_path):
     model, data, want, trace = runs
