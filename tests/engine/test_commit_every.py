@@ -139,7 +139,7 @@ def runs(small_model, tmp_path_factory):
 
 def _run_traced(args):
     return subprocess.run([sys.executable, "-c", TRACING, *args], cwd=ROOT, env=_env(), capture_output=True,
-                          text=True, timeout=180)
+                          text=True, timeout=180, check=False)
 
 
 def _nth(trace, i: int) -> str:
@@ -199,8 +199,8 @@ def test_kill_and_resume_is_bit_identical(runs, where, tmp_path):
 
 def test_a_budget_too_small_commits_every_step_and_says_so(small_model, tmp_path, capsys):
     data = _data(tmp_path)
-    kw = dict(model_dir=small_model, data=data, iters=3, batch_size=2, seq_len=16, lr=1e-2, device="cpu",
-              commit_every="10")
+    kw = {"model_dir": small_model, "data": data, "iters": 3, "batch_size": 2, "seq_len": 16, "lr": 1e-2,
+          "device": "cpu", "commit_every": "10"}
     finetune(out=tmp_path / "small", ram_budget="0", **kw)
     printed = capsys.readouterr().out
     assert "commits: every iteration (--commit-every 10 needs a --ram-budget that holds every module" in printed
