@@ -24,8 +24,10 @@ from tests.reference import random_batch
 CPU = torch.device("cpu")
 STEPS = 10
 # Six iterations, commits every 3, a checkpoint at 4 (which commits first): commits after steps 2 and 3, then
-# at the end (before the export); dropout and AdamW, so that the RNG state and the optimizer state must replay.
-ARGS = ["--seq-len", "16", "--iters", "6", "--batch-size", "2", "--dropout", "0.1", "--optimizer", "adamw",
+# at the end (before the export); dropout over micro-batches and AdamW, so that the RNG states and the optimizer
+# state must replay.
+ARGS = ["--seq-len", "16", "--iters", "6", "--batch-size", "4", "--micro-batch", "2", "--dropout", "0.1",
+        "--optimizer", "adamw",
         "--lr", "0.01", "--seed", "5", "--device", "cpu", "--ram-budget", "none", "--save-every", "4", "--keep", "5"]
 # finetune.py with faults.point recording every event and the file it concerns, in order.
 TRACING = (
