@@ -228,9 +228,12 @@ class Trainer:
             self.commit()
 
     def commit(self):
-        """Commit the steps held in RAM to the store (queued; flush() waits for it); nothing if none.
-        Called before anything reads the store (an evaluation, an export) and before a planned stop."""
+        """Commit the steps held in RAM to the store, and wait until it is on disk; nothing if none.
+        Called before anything reads the store (an evaluation, an export) and before a planned stop.
+        It waits because a module the cache lets go of between its staged write and the rename would be
+        read back from its file at the version before the commit."""
         self.update.commit_held()
+        self.streamer.flush()
         self.commits.committed()
 
     def micro_seed(self, step: int, m: int) -> int:
