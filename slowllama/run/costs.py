@@ -100,12 +100,12 @@ def commits_line(o: RunOptions, tcfg: TrainConfig, est: dict, lora: bool, world:
         return (f"commits: the budget holds every module, so the updated modules stay in RAM and go to the store "
                 f"every {every} iterations ({flag}{sooner}) and before every evaluation, checkpoint and the export: "
                 f"a crash loses at most the last {every} iterations, which --resume replays exactly")
-    why = ("the base is never written, the adapters are saved" if lora else
-           "data-parallel runs commit" if world > 1 else
+    why = ("LoRA: the base is never written, the adapters are saved" if lora else
+           "data parallel: every host's store must agree at each step" if world > 1 else
            "--commit-every 1" if tcfg.commit_every == 1 else
            f"{flag} needs a --ram-budget that holds every module beside the step, and this one does not")
     return (f"commits: every iteration ({why}): a crash loses at most the iteration in flight, which --resume "
-            f"finishes")
+            f"finishes or runs again")
 
 
 def base_quant_line(store: BlockStore, ckpt, est: dict) -> str:
