@@ -4,6 +4,12 @@
 names come from hf.py's name table; B's rows for wq and wk take the same rotate-half
 permutation as the Hugging Face weights, so that B @ A is the permuted delta (A's columns
 index the layer's input, which no permutation touches).
+
+Phi-3's fused modules (qkv_proj, gate_up_proj) hold several of slowllama's targets. Their adapter
+is exact with the parts' ranks summed: A stacks the parts' A's, B is block-diagonal in the parts'
+B's, so B @ A stacks each part's own B @ A by rows; rank_pattern and alpha_pattern give those
+modules rank k*r and alpha k*alpha, which keeps peft's scale alpha / r. A plain fused adapter
+(peft's own, one rank) reads back as each part sharing A with its rows of B, which is exact too.
 """
 from __future__ import annotations
 
@@ -19,7 +25,7 @@ from ..fsutil import read_json_object
 from ..model.lora import TARGETS, Adapters, LoraConfig, _shape
 from ..model.transformer import ModelArgs
 from ..paths import PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE
-from .hf import _rope_heads, from_meta, to_hf_name, to_meta, to_meta_name
+from .hf import _rope_heads, from_meta, fused_parts, to_hf_name, to_meta, to_meta_name
 
 log = logging.getLogger(__name__)
 
@@ -32,24 +38,55 @@ _PLAIN = {"peft_type": "LORA", "use_rslora": False, "use_dora": False, "fan_in_f
           "alpha_pattern": {}, "target_parameters": None, "trainable_token_indices": None}
 
 
-def _hf_module(layer: str, target: str) -> str:
-    """('layers.3', 'wq') -> 'model.layers.3.self_attn.q_proj', through hf.py's name table."""
-    return to_hf_name(f"{layer}.{TARGETS[target]}.weight").removesuffix(".weight")
+def _hf_module(layer: str, target: str, args: ModelArgs | None = None) -> str:
+    """('layers.3', 'wq') -> 'model.layers.3.self_attn.q_proj' (Phi-3: ...qkv_proj), through hf.py's name table."""
+    return to_hf_name(f"{layer}.{TARGETS[target]}.weight", args).removesuffix(".weight")
 
 
-def _meta_target(hf_module: str) -> tuple[str, str]:
-    """'model.layers.3.self_attn.q_proj' -> ('layers.3', 'wq'); ConfigError for anything else."""
-    meta = to_meta_name(hf_module + ".weight").removesuffix(".weight")  # 'layers.3.attention.wq'
-    layer, _, inner = meta.partition(".")[2].partition(".")
+def _meta_targets(hf_module: str, args: ModelArgs) -> tuple[str, list[str]]:
+    """'model.layers.3.self_attn.q_proj' -> ('layers.3', ['wq']) (Phi-3's qkv_proj: ['wq', 'wk', 'wv']);
+    ConfigError for anything else."""
+    metas = fused_parts(hf_module + ".weight", args) or [to_meta_name(hf_module + ".weight", args)]
     by_module = {m: t for t, m in TARGETS.items()}
-    if not meta.startswith("layers.") or inner not in by_module:
-        raise ConfigError(f"{hf_module} is not a layer slowllama puts adapters on")
-    return f"layers.{layer}", by_module[inner]
+    out = []
+    for meta in metas:  # 'layers.3.attention.wq.weight'
+        layer, _, inner = meta.removesuffix(".weight").partition(".")[2].partition(".")
+        if not meta.startswith("layers.") or inner not in by_module:
+            raise ConfigError(f"{hf_module} is not a layer slowllama puts adapters on")
+        out.append(by_module[inner])
+    return f"layers.{layer}", out
 
 
 def _rope(args: ModelArgs, layer: str, target: str, b: torch.Tensor, convert) -> torch.Tensor:
     heads = _rope_heads(args, f"{layer}.{TARGETS[target]}.weight")
-    return b if heads is None else convert(b, heads, args.head_dim)
+    return b if heads is None else convert(b, heads, args.head_dim, args.rotary_dim)
+
+
+def _peft_tensors(adapters: Adapters, args: ModelArgs) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """PEFT's lora_A / lora_B tensors, and for each fused module name how many parts its adapter stacks."""
+    tensors, stacked = {}, {}
+    for layer in sorted(adapters.params, key=lambda m: int(m.split(".")[1])):
+        held = adapters.params[layer]
+        for module in dict.fromkeys(_hf_module(layer, t, args) for t in held):
+            _, parts = _meta_targets(module, args)
+            present = [t for t in parts if t in held]
+            a = torch.cat([held[t][0].detach().to("cpu", torch.float32) for t in present])
+            rank = held[present[0]][0].shape[0]
+            b = torch.zeros(sum(_shape(args, t)[0] for t in parts), rank * len(present))
+            row = col = 0
+            for t in parts:  # B block-diagonal: part t's rows see only its own A's rows
+                rows = _shape(args, t)[0]
+                if t in held:
+                    b[row:row + rows, col:col + rank] = _rope(args, layer, t, held[t][1].detach().to("cpu", torch.float32),
+                                                              from_meta)
+                    col += rank
+                row += rows
+            name = PREFIX + module
+            tensors[f"{name}.lora_A.weight"] = a.contiguous()
+            tensors[f"{name}.lora_B.weight"] = b.contiguous()
+            if len(parts) > 1:
+                stacked[module.rsplit(".", 1)[1]] = len(present)
+    return tensors, stacked
 
 
 def peft_files(adapters: Adapters, args: ModelArgs, base_model_name_or_path: str) -> dict[str, bytes]:
@@ -57,20 +94,20 @@ def peft_files(adapters: Adapters, args: ModelArgs, base_model_name_or_path: str
     from safetensors.torch import save
 
     cfg = adapters.cfg
-    tensors = {}
-    for layer in sorted(adapters.params, key=lambda m: int(m.split(".")[1])):
-        for t, (a, b) in adapters.params[layer].items():
-            name = PREFIX + _hf_module(layer, t)
-            tensors[f"{name}.lora_A.weight"] = a.detach().to("cpu", torch.float32).contiguous()
-            b = _rope(args, layer, t, b.detach().to("cpu", torch.float32), from_meta)
-            tensors[f"{name}.lora_B.weight"] = b.contiguous()
-    alpha = int(cfg.alpha) if float(cfg.alpha).is_integer() else cfg.alpha
+    tensors, stacked = _peft_tensors(adapters, args)
+
+    def number(x: float):
+        return int(x) if float(x).is_integer() else x
+
     config = {
         **_PLAIN, "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path, "revision": None,
-        "inference_mode": True, "r": cfg.rank, "lora_alpha": alpha, "lora_dropout": 0.0,
-        "target_modules": sorted({_hf_module("layers.0", t).rsplit(".", 1)[1] for t in cfg.targets}),
+        "inference_mode": True, "r": cfg.rank, "lora_alpha": number(cfg.alpha), "lora_dropout": 0.0,
+        "target_modules": sorted({_hf_module("layers.0", t, args).rsplit(".", 1)[1] for t in cfg.targets}),
         "init_lora_weights": True, "layers_pattern": None, "exclude_modules": None,
     }
+    if stacked:  # Phi-3's fused modules: rank and alpha times the parts stacked, so alpha / r stays cfg.scale
+        config["rank_pattern"] = {m: k * cfg.rank for m, k in sorted(stacked.items())}
+        config["alpha_pattern"] = {m: number(k * cfg.alpha) for m, k in sorted(stacked.items())}
     return {CONFIG_FILE: (json.dumps(config, indent=2, sort_keys=True) + "\n").encode(),
             WEIGHTS_FILE: save(tensors, metadata={"format": "pt"})}
 
@@ -135,14 +172,22 @@ def load_peft(folder: str | Path, args: ModelArgs) -> Adapters:
             try:
                 if not key.startswith(PREFIX) or not key.endswith(".weight") or which is None:
                     raise ConfigError("not a LoRA A or B weight")
-                layer, target = _meta_target(name)
+                layer, targets = _meta_targets(name, args)
             except ConfigError as e:
                 raise ConfigError(f"{weights}: unexpected tensor {key!r} ({e})") from e
             t = f.get_tensor(key)
             if t.dim() != 2:
                 raise ConfigError(f"{weights}: {key} has shape {list(t.shape)}, expected a matrix")
-            slot = params.setdefault(layer, {}).setdefault(target, [None, None])
-            slot["AB".index(which)] = t
+            if len(targets) > 1 and which == "B":  # a fused module: each part takes its rows of B, and all of A
+                rows = [_shape(args, p)[0] for p in targets]
+                if t.shape[0] != sum(rows):
+                    raise ConfigError(f"{weights}: {key} has {t.shape[0]} rows, this model's {name} has {sum(rows)}")
+                pieces = t.split(rows)
+            else:
+                pieces = [t] * len(targets)
+            for target, piece in zip(targets, pieces, strict=True):
+                slot = params.setdefault(layer, {}).setdefault(target, [None, None])
+                slot["AB".index(which)] = piece.clone() if len(targets) > 1 else piece
     targets = tuple(t for t in TARGETS if any(t in layer for layer in params.values()))
     try:
         cfg = LoraConfig(rank=cfg_rank, alpha=float(cfg_alpha), targets=targets)
@@ -153,10 +198,10 @@ def load_peft(folder: str | Path, args: ModelArgs) -> Adapters:
         out[layer] = {}
         for t, (a, b) in by_target.items():
             if a is None or b is None:
-                raise ConfigError(f"{weights}: {_hf_module(layer, t)} lacks its {'lora_A' if a is None else 'lora_B'}")
+                raise ConfigError(f"{weights}: {_hf_module(layer, t, args)} lacks its {'lora_A' if a is None else 'lora_B'}")
             out_f, in_f = _shape(args, t)
             if tuple(a.shape) != (cfg.rank, in_f) or tuple(b.shape) != (out_f, cfg.rank):
-                raise ConfigError(f"{weights}: {_hf_module(layer, t)} has lora_A {list(a.shape)} and lora_B "
+                raise ConfigError(f"{weights}: {_hf_module(layer, t, args)} has lora_A {list(a.shape)} and lora_B "
                                   f"{list(b.shape)}, this model with r={cfg.rank} needs {[cfg.rank, in_f]} and "
                                   f"{[out_f, cfg.rank]}")
             out[layer][t] = (a.float().requires_grad_(), _rope(args, layer, t, b.float(), to_meta).requires_grad_())
