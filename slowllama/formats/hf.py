@@ -416,8 +416,8 @@ def _smollm3_args(path: Path, raw: dict, refuse) -> dict:
 
 
 def args_from_config(config_json_path: str | Path) -> ModelArgs:
-    """The architecture from a Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 (text) or OLMo 2 config.json; what
-    changes the math is refused by name."""
+    """The architecture from a Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 (text), OLMo 2, Phi-3 or SmolLM3
+    config.json; what changes the math is refused by name."""
     path = Path(config_json_path)
     raw = _read_json(path)
 
@@ -583,8 +583,7 @@ def _safe_open(path: Path):
 
 
 class HFCheckpoint:
-    """A validated Hugging Face folder (Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 text, OLMo 2), read one
-    module at a time in Meta's names and layout."""
+    """A validated Hugging Face folder (any of MODEL_TYPES), read one module at a time in Meta's names and layout."""
 
     def __init__(self, folder: str | Path):
         self.dir = Path(folder)

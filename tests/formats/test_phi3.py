@@ -173,3 +173,37 @@ def test_a_transformers_4_phi4mini_config_reads_like_its_transformers_5_twin(phi
                rope_scaling={"type": "longrope", "short_factor": rope["short_factor"], "long_factor": rope["long_factor"]})
     (tmp_path / "config.json").write_text(json.dumps(raw))
     assert args_from_config(tmp_path / "config.json") == args_from_config(phi("phi4mini") / "config.json")
+
+
+def test_a_lora_run_through_the_cli_writes_fused_adapters_peft_loads(phi, tmp_path):
+    """The finetune command's LoRA on Phi-3: its PEFT folder gives the logits of slowllama's merged adapters."""
+    peft = pytest.importorskip("peft")
+    from slowllama.model.lora import Adapters
+    from slowllama.model.transformer import Transformer, module_names
+    from tests.engine.test_hf_training import finetune_cli
+
+    folder = phi("phi3")
+    r, out = finetune_cli(folder, tmp_path, "--iters", "2", "--lr", "0.05", "--lora-rank", "4",
+                          "--lora-targets", "wq,wk,w1,w2", "--optimizer", "adamw")
+    assert r.returncode == 0, r.stderr
+    x = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(3))
+    base = reference(folder)
+    with torch.no_grad():
+        plain = base(x).logits
+        tuned = peft.PeftModel.from_pretrained(base, out).eval()(x).logits
+    assert not torch.allclose(plain, tuned, atol=1e-4)  # the adapters trained
+    ckpt = open_checkpoint(folder)
+    adapters = Adapters.load(out / "lora_adapters.blk")
+    mine = Transformer(ckpt.args)
+    mine.load_state_dict({f"{m}.{k}": t for m in module_names(ckpt.args) for k, t in adapters.merge(m, ckpt.read_module(m)).items()})
+    with torch.no_grad():
+        torch.testing.assert_close(mine(x), tuned, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("variant", ["phi3"])
+def test_gguf_refuses_phi3_by_name(phi, variant):
+    """llama.cpp's phi3 keeps qkv and gate+up fused and its own partial-rotary and LongRoPE keys: not mapped here."""
+    from slowllama.formats.gguf import model_arch
+
+    with pytest.raises(ConfigError, match="model_type 'phi3' has no GGUF mapping"):
+        model_arch(phi(variant) / "config.json")
