@@ -8,7 +8,8 @@ index the layer's input, which no permutation touches).
 Phi-3's fused modules (qkv_proj, gate_up_proj) hold several of slowllama's targets. Their adapter
 is exact with the parts' ranks summed: A stacks the parts' A's, B is block-diagonal in the parts'
 B's, so B @ A stacks each part's own B @ A by rows; rank_pattern and alpha_pattern give those
-modules rank k*r and alpha k*alpha, which keeps peft's scale alpha / r. A plain fused adapter
+modules rank k*r and alpha k*alpha, which keeps peft's scale alpha / r, and the weights file's metadata
+names the parts stacked (FUSED_METADATA), so that load_peft splits them back. A plain fused adapter
 (peft's own, one rank) reads back as each part sharing A with its rows of B, which is exact too.
 """
 from __future__ import annotations
@@ -32,6 +33,8 @@ log = logging.getLogger(__name__)
 CONFIG_FILE, WEIGHTS_FILE = PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE
 PREFIX = "base_model.model."  # PeftModel wraps the causal LM, whose own names start with "model."
 _AB = {"A": "lora_A", "B": "lora_B"}
+FUSED_METADATA = "slowllama_fused_parts"  # {"qkv_proj": ["wq", "wv"], ...}: the parts each fused adapter stacks
+_PATTERNS = ("rank_pattern", "alpha_pattern")  # allowed only as export_peft writes them for fused modules
 # Config values that change what the adapter computes: load_peft reads only adapters with these.
 _PLAIN = {"peft_type": "LORA", "use_rslora": False, "use_dora": False, "fan_in_fan_out": False, "bias": "none",
           "lora_bias": False, "modules_to_save": None, "layers_to_transform": None, "rank_pattern": {},
@@ -62,8 +65,8 @@ def _rope(args: ModelArgs, layer: str, target: str, b: torch.Tensor, convert) ->
     return b if heads is None else convert(b, heads, args.head_dim, args.rotary_dim)
 
 
-def _peft_tensors(adapters: Adapters, args: ModelArgs) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-    """PEFT's lora_A / lora_B tensors, and for each fused module name how many parts its adapter stacks."""
+def _peft_tensors(adapters: Adapters, args: ModelArgs) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
+    """PEFT's lora_A / lora_B tensors, and for each fused module name the parts its adapter stacks."""
     tensors, stacked = {}, {}
     for layer in sorted(adapters.params, key=lambda m: int(m.split(".")[1])):
         held = adapters.params[layer]
@@ -85,7 +88,7 @@ def _peft_tensors(adapters: Adapters, args: ModelArgs) -> tuple[dict[str, torch.
             tensors[f"{name}.lora_A.weight"] = a.contiguous()
             tensors[f"{name}.lora_B.weight"] = b.contiguous()
             if len(parts) > 1:
-                stacked[module.rsplit(".", 1)[1]] = len(present)
+                stacked[module.rsplit(".", 1)[1]] = present
     return tensors, stacked
 
 
@@ -105,11 +108,20 @@ def peft_files(adapters: Adapters, args: ModelArgs, base_model_name_or_path: str
         "target_modules": sorted({_hf_module("layers.0", t, args).rsplit(".", 1)[1] for t in cfg.targets}),
         "init_lora_weights": True, "layers_pattern": None, "exclude_modules": None,
     }
+    metadata = {"format": "pt"}
     if stacked:  # Phi-3's fused modules: rank and alpha times the parts stacked, so alpha / r stays cfg.scale
-        config["rank_pattern"] = {m: k * cfg.rank for m, k in sorted(stacked.items())}
-        config["alpha_pattern"] = {m: number(k * cfg.alpha) for m, k in sorted(stacked.items())}
+        config.update(_fused_patterns(stacked, cfg.rank, cfg.alpha))
+        metadata[FUSED_METADATA] = json.dumps(stacked, sort_keys=True)
     return {CONFIG_FILE: (json.dumps(config, indent=2, sort_keys=True) + "\n").encode(),
-            WEIGHTS_FILE: save(tensors, metadata={"format": "pt"})}
+            WEIGHTS_FILE: save(tensors, metadata=metadata)}
+
+
+def _fused_patterns(stacked: dict[str, list[str]], rank: int, alpha: float) -> dict[str, dict]:
+    def number(x: float):
+        return int(x) if float(x).is_integer() else x
+
+    return {"rank_pattern": {m: len(p) * rank for m, p in sorted(stacked.items())},
+            "alpha_pattern": {m: number(len(p) * alpha) for m, p in sorted(stacked.items())}}
 
 
 def export_peft(out_dir: Path, adapters: Adapters, args: ModelArgs, base_model_name_or_path: str,
@@ -141,6 +153,8 @@ def export_peft(out_dir: Path, adapters: Adapters, args: ModelArgs, base_model_n
 def _read_config(path: Path) -> dict:
     raw = read_json_object(path)
     for key, want in _PLAIN.items():
+        if key in _PATTERNS:  # load_peft checks them against the weights' fused parts
+            continue
         value = raw.get(key, want)
         if value != want and not (want in (None, {}) and not value):  # null, {} and [] all mean "none"
             raise ConfigError(f"{path}: {key} {raw[key]!r} is not supported (slowllama reads {want!r})")
@@ -166,6 +180,15 @@ def load_peft(folder: str | Path, args: ModelArgs) -> Adapters:
     except Exception as e:  # safetensors raises its own SafetensorError
         raise ConfigError(f"{weights}: unreadable safetensors file ({type(e).__name__}: {e})") from e
     with f:
+        try:
+            stacked = json.loads((f.metadata() or {}).get(FUSED_METADATA, "{}"))
+        except ValueError as e:
+            raise ConfigError(f"{weights}: metadata {FUSED_METADATA} is not JSON") from e
+        want = _fused_patterns(stacked, cfg_rank, cfg_alpha) if stacked else {k: {} for k in _PATTERNS}
+        for k in _PATTERNS:
+            if (raw.get(k) or {}) != want[k]:
+                raise ConfigError(f"{config_path}: {k} {raw.get(k)!r} is not supported "
+                                  f"(slowllama reads {want[k]!r}, from the fused parts its weights name)")
         for key in f.keys():
             name, _, ab = key.removeprefix(PREFIX).removesuffix(".weight").rpartition(".")
             which = {v: k for k, v in _AB.items()}.get(ab)
@@ -178,7 +201,10 @@ def load_peft(folder: str | Path, args: ModelArgs) -> Adapters:
             t = f.get_tensor(key)
             if t.dim() != 2:
                 raise ConfigError(f"{weights}: {key} has shape {list(t.shape)}, expected a matrix")
-            if len(targets) > 1 and which == "B":  # a fused module: each part takes its rows of B, and all of A
+            parts = stacked.get(name.rsplit(".", 1)[1]) if len(targets) > 1 else None
+            if parts is not None:  # export_peft's stacked layout: split A by rank, B into its diagonal blocks
+                targets, pieces = _unstack(t, which, parts, targets, cfg_rank, args, f"{weights}: {key}")
+            elif len(targets) > 1 and which == "B":  # a fused module: each part takes its rows of B, and all of A
                 rows = [_shape(args, p)[0] for p in targets]
                 if t.shape[0] != sum(rows):
                     raise ConfigError(f"{weights}: {key} has {t.shape[0]} rows, this model's {name} has {sum(rows)}")
@@ -208,6 +234,31 @@ def load_peft(folder: str | Path, args: ModelArgs) -> Adapters:
     adapters = Adapters(cfg, out)
     adapters.check_args(args, folder)
     return adapters
+
+
+def _unstack(t: torch.Tensor, which: str, parts: list[str], targets: list[str], rank: int, args: ModelArgs,
+             where: str) -> tuple[list[str], list[torch.Tensor]]:
+    """(parts, each part's A or B) of a fused module's adapter as export_peft stacks them; refused unless B is
+    block-diagonal (zero outside the parts' blocks), which is all this layout can hold."""
+    if not isinstance(parts, list) or not parts or any(p not in targets for p in parts) or len(set(parts)) < len(parts):
+        raise ConfigError(f"{where}: {FUSED_METADATA} names parts {parts!r}, not among {targets}")
+    parts = [p for p in targets if p in parts]
+    if which == "A":
+        if t.shape[0] != rank * len(parts):
+            raise ConfigError(f"{where} has {t.shape[0]} rows, {len(parts)} stacked parts of rank {rank} need {rank * len(parts)}")
+        return parts, [p.clone() for p in t.split(rank)]
+    rows = [_shape(args, p)[0] for p in targets]
+    if tuple(t.shape) != (sum(rows), rank * len(parts)):
+        raise ConfigError(f"{where} has shape {list(t.shape)}, expected {[sum(rows), rank * len(parts)]}")
+    rest, pieces = t.clone(), []
+    for block, target in zip(rest.split(rows), targets, strict=True):
+        if target in parts:
+            j = parts.index(target) * rank
+            pieces.append(block[:, j:j + rank].clone())
+            block[:, j:j + rank] = 0
+    if rest.any():
+        raise ConfigError(f"{where}: lora_B is not block-diagonal in its parts {parts}; slowllama cannot split it")
+    return parts, pieces
 
 
 def load_adapters(path: Path, args: ModelArgs) -> Adapters:

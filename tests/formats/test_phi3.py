@@ -137,6 +137,13 @@ def test_lora_adapters_export_to_what_peft_computes_on_the_fused_modules(phi, va
         == {"qkv_proj", "gate_up_proj"}
     assert (got - plain).abs().max() > 1e-2
     torch.testing.assert_close(got, slowllama_logits(folder, adapters), rtol=0, atol=1e-5)
+    back = load_peft(out, args)  # the stacked layout splits back into the parts, bit for bit
+    assert (back.cfg.rank, back.cfg.alpha, set(back.cfg.targets)) == (4, 6.0, set(adapters.cfg.targets))
+    assert back.params.keys() == adapters.params.keys()
+    for m, p in adapters.params.items():
+        assert back.params[m].keys() == p.keys()
+        for t, (a, b) in p.items():
+            assert torch.equal(back.params[m][t][0], a) and torch.equal(back.params[m][t][1], b), (m, t)
     # peft's own fused adapter (one rank, no patterns) reads back as parts sharing A: the same logits
     cfg = peft.LoraConfig(r=4, lora_alpha=6, target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
     fresh = peft.get_peft_model(reference(folder), cfg)
