@@ -214,3 +214,22 @@ def test_gguf_refuses_phi3_by_name(phi, variant):
 
     with pytest.raises(ConfigError, match="model_type 'phi3' has no GGUF mapping"):
         model_arch(phi(variant) / "config.json")
+
+
+def test_merge_lora_of_fused_adapters_equals_peft_s_merge(phi, tmp_path):
+    """merge_lora on a Phi-3 folder and slowllama's PEFT folder: the merged qkv_proj / gate_up_proj that
+    transformers loads give the logits of peft's merge_and_unload."""
+    peft = pytest.importorskip("peft")
+    from slowllama.cli import merge_lora
+    from slowllama.formats.peft import export_peft
+    from tests.formats.test_peft import IDS, random_adapters
+
+    folder = phi("phi4mini")
+    args = open_checkpoint(folder).args
+    adapter = export_peft(tmp_path / "adapter", random_adapters(args, seed=7), args, str(folder))
+    assert merge_lora.main([str(folder), str(adapter), str(tmp_path / "merged")]) == 0
+    with torch.no_grad():
+        want = peft.PeftModel.from_pretrained(reference(folder), adapter).merge_and_unload()(IDS).logits
+        got = reference(tmp_path / "merged")(IDS).logits
+        assert (got - reference(folder)(IDS).logits).abs().max() > 1e-2
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)

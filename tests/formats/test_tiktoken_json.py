@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import collections
+import itertools
 
 import pytest
 import regex
@@ -46,7 +47,7 @@ def learn_ranks(text: str, n_merges: int = 300) -> dict[bytes, int]:
     for _ in range(n_merges):
         pairs = collections.Counter()
         for w, n in words.items():
-            for a, b in zip(w, w[1:]):
+            for a, b in itertools.pairwise(w):
                 pairs[a, b] += n
         if not pairs:
             break
