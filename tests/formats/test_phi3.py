@@ -233,3 +233,26 @@ def test_merge_lora_of_fused_adapters_equals_peft_s_merge(phi, tmp_path):
         got = reference(tmp_path / "merged")(IDS).logits
         assert (got - reference(folder)(IDS).logits).abs().max() > 1e-2
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("edit, named", [
+    ("drop", "missing tensor 'model.layers.1.mlp.gate_up_proj.weight'"),
+    ("shrink", r"model.layers.0.self_attn.qkv_proj.weight has shape \[127, 64\], config.json implies \[128, 64\]"),
+    ("split", "unknown tensor name 'model.layers.0.self_attn.q_proj.weight'"),
+])
+def test_a_phi3_folder_with_a_wrong_fused_tensor_is_refused_by_name(phi, tmp_path, edit, named):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = shutil.copytree(phi("phi3"), tmp_path / "m")
+    sd = load_file(folder / "model.safetensors")
+    if edit == "drop":
+        del sd["model.layers.1.mlp.gate_up_proj.weight"]
+    elif edit == "shrink":
+        sd["model.layers.0.self_attn.qkv_proj.weight"] = sd["model.layers.0.self_attn.qkv_proj.weight"][:-1]
+    else:  # Llama's unfused names have no place in a Phi-3 folder
+        sd["model.layers.0.self_attn.q_proj.weight"] = sd.pop("model.layers.0.self_attn.qkv_proj.weight")[:64]
+    save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ConfigError, match=named):
+        open_checkpoint(folder)
