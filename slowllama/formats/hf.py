@@ -70,7 +70,6 @@ FUSED = {
                                                   "layers.{}.attention.wv.weight"),
     "model.layers.{}.mlp.gate_up_proj.weight": ("layers.{}.feed_forward.w1.weight", "layers.{}.feed_forward.w3.weight"),
 }
-FUSED_PART_OF = {part: fused for fused, parts in FUSED.items() for part in parts}
 # Phi-3's layer in transformers' order: o_proj is declared before qkv_proj.
 _PHI3_ORDER = ["model.embed_tokens.weight", "model.layers.{}.self_attn.o_proj.weight",
                "model.layers.{}.self_attn.qkv_proj.weight", "model.layers.{}.mlp.gate_up_proj.weight",
