@@ -109,10 +109,11 @@ def assert_streamed_sgd_step_equals_transformers(folder: Path, tmp_path: Path):
         torch.testing.assert_close(got[k], v, atol=1e-5, rtol=0, msg=k)
 
 
-def test_streamed_adamw_steps_stay_within_transformers_own_fp32_noise(hf_model, tmp_path):
+@pytest.mark.parametrize("variant", ["llama31_gqa", "mistral"])
+def test_streamed_adamw_steps_stay_within_transformers_own_fp32_noise(hf_model, variant, tmp_path):
     """Two AdamW steps: slowllama against transformers in fp32 differs no more than transformers' fp32 run
     differs from its fp64 run (AdamW divides by the root of tiny second moments, which magnifies rounding)."""
-    assert_streamed_adamw_steps_within_fp32_noise(hf_model("llama31_gqa"), tmp_path)
+    assert_streamed_adamw_steps_within_fp32_noise(hf_model(variant), tmp_path)
 
 
 def assert_streamed_adamw_steps_within_fp32_noise(folder: Path, tmp_path: Path):

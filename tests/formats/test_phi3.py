@@ -261,16 +261,6 @@ def test_a_phi3_folder_with_a_wrong_fused_tensor_is_refused_by_name(phi, tmp_pat
 def test_a_step_cut_short_resumes_bit_identically(phi, tmp_path, monkeypatch):
     """A Phi-3-mini-shaped run (LongRoPE's long factors, the window, AdamW, dropout) killed in its second step's
     reverse pass, then resumed, holds the bits of a run never cut short."""
-    from slowllama.engine.optim import OptimConfig
-    from slowllama.engine.trainer import TrainConfig
-    from tests.engine.test_turn import _diff
-    from tests.reference import random_batch, whole_store
-    from tests.streamed import train_through_a_crash
+    from tests.streamed import assert_cut_short_step_resumes_bit_identically
 
-    batches = [random_batch(VOCAB, 2, 16, i) for i in range(3)]
-    cfg = TrainConfig(optim=OptimConfig("adamw", lr=1e-3), seed=2, dropout=0.1, micro_batch=1)
-    want = whole_store(train_through_a_crash(tmp_path / "straight", open_checkpoint(phi("phi3")), cfg, batches,
-                                             monkeypatch)[0])
-    store, first_updated, _ = train_through_a_crash(tmp_path / "crash", open_checkpoint(phi("phi3")), cfg, batches,
-                                                    monkeypatch, ("backward", 7))
-    assert first_updated is not None and _diff(whole_store(store), want) is None
+    assert_cut_short_step_resumes_bit_identically(phi("phi3"), tmp_path, monkeypatch, VOCAB)
