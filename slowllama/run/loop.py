@@ -626,7 +626,7 @@ def _drop_records_from(path: Path, step: int):
             continue
         keep.append(line)
     if len(keep) != len(lines):
-        atomic_write_bytes(path, [line.encode("utf-8") for line in keep])
+        atomic_write_bytes(path, [line.rstrip("\n").encode("utf-8") + b"\n" for line in keep])
 
 
 def _append(path: Path, obj: dict):
