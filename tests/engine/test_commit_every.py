@@ -232,3 +232,36 @@ def test_a_resume_cuts_the_log_back_to_the_last_commit(tmp_path):
     before = log.read_bytes()
     _drop_records_from(log, 3)  # nothing more to drop: the file is left as it is
     assert log.read_bytes() == before
+
+
+@pytest.mark.parametrize("variant", ["clipped", "tied", "bf16 store"])
+def test_held_steps_give_the_bits_of_every_step_commits(variant, small_model, tied_hf, tmp_path):
+    """The paths a held step takes differently (the norm-only pass's journal, the tied output's gradient kept
+    in RAM instead of tied.blk, stochastic rounding into a 16-bit store) end in the same bits."""
+    model = tied_hf if variant == "tied" else small_model
+    dtype = torch.bfloat16 if variant == "bf16 store" else torch.float32
+    stores = []
+    for every in (1, 2):
+        cfg = TrainConfig(optim=OptimConfig("sgd", lr=1e-2, momentum=0.9), ram_budget=None, dropout=0.1,
+                          clip_grad_norm=0.05 if variant == "clipped" else 0.0, commit_every=every)
+        store = prepare(open_checkpoint(model), tmp_path / f"s{every}", dtype=dtype)
+        tr = Trainer(store, tmp_path / f"w{every}", CPU, cfg)
+        norms = [tr.train_step(*b).grad_norm for b in _batches(store.args.vocab_size)[:5]]
+        tr.commit()
+        assert tr.commit_interval == every
+        tr.close()
+        stores.append((BlockStore(tmp_path / f"s{every}"), norms))
+    (a, norms_a), (b, norms_b) = stores
+    assert norms_a == norms_b and (variant != "clipped" or all(n is not None for n in norms_a))
+    assert a.journal()["step"] == b.journal()["step"] == 5
+    assert a.args.tie_word_embeddings == (variant == "tied")
+    for n in a.trainable:
+        x, y = a.read(n), b.read(n)
+        assert x.step == y.step == 5
+        for k in x.params:
+            assert x.params[k].dtype == dtype
+            assert torch.equal(x.params[k], y.params[k]), (variant, n, k)
+        for k, st in x.optim.items():
+            for key, t in st.items():
+                assert torch.equal(t, y.optim[k][key]), (variant, n, k, key)
+    assert not list((tmp_path / "s2").glob("tied*.blk")) and not list((tmp_path / "s2").glob("grad_in*"))
