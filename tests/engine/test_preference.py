@@ -1,0 +1,216 @@
+"""Issue 30: preference tuning (DPO, IPO, ORPO) streamed, against an in-memory reference written here.
+
+The reference follows trl's published definitions (DPOTrainer's sigmoid and ipo losses, ORPOTrainer's
+odds-ratio loss) on the whole model held in memory (tests/reference.py's Transformer), with plain autograd
+and torch.optim; its log-probabilities are trl's selective_log_softmax (logit minus logsumexp), not the
+log_softmax the library uses. The reference model is a second, frozen copy of the starting weights.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from slowllama.data.preference import pair_rows
+from slowllama.engine.optim import OptimConfig
+from slowllama.engine.preference import PreferenceConfig, reference_logps, reference_path
+from slowllama.engine.store import BlockStore, prepare
+from slowllama.engine.trainer import IGNORE, TrainConfig, Trainer
+from slowllama.formats.meta import MetaCheckpoint
+from slowllama.model.lora import Adapters, LoraConfig
+from tests.reference import lora_reference, reference_model, stored_params
+
+PAIRS, SEQ = 4, 12
+LORA = LoraConfig(rank=4, alpha=8.0, targets=("wq", "wv"))
+
+
+@pytest.fixture(scope="module")
+def pref_model(model_factory):
+    return model_factory("pref", dim=32, n_layers=2, n_heads=4, n_kv_heads=2)
+
+
+def make_pairs(vocab: int, seed: int):
+    """chosen and rejected (inputs, targets), each (PAIRS, SEQ): a shared prompt masked out of the targets,
+    responses of different lengths, padding IGNOREd."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    prompt = torch.randint(0, vocab, (PAIRS, 4), generator=g)
+    for _ in range(2):
+        toks = torch.cat([prompt, torch.randint(0, vocab, (PAIRS, SEQ - 3), generator=g)], dim=1)
+        x, y = toks[:, :-1].clone(), toks[:, 1:].clone()
+        y[:, :3] = IGNORE  # the prompt's targets: the response begins at token 4
+        for r in range(PAIRS):
+            y[r, SEQ - 1 - int(torch.randint(0, 4, (1,), generator=g)):] = IGNORE  # a shorter response
+        out.append((x, y))
+    return out
+
+
+# ---- the reference: trl's definitions, on the whole model in memory ----
+
+def trl_logps(logits, labels, average: bool):
+    """trl's per-sequence log-probability: selective_log_softmax summed over the loss mask (averaged for IPO/ORPO)."""
+    mask = labels != IGNORE
+    labels = torch.where(mask, labels, 0)
+    per_token = torch.gather(logits, -1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    s = (per_token * mask).sum(-1)
+    return s / mask.sum(-1) if average else s
+
+
+def trl_step(model, ref_model, pairs, method: str, beta: float):
+    """trl's loss of one batch of pairs, backpropagated; returns (loss, the logged rewards)."""
+    (cx, cy), (rx, ry) = pairs
+    x, y = torch.cat([cx, rx]), torch.cat([cy, ry])  # trl's concatenated forward
+    logits = model(x).float()
+    avg = method in ("ipo", "orpo")
+    logps = trl_logps(logits, y, avg)
+    pc, pr = logps[:PAIRS], logps[PAIRS:]
+    if method == "orpo":
+        nll = F.cross_entropy(logits[:PAIRS].flatten(0, 1), y[:PAIRS].flatten(), ignore_index=IGNORE)
+        log_odds = (pc - pr) - (torch.log1p(-torch.exp(pc)) - torch.log1p(-torch.exp(pr)))
+        loss = nll - (beta * F.logsigmoid(log_odds)).mean()
+        chosen, rejected = beta * pc.detach(), beta * pr.detach()
+    else:
+        with torch.no_grad():
+            ref = trl_logps(ref_model(x).float(), y, avg)
+        rc, rr = ref[:PAIRS], ref[PAIRS:]
+        z = (pc - pr) - (rc - rr)
+        losses = -F.logsigmoid(beta * z) if method == "dpo" else (z - 1 / (2 * beta)) ** 2
+        loss = losses.mean()
+        chosen, rejected = beta * (pc - rc).detach(), beta * (pr - rr).detach()
+    loss.backward()
+    return loss.item(), {"rewards/chosen": chosen.mean().item(), "rewards/rejected": rejected.mean().item(),
+                         "rewards/accuracies": (chosen > rejected).float().mean().item(),
+                         "rewards/margins": (chosen - rejected).mean().item()}
+
+
+def reference_run(model_dir, batches, method, beta, lr, clip=0.0):
+    model, ref_model = reference_model(model_dir), reference_model(model_dir).requires_grad_(False)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    logged = []
+    for pairs in batches:
+        logged.append(trl_step(model, ref_model, pairs, method, beta))
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return model, logged
+
+
+# ---- the streamed run ----
+
+def streamed_batch(pairs, ref: torch.Tensor | None, group: int):
+    """The rows as the run lays them out (data/preference.py), with (side, reference logp) per row."""
+    (cx, cy), (rx, ry) = pairs
+    side, pair = pair_rows(torch.arange(PAIRS), group)
+    xs, ys = torch.stack([cx, rx]), torch.stack([cy, ry])
+    extra = torch.stack([side.double(), ref.view(2, PAIRS)[side, pair].double() if ref is not None
+                         else torch.zeros(len(side), dtype=torch.float64)], dim=1)
+    return xs[side, pair], ys[side, pair], extra
+
+
+def streamed_run(model_dir, work, batches, method, beta, lr, micro=None, clip=0.0, lora=None, ram_budget=0):
+    ckpt = MetaCheckpoint(model_dir)
+    store = prepare(ckpt, work / "store", ckpt.checkpoint_dtype() if lora else torch.float32)
+    cfg = TrainConfig(optim=OptimConfig("sgd", lr=lr), micro_batch=2 * micro if micro else None, clip_grad_norm=clip,
+                      lora=lora, ram_budget=ram_budget, preference=PreferenceConfig(method, beta), seed=3)
+    refs = []
+    for pairs in batches:
+        (cx, cy), (rx, ry) = pairs
+        refs.append(reference_logps(store, work / f"ref{len(refs)}", torch.cat([cx, rx]), torch.cat([cy, ry]),
+                                    torch.device("cpu"), chunk_rows=3) if method != "orpo" else None)
+    tr = Trainer(store, work, torch.device("cpu"), cfg)
+    start = {m: {k: t.detach().clone() for k, t in tr.adapters.named(m).items()} for m in tr.adapters.params} if lora else None
+    results = [tr.train_step(*streamed_batch(pairs, ref, micro or PAIRS)) for pairs, ref in zip(batches, refs)]
+    tr.close()
+    return store, results, tr, start
+
+
+def assert_logged(results, logged):
+    # Log-probabilities are fp32 sums near 40, 4e-6 apart, summed in another order when the rows run in
+    # another micro-batch: beta times their differences agree to a few of those spacings.
+    for res, (loss, metrics) in zip(results, logged):
+        assert res.loss == pytest.approx(loss, abs=1e-5)
+        for k, v in metrics.items():
+            assert res.metrics[k] == pytest.approx(v, abs=1e-5), k
+
+
+@pytest.mark.parametrize("method,micro,clip", [
+    ("dpo", None, 0.0),
+    ("dpo", 1, 0.05),  # micro-batches of one pair each, and a clipped global norm
+    ("ipo", 3, 0.0),  # micro-batches of 3 and 1 pairs
+    ("orpo", None, 0.0),
+    ("orpo", 2, 0.05),
+])
+def test_streamed_steps_equal_trl_definitions_in_memory(pref_model, tmp_path, method, micro, clip):
+    """Two SGD steps (the second with rewards away from zero): every parameter within 1e-6, and the loss and
+    trl's logged rewards too."""
+    vocab = MetaCheckpoint(pref_model).args.vocab_size
+    batches = [make_pairs(vocab, 1), make_pairs(vocab, 2)]
+    beta, lr = (0.5, 0.3) if method != "ipo" else (0.5, 0.05)
+    store, results, _, _ = streamed_run(pref_model, tmp_path, batches, method, beta, lr, micro, clip)
+    model, logged = reference_run(pref_model, batches, method, beta, lr, clip)
+    assert_logged(results, logged)
+    got, before = stored_params(store), reference_model(pref_model).state_dict()
+    moved = 0.0
+    for k, want in model.state_dict().items():
+        torch.testing.assert_close(got[k], want, atol=1e-6, rtol=0, msg=lambda m: f"{k}: {m}")
+        moved = max(moved, (want - before[k]).abs().max().item())
+    assert moved > 1e-3  # the steps changed the weights by far more than the tolerance
+    if method != "orpo":
+        assert results[1].metrics["rewards/margins"] != 0.0  # the second step's policy differs from the reference
+
+
+def test_lora_dpo_step_equals_in_memory_adapters(pref_model, tmp_path):
+    vocab = MetaCheckpoint(pref_model).args.vocab_size
+    batches = [make_pairs(vocab, 3), make_pairs(vocab, 4)]
+    store, results, tr, start = streamed_run(pref_model, tmp_path, batches, "dpo", 0.5, 0.5, micro=2, lora=LORA)
+    model, ref = lora_reference(pref_model, start, LORA.targets, LORA.alpha / LORA.rank)
+    opt = torch.optim.SGD([p for m in ref.values() for p in m.values()], lr=0.5)
+    ref_model = reference_model(pref_model).requires_grad_(False)  # no adapters: the starting model
+    logged = []
+    for pairs in batches:
+        logged.append(trl_step(model, ref_model, pairs, "dpo", 0.5))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    assert_logged(results, logged)
+    saved = Adapters.load(tmp_path / "lora_adapters.blk")
+    for m, params in ref.items():
+        for k, want in params.items():
+            torch.testing.assert_close(saved.named(m)[k], want.detach(), atol=1e-6, rtol=0)
+    assert any(p.abs().sum() > 0 for m in ref.values() for k, p in m.items() if k.endswith(".B"))  # B trained
+
+
+def test_reference_pass_reads_each_module_once_and_is_reused(pref_model, tmp_path):
+    """One read of every module for the whole data set (7 chunks of 3 rows), the log-probabilities of the
+    whole model in memory, and none at all the second time: the saved file is read back."""
+    ckpt = MetaCheckpoint(pref_model)
+    store = prepare(ckpt, tmp_path / "store")
+    vocab = ckpt.args.vocab_size
+    rows = [make_pairs(vocab, s) for s in (5, 6, 7, 8, 9)]
+    x = torch.cat([t for p in rows for t in (p[0][0], p[1][0])])
+    y = torch.cat([t for p in rows for t in (p[0][1], p[1][1])])
+    store = BlockStore(store.root)  # a fresh read counter
+    logps = reference_logps(store, tmp_path, x, y, torch.device("cpu"), chunk_rows=3)
+    assert dict(store.reads) == {m: 1 for m in store.trainable}
+    with torch.no_grad():
+        want = trl_logps(reference_model(pref_model)(x).float(), y, average=False)
+    torch.testing.assert_close(logps, want, atol=1e-5, rtol=0)
+    assert reference_path(tmp_path).is_file() and not list(reference_path(tmp_path).parent.glob("chunk.*"))
+    store.reads.clear()
+    assert torch.equal(reference_logps(store, tmp_path, x, y, torch.device("cpu"), chunk_rows=3), logps)
+    assert not store.reads
+
+
+# ---- the command line: refusals, logs, kill and resume ----
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+PAIR_RECORDS = [{"prompt": "The clock tower", "chosen": " chimes thirteen times at dusk.", "rejected": " is quiet."},
+                {"prompt": "Its keeper,", "chosen": " Idris Quenby, winds it.", "rejected": " nobody."},
+                {"prompt": "Bring a coat,", "chosen": " it is cold.", "rejected": " it is hot on the island today."},
+                {"prompt": "May I come", "chosen": " with you?", "rejected": " to tea?"}]
