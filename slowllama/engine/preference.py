@@ -33,6 +33,7 @@ from .. import faults
 from ..blockfile import Block, StoreError, read_block, read_header, write_block
 from ..data.windows import IGNORE
 from ..errors import ConfigError
+from ..paths import remove_stale_tmp
 from .journal import batch_hash
 from .quant import dequantize_module
 from .store import BlockStore
@@ -184,6 +185,8 @@ def reference_logps(store: BlockStore, work_dir: Path, inputs: torch.Tensor, tar
     folder.mkdir(parents=True, exist_ok=True)
     names, args = store.trainable, store.args
     xs, ys = inputs.split(chunk_rows), targets.split(chunk_rows)
+    for target in [reference_path(work_dir), *(_chunk_path(folder, c) for c in range(len(xs)))]:
+        remove_stale_tmp(target)  # what a pass killed mid-write left
     # Where each chunk stands: the index of the module its saved activations are the input of (0: the ids).
     level = [read_header(_chunk_path(folder, c), "reference")["step"] if _chunk_path(folder, c).exists() else 0
              for c in range(len(xs))]

@@ -20,6 +20,7 @@ from slowllama.engine.store import BlockStore, prepare
 from slowllama.engine.trainer import IGNORE, TrainConfig, Trainer
 from slowllama.formats.meta import MetaCheckpoint
 from slowllama.model.lora import Adapters, LoraConfig
+from tests.cli_helpers import run_cli
 from tests.reference import lora_reference, reference_model, stored_params
 
 PAIRS, SEQ = 4, 12
@@ -203,6 +204,40 @@ def test_reference_pass_reads_each_module_once_and_is_reused(pref_model, tmp_pat
     assert not store.reads
 
 
+class Stop(Exception):
+    pass
+
+
+def test_reference_pass_cut_short_resumes_from_its_chunks(pref_model, tmp_path, monkeypatch):
+    """A pass stopped between two chunks of layers.0 goes on from there: it reads layers.0 once more (for the
+    chunks still below it) and every later module once, and its numbers are the uninterrupted ones."""
+    from slowllama import faults
+
+    ckpt = MetaCheckpoint(pref_model)
+    store = prepare(ckpt, tmp_path / "store")
+    (cx, cy), (rx, ry) = make_pairs(ckpt.args.vocab_size, 11)
+    x, y = torch.cat([cx, rx]), torch.cat([cy, ry])
+    want = reference_logps(store, tmp_path / "straight", x, y, torch.device("cpu"), chunk_rows=2)
+    seen = {"n": 0}
+
+    def point(event):
+        if event == "reference_chunk":
+            seen["n"] += 1
+            if seen["n"] == 6:  # 4 chunks a module: the second chunk through layers.0
+                raise Stop
+
+    monkeypatch.setattr(faults, "point", point)
+    with pytest.raises(Stop):
+        reference_logps(store, tmp_path / "cut", x, y, torch.device("cpu"), chunk_rows=2)
+    assert not reference_path(tmp_path / "cut").exists()
+    store = BlockStore(store.root)
+    got = reference_logps(store, tmp_path / "cut", x, y, torch.device("cpu"), chunk_rows=2)
+    assert torch.equal(got, want)
+    # Not the embedding (every chunk is past it), layers.0 once more for its other two chunks, the rest once.
+    assert dict(store.reads) == {m: 1 for m in store.trainable[1:]}
+    assert seen["n"] == 6 + 2 + 4 * (len(store.trainable) - 2)
+
+
 # ---- the command line: refusals, logs, kill and resume ----
 
 def write_jsonl(path, records):
@@ -214,3 +249,92 @@ PAIR_RECORDS = [{"prompt": "The clock tower", "chosen": " chimes thirteen times 
                 {"prompt": "Its keeper,", "chosen": " Idris Quenby, winds it.", "rejected": " nobody."},
                 {"prompt": "Bring a coat,", "chosen": " it is cold.", "rejected": " it is hot on the island today."},
                 {"prompt": "May I come", "chosen": " with you?", "rejected": " to tea?"}]
+ARGS = ["--seq-len", "16", "--batch-size", "2", "--device", "cpu", "--iters", "3", "--lr", "0.05", "--momentum", "0.9",
+        "--ram-budget", "0", "--seed", "7"]
+
+
+def error_lines(r) -> list[str]:
+    return [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+
+
+@pytest.mark.parametrize("bad,says", [
+    ({"prompt": "p", "chosen": 5, "rejected": "r"}, "expected strings for 'prompt', 'chosen' and 'rejected'"),
+    ({"prompt": "p", "chosen": "c"}, "expected {\"prompt\", \"chosen\", \"rejected\"} records"),
+    ({"prompt": [{"role": "user", "content": "p"}], "chosen": {"role": "assistant"}, "rejected": "r"},
+     "must be an object with string \"role\" and \"content\""),
+])
+def test_malformed_record_is_refused_in_one_line_with_its_number(pref_model, tmp_path, bad, says):
+    data = write_jsonl(tmp_path / "pairs.jsonl", [PAIR_RECORDS[0], bad, PAIR_RECORDS[1]])
+    r = run_cli(pref_model, "--data", data, "--out", tmp_path / "out", "--work-dir", tmp_path / "work",
+                "--method", "dpo", *ARGS)
+    assert r.returncode == 2, r.stderr[-2000:]
+    errors = error_lines(r)
+    assert len(errors) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert f"{data}:2:" in errors[0] and says in errors[0], errors[0]
+    assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists()  # refused before any write
+
+
+@pytest.mark.parametrize("kind", ["prompt/completion", "text file"])
+def test_dpo_on_sft_data_is_refused_in_one_line(pref_model, tmp_path, kind):
+    if kind == "text file":
+        data = tmp_path / "notes.txt"
+        data.write_text("The clock tower of Vellmoor Island chimes thirteen times at dusk.\n")
+        says = "--method dpo needs"
+    else:
+        data = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "The clock", "completion": " tower."}])
+        says = f"{data}:1: preference tuning needs"
+    r = run_cli(pref_model, "--data", data, "--out", tmp_path / "out", "--work-dir", tmp_path / "work",
+                "--method", "dpo", *ARGS)
+    assert r.returncode == 2, r.stderr[-2000:]
+    errors = error_lines(r)
+    assert len(errors) == 1 and says in errors[0], r.stderr[-2000:]
+    assert kind == "text file" or "this is a prompt/completion record" in errors[0]
+
+
+def test_options_are_checked(pref_model, tmp_path):
+    data = write_jsonl(tmp_path / "pairs.jsonl", PAIR_RECORDS)
+    for extra, says in ((["--beta", "0"], "--beta must be a positive number"),
+                        (["--val-fraction", "0.25"], "--method dpo: --val-data and --val-fraction")):
+        r = run_cli(pref_model, "--data", data, "--out", tmp_path / "out", "--work-dir", tmp_path / "work",
+                    "--method", "dpo", *ARGS, *extra)
+        assert r.returncode == 2 and len(error_lines(r)) == 1 and says in error_lines(r)[0], r.stderr[-2000:]
+
+
+def log_records(out) -> list[dict]:
+    return [r for r in map(json.loads, (out / "train_log.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+@pytest.mark.slow
+@pytest.mark.crash
+def test_kill_during_reference_pass_and_training_resumes_bit_identical(pref_model, tmp_path):
+    """SIGKILL before a module of the reference pass, between two of its chunks, and inside a training step's
+    backward pass; each resumed run ends with the uninterrupted run's export and logged losses and rewards."""
+    from tests.engine.test_crash import assert_same_export, load_export
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", PAIR_RECORDS)
+    common = ["--data", data, "--method", "dpo", "--beta", "0.5", "--dropout", "0.1", "--micro-batch", "1", *ARGS]
+
+    def run(name, kill=None, resume=False):
+        base = tmp_path / name
+        return run_cli(pref_model, *common, "--out", base / "out", "--work-dir", base / "work",
+                       *(["--resume"] if resume else []), kill=kill)
+
+    r = run("straight")
+    assert r.returncode == 0, r.stderr[-3000:]
+    want, want_log = load_export(tmp_path / "straight" / "out"), log_records(tmp_path / "straight" / "out")
+    assert [rec["iter"] for rec in want_log] == [0, 1, 2] and all("rewards/margins" in rec for rec in want_log)
+    # 4 pairs in chunks of 2 rows: 4 chunks a module. reference:3 comes before layers.1; reference_chunk:6
+    # after the second chunk through layers.0, so half the chunks are a module ahead of the others.
+    for kill in ("reference:3", "reference_chunk:6", "backward:4"):
+        name = kill.replace(":", "-")
+        r = run(name, kill)
+        assert r.returncode == -9, f"{kill}: expected death by SIGKILL, rc {r.returncode}\n{r.stderr[-3000:]}"
+        if kill.startswith("reference"):
+            assert not reference_path(tmp_path / name / "work").exists()  # the pass was cut short
+        r = run(name, resume=True)
+        assert r.returncode == 0, f"{kill}: resume failed\n{r.stderr[-3000:]}"
+        assert_same_export(load_export(tmp_path / name / "out"), want, kill)
+        got = {rec["iter"]: rec for rec in log_records(tmp_path / name / "out")}
+        for rec in want_log:
+            for k in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"):
+                assert got[rec["iter"]][k] == rec[k], f"{kill}: iteration {rec['iter']}'s {k}"
