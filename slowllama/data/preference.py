@@ -83,7 +83,7 @@ class Pairs:
             side = KEYS[1 + int(((self.targets[:, n] != IGNORE).sum(-1) == 0).nonzero()[0])]
             raise ConfigError(f"{wheres[n]}: the {side} response has no token within --seq-len {seq_len}")
         self.seq_len, self.source = seq_len, source
-        self.summary = f"{len(encoded)} preference pairs from {source}"
+        self.summary = f"{len(encoded)} preference pair{'s' if len(encoded) != 1 else ''} from {source}"
 
     def __len__(self) -> int:
         return self.inputs.shape[1]

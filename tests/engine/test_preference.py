@@ -20,7 +20,7 @@ from slowllama.engine.store import BlockStore, prepare
 from slowllama.engine.trainer import IGNORE, TrainConfig, Trainer
 from slowllama.formats.meta import MetaCheckpoint
 from slowllama.model.lora import Adapters, LoraConfig
-from tests.cli_helpers import run_cli
+from tests.cli_helpers import FINETUNE, run_cli
 from tests.reference import lora_reference, reference_model, stored_params
 
 PAIRS, SEQ = 4, 12
@@ -338,3 +338,30 @@ def test_kill_during_reference_pass_and_training_resumes_bit_identical(pref_mode
         for rec in want_log:
             for k in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"):
                 assert got[rec["iter"]][k] == rec[k], f"{kill}: iteration {rec['iter']}'s {k}"
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_dpo_on_two_ranks_equals_one_process(pref_model, tmp_path):
+    """2 processes x 1 pair against 1 x 2 pairs: dropout on micro-batches of one pair (seeded by their global
+    index), two accumulated batches and an active clipping norm; one reference pass, by the host's writer."""
+    from tests.engine.test_distributed import exported, torchrun
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", PAIR_RECORDS)
+    opts = ["--data", data, "--method", "dpo", "--beta", "0.5", "--dropout", "0.1", "--micro-batch", "1",
+            "--grad-accum", "2", "--clip-grad-norm", "0.05", *ARGS]
+    one = [*opts, "--out", tmp_path / "o1", "--work-dir", tmp_path / "w1"]
+    r = run_cli(pref_model, *one)
+    assert r.returncode == 0, r.stderr[-3000:]
+    # The last --batch-size given wins: 1 pair per rank.
+    r = torchrun(2, FINETUNE, pref_model, *opts, "--batch-size", "1", "--out", tmp_path / "o2", "--work-dir",
+                 tmp_path / "w2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b, base = exported(tmp_path / "o1"), exported(tmp_path / "o2"), exported(pref_model)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=0, msg=lambda m: f"{k}: {m}")
+    assert max((a[k] - base[k]).abs().max().item() for k in a) > 1e-4, "the runs did not train"
+    for x, y in zip(log_records(tmp_path / "o1"), log_records(tmp_path / "o2")):
+        assert y["grad_norm"] > 0.05  # clipping was active
+        for k in ("loss", "grad_norm", "rewards/chosen", "rewards/margins", "rewards/accuracies"):
+            assert y[k] == pytest.approx(x[k], abs=1e-5), k
