@@ -44,8 +44,8 @@ from ..errors import ConfigError
 from ..model.lora import ADAPTERS, Adapters, LoraConfig
 from .journal import batch_hash
 from .optim import OptimConfig
-from .preference import PreferenceConfig, PreferenceObjective
 from .plan import ModuleSize, StepPlan, cached_input_bytes, module_sizes, plan_step
+from .preference import PreferenceConfig, PreferenceObjective
 from .store import BlockStore
 from .streamer import Streamer
 from .update import FullUpdate, LoraUpdate, NonFiniteError, clip_coefficient, tied_grad_in_ram

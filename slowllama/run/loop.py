@@ -492,7 +492,9 @@ class Run:
         self.summary["losses"].append(res.loss)
         if ranks.leader:
             _append(self.log_path, self.monitor.record(rec))
-            tqdm.write(f"iter {step:5d}  loss {res.loss:.4f}  {dt:.2f}s  {res.tokens / dt:.0f} tok/s")
+            rewards = (f"  reward acc {res.metrics['rewards/accuracies']:.2f} margin {res.metrics['rewards/margins']:.4f}"
+                       if res.metrics else "")
+            tqdm.write(f"iter {step:5d}  loss {res.loss:.4f}{rewards}  {dt:.2f}s  {res.tokens / dt:.0f} tok/s")
 
     def train(self) -> dict:
         """From the store to the export: the costs, the iterations with their evals and checkpoints."""

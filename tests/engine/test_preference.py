@@ -15,7 +15,11 @@ import torch.nn.functional as F
 
 from slowllama.data.preference import pair_rows
 from slowllama.engine.optim import OptimConfig
-from slowllama.engine.preference import PreferenceConfig, reference_logps, reference_path
+from slowllama.engine.preference import (
+    PreferenceConfig,
+    reference_logps,
+    reference_path,
+)
 from slowllama.engine.store import BlockStore, prepare
 from slowllama.engine.trainer import IGNORE, TrainConfig, Trainer
 from slowllama.formats.meta import MetaCheckpoint
@@ -156,7 +160,7 @@ def test_streamed_steps_equal_trl_definitions_in_memory(pref_model, tmp_path, me
     got, before = stored_params(store), reference_model(pref_model).state_dict()
     moved = 0.0
     for k, want in model.state_dict().items():
-        torch.testing.assert_close(got[k], want, atol=1e-6, rtol=0, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(got[k], want, atol=1e-6, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
         moved = max(moved, (want - before[k]).abs().max().item())
     assert moved > 1e-3  # the steps changed the weights by far more than the tolerance
     if method != "orpo":
@@ -166,7 +170,7 @@ def test_streamed_steps_equal_trl_definitions_in_memory(pref_model, tmp_path, me
 def test_lora_dpo_step_equals_in_memory_adapters(pref_model, tmp_path):
     vocab = MetaCheckpoint(pref_model).args.vocab_size
     batches = [make_pairs(vocab, 3), make_pairs(vocab, 4)]
-    store, results, tr, start = streamed_run(pref_model, tmp_path, batches, "dpo", 0.5, 0.5, micro=2, lora=LORA)
+    _, results, _, start = streamed_run(pref_model, tmp_path, batches, "dpo", 0.5, 0.5, micro=2, lora=LORA)
     model, ref = lora_reference(pref_model, start, LORA.targets, LORA.alpha / LORA.rank)
     opt = torch.optim.SGD([p for m in ref.values() for p in m.values()], lr=0.5)
     ref_model = reference_model(pref_model).requires_grad_(False)  # no adapters: the starting model
@@ -359,7 +363,7 @@ def test_dpo_on_two_ranks_equals_one_process(pref_model, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     a, b, base = exported(tmp_path / "o1"), exported(tmp_path / "o2"), exported(pref_model)
     for k in a:
-        torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=0, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
     assert max((a[k] - base[k]).abs().max().item() for k in a) > 1e-4, "the runs did not train"
     for x, y in zip(log_records(tmp_path / "o1"), log_records(tmp_path / "o2")):
         assert y["grad_norm"] > 0.05  # clipping was active
