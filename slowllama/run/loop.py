@@ -19,7 +19,12 @@ from ..data.preference import load_pairs
 from ..data.windows import load_data
 from ..engine import distributed
 from ..engine.optim import OptimConfig
-from ..engine.preference import NEEDS_REFERENCE, PreferenceConfig, reference_logps
+from ..engine.preference import (
+    NEEDS_REFERENCE,
+    PreferenceConfig,
+    reference_logps,
+    reference_path,
+)
 from ..engine.quant import check_quantizable
 from ..engine.store import BlockStore, export_store, open_or_prepare
 from ..engine.trainer import TrainConfig, estimate_io
@@ -54,7 +59,7 @@ from ..paths import (
     run_outputs,
 )
 from . import tensorboard_log
-from .costs import print_costs
+from .costs import fmt_bytes, print_costs
 from .monitor import Monitor
 from .options import (
     MATH,
@@ -379,14 +384,22 @@ class Run:
         if not ranks.writer:
             ranks.wait("the reference pass")
         chunk = 2 * (o.micro_batch or o.batch_size)
+        saved = reference_path(self.work_dir).exists()
+        if ranks.leader and not saved:
+            # Every row's hidden state goes to disk once per module below the output layer, in atomic chunk files.
+            acts = inputs.numel() * self.store.args.dim * 4
+            print(f"reference pass: reads the store once ({fmt_bytes(self.store.nbytes())}) and writes "
+                  f"~{fmt_bytes(acts * (len(self.store.trainable) - 1))} of activations in chunks of {chunk} rows "
+                  f"(~{fmt_bytes(acts)} on disk at a time)")
         logps = reference_logps(self.store, self.work_dir, inputs, targets, self.p.device, DTYPES[o.compute_dtype],
                                 chunk_rows=chunk, progress=_bar)
         if ranks.writer:
             ranks.wait("the reference pass")
         self.reference = logps.view(2, len(pairs))
         if ranks.leader:
-            print(f"reference: the starting model's log-probabilities of {len(pairs)} pairs, from one layer-major "
-                  f"pass ({self.work_dir / 'reference'})")
+            how = "as its pass saved them" if saved else "from one layer-major pass"
+            print(f"reference: the starting model's log-probabilities of {len(pairs)} pairs, {how} "
+                  f"({reference_path(self.work_dir)})")
 
     def read_tuned(self, name: str) -> dict:
         params = self.store.module_tensors(name)

@@ -22,6 +22,7 @@ from slowllama.engine.preference import (
 )
 from slowllama.engine.store import BlockStore, prepare
 from slowllama.engine.trainer import IGNORE, TrainConfig, Trainer
+from slowllama.formats import open_checkpoint
 from slowllama.formats.meta import MetaCheckpoint
 from slowllama.model.lora import Adapters, LoraConfig
 from tests.cli_helpers import FINETUNE, run_cli
@@ -116,7 +117,7 @@ def streamed_batch(pairs, ref: torch.Tensor | None, group: int):
 
 
 def streamed_run(model_dir, work, batches, method, beta, lr, micro=None, clip=0.0, lora=None, ram_budget=0):
-    ckpt = MetaCheckpoint(model_dir)
+    ckpt = open_checkpoint(model_dir)
     store = prepare(ckpt, work / "store", ckpt.checkpoint_dtype() if lora else torch.float32)
     cfg = TrainConfig(optim=OptimConfig("sgd", lr=lr), micro_batch=2 * micro if micro else None, clip_grad_norm=clip,
                       lora=lora, ram_budget=ram_budget, preference=PreferenceConfig(method, beta), seed=3)
@@ -141,17 +142,19 @@ def assert_logged(results, logged):
             assert res.metrics[k] == pytest.approx(v, abs=1e-5), k
 
 
-@pytest.mark.parametrize("method,micro,clip", [
-    ("dpo", None, 0.0),
-    ("dpo", 1, 0.05),  # micro-batches of one pair each, and a clipped global norm
-    ("ipo", 3, 0.0),  # micro-batches of 3 and 1 pairs
-    ("orpo", None, 0.0),
-    ("orpo", 2, 0.05),
+@pytest.mark.parametrize("method,micro,clip,tied", [
+    ("dpo", None, 0.0, False),
+    ("dpo", 1, 0.05, False),  # micro-batches of one pair each, and a clipped global norm
+    ("dpo", 2, 0.0, True),  # a tied Hugging Face Llama: the reference pass keeps the embedding for the output
+    ("ipo", 3, 0.0, False),  # micro-batches of 3 and 1 pairs
+    ("orpo", None, 0.0, False),
+    ("orpo", 2, 0.05, False),
 ])
-def test_streamed_steps_equal_trl_definitions_in_memory(pref_model, tmp_path, method, micro, clip):
+def test_streamed_steps_equal_trl_definitions_in_memory(pref_model, tied_hf, tmp_path, method, micro, clip, tied):
     """Two SGD steps (the second with rewards away from zero): every parameter within 1e-6, and the loss and
     trl's logged rewards too."""
-    vocab = MetaCheckpoint(pref_model).args.vocab_size
+    pref_model = tied_hf if tied else pref_model
+    vocab = open_checkpoint(pref_model).args.vocab_size
     batches = [make_pairs(vocab, 1), make_pairs(vocab, 2)]
     beta, lr = (0.5, 0.3) if method != "ipo" else (0.5, 0.05)
     store, results, _, _ = streamed_run(pref_model, tmp_path, batches, method, beta, lr, micro, clip)
