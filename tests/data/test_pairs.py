@@ -100,3 +100,11 @@ def test_pair_rows_keep_each_pair_in_one_group():
     assert side.tolist() == [0, 0, 1, 1, 0, 0, 1, 1, 0, 1]
     assert pair.tolist() == [7, 3, 7, 3, 5, 1, 5, 1, 2, 2]
     assert [(s.tolist(), p.tolist()) for s, p in zip(side.split(4), pair.split(4))][1] == ([0, 0, 1, 1], [5, 1, 5, 1])
+
+
+def test_a_pair_given_to_sft_says_which_methods_take_it(gqa_model, tmp_path):
+    from slowllama.data.windows import load_data
+
+    data = write(tmp_path / "p.jsonl", [{"prompt": "a", "chosen": " b", "rejected": " c"}])
+    with pytest.raises(ConfigError, match=rf"^{data}:1: expected one of .* train on it with --method dpo, ipo or orpo$"):
+        load_data(data, load_tokenizer(gqa_model), 16)
