@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 
 METHODS = ("dpo", "ipo", "orpo")
 NEEDS_REFERENCE = ("dpo", "ipo")
+# What a preference step logs, by trl's names (the means over its pairs); the last three are ORPO's alone.
+METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+           "logps/rejected", "nll_loss", "log_odds_ratio", "log_odds_chosen")
 SIDE, REF = 0, 1  # the columns of a preference batch's per-row values: 0 chosen / 1 rejected, reference logp
 
 
@@ -100,8 +103,8 @@ class PreferenceObjective:
         stats = {}
         if method == "orpo":
             nll = -picked[:k].sum() / n_chosen  # trl: cross-entropy of the chosen half, mean over its tokens
-            avg = logps / counts
-            pc, pr = avg[:k], avg[k:]
+            logps = logps / counts  # ORPO's odds come from the mean log-probability of the response's tokens
+            pc, pr = logps[:k], logps[k:]
             log_odds = (pc - pr) - (torch.log1p(-torch.exp(pc)) - torch.log1p(-torch.exp(pr)))
             ratio = F.logsigmoid(log_odds)
             loss = nll - beta * ratio.sum() / n_pairs

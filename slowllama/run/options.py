@@ -210,6 +210,9 @@ class RunOptions:
                 raise ConfigError(f"{self.flag(f.name)} {getattr(self, f.name)!r}: expected one of {', '.join(choices)}")
         if not (math.isfinite(self.beta) and self.beta > 0):
             raise ConfigError(f"--beta must be a positive number, got {self.beta}")
+        if self.method != "sft" and self.train_on_prompt:
+            raise ConfigError(f"--method {self.method}: --train-on-prompt does not apply; a preference loss counts "
+                              f"the responses only")
         if self.method != "sft" and (self.val_data or self.val_fraction):
             raise ConfigError(f"--method {self.method}: --val-data and --val-fraction report a next-token loss, "
                               f"which preference pairs do not have; leave them out")

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from slowllama.data.preference import pair_rows
 from slowllama.engine.optim import OptimConfig
 from slowllama.engine.preference import (
+    METRICS,
     PreferenceConfig,
     reference_logps,
     reference_path,
@@ -86,7 +87,8 @@ def trl_step(model, ref_model, pairs, method: str, beta: float):
         loss = losses.mean()
         chosen, rejected = beta * (pc - rc).detach(), beta * (pr - rr).detach()
     loss.backward()
-    return loss.item(), {"rewards/chosen": chosen.mean().item(), "rewards/rejected": rejected.mean().item(),
+    return loss.item(), {"logps/chosen": pc.detach().mean().item(), "logps/rejected": pr.detach().mean().item(),
+                         "rewards/chosen": chosen.mean().item(), "rewards/rejected": rejected.mean().item(),
                          "rewards/accuracies": (chosen > rejected).float().mean().item(),
                          "rewards/margins": (chosen - rejected).mean().item()}
 
@@ -138,6 +140,7 @@ def assert_logged(results, logged):
     # another micro-batch: beta times their differences agree to a few of those spacings.
     for res, (loss, metrics) in zip(results, logged):
         assert res.loss == pytest.approx(loss, abs=1e-5)
+        assert set(metrics) <= set(res.metrics) <= set(METRICS)
         for k, v in metrics.items():
             assert res.metrics[k] == pytest.approx(v, abs=1e-5), k
 
@@ -301,6 +304,7 @@ def test_dpo_on_sft_data_is_refused_in_one_line(pref_model, tmp_path, kind):
 def test_options_are_checked(pref_model, tmp_path):
     data = write_jsonl(tmp_path / "pairs.jsonl", PAIR_RECORDS)
     for extra, says in ((["--beta", "0"], "--beta must be a positive number"),
+                        (["--train-on-prompt"], "--method dpo: --train-on-prompt does not apply"),
                         (["--val-fraction", "0.25"], "--method dpo: --val-data and --val-fraction")):
         r = run_cli(pref_model, "--data", data, "--out", tmp_path / "out", "--work-dir", tmp_path / "work",
                     "--method", "dpo", *ARGS, *extra)
