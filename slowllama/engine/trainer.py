@@ -21,6 +21,10 @@ optimizer step. LoRA keeps every adapter gradient in RAM and clips them all at t
 A tied model's output layer runs on the embedding's weight, read once more at the turn; the
 gradient it leaves there waits for the embedding's commit (update.py; journal.py's rule 0).
 
+A preference run (engine/preference.py) swaps the output module's next-token loss for DPO's, IPO's
+or ORPO's over each micro-batch's pairs; each row carries its side and reference log-probability
+beside its tokens (the extra of train_step), and the schedule is unchanged.
+
 What a step updates and how it commits is its update rule's (update.py: full fine-tuning,
 LoRA); the commit order and the journal that a resume reads are journal.py's.
 """
