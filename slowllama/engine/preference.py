@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,12 +180,16 @@ def reference_logps(store: BlockStore, work_dir: Path, inputs: torch.Tensor, tar
     """Each row's summed response log-probability under the store as it stands (rows,), float32, from one
     layer-major pass; saved in WORK/reference/logps.blk and read back from there when it exists."""
     done = load_reference(work_dir, inputs, targets)
+    folder = Path(work_dir) / REFERENCE_DIR
     if done is not None:
+        # A pass killed after its result was durable, before its chunks went: they go now.
+        for path in folder.iterdir():
+            if re.fullmatch(r"chunk\.\d{5}\.blk", path.name):
+                path.unlink(missing_ok=True)
         return done
     if store.journal()["version"] != 0:
         raise StoreError(f"{store.root}: trained already, so its log-probabilities are no reference; the "
                          f"reference pass runs on the store as prepared (start the run anew)")
-    folder = Path(work_dir) / REFERENCE_DIR
     folder.mkdir(parents=True, exist_ok=True)
     names, args = store.trainable, store.args
     xs, ys = inputs.split(chunk_rows), targets.split(chunk_rows)
@@ -224,6 +229,7 @@ def reference_logps(store: BlockStore, work_dir: Path, inputs: torch.Tensor, tar
     logps = torch.cat([results[c] for c in range(len(xs))]).float()
     write_block(reference_path(work_dir), Block(0, {"logps": logps}, meta={"rows": batch_hash(inputs, targets)}),
                 "reference")
+    faults.point("reference_done")
     for c in range(len(xs)):
         _chunk_path(folder, c).unlink(missing_ok=True)
     return logps

@@ -8,6 +8,7 @@ log_softmax the library uses. The reference model is a second, frozen copy of th
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -210,8 +211,10 @@ def test_reference_pass_reads_each_module_once_and_is_reused(pref_model, tmp_pat
     torch.testing.assert_close(logps, want, atol=1e-5, rtol=0)
     assert reference_path(tmp_path).is_file() and not list(reference_path(tmp_path).parent.glob("chunk.*"))
     store.reads.clear()
+    stale = reference_path(tmp_path).parent / "chunk.00002.blk"  # as a kill after the result, before the cleanup
+    stale.write_bytes(b"")
     assert torch.equal(reference_logps(store, tmp_path, x, y, torch.device("cpu"), chunk_rows=3), logps)
-    assert not store.reads
+    assert not store.reads and not stale.exists()
 
 
 class Stop(Exception):
@@ -243,6 +246,7 @@ def test_reference_pass_cut_short_resumes_from_its_chunks(pref_model, tmp_path, 
     store = BlockStore(store.root)
     got = reference_logps(store, tmp_path / "cut", x, y, torch.device("cpu"), chunk_rows=2)
     assert torch.equal(got, want)
+    assert not list((tmp_path / "cut" / "reference").glob("chunk.*"))
     # Not the embedding (every chunk is past it), layers.0 once more for its other two chunks, the rest once.
     assert dict(store.reads) == {m: 1 for m in store.trainable[1:]}
     assert seen["n"] == 6 + 2 + 4 * (len(store.trainable) - 2)
@@ -301,14 +305,19 @@ def test_dpo_on_sft_data_is_refused_in_one_line(pref_model, tmp_path, kind):
     assert kind == "text file" or "this is a prompt/completion record" in errors[0]
 
 
-def test_options_are_checked(pref_model, tmp_path):
-    data = write_jsonl(tmp_path / "pairs.jsonl", PAIR_RECORDS)
-    for extra, says in ((["--beta", "0"], "--beta must be a positive number"),
-                        (["--train-on-prompt"], "--method dpo: --train-on-prompt does not apply"),
-                        (["--val-fraction", "0.25"], "--method dpo: --val-data and --val-fraction")):
-        r = run_cli(pref_model, "--data", data, "--out", tmp_path / "out", "--work-dir", tmp_path / "work",
-                    "--method", "dpo", *ARGS, *extra)
-        assert r.returncode == 2 and len(error_lines(r)) == 1 and says in error_lines(r)[0], r.stderr[-2000:]
+def test_options_are_checked():
+    """--beta and the options a preference loss has no use for, refused in one line naming them."""
+    from slowllama.errors import ConfigError
+    from slowllama.run.options import RunOptions
+
+    RunOptions(model_dir="m", data="d", method="orpo", beta=0.2).validate()
+    for extra, says in (({"beta": 0.0}, "--beta must be a positive number"),
+                        ({"beta": float("nan")}, "--beta must be a positive number"),
+                        ({"method": "kto"}, "--method 'kto': expected one of sft, dpo, ipo, orpo"),
+                        ({"train_on_prompt": True}, "--method dpo: --train-on-prompt does not apply"),
+                        ({"val_fraction": 0.25}, "--method dpo: --val-data and --val-fraction")):
+        with pytest.raises(ConfigError, match="^" + re.escape(says)):
+            RunOptions(model_dir="m", data="d", **{"method": "dpo", **extra}).validate()
 
 
 def log_records(out) -> list[dict]:
@@ -318,8 +327,9 @@ def log_records(out) -> list[dict]:
 @pytest.mark.slow
 @pytest.mark.crash
 def test_kill_during_reference_pass_and_training_resumes_bit_identical(pref_model, tmp_path):
-    """SIGKILL before a module of the reference pass, between two of its chunks, and inside a training step's
-    backward pass; each resumed run ends with the uninterrupted run's export and logged losses and rewards."""
+    """SIGKILL before a module of the reference pass, between two of its chunks, after its result and inside a
+    training step's backward pass; each resumed run ends with the uninterrupted run's export and logged losses
+    and rewards, and leaves no chunk behind."""
     from tests.engine.test_crash import assert_same_export, load_export
 
     data = write_jsonl(tmp_path / "pairs.jsonl", PAIR_RECORDS)
@@ -336,15 +346,18 @@ def test_kill_during_reference_pass_and_training_resumes_bit_identical(pref_mode
     assert [rec["iter"] for rec in want_log] == [0, 1, 2] and all("rewards/margins" in rec for rec in want_log)
     # 4 pairs in chunks of 2 rows: 4 chunks a module. reference:3 comes before layers.1; reference_chunk:6
     # after the second chunk through layers.0, so half the chunks are a module ahead of the others.
-    for kill in ("reference:3", "reference_chunk:6", "backward:4"):
+    # reference_done:1 comes once the result is durable, before the chunks go.
+    for kill in ("reference:3", "reference_chunk:6", "reference_done:1", "backward:4"):
         name = kill.replace(":", "-")
         r = run(name, kill)
         assert r.returncode == -9, f"{kill}: expected death by SIGKILL, rc {r.returncode}\n{r.stderr[-3000:]}"
-        if kill.startswith("reference"):
-            assert not reference_path(tmp_path / name / "work").exists()  # the pass was cut short
+        if kill.startswith("reference"):  # the pass was cut short, or its chunks are left
+            assert reference_path(tmp_path / name / "work").exists() == (kill == "reference_done:1")
+            assert list((tmp_path / name / "work" / "reference").glob("chunk.*"))
         r = run(name, resume=True)
         assert r.returncode == 0, f"{kill}: resume failed\n{r.stderr[-3000:]}"
         assert_same_export(load_export(tmp_path / name / "out"), want, kill)
+        assert not list((tmp_path / name / "work" / "reference").glob("chunk.*"))
         got = {rec["iter"]: rec for rec in log_records(tmp_path / name / "out")}
         for rec in want_log:
             for k in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"):
