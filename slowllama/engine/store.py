@@ -316,7 +316,7 @@ def export_store(store: BlockStore, source_dir: Path, out_dir: Path, *, n_shards
     config, config_src, extra = None, src / "config.json", dict(extra_files or {})
     side = [src / n for n in SIDE_FILES if (src / n).is_file()]
     if store.source_format == "meta":  # converting: the config and tokenizer files come from the Meta folder
-        from ..formats.tokenizer import SentencePieceTokenizer, load_tokenizer
+        from ..formats.tokenizer import LLAMA3_PATTERN, SentencePieceTokenizer, TiktokenTokenizer, load_tokenizer
 
         tok_path = find_tokenizer(src)
         tok = load_tokenizer(tok_path)
@@ -326,6 +326,12 @@ def export_store(store: BlockStore, source_dir: Path, out_dir: Path, *, n_shards
             extra.setdefault("tokenizer_config.json", json.dumps(
                 {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
                  "add_bos_token": True, "add_eos_token": False, "legacy": True}, indent=2).encode())
+        if isinstance(tok, TiktokenTokenizer):  # Llama 3: a tokenizer.json that tokenizes as tiktoken does
+            from ..formats.tiktoken_json import tokenizer_config_json, tokenizer_json
+
+            extra.setdefault("tokenizer.json", tokenizer_json(tok.ranks, LLAMA3_PATTERN, tok.special, tok.bos_token))
+            extra.setdefault("tokenizer_config.json", tokenizer_config_json(
+                tok.bos_token, tok.eos_token, tok.chat_template, store.args.max_seq_len))
     keys = [t for t in store.tensors if t[0] in _hf_keys(store.args)]
     work = export_hf(out_dir, args=store.args, config_src=config_src, config=config, tensors=keys,
                      modules=[m for m in store.modules if m != EXTRAS], read_module=read, side_files=side,

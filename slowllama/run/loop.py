@@ -55,6 +55,7 @@ from ..paths import (
     owner_info,
     prune_checkpoints,
     remove_owned,
+    remove_stale_tmp,
     restore_interrupted_swap,
     run_outputs,
 )
@@ -236,6 +237,8 @@ def finetune(*, resume: bool = False, **given) -> dict:
             locks.append(lock_out_dir(out))
             # Under the lock: a run still going is refused above with its pid; none can export here meanwhile.
             check_out_run(out, work_dir, o)
+            for name in KEEP_ON_EXPORT:  # a run killed mid-rewrite of its log, plot or page left a temp file
+                remove_stale_tmp(out / name)
         return Run(o, resume, saved, Prepared(ckpt, tokenizer, windows, val_batches, optim, lora, torch_device),
                    ranks).train()
     except BaseException:
