@@ -145,20 +145,26 @@ def reference_path(work_dir: Path) -> Path:
     return Path(work_dir) / REFERENCE_DIR / LOGPS_FILE
 
 
-def load_reference(work_dir: Path, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
-    """The saved reference log-probabilities of these rows, or None if the pass has not finished."""
+def load_reference(work_dir: Path, rows: str) -> torch.Tensor | None:
+    """The saved reference log-probabilities of the rows whose batch_hash is `rows`; None if the pass has
+    not finished, or if it was another data set's (an earlier run's in this work dir)."""
     path = reference_path(work_dir)
     if not path.exists():
         return None
     b = read_block(path, "reference")
-    if b.meta.get("rows") != batch_hash(inputs, targets):
-        raise StoreError(f"{path}: reference log-probabilities of other data than this run's; delete "
-                         f"{path.parent} only if the store is still untrained")
-    return b.params["logps"]
+    return b.params["logps"] if b.meta.get("rows") == rows else None
 
 
 def _chunk_path(folder: Path, c: int) -> Path:
     return folder / f"chunk.{c:05d}.blk"
+
+
+def _level(path: Path, rows: str) -> int:
+    """The module a chunk's saved activations are the input of; 0 (the token ids) when it has none of these rows."""
+    if not path.exists():
+        return 0
+    header = read_header(path, "reference")
+    return header["step"] if header.get("meta", {}).get("rows") == rows else 0
 
 
 def _module(store: BlockStore, name: str, device: torch.device, dtype: torch.dtype):
@@ -179,13 +185,11 @@ def reference_logps(store: BlockStore, work_dir: Path, inputs: torch.Tensor, tar
                     progress: Callable[..., Iterator] = lambda it, **kw: it) -> torch.Tensor:
     """Each row's summed response log-probability under the store as it stands (rows,), float32, from one
     layer-major pass; saved in WORK/reference/logps.blk and read back from there when it exists."""
-    done = load_reference(work_dir, inputs, targets)
+    rows = batch_hash(inputs, targets)  # tags the result and every chunk: another data set's are not reused
+    done = load_reference(work_dir, rows)
     folder = Path(work_dir) / REFERENCE_DIR
     if done is not None:
-        # A pass killed after its result was durable, before its chunks went: they go now.
-        for path in folder.iterdir():
-            if re.fullmatch(r"chunk\.\d{5}\.blk", path.name):
-                path.unlink(missing_ok=True)
+        _remove_chunks(folder)  # a pass killed after its result was durable, before its chunks went
         return done
     if store.journal()["version"] != 0:
         raise StoreError(f"{store.root}: trained already, so its log-probabilities are no reference; the "
@@ -196,8 +200,7 @@ def reference_logps(store: BlockStore, work_dir: Path, inputs: torch.Tensor, tar
     for target in [reference_path(work_dir), *(_chunk_path(folder, c) for c in range(len(xs)))]:
         remove_stale_tmp(target)  # what a pass killed mid-write left
     # Where each chunk stands: the index of the module its saved activations are the input of (0: the ids).
-    level = [read_header(_chunk_path(folder, c), "reference")["step"] if _chunk_path(folder, c).exists() else 0
-             for c in range(len(xs))]
+    level = [_level(_chunk_path(folder, c), rows) for c in range(len(xs))]
     results = {}
     embedding = None
     for i in progress(range(min(level), len(names)), desc="reference", leave=False):
@@ -217,9 +220,10 @@ def reference_logps(store: BlockStore, work_dir: Path, inputs: torch.Tensor, tar
                 logits = module(x, embedding) if args.tie_word_embeddings else module(x)
                 logps, _ = sequence_logps(logits, ys[c].to(device))
                 results[c] = dev.to_host(logps)
-                write_block(path, Block(i + 1, {"logps": results[c]}), "reference")
+                write_block(path, Block(i + 1, {"logps": results[c]}, meta={"rows": rows}), "reference")
             else:
-                write_block(path, Block(i + 1, {"x": dev.to_host(module(x.to(dtype) if i else x))}), "reference")
+                write_block(path, Block(i + 1, {"x": dev.to_host(module(x.to(dtype) if i else x))}, meta={"rows": rows}),
+                            "reference")
             level[c] = i + 1
             faults.point("reference_chunk")
         del module, params
@@ -227,9 +231,14 @@ def reference_logps(store: BlockStore, work_dir: Path, inputs: torch.Tensor, tar
         if c not in results:  # finished before a kill: read back from its chunk
             results[c] = read_block(_chunk_path(folder, c), "reference").params["logps"]
     logps = torch.cat([results[c] for c in range(len(xs))]).float()
-    write_block(reference_path(work_dir), Block(0, {"logps": logps}, meta={"rows": batch_hash(inputs, targets)}),
-                "reference")
+    write_block(reference_path(work_dir), Block(0, {"logps": logps}, meta={"rows": rows}), "reference")
     faults.point("reference_done")
-    for c in range(len(xs)):
-        _chunk_path(folder, c).unlink(missing_ok=True)
+    _remove_chunks(folder)
     return logps
+
+
+def _remove_chunks(folder: Path):
+    """The chunk files of a pass (this one's, or an earlier data set's beyond this one's count)."""
+    for path in folder.iterdir() if folder.is_dir() else []:
+        if re.fullmatch(r"chunk\.\d{5}\.blk", path.name):
+            path.unlink(missing_ok=True)

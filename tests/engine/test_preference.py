@@ -215,6 +215,12 @@ def test_reference_pass_reads_each_module_once_and_is_reused(pref_model, tmp_pat
     stale.write_bytes(b"")
     assert torch.equal(reference_logps(store, tmp_path, x, y, torch.device("cpu"), chunk_rows=3), logps)
     assert not store.reads and not stale.exists()
+    # Other rows in the same work dir (a new run on other data): computed anew, not the saved numbers.
+    other = reference_logps(store, tmp_path, x[:5], y[:5].flip(1), torch.device("cpu"), chunk_rows=3)
+    assert dict(store.reads) == {m: 1 for m in store.trainable}
+    with torch.no_grad():
+        want = trl_logps(reference_model(pref_model)(x[:5]).float(), y[:5].flip(1), average=False)
+    torch.testing.assert_close(other, want, atol=1e-5, rtol=0)
 
 
 class Stop(Exception):
