@@ -91,6 +91,8 @@ def main():
                    help="finetune.py's --commit-every: steps between commits when the budget holds every module, "
                         "or auto (default here: 1, every step)")
     p.add_argument("--skip-in-memory", action="store_true", help="only the streamed run (no reference)")
+    p.add_argument("--no-transformers", action="store_true",
+                   help="leave out the transformers reference (LlamaForCausalLM in memory; float32 only)")
     a = p.parse_args()
     if a.steps < 1:
         p.error("--steps must be at least 1")
@@ -110,13 +112,15 @@ def main():
           f"modules (K = {plan['turn_blocks_K']}), activations {'in RAM' if plan['acts_in_ram'] else 'on disk'}; "
           f"commits every {plan['commit_every']} steps, {result['streamed']['bytes_written_per_step'] / 1e6:.1f} MB "
           f"written per step; streamed {result['streamed']['s_per_step']:.2f} s/step"
-          + (f", in memory {result['in_memory']['s_per_step']:.2f} s/step, ratio {ratio:.2f}" if ratio else ""),
+          + (f", in memory {result['in_memory']['s_per_step']:.2f} s/step, ratio {ratio:.2f}" if ratio else "")
+          + (f"; transformers {result['transformers']['s_per_step']:.2f} s/step, ratio "
+             f"{result['ratio_streamed_over_transformers']:.2f}" if result.get("transformers") else ""),
           file=sys.stderr)
 
 
 def run(a, work: Path) -> dict:
     ckpt, store, train_dir = work / "ckpt", work / "store", work / "train"
-    for d in (ckpt, store, train_dir):
+    for d in (ckpt, store, train_dir, work / "hf"):
         if d.exists():
             shutil.rmtree(d)
     t_all = time.perf_counter()
@@ -132,6 +136,9 @@ def run(a, work: Path) -> dict:
               "batch": a.batch, "seq": a.seq, "micro_batch": a.micro_batch, "compute_dtype": a.compute_dtype,
               "lr": a.lr, "seed": a.seed, "threads": a.threads, "warmup": 1, "steps": a.steps}
     inmem = None if a.skip_in_memory else run_phase("inmem", common)
+    # Before the streamed run trains the store: both references start from the same weights.
+    hf = None if a.skip_in_memory or a.no_transformers or a.compute_dtype != "float32" else \
+        run_phase("transformers", {**common, "hf_dir": str(work / "hf")})
     stream_cfg = {**common, "train_dir": str(train_dir), "ram_budget": a.ram_budget, "prefetch": not a.no_prefetch,
                   "commit_every": a.commit_every}
     stream = run_phase("stream", stream_cfg)
@@ -159,6 +166,7 @@ def run(a, work: Path) -> dict:
             k: clipped[k] / stream[k] for k in ("s_per_step", "bytes_read_per_step", "bytes_written_per_step")}}
            if clipped else {}),
         "in_memory": inmem,
+        "transformers": hf,
         "disk": disk,
         "floors": {"io_s_per_step": io_floor, "io_s_per_step_warm_read": io_floor_warm},
     }
@@ -176,6 +184,11 @@ def run(a, work: Path) -> dict:
             compute_floor, io_floor, out["floors"].get("transfer_s_per_step", 0.0))
         n = min(len(stream["losses"]), len(inmem["losses"]))
         out["loss_max_abs_diff"] = max(abs(x - y) for x, y in zip(stream["losses"][:n], inmem["losses"][:n]))
+    if hf is not None:
+        hf["useful_TFLOPS"] = flop / hf["s_per_step"] / 1e12
+        out["ratio_streamed_over_transformers"] = stream["s_per_step"] / hf["s_per_step"]
+        n = min(len(stream["losses"]), len(hf["losses"]))
+        out["loss_max_abs_diff_transformers"] = max(abs(x - y) for x, y in zip(stream["losses"][:n], hf["losses"][:n]))
     out["wall_s"] = time.perf_counter() - t_all
     out["loadavg_1m_before_after"] = [load0, os.getloadavg()[0] if hasattr(os, "getloadavg") else None]
     return out

@@ -38,8 +38,10 @@ def assistant_spans(template: str, messages: list[dict], text: str, variables: d
 
 
 def encode_chat(tokenizer: Tokenizer, messages: list[dict], *, train_on_prompt: bool = False,
-                where: str = "chat") -> tuple[list[int], list[bool]]:
-    """Token ids of the conversation and which of them are trained on: the assistant turns, or all."""
+                where: str = "chat", train_from: int = 0) -> tuple[list[int], list[bool]]:
+    """Token ids of the conversation and which of them are trained on: the assistant turns, or all.
+    With train_from, only the assistant turns from messages[train_from] on (a preference pair's response,
+    after a prompt that may hold assistant turns of its own)."""
     check_messages(messages, where)
     template = tokenizer.chat_template
     if template is None:
@@ -52,5 +54,13 @@ def encode_chat(tokenizer: Tokenizer, messages: list[dict], *, train_on_prompt: 
         return ids, [True] * len(ids)
     if not has_generation_tag(template):
         spans = assistant_spans(template, messages, text, variables, where)
+    if train_from:
+        # The prompt as the model sees it before answering: whatever follows it is the response.
+        prompt, _ = render(template, messages[:train_from], add_generation_prompt=True, variables=variables,
+                           where=where)
+        if not text.startswith(prompt):
+            raise ConfigError(f"{where}: the chat template renders the prompt differently on its own and before "
+                              f"the response, so the response cannot be located")
+        spans = [(max(a, len(prompt)), b) for a, b in spans if b > len(prompt)]
     # A token is trained on if it overlaps an assistant span, as transformers' assistant mask decides.
     return ids, [any(e > a and s < b for a, b in spans) for s, e in offsets]

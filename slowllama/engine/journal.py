@@ -101,6 +101,7 @@ class ResumePoint:
     batch: str
     grad_norm: float | None = None  # a clipped step: the norm before clipping, and the coefficient
     clip_coef: float | None = None
+    metrics: dict | None = None  # a preference step's rewards, for its log record
 
 
 class Journal:
@@ -145,7 +146,7 @@ class Journal:
     def _write(self, j: dict):
         if j["phase"] == "backward":
             self._last = {"iter": j["step"], "loss": j["loss"], "tokens": j["tokens"],
-                          **({"grad_norm": j["grad_norm"]} if "grad_norm" in j else {})}
+                          **({"grad_norm": j["grad_norm"]} if "grad_norm" in j else {}), **j.get("metrics", {})}
         elif self._last and self._last["iter"] == j["step"] - 1:
             j = {**j, "last": self._last}  # the finished step's loss: a resume logs it if the log lost it
         if j["phase"] == "idle":
@@ -154,14 +155,16 @@ class Journal:
         # The checksums are taken when the journal is written, after the commits queued before it.
         self.writer.run_in_order(lambda: atomic_write_json(self.path, {**j, "checksums": dict(self.checksums)}))
 
-    def begin(self, step: int, version: int, loss: float, tokens: int, batch: str, clip: dict | None = None):
-        """The "backward" journal; clip holds a clipped step's "grad_norm" and "clip_coef"."""
+    def begin(self, step: int, version: int, loss: float, tokens: int, batch: str, clip: dict | None = None,
+              metrics: dict | None = None):
+        """The "backward" journal; clip holds a clipped step's "grad_norm" and "clip_coef", metrics a
+        preference step's rewards (logged, never read back into the math)."""
         if self.holding:  # nothing goes to disk: a crash replays the step from the last commit
             self._last = {"iter": step, "loss": loss, "tokens": tokens,
-                          **({"grad_norm": clip["grad_norm"]} if clip else {})}
+                          **({"grad_norm": clip["grad_norm"]} if clip else {}), **(metrics or {})}
             return
         self._write({"step": step, "version": version, "phase": "backward", "loss": loss, "tokens": tokens,
-                     "batch": batch, **(clip or {})})
+                     "batch": batch, **(clip or {}), **({"metrics": metrics} if metrics else {})})
 
     def skip(self, step: int, version: int):
         """A step with a non-finite loss: counted as done, with no update."""
@@ -287,9 +290,9 @@ class Journal:
         if any(v != version for v in have[:k]) or any(v != version + 1 for v in have[k:]):
             raise StoreError(f"{self.store.root}: module versions {have} do not fit a cut-short update {version}")
         self._last = {"iter": step, "loss": j["loss"], "tokens": j["tokens"],
-                      **({"grad_norm": j["grad_norm"]} if "grad_norm" in j else {})}
+                      **({"grad_norm": j["grad_norm"]} if "grad_norm" in j else {}), **j.get("metrics", {})}
         return ResumePoint(step, version, k, j["loss"], j["tokens"], j.get("batch", ""), j.get("grad_norm"),
-                           j.get("clip_coef"))
+                           j.get("clip_coef"), j.get("metrics"))
 
     def check_batch(self, point: ResumePoint, batch: str):
         if point.batch and point.batch != batch:

@@ -9,6 +9,7 @@ import os
 import shutil
 import time
 import zlib
+from collections import Counter
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -98,6 +99,8 @@ class BlockStore:
         except (ValueError, KeyError, TypeError) as e:
             raise StoreError(f"{path}: corrupt manifest ({type(e).__name__}: {e})") from e
         self.manifest = m
+        # Module reads by name since this object was opened: what a test counts a pass's reads by.
+        self.reads: Counter[str] = Counter()
         j = self.journal()
         # What each module file must hold: (version, checksum) as last committed. A file whose
         # header disagrees was replaced behind our back (an older copy, another run's file).
@@ -113,6 +116,7 @@ class BlockStore:
 
     def read(self, name: str, verify: bool = True, alloc: Callable[[int], torch.Tensor] | None = None) -> Block:
         block = read_block(self.path(name), name, verify, alloc, self.model_id)
+        self.reads[name] += 1
         self._check_expected(name, block.step, block.checksum)
         return block
 

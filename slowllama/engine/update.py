@@ -144,8 +144,8 @@ class FullUpdate:
         module = materialize(name, self.args, {k: v.to(cdt) for k, v in master.items()}, dropout)
         return module, {k: torch.nn.Parameter(v) for k, v in master.items()}
 
-    def begin(self, step: int, loss: float, tokens: int, batch: str):
-        self.journal.begin(step, self.version, loss, tokens, batch, clip=self.clip)
+    def begin(self, step: int, loss: float, tokens: int, batch: str, metrics: dict | None = None):
+        self.journal.begin(step, self.version, loss, tokens, batch, clip=self.clip, metrics=metrics)
 
     def skip(self, step: int):
         self.journal.skip(step, self.version)
@@ -342,8 +342,8 @@ class LoraUpdate:
         self.adapters.attach(module, name)
         return module, None
 
-    def begin(self, step: int, loss: float, tokens: int, batch: str):
-        self._last = {"iter": step, "loss": loss, "tokens": tokens}
+    def begin(self, step: int, loss: float, tokens: int, batch: str, metrics: dict | None = None):
+        self._last = {"iter": step, "loss": loss, "tokens": tokens, **(metrics or {})}
         self.grad_norm = None
 
     def skip(self, step: int):

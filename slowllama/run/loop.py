@@ -15,9 +15,16 @@ from tqdm import tqdm
 
 from .. import device as dev
 from ..blockfile import DTYPES, StoreError
+from ..data.preference import load_pairs
 from ..data.windows import load_data
 from ..engine import distributed
 from ..engine.optim import OptimConfig
+from ..engine.preference import (
+    NEEDS_REFERENCE,
+    PreferenceConfig,
+    reference_logps,
+    reference_path,
+)
 from ..engine.quant import check_quantizable
 from ..engine.store import BlockStore, export_store, open_or_prepare
 from ..engine.trainer import TrainConfig, estimate_io
@@ -53,7 +60,7 @@ from ..paths import (
     run_outputs,
 )
 from . import tensorboard_log
-from .costs import print_costs
+from .costs import fmt_bytes, print_costs
 from .monitor import Monitor
 from .options import (
     MATH,
@@ -200,7 +207,10 @@ def finetune(*, resume: bool = False, **given) -> dict:
             check_context(ckpt.args, len(tokenizer.encode(o.prompt)), o.gen_tokens)
         except ConfigError as e:
             raise ConfigError(f"--prompt and --gen-tokens: {e}") from e
-    windows = load_data(o.data, tokenizer, o.seq_len, o.train_on_prompt)
+    if o.method != "sft":
+        windows = load_pairs(o.data, tokenizer, o.seq_len, o.method)
+    else:
+        windows = load_data(o.data, tokenizer, o.seq_len, o.train_on_prompt)
     print(f"data: {windows.summary}")
     val = None
     if o.val_data:
@@ -257,6 +267,8 @@ class Prepared:
 
 def train_config(o: RunOptions, optim: OptimConfig, lora: LoraConfig | None, world: int = 1) -> TrainConfig:
     micro = o.micro_batch or (o.batch_size if o.grad_accum > 1 else None)
+    # The trainer counts rows: a preference micro-batch is its pairs' chosen and rejected rows.
+    micro = micro * o.rows_per_example if micro else None
     return TrainConfig(optim=optim, seed=o.seed, dropout=o.dropout, micro_batch=micro,
                        compute_dtype=DTYPES[o.compute_dtype], act_dtype=DTYPES[o.act_dtype],
                        ram_budget=parse_size(o.ram_budget), prefetch=not o.no_prefetch, verify=not o.no_verify,
@@ -264,7 +276,8 @@ def train_config(o: RunOptions, optim: OptimConfig, lora: LoraConfig | None, wor
                        optim_state_dtype=DTYPES[o.optim_state_dtype], clip_grad_norm=o.clip_grad_norm,
                        # Data parallel runs commit every step (distributed.DataParallelTrainer.holds_state).
                        commit_every=parse_commit_every(o.commit_every) if world == 1 else 1,
-                       lr_at=lambda step: lr_at(step, o.iters, o.lr, o.lr_schedule, o.warmup_iters, o.min_lr))
+                       lr_at=lambda step: lr_at(step, o.iters, o.lr, o.lr_schedule, o.warmup_iters, o.min_lr),
+                       preference=PreferenceConfig(o.method, o.beta) if o.method != "sft" else None)
 
 
 class Run:
@@ -279,6 +292,7 @@ class Run:
         self.tcfg = train_config(o, p.optim, p.lora, ranks.world)
         self.summary = {"out": str(self.out), "work_dir": str(self.work_dir), "losses": [], "rank": ranks.rank}
         self.trainer = self.monitor = None
+        self.reference: torch.Tensor | None = None  # DPO/IPO: (2, pairs) the starting model's log-probabilities
 
     def _open_store(self, saved: dict) -> tuple[BlockStore, dict]:
         """The run's block store, prepared from the checkpoint on a new run; and what run.json is to hold."""
@@ -347,9 +361,51 @@ class Run:
         # Under torchrun: the global batch, the one a single process with --batch-size B×N draws;
         # each rank computes its own rows of it (distributed.DataParallelTrainer).
         o = self.o
+        if o.method != "sft":
+            return self.pair_batch(step)
         parts = [self.p.windows.batch(step * o.grad_accum + k, o.batch_size * self.ranks.world, o.seed)
                  for k in range(o.grad_accum)]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    def pair_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A preference iteration's rows, as batch() lays them out for the ranks, with (side, reference
+        log-probability) per row. Each rank's B pairs go in micro-batch groups (data/preference.py)."""
+        o, pairs, b = self.o, self.p.windows, self.o.batch_size
+        group = o.micro_batch or b
+        rows = []
+        for k in range(o.grad_accum):
+            idx = pairs.indices(step * o.grad_accum + k, b * self.ranks.world, o.seed)
+            rows += [pairs.rows(idx[r * b: (r + 1) * b], group) for r in range(self.ranks.world)]
+        inputs, targets, side, pair = (torch.cat(t) for t in zip(*rows))
+        ref = self.reference[side, pair].double() if self.reference is not None else torch.zeros(len(side))
+        return inputs, targets, torch.stack([side.double(), ref.double()], dim=1)
+
+    def prepare_reference(self):
+        """DPO and IPO: the starting model's log-probabilities of every pair, from one layer-major pass over
+        the untouched store before step 0 (or as that pass saved them). A host's writer computes them."""
+        o, pairs, ranks = self.o, self.p.windows, self.ranks
+        if o.method not in NEEDS_REFERENCE:
+            return
+        inputs, targets = pairs.inputs.flatten(0, 1), pairs.targets.flatten(0, 1)  # every chosen row, then rejected
+        if not ranks.writer:
+            ranks.wait("the reference pass")
+        chunk = 2 * (o.micro_batch or o.batch_size)
+        saved = reference_path(self.work_dir).exists()
+        if ranks.leader and not saved:
+            # Every row's hidden state goes to disk once per module below the output layer, in atomic chunk files.
+            acts = inputs.numel() * self.store.args.dim * 4
+            print(f"reference pass: reads the store once ({fmt_bytes(self.store.nbytes())}) and writes "
+                  f"~{fmt_bytes(acts * (len(self.store.trainable) - 1))} of activations in chunks of {chunk} rows "
+                  f"(~{fmt_bytes(acts)} on disk at a time)")
+        logps = reference_logps(self.store, self.work_dir, inputs, targets, self.p.device, DTYPES[o.compute_dtype],
+                                chunk_rows=chunk, progress=_bar)
+        if ranks.writer:
+            ranks.wait("the reference pass")
+        self.reference = logps.view(2, len(pairs))
+        if ranks.leader:
+            how = "as its pass saved them" if saved else "from one layer-major pass"
+            print(f"reference: the starting model's log-probabilities of {len(pairs)} pairs, {how} "
+                  f"({reference_path(self.work_dir)})")
 
     def read_tuned(self, name: str) -> dict:
         params = self.store.module_tensors(name)
@@ -423,7 +479,8 @@ class Run:
         if rec is not None and self.ranks.leader:
             tqdm.write(f"resumed: finished iteration {rec.step} (loss {rec.loss:.4f})")
         last = (dict(iter=rec.step, loss=rec.loss, tokens=rec.tokens,
-                     **({"grad_norm": rec.grad_norm} if rec.grad_norm is not None else {})) if rec is not None
+                     **({"grad_norm": rec.grad_norm} if rec.grad_norm is not None else {}), **(rec.metrics or {}))
+                if rec is not None
                 else trainer.journal().get("last") if self.resume else None)
         if self.ranks.leader and last and last["iter"] not in _logged_iters(self.log_path):
             _append(self.log_path, self.monitor.record({**last, "resumed": True}))
@@ -436,11 +493,11 @@ class Run:
     def _step(self, step: int, proc: psutil.Process):
         """One iteration and its log record."""
         ranks = self.ranks
-        inputs, targets = self.batch(step)
+        batch = self.batch(step)
         r0, w0 = IO.snapshot()
         c0, s0 = ranks.comm_bytes, ranks.comm_seconds
         t0 = time.perf_counter()
-        res = self.trainer.train_step(inputs, targets)
+        res = self.trainer.train_step(*batch)
         self.trainer.streamer.flush()
         dt = time.perf_counter() - t0
         r1, w1 = IO.snapshot()
@@ -454,26 +511,30 @@ class Run:
                        comm_seconds=round(ranks.comm_seconds - s0, 4))
         if res.grad_norm is not None:
             rec["grad_norm"] = res.grad_norm  # before clipping
+        rec.update(res.metrics or {})  # a preference step's rewards
         self.summary["losses"].append(res.loss)
         if ranks.leader:
             _append(self.log_path, self.monitor.record(rec))
-            tqdm.write(f"iter {step:5d}  loss {res.loss:.4f}  {dt:.2f}s  {res.tokens / dt:.0f} tok/s")
+            rewards = (f"  reward acc {res.metrics['rewards/accuracies']:.2f} margin {res.metrics['rewards/margins']:.4f}"
+                       if res.metrics else "")
+            tqdm.write(f"iter {step:5d}  loss {res.loss:.4f}{rewards}  {dt:.2f}s  {res.tokens / dt:.0f} tok/s")
 
     def train(self) -> dict:
         """From the store to the export: the costs, the iterations with their evals and checkpoints."""
         o, p, ranks = self.o, self.p, self.ranks
         self.trainer = distributed.make_trainer(self.store, self.work_dir, p.device, self.tcfg, progress=_bar,
-                                                ranks=ranks, rows_per_rank=o.batch_size)
+                                                ranks=ranks, rows_per_rank=o.batch_size * o.rows_per_example)
         try:
             if self._finished():
                 print(f"nothing to do: the run finished its {o.iters} iterations and {self.out} holds its export "
                       f"(pass --iters N to train further)")
                 return {"out": str(self.out), "work_dir": str(self.work_dir), "losses": [], "nothing_to_do": True}
             self._claim_out()
-            est = estimate_io(self.store, self.tcfg, (o.batch_size * o.grad_accum, o.seq_len))
+            est = estimate_io(self.store, self.tcfg, (o.batch_size * o.grad_accum * o.rows_per_example, o.seq_len))
             plan = print_costs(o, self.store, p.ckpt, self.tcfg, est, self.trainer.step, p.lora, self.resume,
                                self.saved, bool(p.val_batches), p.device, ranks.world) if ranks.leader else []
             self.monitor = Monitor(self, est, plan, ranks.leader)  # one copy of the costs, however many ranks
+            self.prepare_reference()
             start = self._recover()
             if start == 0 or o.eval_every and self.resume:
                 self.summary["before"] = self.evaluate(start)

@@ -23,6 +23,7 @@ from ..formats.gguf import GGUF_TYPES
 from .schedule import SCHEDULES
 
 MATH, OUTPUT, SESSION = "math", "output", "session"
+METHODS = ("sft", "dpo", "ipo", "orpo")  # sft: the next-token loss; the others: preference losses (engine/preference.py)
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 
 
@@ -130,6 +131,15 @@ class RunOptions:
                                        "more of the base stays in RAM: nf4 (QLoRA's 4-bit NormalFloat) or int8 (per "
                                        "output channel); dequantized on the device just before each module computes",
                                  choices=BASE_QUANT_KINDS)
+    # Preference tuning (data/preference.py, engine/preference.py): the loss over chosen/rejected pairs.
+    method: str = opt("sft", "what the run optimizes: sft (next-token loss on --data's records or text), or over "
+                             '{"prompt", "chosen", "rejected"} records: dpo (sigmoid loss against the starting '
+                             "model, whose log-probabilities one layer-major pass computes before training), ipo "
+                             "(DPO's squared loss on length-averaged log-probabilities) or orpo (chosen NLL plus "
+                             "the odds-ratio loss; no reference pass); losses as trl defines them",
+                      choices=METHODS)
+    beta: float = opt(0.1, "DPO/IPO: strength of the pull toward the starting model (trl's beta); ORPO: weight of "
+                           "the odds-ratio loss (trl's beta)")
     # What the run reports and writes.
     eval_every: int = opt(0, "print a greedy completion of --prompt every N iterations (0: only before and after)",
                           OUTPUT)
@@ -169,6 +179,11 @@ class RunOptions:
     stop_on_nan: bool = opt(False, "stop the run on a NaN or Inf loss instead of skipping the step", SESSION)
     deterministic: bool = opt(False, "bit-reproducible kernels on cuda (deterministic algorithms, math attention); "
                                      "slower", SESSION)
+
+    @property
+    def rows_per_example(self) -> int:
+        """Sequences per --batch-size unit: a preference pair is two rows, its chosen and its rejected."""
+        return 1 if self.method == "sft" else 2
 
     @staticmethod
     def flag(name: str) -> str:
@@ -212,6 +227,14 @@ class RunOptions:
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in (*choices, *([None] if f.default is None else [])):
                 raise ConfigError(f"{self.flag(f.name)} {getattr(self, f.name)!r}: expected one of {', '.join(choices)}")
+        if not (math.isfinite(self.beta) and self.beta > 0):
+            raise ConfigError(f"--beta must be a positive number, got {self.beta}")
+        if self.method != "sft" and self.train_on_prompt:
+            raise ConfigError(f"--method {self.method}: --train-on-prompt does not apply; a preference loss counts "
+                              f"the responses only")
+        if self.method != "sft" and (self.val_data or self.val_fraction):
+            raise ConfigError(f"--method {self.method}: --val-data and --val-fraction report a next-token loss, "
+                              f"which preference pairs do not have; leave them out")
         if self.merge and not self.lora_rank:
             raise ConfigError("--merge needs --lora-rank")
         if self.base_quant and not self.lora_rank:
@@ -249,6 +272,7 @@ _FIELDS = {f.name: f for f in fields(RunOptions)}
 # --help lists the options in these groups, in RunOptions' order: each group runs from the field named here to
 # the next group's, so an option added to RunOptions lands in the group of its neighbours.
 HELP_GROUPS = {"model_dir": "model and data", "iters": "training", "lora_rank": "LoRA",
+               "method": "preference tuning",
                "eval_every": "reports and export", "overwrite_out": "where and how fast"}
 
 

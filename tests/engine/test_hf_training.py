@@ -68,15 +68,21 @@ def finetune_cli(model: Path, tmp_path: Path, *flags: str, text: str = TEXT) -> 
     return r, out
 
 
-@pytest.fixture(scope="module")
-def hf_model(tmp_path_factory):
+def model_maker(tmp_path_factory, variants: dict):
+    """get(variant) -> the folder of that variant's tiny random model (make_model's arguments in variants), made on
+    first use and shared by the module's tests (treat it as read-only)."""
     made = {}
 
     def get(variant: str) -> Path:
         if variant not in made:
-            made[variant] = make_model(tmp_path_factory.mktemp(variant), **VARIANTS[variant])
+            made[variant] = make_model(tmp_path_factory.mktemp(variant), **variants[variant])
         return made[variant]
     return get
+
+
+@pytest.fixture(scope="module")
+def hf_model(tmp_path_factory):
+    return model_maker(tmp_path_factory, VARIANTS)
 
 
 @pytest.mark.parametrize("variant", ["llama2", "llama31_gqa", "mistral", "sharded"])

@@ -21,7 +21,7 @@ from tests.engine.test_hf_training import (
     assert_streamed_adamw_steps_within_fp32_noise,
     assert_streamed_sgd_step_equals_transformers,
     in_memory_model,
-    make_model,
+    model_maker,
 )
 from tests.formats.test_qwen import edited
 from tests.model.test_sliding_window import greedy_equals_generate
@@ -48,13 +48,7 @@ VARIANTS = {
 
 @pytest.fixture(scope="module")
 def gemma(tmp_path_factory):
-    made = {}
-
-    def get(variant: str):
-        if variant not in made:
-            made[variant] = make_model(tmp_path_factory.mktemp(variant), **VARIANTS[variant])
-        return made[variant]
-    return get
+    return model_maker(tmp_path_factory, VARIANTS)
 
 
 def reference(folder):

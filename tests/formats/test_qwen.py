@@ -21,7 +21,7 @@ from tests.engine.test_hf_training import (
     assert_streamed_adamw_steps_within_fp32_noise,
     assert_streamed_sgd_step_equals_transformers,
     in_memory_model,
-    make_model,
+    model_maker,
 )
 from tests.streamed import assert_cut_short_step_resumes_bit_identically
 
@@ -42,13 +42,7 @@ FLAGS = {"qwen2": (True, False, False), "qwen2_tied": (True, False, False), "qwe
 
 @pytest.fixture(scope="module")
 def qwen(tmp_path_factory):
-    made = {}
-
-    def get(variant: str):
-        if variant not in made:
-            made[variant] = make_model(tmp_path_factory.mktemp(variant), **VARIANTS[variant])
-        return made[variant]
-    return get
+    return model_maker(tmp_path_factory, VARIANTS)
 
 
 def tokens(seed: int, n: int = 12):
