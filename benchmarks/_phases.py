@@ -393,7 +393,7 @@ def phase_stream(cfg: dict) -> dict:
                      micro_batch=cfg.get("micro_batch"), compute_dtype=getattr(torch, cfg["compute_dtype"]),
                      act_dtype=getattr(torch, cfg.get("act_dtype", "float32")), ram_budget=budget,
                      prefetch=cfg["prefetch"], verify=cfg.get("verify", True),
-                     clip_grad_norm=cfg.get("clip_grad_norm", 0.0))
+                     clip_grad_norm=cfg.get("clip_grad_norm", 0.0), commit_every=cfg.get("commit_every", 1))
     trainer = Trainer(store, cfg["train_dir"], device, tc)
     losses, warm_s, step_s = [], [], []
     split = _split_step(trainer) if cfg.get("phase_peaks") else None
@@ -401,6 +401,7 @@ def phase_stream(cfg: dict) -> dict:
         for _ in range(cfg["warmup"]):
             t = time.perf_counter()
             losses.append(trainer.train_step(inputs, targets).loss)
+            trainer.commit()  # --commit-every: the timed steps start from a commit
             trainer.streamer.flush()
             _sync(torch, device)
             warm_s.append(time.perf_counter() - t)
@@ -412,8 +413,10 @@ def phase_stream(cfg: dict) -> dict:
                 t = time.perf_counter()
                 losses.append(trainer.train_step(inputs, targets).loss)
                 step_s.append(time.perf_counter() - t)
-            # Writes are queued to a background thread: count them in the timed steps.
+            # Writes are queued to a background thread: count them in the timed steps, with the commit of
+            # the steps still held under --commit-every (none left when --steps is a multiple of it).
             with split.part("flush") if split else contextlib.nullcontext():
+                trainer.commit()
                 trainer.streamer.flush()
             _sync(torch, device)
         total = time.perf_counter() - t0
@@ -431,7 +434,7 @@ def phase_stream(cfg: dict) -> dict:
         extra |= {"h2d_bytes_per_step": (h1 - h0) / k, "d2h_bytes_per_step": (d1 - d0) / k,
                  "gpu_busy_percent": busy.mean_percent, "copy_rates": copy_bandwidth(torch, device)}
     plan = trainer.plan
-    extra["plan"] = {"ram_budget": budget, "top": plan.top, "turn_blocks_K": plan.turn_blocks,
+    extra["plan"] = {"ram_budget": budget, "commit_every": trainer.commit_interval, "top": plan.top, "turn_blocks_K": plan.turn_blocks,
                      "modules": len(trainer.names), "turn_bytes": plan.turn_bytes, "acts_in_ram": plan.acts_in_ram,
                      "act_bytes": plan.act_bytes, "cache_budget": None if plan.cache_budget == float("inf")
                      else plan.cache_budget}

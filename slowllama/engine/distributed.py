@@ -277,6 +277,10 @@ class DataParallelTrainer(Trainer):
                                                                               **kw)
             self._journal.check_batch = lambda point, batch: check(point, self._layout(batch))
 
+    def holds_state(self) -> bool:
+        """Data parallel runs commit every step: an interval commit would have to agree across hosts' stores."""
+        return False
+
     def _layout(self, batch: str) -> str:
         return f"{batch}/ranks{self.ranks.world}"
 

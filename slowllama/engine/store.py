@@ -120,8 +120,9 @@ class BlockStore:
         self._check_expected(name, block.step, block.checksum)
         return block
 
-    def write(self, name: str, block: Block) -> int:
-        checksum = write_block(self.path(name), block, name, model=self.model_id)
+    def write(self, name: str, block: Block, path: Path | None = None) -> int:
+        """Write the module's block to its file, or to path (an interval commit stages it there first)."""
+        checksum = write_block(path or self.path(name), block, name, model=self.model_id)
         self.expected[name] = (block.step, checksum)
         return checksum
 
@@ -179,7 +180,10 @@ class BlockStore:
                 problems.append(f"module {name}: non-finite values in {bad}")
             if name != EXTRAS and block.step == j["version"] and sums.get(name) not in (None, block.checksum):
                 problems.append(f"module {name}: checksum {block.checksum} differs from the journal's {sums[name]}")
-            if name != EXTRAS and block.step not in (j["version"], j["version"] + (j["phase"] == "backward")):
+            # A crash may leave a step's backward pass half done (version + 1), or an interval commit half
+            # installed (modules still at the version it replaces; journal.py finishes it on resume).
+            allowed = (j["version"], j["version"] + (j["phase"] == "backward"), j.get("from_version", j["version"]))
+            if name != EXTRAS and block.step not in allowed:
                 problems.append(f"{self.path(name)}: module {name} at version {block.step}, the journal is at "
                                 f"{j['version']}")
         return problems

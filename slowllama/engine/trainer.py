@@ -26,13 +26,17 @@ or ORPO's over each micro-batch's pairs; each row carries its side and reference
 beside its tokens (the extra of train_step), and the schedule is unchanged.
 
 What a step updates and how it commits is its update rule's (update.py: full fine-tuning,
-LoRA); the commit order and the journal that a resume reads are journal.py's.
+LoRA); the commit order and the journal that a resume reads are journal.py's. When the RAM budget
+holds every module (plan.holds_trained_state), --commit-every keeps the updated modules in RAM and
+commits them every N steps instead (commits.py says when); a caller that stops between steps without
+a crash calls commit() first, or the held steps are lost as a crash loses them.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -46,9 +50,10 @@ from ..blockfile import Block, StoreError, read_block, write_block
 from ..data.windows import IGNORE
 from ..errors import ConfigError
 from ..model.lora import ADAPTERS, Adapters, LoraConfig
+from .commits import CommitPolicy, interval
 from .journal import batch_hash
 from .optim import OptimConfig
-from .plan import ModuleSize, StepPlan, cached_input_bytes, module_sizes, plan_step
+from .plan import ModuleSize, StepPlan, cached_input_bytes, holds_trained_state, module_sizes, plan_step
 from .preference import PreferenceConfig, PreferenceObjective
 from .store import BlockStore
 from .streamer import Streamer
@@ -78,6 +83,9 @@ class TrainConfig:
     # Blocks the turn holds beyond the minimal three (K); None: as many as the RAM budget holds (plan.py).
     # Any K gives the same bits; tests force it to run the same step through each schedule.
     turn_blocks: int | None = None
+    # Steps between commits when the budget holds every module (commits.py); None: auto; 1: every step.
+    # Any value gives the same bits; with modules that do not fit, every step commits.
+    commit_every: int | None = 1
     # A preference loss (engine/preference.py) instead of the next-token loss; None: the next-token loss.
     preference: PreferenceConfig | None = None
 
@@ -156,6 +164,7 @@ class Trainer:
 
             self.device_budget = memory_budget(device) / 2
         self.plan: StepPlan | None = None  # the plan of the step running, from its micro-batches' shape
+        self.commits = CommitPolicy(cfg.commit_every)
         self.objective = PreferenceObjective(cfg.preference) if cfg.preference is not None else None
         try:
             self.update = (LoraUpdate(store, self.streamer, cfg, self.adapters_path, device) if cfg.lora is not None
@@ -203,8 +212,11 @@ class Trainer:
         n_tok = int((targets != IGNORE).sum())
         if n_tok == 0:
             raise ConfigError("batch has no target tokens")
+        t0 = time.perf_counter()
         scale = self.loss_scale(targets, extra)
         self._use_plan(mbs)
+        holding = self.holds_state()
+        self.update.hold(holding)
         acts = self._activation_cache(self.plan.acts_in_ram)
         if self.objective is not None:
             self.objective.start()
@@ -216,13 +228,37 @@ class Trainer:
                 raise NonFiniteError(msg)
             log.warning("%s, skipping the step", msg)
             self.update.skip(step)
+            self._commit_if_due(holding, t0)
             self.streamer.flush()
             return StepResult(step, loss, n_tok, skipped=True, metrics=metrics)
         if self.cfg.clip_grad_norm and self.cfg.lora is None:
             self.update.set_clip(*self._norm_pass(step, mbs, acts, scale, done))
         self.update.begin(step, loss, n_tok, batch_hash(inputs, targets), metrics=metrics)
         self._backward(step, version, mbs, acts, len(self.names) - 1, scale, done=done)
+        self._commit_if_due(holding, t0)
         return StepResult(step, loss, n_tok, grad_norm=self.update.grad_norm, metrics=metrics)
+
+    def holds_state(self) -> bool:
+        """Whether this step's modules stay in RAM until an interval commit (--commit-every)."""
+        return self.cfg.commit_every != 1 and holds_trained_state(self.cfg, self.plan, self.sizes)
+
+    @property
+    def commit_interval(self) -> int:
+        """The steps between commits at most (1: every step), by the plan of the last step run."""
+        return interval(self.cfg.commit_every) if self.plan is not None and self.holds_state() else 1
+
+    def _commit_if_due(self, holding: bool, t0: float):
+        if holding and self.commits.due(time.perf_counter() - t0):
+            self.commit()
+
+    def commit(self):
+        """Commit the steps held in RAM to the store, and wait until it is on disk; nothing if none.
+        Called before anything reads the store (an evaluation, an export) and before a planned stop.
+        It waits because a module the cache lets go of between its staged write and the rename would be
+        read back from its file at the version before the commit."""
+        self.update.commit_held()
+        self.streamer.flush()
+        self.commits.committed()
 
     def micro_seed(self, step: int, m: int) -> int:
         """The dropout seed of micro-batch m of a step (distributed.py numbers them globally)."""
@@ -420,6 +456,7 @@ class Trainer:
     def recover(self, batch_for_step: Callable[[int], tuple]) -> StepResult | None:
         """Finish a step that was cut short in its backward pass; None when there is none.
         batch_for_step gives (inputs, targets) or, for a preference run, (inputs, targets, extra)."""
+        self.update.hold(False)  # a step cut short is finished module by module, as it began
         point = self.update.resume_point()
         if point is None:
             return None
@@ -530,14 +567,22 @@ def estimate_io(store: BlockStore, cfg: TrainConfig, batch_shape: tuple[int, int
             tied_written = tied_read = store.args.vocab_size * store.args.dim * 4 + 384
     grad_bytes += tied_written
     journal = 0 if lora else 2 * 400  # two journal writes a step; a LoRA run's journal is its adapter file
+    # Interval commits (--commit-every): nothing is written between commits, and a commit writes every
+    # module and two journals once per `every` steps (when auto's time bound is not reached first).
+    every = interval(cfg.commit_every) if cfg.commit_every != 1 and holds_trained_state(cfg, plan, sizes) else 1
+    if every > 1:
+        grad_bytes = tied_written = tied_read = 0
+        module_bytes, journal = module_bytes // every, journal // every
     written = module_bytes + act_bytes + grad_bytes + journal
     # Clipping reads the cached activations twice: once per reverse pass.
     clip_read = norm_read + (act_bytes if clip else 0)
     # Files made durable per step (each an fsync of the file and of its folder): the modules and the
     # boundary gradients, tied.blk and the journal's two writes; a LoRA step, its adapter file.
     durable = 1 if lora else len(names) + (len(names) - 1) + (1 if tied else 0) + 2
+    if every > 1:
+        durable = (len(names) + 2) / every
     return {"read": reads + act_bytes + tied_read + (act_bytes if clip else 0), "written": written,
-            "durable_files": durable,
+            "durable_files": durable, "commit_every": every,
             "store": sum(file.values()), "activations": act_bytes, "gradients": grad_bytes,
             "tied": turn_read + tied_written + tied_read,  # what tying adds to a step (in read and written)
             "clip": clip_read,  # what exact clipping adds to a step's reads (it writes nothing more)

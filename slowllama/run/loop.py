@@ -70,6 +70,7 @@ from .options import (
     SAVED_EXTRAS,
     SESSION,
     RunOptions,
+    parse_commit_every,
     parse_size,
 )
 from .schedule import lr_at
@@ -264,7 +265,7 @@ class Prepared:
     device: torch.device
 
 
-def train_config(o: RunOptions, optim: OptimConfig, lora: LoraConfig | None) -> TrainConfig:
+def train_config(o: RunOptions, optim: OptimConfig, lora: LoraConfig | None, world: int = 1) -> TrainConfig:
     micro = o.micro_batch or (o.batch_size if o.grad_accum > 1 else None)
     # The trainer counts rows: a preference micro-batch is its pairs' chosen and rejected rows.
     micro = micro * o.rows_per_example if micro else None
@@ -273,6 +274,8 @@ def train_config(o: RunOptions, optim: OptimConfig, lora: LoraConfig | None) -> 
                        ram_budget=parse_size(o.ram_budget), prefetch=not o.no_prefetch, verify=not o.no_verify,
                        stop_on_nonfinite_loss=o.stop_on_nan, lora=lora,
                        optim_state_dtype=DTYPES[o.optim_state_dtype], clip_grad_norm=o.clip_grad_norm,
+                       # Data parallel runs commit every step (distributed.DataParallelTrainer.holds_state).
+                       commit_every=parse_commit_every(o.commit_every) if world == 1 else 1,
                        lr_at=lambda step: lr_at(step, o.iters, o.lr, o.lr_schedule, o.warmup_iters, o.min_lr),
                        preference=PreferenceConfig(o.method, o.beta) if o.method != "sft" else None)
 
@@ -286,7 +289,7 @@ class Run:
         self.out, self.work_dir = Path(o.out), Path(o.work_dir)
         self.log_path = self.out / LOG_NAME
         self.store, self.saved = self._open_store(saved)
-        self.tcfg = train_config(o, p.optim, p.lora)
+        self.tcfg = train_config(o, p.optim, p.lora, ranks.world)
         self.summary = {"out": str(self.out), "work_dir": str(self.work_dir), "losses": [], "rank": ranks.rank}
         self.trainer = self.monitor = None
         self.reference: torch.Tensor | None = None  # DPO/IPO: (2, pairs) the starting model's log-probabilities
@@ -411,6 +414,7 @@ class Run:
     def evaluate(self, step: int) -> str | None:
         """Validation loss and the sample completion at iteration step (rank 0 only); returns the completion."""
         o, p = self.o, self.p
+        self.trainer.commit()  # the evaluation reads the store: the steps held in RAM go there first
         if not self.ranks.leader:
             return None
         if p.val_batches:
@@ -432,6 +436,7 @@ class Run:
     def save(self, final: bool = True):
         """The export: into out at the end, into out/checkpoint-NNNNNN every --save-every iterations."""
         o, store, trainer, out = self.o, self.store, self.trainer, self.out
+        trainer.commit()  # an export reads the store: the steps held in RAM go there first
         if not self.ranks.leader:
             return
         trainer.streamer.flush()
@@ -469,6 +474,8 @@ class Run:
         """Finish an interrupted step, log it if the crash came before its record; returns the first step."""
         o, trainer = self.o, self.trainer
         rec = trainer.recover(self.batch)
+        if self.resume and self.ranks.leader:
+            _drop_records_from(self.log_path, trainer.step)
         if rec is not None and self.ranks.leader:
             tqdm.write(f"resumed: finished iteration {rec.step} (loss {rec.loss:.4f})")
         last = (dict(iter=rec.step, loss=rec.loss, tokens=rec.tokens,
@@ -543,6 +550,7 @@ class Run:
                 if o.save_every and done % o.save_every == 0 and done < o.iters:
                     self.save(final=False)
                 self.monitor.iteration_done(done, bar, evaluated)
+            self.trainer.commit()
             if ranks.world > 1:  # every store holds the last step before the followers drop their boundaries
                 self.trainer.settle("the end of the run")
             self.summary["after"] = self.evaluate(o.iters)
@@ -656,6 +664,30 @@ def _logged_iters(path: Path) -> set[int]:
         if isinstance(rec, dict) and "loss" in rec:
             iters.add(rec.get("iter"))
     return iters
+
+
+def _drop_records_from(path: Path, step: int):
+    """On resume: the log as of the store's last commit. The records of iterations from `step` on (and of
+    evaluations after it) belong to steps a crash lost after that commit (--commit-every held them in
+    RAM); the resume replays those steps and logs them again, so the log holds each iteration once."""
+    if not path.exists():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    keep = []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            rec = None  # a line a crash tore: dropped, or the next record would be appended onto it
+        if not isinstance(rec, dict) or not isinstance(rec.get("iter"), int):
+            if rec is not None:
+                keep.append(line)
+            continue
+        if rec["iter"] > step or (rec["iter"] == step and "loss" in rec):
+            continue
+        keep.append(line)
+    if len(keep) != len(lines):
+        atomic_write_bytes(path, [line.rstrip("\n").encode("utf-8") + b"\n" for line in keep])
 
 
 def _append(path: Path, obj: dict):

@@ -52,6 +52,19 @@ def auto_budget() -> int:
     return int(psutil.virtual_memory().available * AUTO_SHARE)
 
 
+def parse_commit_every(text: str | int) -> int | None:
+    """--commit-every: 'auto' (None, commits.py's rule) or a number of iterations of at least 1."""
+    if isinstance(text, str) and text.strip().lower() == "auto":
+        return None
+    try:
+        n = int(text)
+    except (TypeError, ValueError):
+        n = 0
+    if isinstance(text, bool) or n < 1 or str(n) != str(text).strip():
+        raise ConfigError(f"--commit-every {text!r}: expected auto or a number of iterations of at least 1")
+    return n
+
+
 def parse_size(text: str | int | None) -> int | None:
     """'8G', '512M', '1.5T', '0', 'auto' (AUTO_SHARE of the available memory) or 'none' (no limit) to bytes."""
     if text is None or isinstance(text, int):
@@ -155,6 +168,12 @@ class RunOptions:
     ram_budget: str = opt("auto", "RAM for keeping modules, activations and gradients resident, e.g. 8G; auto: half "
                                   "of the memory available at start; 0 keeps only the current and next module; "
                                   "none: no limit", SESSION)
+    commit_every: str = opt("auto", "when the RAM budget holds every module: keep the updated modules in RAM and "
+                                    "commit them to the store every N iterations, and before every evaluation, "
+                                    "checkpoint and the export (a crash loses at most N iterations, replayed exactly "
+                                    "on resume); auto: every 10, or sooner when 10 would pass 2 minutes of measured "
+                                    "step time; 1: every iteration. Modules that do not fit commit every iteration",
+                             SESSION, metavar="N")
     no_prefetch: bool = opt(False, "read each module only when it is needed", SESSION)
     no_verify: bool = opt(False, "skip checking each module's checksum as it is read", SESSION)
     stop_on_nan: bool = opt(False, "stop the run on a NaN or Inf loss instead of skipping the step", SESSION)
@@ -221,6 +240,7 @@ class RunOptions:
         if self.base_quant and not self.lora_rank:
             raise ConfigError("--base-quant needs --lora-rank: a full fine-tune updates the weights it would quantize")
         parse_size(self.ram_budget)
+        parse_commit_every(self.commit_every)
 
     def saved(self) -> dict:
         """What run.json keeps: every option but the SESSION ones."""
@@ -319,4 +339,4 @@ def _fits(f, value) -> bool:
         return isinstance(value, int) and not isinstance(value, bool)
     if kind == "float":
         return isinstance(value, (int, float)) and not isinstance(value, bool)
-    return isinstance(value, str) or (f.name == "ram_budget" and isinstance(value, int))
+    return isinstance(value, str) or (f.name in ("ram_budget", "commit_every") and isinstance(value, int))
