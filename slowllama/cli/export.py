@@ -49,10 +49,16 @@ def main(argv=None, prog: str | None = None) -> int:
                 raise ConfigError(f"{folder}: a PEFT LoRA folder; give --base, the model it adapts")
             written = export_adapter(folder, Path(a.base), Path(a.out), a.type)
         else:
+            if a.base:  # a model folder with --base: the user meant an adapter, and would get the whole model
+                raise ConfigError(f"--base {a.base}: {folder} is a model folder, not a PEFT LoRA folder; "
+                                  f"--base is only for a LoRA folder's adapters")
             written = export_gguf(folder, a.out, a.type, modelfile=not a.no_modelfile)
     except (ConfigError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the GGUF is written to a temp file that is removed: no half file under --out
+        print(f"interrupted: no partial {a.out} was left; run the export again", file=sys.stderr)
+        return 130
     print(f"wrote {written} ({written.stat().st_size} bytes)")
     return 0
 

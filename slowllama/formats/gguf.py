@@ -18,9 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import faults
 from ..errors import ConfigError
 from ..fsutil import fsync_dir, read_json_object, tmp_path, write_error
 from ..model.transformer import ModelArgs, module_names
+from ..paths import check_not_under_a_file
 from .gguf_vocab import add_vocab, vocab_source
 from .hf import HFCheckpoint, _rope_heads, expected_shapes, from_meta
 from .ollama import check_modelfile, modelfile_path, write_modelfile
@@ -144,8 +146,12 @@ def _check_arch(ckpt: HFCheckpoint, arch: str):
 
 
 def check_out(out: Path):
-    """Refuse an output path that is a folder or a file that is not a GGUF (a user's, never replaced)."""
+    """Refuse an output path that is a folder, a file that is not a GGUF (a user's, never replaced), or one
+    whose folder is missing (the OS would name the temp file beside it, not out)."""
     out = Path(out)
+    check_not_under_a_file(out, "--out")
+    if not out.absolute().parent.is_dir():
+        raise ConfigError(f"--out {out}: the folder {out.absolute().parent} does not exist")
     if out.is_dir():
         raise ConfigError(f"{out}: is a folder; give the path of the .gguf file to write")
     if out.exists():
@@ -179,7 +185,7 @@ def write_gguf(out: Path, arch: str, add_metadata: Callable, infos: list[tuple[s
 
     out = Path(out)
     tmp = tmp_path(out)
-    w = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[arch]])
+    w = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[arch]])  # opens nothing yet
     try:
         add_metadata(w)
         for name, shape, qtype in infos:
@@ -191,6 +197,7 @@ def write_gguf(out: Path, arch: str, add_metadata: Callable, infos: list[tuple[s
         for array in data:
             w.write_tensor_data(array)
             n += 1
+            faults.point("gguf_tensor")
         if n != len(infos):
             raise RuntimeError(f"{out}: {n} tensors written for {len(infos)} announced")
         w.fout[0].flush()
