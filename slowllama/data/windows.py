@@ -14,7 +14,7 @@ import torch
 from ..errors import ConfigError
 from ..formats.tokenizer import Tokenizer
 from .chat import encode_chat
-from .records import SUFFIXES, Records
+from .records import SUFFIXES, Records, strip_bom
 
 
 def read_text(path: str | Path) -> str:
@@ -23,10 +23,11 @@ def read_text(path: str | Path) -> str:
         raw = path.read_bytes()
     except OSError as e:
         raise ConfigError(f"{path}: cannot read data file ({e.strerror})") from e
+    raw, skipped = strip_bom(raw)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text (invalid byte at offset {e.start})") from e
+        raise ConfigError(f"{path}: not UTF-8 text (invalid byte at offset {skipped + e.start})") from e
     if not text.strip():
         raise ConfigError(f"{path}: data file is empty")
     return text
