@@ -42,17 +42,20 @@ def main(argv=None, prog: str | None = None) -> int:
                                                    f"default: f16)")
     out.add_argument("--no-modelfile", action="store_true", help="do not write the Ollama Modelfile beside it")
     a = p.parse_args(argv)
-    folder = Path(a.export_dir)
+    folder, out = Path(a.export_dir), Path(a.out)
     try:
+        if not out.absolute().parent.exists():
+            # finetune --gguf makes OUT first; here the folder is the user's to make (a typo is not a full disk)
+            raise ConfigError(f"--out {out}: the folder {out.absolute().parent} does not exist")
         if (folder / PEFT_CONFIG_FILE).is_file() and not (folder / "config.json").is_file():
             if not a.base:
                 raise ConfigError(f"{folder}: a PEFT LoRA folder; give --base, the model it adapts")
-            written = export_adapter(folder, Path(a.base), Path(a.out), a.type)
+            written = export_adapter(folder, Path(a.base), out, a.type)
         else:
             if a.base:  # a model folder with --base: the user meant an adapter, and would get the whole model
                 raise ConfigError(f"--base {a.base}: {folder} is a model folder, not a PEFT LoRA folder; "
                                   f"--base is only for a LoRA folder's adapters")
-            written = export_gguf(folder, a.out, a.type, modelfile=not a.no_modelfile)
+            written = export_gguf(folder, out, a.type, modelfile=not a.no_modelfile)
     except (ConfigError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -146,12 +146,10 @@ def _check_arch(ckpt: HFCheckpoint, arch: str):
 
 
 def check_out(out: Path):
-    """Refuse an output path that is a folder, a file that is not a GGUF (a user's, never replaced), or one
-    whose folder is missing (the OS would name the temp file beside it, not out)."""
+    """Refuse an output path that is a folder, below a file (the OS would name the temp file beside it, not
+    out), or a file that is not a GGUF (a user's, never replaced)."""
     out = Path(out)
     check_not_under_a_file(out, "--out")
-    if not out.absolute().parent.is_dir():
-        raise ConfigError(f"--out {out}: the folder {out.absolute().parent} does not exist")
     if out.is_dir():
         raise ConfigError(f"{out}: is a folder; give the path of the .gguf file to write")
     if out.exists():
