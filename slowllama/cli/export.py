@@ -16,7 +16,25 @@ from pathlib import Path
 
 from slowllama.errors import ConfigError
 from slowllama.formats.gguf import GGUF_TYPES, export_gguf
+from slowllama.fsutil import read_json_object
 from slowllama.paths import PEFT_CONFIG_FILE
+
+
+def check_same_architecture(peft_dir: Path, base_config: Path):
+    """Refuse a --base of another architecture than the model the adapters were trained on, where their
+    adapter_config.json names that model as a folder still on disk: same shapes (tiny or sibling models) load
+    without complaint, and the GGUF would carry the wrong architecture's RoPE layout and name."""
+    trained_on = read_json_object(peft_dir / PEFT_CONFIG_FILE).get("base_model_name_or_path")
+    if not isinstance(trained_on, str) or not (Path(trained_on) / "config.json").is_file():
+        return  # a hub name, or a folder since moved: nothing to compare with
+    try:
+        theirs = read_json_object(Path(trained_on) / "config.json").get("model_type")
+    except ConfigError:
+        return
+    ours = read_json_object(base_config).get("model_type")
+    if theirs != ours:
+        raise ConfigError(f"--base {base_config.parent}: a {ours} model, but {peft_dir} adapts {trained_on}, a "
+                          f"{theirs} model; give that model as --base")
 
 
 def export_adapter(peft_dir: Path, base: Path, out: Path, gguf_type: str) -> Path:
@@ -26,6 +44,7 @@ def export_adapter(peft_dir: Path, base: Path, out: Path, gguf_type: str) -> Pat
 
     ckpt = HFCheckpoint(base)
     check_adapter_request(ckpt.config_path, out, gguf_type)
+    check_same_architecture(peft_dir, ckpt.config_path)
     adapters = load_peft(peft_dir, ckpt.args)
     return export_adapter_gguf(adapters, ckpt.args, ckpt.config_path, out, gguf_type, name=base.name)
 

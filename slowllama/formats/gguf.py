@@ -171,6 +171,8 @@ def check_request(ckpt: HFCheckpoint, out: Path, gguf_type: str, modelfile: bool
     check_out(out)
     vocab_source(ckpt.dir)
     if modelfile:
+        if modelfile_path(Path(out)) == Path(out):  # the Modelfile would be written over the GGUF just made
+            raise ConfigError(f"--out {out}: is the Modelfile's own name; give a .gguf path (or --no-modelfile)")
         check_modelfile(modelfile_path(Path(out)))
 
 

@@ -138,6 +138,28 @@ def test_export_never_replaces_the_users_files(capsys, hf, lora, mine, target):
     refused(run(capsys, "export", hf, "--out", out), name)
 
 
+def test_export_out_named_like_its_modelfile(capsys, hf, mine):
+    """--out x.Modelfile: the GGUF was written there, then refused as 'not written by slowllama' with exit 2
+    when the Modelfile came to be written over it."""
+    refused(run(capsys, "export", hf, "--out", mine / "x.Modelfile"), "--out", "x.Modelfile")
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory) -> Path:
+    """A tiny Qwen2 of the same shapes as hf (read-only)."""
+    return make_model(tmp_path_factory.mktemp("qwen") / "q", "qwen2", "qwen")
+
+
+def test_adapter_export_with_a_base_of_another_architecture(capsys, hf, lora, qwen, mine):
+    """Llama adapters with a Qwen2 --base of the same shapes: written as a qwen2 adapter in qwen2's RoPE layout,
+    without a word. adapter_config.json names the model they were trained on; its architecture must match."""
+    mine.freeze(hf, lora, qwen)
+    refused(run(capsys, "export", lora, "--base", qwen, "--out", mine / "a.gguf"), "--base", "qwen2", "llama")
+    code, _, err = run(capsys, "export", lora, "--base", hf, "--out", mine / "a.gguf")  # its own base: written
+    assert code == 0 and (mine / "a.gguf").read_bytes()[:4] == MAGIC, err
+    (mine / "a.gguf").unlink()
+
+
 def test_export_missing_arguments(capsys, hf):
     with pytest.raises(SystemExit) as e:
         slowllama.main(["export", str(hf)])
