@@ -66,6 +66,9 @@ def main(argv=None, prog: str | None = None) -> int:
         if not out.absolute().parent.exists():
             # finetune --gguf makes OUT first; here the folder is the user's to make (a typo is not a full disk)
             raise ConfigError(f"--out {out}: the folder {out.absolute().parent} does not exist")
+        if (folder / "params.json").is_file() and not (folder / "config.json").is_file():
+            raise ConfigError(f"{folder}: a Meta checkpoint (params.json); GGUF export reads a Hugging Face "
+                              f"folder: run finetune with --export-format hf, then export its OUT")
         if (folder / PEFT_CONFIG_FILE).is_file() and not (folder / "config.json").is_file():
             if not a.base:
                 raise ConfigError(f"{folder}: a PEFT LoRA folder; give --base, the model it adapts")

@@ -107,6 +107,11 @@ def test_export_base_given_with_a_model_folder(capsys, hf, mine):
     refused(run(capsys, "export", hf, "--base", hf, "--out", mine / "m.gguf"), "--base", "PEFT")
 
 
+def test_export_of_a_meta_checkpoint_says_what_to_do(capsys, probe_model, mine):
+    """A Meta folder (params.json): it said only 'config.json: missing'."""
+    refused(run(capsys, "export", probe_model, "--out", mine / "m.gguf"), str(probe_model), "Meta", "--export-format hf")
+
+
 @pytest.mark.parametrize("what", ["gguf-file", "work-dir", "adapters-as-base"])
 def test_export_wrong_folders(capsys, hf, lora, mine, what):
     """A GGUF given as the model, a finetune work dir as the model, the adapters as their own --base."""
