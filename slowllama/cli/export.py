@@ -17,7 +17,7 @@ from pathlib import Path
 from slowllama.errors import ConfigError
 from slowllama.formats.gguf import GGUF_TYPES, export_gguf
 from slowllama.fsutil import read_json_object
-from slowllama.paths import PEFT_CONFIG_FILE
+from slowllama.paths import PEFT_CONFIG_FILE, check_not_under_a_file, lock_out_dir
 
 
 def check_same_architecture(peft_dir: Path, base_config: Path):
@@ -63,21 +63,17 @@ def main(argv=None, prog: str | None = None) -> int:
     a = p.parse_args(argv)
     folder, out = Path(a.export_dir), Path(a.out)
     try:
+        check_not_under_a_file(out, "--out")
         if not out.absolute().parent.exists():
             # finetune --gguf makes OUT first; here the folder is the user's to make (a typo is not a full disk)
             raise ConfigError(f"--out {out}: the folder {out.absolute().parent} does not exist")
-        if (folder / "params.json").is_file() and not (folder / "config.json").is_file():
-            raise ConfigError(f"{folder}: a Meta checkpoint (params.json); GGUF export reads a Hugging Face "
-                              f"folder: run finetune with --export-format hf, then export its OUT")
-        if (folder / PEFT_CONFIG_FILE).is_file() and not (folder / "config.json").is_file():
-            if not a.base:
-                raise ConfigError(f"{folder}: a PEFT LoRA folder; give --base, the model it adapts")
-            written = export_adapter(folder, Path(a.base), out, a.type)
-        else:
-            if a.base:  # a model folder with --base: the user meant an adapter, and would get the whole model
-                raise ConfigError(f"--base {a.base}: {folder} is a model folder, not a PEFT LoRA folder; "
-                                  f"--base is only for a LoRA folder's adapters")
-            written = export_gguf(folder, out, a.type, modelfile=not a.no_modelfile)
+        # A second terminal exporting into the same --out is refused: it would replace this one's file while
+        # both report success.
+        lock = lock_out_dir(out)
+        try:
+            written = _export(folder, out, a)
+        finally:
+            lock.close()
     except (ConfigError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -86,6 +82,21 @@ def main(argv=None, prog: str | None = None) -> int:
         return 130
     print(f"wrote {written} ({written.stat().st_size} bytes)")
     return 0
+
+
+def _export(folder: Path, out: Path, a: argparse.Namespace) -> Path:
+    """The GGUF of a model folder, or of a PEFT folder's adapters over --base."""
+    if (folder / "params.json").is_file() and not (folder / "config.json").is_file():
+        raise ConfigError(f"{folder}: a Meta checkpoint (params.json); GGUF export reads a Hugging Face "
+                          f"folder: run finetune with --export-format hf, then export its OUT")
+    if (folder / PEFT_CONFIG_FILE).is_file() and not (folder / "config.json").is_file():
+        if not a.base:
+            raise ConfigError(f"{folder}: a PEFT LoRA folder; give --base, the model it adapts")
+        return export_adapter(folder, Path(a.base), out, a.type)
+    if a.base:  # a model folder with --base: the user meant an adapter, and would get the whole model
+        raise ConfigError(f"--base {a.base}: {folder} is a model folder, not a PEFT LoRA folder; "
+                          f"--base is only for a LoRA folder's adapters")
+    return export_gguf(folder, out, a.type, modelfile=not a.no_modelfile)
 
 
 if __name__ == "__main__":

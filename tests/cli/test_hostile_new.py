@@ -10,6 +10,7 @@ full-disk cases run as a subprocess, as a user's terminal does.
 from __future__ import annotations
 
 import json
+import os
 import resource
 import signal
 import subprocess
@@ -26,6 +27,7 @@ from slowllama.errors import ConfigError
 from slowllama.formats.gguf import MAGIC
 from slowllama.formats.hf import HFCheckpoint
 from slowllama.formats.peft import export_peft
+from slowllama.paths import lock_out_dir
 from tests.cli_helpers import SMALL, assert_unchanged, env, snapshot
 from tests.formats.gguf_helpers import make_model
 from tests.formats.test_peft import random_adapters
@@ -165,6 +167,21 @@ def test_adapter_export_with_a_base_of_another_architecture(capsys, hf, lora, qw
     (mine / "a.gguf").unlink()
 
 
+def test_second_terminal_exporting_into_the_same_out_is_refused(capsys, hf, tmp_path):
+    """Two exports into one --out both said 'wrote' while the later rename replaced the other's file; now the
+    second is refused naming --out and the pid, and the first one's GGUF stands."""
+    out = tmp_path / "m.gguf"
+    held = lock_out_dir(out)  # the first terminal, mid-export
+    try:
+        refused(run(capsys, "export", hf, "--out", out, "--type", "q8_0"), "--out", "in use", f"pid {os.getpid()}")
+    finally:
+        held.close()
+    assert not out.exists()
+    code, _, err = run(capsys, "export", hf, "--out", out)  # once it is done, the export goes ahead
+    assert code == 0 and out.read_bytes()[:4] == MAGIC, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.Modelfile", "m.gguf"]  # no lock file left
+
+
 def test_export_missing_arguments(capsys, hf):
     with pytest.raises(SystemExit) as e:
         slowllama.main(["export", str(hf)])
@@ -197,13 +214,13 @@ def _export_subprocess(args, kill=None, limit=None) -> subprocess.CompletedProce
 
 
 @pytest.mark.parametrize("source", ["model", "adapter"])
-def test_ctrl_c_mid_export_leaves_the_previous_gguf_and_no_partial_file(hf, lora, tmp_path, source):
+def test_ctrl_c_mid_export_leaves_the_previous_gguf_and_no_partial_file(capsys, hf, lora, tmp_path, source):
     """Ctrl-C as the second tensor is written: one 'interrupted' line (it was a KeyboardInterrupt traceback),
     exit 130, the previous GGUF byte-identical, no temp file."""
     args = ["export", hf] if source == "model" else ["export", lora, "--base", hf]
     out = tmp_path / "m.gguf"
-    first = _export_subprocess([*args, "--out", out, "--type", "f32"])
-    assert first.returncode == 0, first.stderr[-2000:]
+    code, _, err = run(capsys, *args, "--out", out, "--type", "f32")  # the previous export
+    assert code == 0, err
     before = snapshot(tmp_path)
     r = _export_subprocess([*args, "--out", out, "--type", "q8_0"], kill="gguf_tensor:2:INT")
     assert r.returncode == 130 and "Traceback" not in r.stderr, r.stderr[-3000:]
