@@ -304,6 +304,26 @@ def test_csv_quoting_that_is_fine_still_reads(tmp_path):
     assert [r for r, _ in Records(path)] == ['say "hi"', "a, b\nc", 'he said "x" ok']
 
 
+@pytest.mark.parametrize("body", ['text\n""\n"  "\n', "prompt,completion\nhi,\nhello, \n"], ids=["text", "completion"])
+def test_csv_whose_column_is_blank_is_refused(capsys, hf, mine, body):
+    """A blanked column trained silently: every example was BOS -> EOS, teaching the model to stop at once."""
+    data = mine / "d.csv"
+    data.write_text(body)
+    mine.freeze(hf)
+    refused(run(capsys, "finetune", hf, "--data", data, "--out", mine / "out", "--work-dir", mine / "work", *SMALL,
+                "--iters", "1"), "d.csv", "empty")
+
+
+def test_one_blank_record_among_others_still_trains(tmp_path, hf):
+    """Only a file with no text at all is refused: a blank row in a real file is left to the data."""
+    from slowllama.data.windows import load_data
+    from slowllama.formats.tokenizer import load_tokenizer
+
+    data = tmp_path / "d.csv"
+    data.write_text('text\n""\nThe quick brown fox\n')
+    assert len(load_data(data, load_tokenizer(hf), 16)) == 2
+
+
 # ---------------------------------------------------------------- slowllama plot
 
 
