@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import faults
+from .. import __version__, faults
 from ..errors import ConfigError
 from ..fsutil import fsync_dir, read_json_object, tmp_path, write_error
 from ..model.transformer import ModelArgs, module_names
@@ -43,6 +43,9 @@ TENSORS = {
     "attention.q_norm": "ATTN_Q_NORM", "attention.k_norm": "ATTN_K_NORM", "attention_norm": "ATTN_NORM",
     "feed_forward.w1": "FFN_GATE", "feed_forward.w3": "FFN_UP", "feed_forward.w2": "FFN_DOWN", "ffn_norm": "FFN_NORM",
 }
+# The key slowllama writes into every GGUF (its version): what tells its own file, which an export may replace,
+# from a user's (a downloaded or llama.cpp-converted GGUF), which it never replaces. llama.cpp ignores it.
+WRITER_KEY = "slowllama.version"
 FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}  # gguf.LlamaFileType
 
 
@@ -156,6 +159,18 @@ def check_out(out: Path):
         with open(out, "rb") as f:
             if f.read(4) != MAGIC:
                 raise ConfigError(f"{out}: exists and is not a GGUF file; refusing to overwrite it")
+        if not _written_by_slowllama(out):
+            raise ConfigError(f"{out}: a GGUF that slowllama did not write; refusing to replace it "
+                              f"(give another --out)")
+
+
+def _written_by_slowllama(path: Path) -> bool:
+    import gguf
+
+    try:
+        return WRITER_KEY in gguf.GGUFReader(path).fields  # memory-mapped: the header is all it reads
+    except (ValueError, OSError, IndexError):  # cut short or damaged: not known to be ours, so it is kept
+        return False
 
 
 def check_type(gguf_type: str):
@@ -188,6 +203,7 @@ def write_gguf(out: Path, arch: str, add_metadata: Callable, infos: list[tuple[s
     w = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[arch]])  # opens nothing yet
     try:
         add_metadata(w)
+        w.add_string(WRITER_KEY, __version__)
         for name, shape, qtype in infos:
             w.add_tensor_info(name, shape, np.float32, _nbytes(shape, qtype), raw_dtype=qtype)
         w.write_header_to_file()

@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from slowllama.cli import main as slowllama
@@ -143,6 +144,29 @@ def test_export_never_replaces_the_users_files(capsys, hf, lora, mine, target):
         out, name = mine / "llama.gguf", "llama.Modelfile"
     mine.freeze(hf, lora)
     refused(run(capsys, "export", hf, "--out", out), name)
+
+
+def test_export_never_replaces_a_gguf_it_did_not_write(capsys, hf, lora, mine):
+    """A downloaded (or llama.cpp-converted) GGUF at --out was replaced: only the magic was checked, while the
+    README says a .gguf slowllama did not write is never replaced. Its own GGUF it still replaces."""
+    import gguf
+
+    theirs = mine / "llama-3-8b.Q4_K_M.gguf"
+    w = gguf.GGUFWriter(theirs, "llama")
+    w.add_tensor("token_embd.weight", np.ones((4, 8), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    mine.freeze(hf, lora)
+    refused(run(capsys, "export", hf, "--out", theirs, "--no-modelfile"), theirs.name, "did not write")
+    refused(run(capsys, "export", lora, "--base", hf, "--out", theirs), theirs.name, "did not write")
+    ours = mine / "ours.gguf"
+    for gguf_type in ("f32", "q8_0"):
+        code, _, err = run(capsys, "export", hf, "--out", ours, "--type", gguf_type, "--no-modelfile")
+        assert code == 0, err
+    assert {t.tensor_type.name for t in gguf.GGUFReader(ours).tensors} == {"F32", "Q8_0"}
+    ours.unlink()
 
 
 def test_export_out_named_like_its_modelfile(capsys, hf, mine):
