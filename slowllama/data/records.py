@@ -151,7 +151,9 @@ class Records:
     def _table(self, fmt: str, columns: list[str], rows):
         kind = next((k for k in KINDS if set(k.required) <= set(columns)), None)
         if kind is None:
-            raise ConfigError(f"{self.path}: no column set of a known kind among {', '.join(columns) or 'none'}; "
+            # repr: a header cell "text " (a trailing space from a spreadsheet) must not read as "text"
+            raise ConfigError(f"{self.path}: no column set of a known kind among "
+                              f"{', '.join(map(repr, columns)) or 'none'}; "
                               f"{EXPECTED}")
         used = [c for c in columns if c in (*kind.required, *kind.optional)]
         self.table = fmt, used, [c for c in columns if c not in used]

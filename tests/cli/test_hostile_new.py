@@ -348,6 +348,14 @@ def test_one_blank_record_among_others_still_trains(tmp_path, hf):
     assert len(load_data(data, load_tokenizer(hf), 16)) == 2
 
 
+def test_csv_header_with_a_trailing_space_is_shown_as_it_is(tmp_path):
+    """'text ' from a spreadsheet: the refusal said 'among text ', reading as if the column were there."""
+    path = tmp_path / "d.csv"
+    path.write_text("text ,id\nhello,1\n")
+    with pytest.raises(ConfigError, match=r"among 'text ', 'id';"):
+        list(Records(path))
+
+
 # ---------------------------------------------------------------- slowllama plot
 
 
