@@ -89,7 +89,9 @@ def _export(folder: Path, out: Path, a: argparse.Namespace) -> Path:
     if (folder / "params.json").is_file() and not (folder / "config.json").is_file():
         raise ConfigError(f"{folder}: a Meta checkpoint (params.json); GGUF export reads a Hugging Face "
                           f"folder: run finetune with --export-format hf, then export its OUT")
-    if (folder / PEFT_CONFIG_FILE).is_file() and not (folder / "config.json").is_file():
+    # A LoRA run's OUT with --merge holds both: the merged model, or with --base its adapters.
+    peft, model = (folder / PEFT_CONFIG_FILE).is_file(), (folder / "config.json").is_file()
+    if peft and (a.base or not model):
         if not a.base:
             raise ConfigError(f"{folder}: a PEFT LoRA folder; give --base, the model it adapts")
         return export_adapter(folder, Path(a.base), out, a.type)

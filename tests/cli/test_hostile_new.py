@@ -115,6 +115,23 @@ def test_export_of_a_meta_checkpoint_says_what_to_do(capsys, probe_model, mine):
     refused(run(capsys, "export", probe_model, "--out", mine / "m.gguf"), str(probe_model), "Meta", "--export-format hf")
 
 
+def test_a_merged_lora_out_exports_its_adapters_with_base_and_its_model_without(capsys, hf, lora, tmp_path):
+    """A LoRA run's OUT with --merge holds a model and its PEFT files: --base picks the adapters (not refused as
+    'a model folder'), no --base the merged model."""
+    import gguf
+
+    both = tmp_path / "out"
+    both.mkdir()
+    for p in [*hf.iterdir(), *lora.iterdir()]:
+        if p.is_file():
+            (both / p.name).write_bytes(p.read_bytes())
+    for argv, kind in ((["--base", hf], "adapter"), ([], "model")):
+        out = tmp_path / f"{kind}.gguf"
+        code, _, err = run(capsys, "export", both, *argv, "--out", out, "--no-modelfile")
+        assert code == 0, err
+        assert bytes(gguf.GGUFReader(out).fields["general.type"].parts[-1]).decode() == kind
+
+
 @pytest.mark.parametrize("what", ["gguf-file", "work-dir", "adapters-as-base"])
 def test_export_wrong_folders(capsys, hf, lora, mine, what):
     """A GGUF given as the model, a finetune work dir as the model, the adapters as their own --base."""
