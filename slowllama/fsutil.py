@@ -49,8 +49,10 @@ fsync_dir = fsync_file
 
 
 def write_error(path: Path, e: OSError) -> OSError:
-    """A failed write as one line naming the file; the errno is kept."""
-    err = OSError(f"{path}: write failed ({e.strerror or e}); is the disk full? Free space, then --resume")
+    """A failed write as one line naming the file; the errno is kept. The advice holds for every command that
+    writes (finetune resumes, export and merge-lora start over), so it names --resume for finetune only."""
+    err = OSError(f"{path}: write failed ({e.strerror or e}); is the disk full? Free space, then run the command "
+                  f"again (finetune: with --resume)")
     err.errno = e.errno
     return err
 

@@ -134,8 +134,19 @@ def foreign_entries(folder: Path, kind: str) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if not allowed.fullmatch(p.name))
 
 
+def check_not_under_a_file(path: Path, flag: str):
+    """Refuse a path below a file (notes.txt/out): one line naming both, where the OS would only say ENOTDIR
+    about whichever file it was making then."""
+    for above in Path(path).absolute().parents:
+        if above.exists():
+            if not above.is_dir():
+                raise ConfigError(f"{flag} {path}: {above} is a file, not a folder")
+            return
+
+
 def check_folder(folder: Path, kind: str, flag: str):
-    """Refuse a folder that is a file, or holds anything slowllama did not write."""
+    """Refuse a folder that is a file, or below a file, or holds anything slowllama did not write."""
+    check_not_under_a_file(folder, flag)
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"{flag} {folder}: exists and is not a folder")
     foreign = foreign_entries(folder, kind)

@@ -33,7 +33,9 @@ from ..engine.store import BlockStore, prepare
 from ..engine.trainer import TrainConfig, Trainer
 from ..errors import ConfigError
 from ..formats.meta import MetaCheckpoint, save_meta
+from ..fsutil import atomic_write_bytes
 from ..model.transformer import ModelArgs, Transformer, TransformerBlock
+from ..paths import check_not_under_a_file
 
 log = logging.getLogger(__name__)
 
@@ -384,8 +386,27 @@ def check_benchmark(device: torch.device, model_dir: Path, work: Path, timed: in
 
 # ---- running them ----------------------------------------------------------------------------
 
+def check_out(out: Path):
+    """Refuse, before a minute of checks, an --out that the report cannot go to or must not replace: a folder,
+    a path below a file or in a missing folder, a file that is not an earlier report (the user's own)."""
+    check_not_under_a_file(out, "--out")
+    if out.is_dir():
+        raise ConfigError(f"--out {out}: is a folder; give the path of the .json report to write")
+    if not out.absolute().parent.is_dir():
+        raise ConfigError(f"--out {out}: the folder {out.absolute().parent} does not exist")
+    if out.exists():
+        try:
+            earlier = json.loads(out.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            earlier = None
+        if not (isinstance(earlier, dict) and isinstance(earlier.get("checks"), list) and "ok" in earlier):
+            raise ConfigError(f"--out {out}: exists and is not a self-test report; refusing to overwrite it")
+
+
 def run_selftest(*, device: str = "auto", out: str | Path | None = None) -> dict:
-    """Run every check on the device; returns the report (and writes it to out as JSON)."""
+    """Run every check on the device; returns the report (and writes it to out as JSON, atomically)."""
+    if out is not None:
+        check_out(Path(out))
     chosen, why = dev.choose_device(device)
     logging.getLogger("slowllama").info("device %s (%s)", chosen, why)
     root = Path(tempfile.mkdtemp(prefix="slowllama-selftest-"))
@@ -426,7 +447,7 @@ def run_selftest(*, device: str = "auto", out: str | Path | None = None) -> dict
     report = {"device": str(chosen), "why": why, "versions": versions, "checks": [asdict(c) for c in checks],
               "ok": all(c.ok for c in checks)}
     if out is not None:
-        Path(out).write_text(json.dumps(report, indent=1) + "\n")
+        atomic_write_bytes(Path(out), [(json.dumps(report, indent=1) + "\n").encode("utf-8")])
     return report
 
 
@@ -450,9 +471,12 @@ def main(argv: list[str] | None = None, prog: str = "python -m slowllama.selftes
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         report = run_selftest(device=a.device, out=a.out)
-    except ConfigError as e:
+    except (ConfigError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # its temp folder is removed on the way out; --out was not touched
+        print("interrupted: the self-test stopped; no report was written", file=sys.stderr)
+        return 130
     print(format_table(report))
     return 0 if report["ok"] else 1
 

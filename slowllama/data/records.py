@@ -10,6 +10,7 @@ come first. The model's chat template then renders them as it renders messages r
 """
 from __future__ import annotations
 
+import codecs
 import csv
 import json
 from collections import Counter
@@ -153,7 +154,9 @@ class Records:
     def _table(self, fmt: str, columns: list[str], rows):
         kind = next((k for k in KINDS if set(k.required) <= set(columns)), None)
         if kind is None:
-            raise ConfigError(f"{self.path}: no column set of a known kind among {', '.join(columns) or 'none'}; "
+            # repr: a header cell "text " (a trailing space from a spreadsheet) must not read as "text"
+            raise ConfigError(f"{self.path}: no column set of a known kind among "
+                              f"{', '.join(map(repr, columns)) or 'none'}; "
                               f"{EXPECTED}")
         used = [c for c in columns if c in (*kind.required, *kind.optional)]
         self.table = fmt, used, [c for c in columns if c not in used]
@@ -181,6 +184,12 @@ class Records:
         return text
 
 
+def strip_bom(raw: bytes) -> tuple[bytes, int]:
+    """raw without the UTF-8 byte order mark that Windows editors put first, and how many bytes that was (for
+    offsets into the file). json refuses a BOM, and in a text it would be trained on as a character."""
+    return (raw[len(codecs.BOM_UTF8):], len(codecs.BOM_UTF8)) if raw.startswith(codecs.BOM_UTF8) else (raw, 0)
+
+
 def _open(path: Path, mode="rb", **kw):
     try:
         return open(path, mode, **kw)
@@ -193,6 +202,8 @@ def _jsonl(path: Path) -> Iterator[tuple[object, Where]]:
     offset = 0
     with _open(path) as f:
         for n, raw in enumerate(f, 1):
+            if n == 1:
+                raw, offset = strip_bom(raw)
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -209,11 +220,11 @@ def _jsonl(path: Path) -> Iterator[tuple[object, Where]]:
 def _json_array(path: Path) -> Iterator[tuple[object, Where]]:
     """A JSON array of records, as Alpaca's and many ShareGPT files come: parsed whole, as json can only."""
     with _open(path) as f:
-        raw = f.read()
+        raw, skipped = strip_bom(f.read())
     try:
         data = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text (invalid byte at offset {e.start})") from e
+        raise ConfigError(f"{path}: not UTF-8 text (invalid byte at offset {skipped + e.start})") from e
     except ValueError as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from e
     if not isinstance(data, list):
@@ -252,7 +263,7 @@ def _csv(path: Path):
     csv.field_size_limit(2**31 - 1)
     f = _open(path, "r", encoding="utf-8-sig", newline="")  # utf-8-sig: drop the BOM that spreadsheets write
     try:
-        reader = csv.reader(f)
+        reader = csv.reader(f, strict=True)  # strict: an unclosed quote is an error, not the rest of the file in one cell
         header = next(reader, None)
     except (UnicodeDecodeError, csv.Error) as e:
         f.close()

@@ -14,7 +14,7 @@ import torch
 from ..errors import ConfigError
 from ..formats.tokenizer import Tokenizer
 from .chat import encode_chat
-from .records import SUFFIXES, Records
+from .records import SUFFIXES, Records, strip_bom
 
 
 def read_text(path: str | Path) -> str:
@@ -23,10 +23,11 @@ def read_text(path: str | Path) -> str:
         raw = path.read_bytes()
     except OSError as e:
         raise ConfigError(f"{path}: cannot read data file ({e.strerror})") from e
+    raw, skipped = strip_bom(raw)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text (invalid byte at offset {e.start})") from e
+        raise ConfigError(f"{path}: not UTF-8 text (invalid byte at offset {skipped + e.start})") from e
     if not text.strip():
         raise ConfigError(f"{path}: data file is empty")
     return text
@@ -116,7 +117,12 @@ class Examples:
                      train_on_prompt: bool = False) -> Examples:
         """The records of a JSONL, JSON, Parquet or CSV file (records.py), encoded one by one as they are read."""
         records = Records(path)
-        examples = [encode_record(tokenizer, rec, train_on_prompt, str(where)) for rec, where in records]
+        examples, any_text = [], False
+        for rec, where in records:
+            examples.append(encode_record(tokenizer, rec, train_on_prompt, str(where)))
+            any_text = any_text or not _blank(rec)
+        if examples and not any_text:  # a blanked column: every example would teach BOS -> EOS alone
+            raise ConfigError(f"{path}: every record's text (or completion) is empty; is it the right file?")
         ex = cls(examples, seq_len, tokenizer.pad_id, str(path))
         ex.summary = records.summary
         return ex
@@ -143,6 +149,14 @@ class Examples:
     def fixed_batches(self, batch_size: int, n: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]:
         k = min(len(self), batch_size * n)
         return list(zip(self.inputs[:k].split(batch_size), self.targets[:k].split(batch_size)))
+
+
+def _blank(record) -> bool:
+    """A text record with no text, or a prompt/completion pair with no completion (messages are checked by
+    encode_chat)."""
+    if isinstance(record, str):
+        return not record.strip()
+    return isinstance(record, tuple) and not record[1].strip()
 
 
 def encode_record(tokenizer: Tokenizer, record, train_on_prompt: bool, where: str) -> tuple[list[int], list[bool]]:

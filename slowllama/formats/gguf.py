@@ -18,9 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import __version__, faults
 from ..errors import ConfigError
 from ..fsutil import fsync_dir, read_json_object, tmp_path, write_error
 from ..model.transformer import ModelArgs, module_names
+from ..paths import check_not_under_a_file
 from .gguf_vocab import add_vocab, vocab_source
 from .hf import HFCheckpoint, _rope_heads, expected_shapes, from_meta
 from .ollama import check_modelfile, modelfile_path, write_modelfile
@@ -41,6 +43,9 @@ TENSORS = {
     "attention.q_norm": "ATTN_Q_NORM", "attention.k_norm": "ATTN_K_NORM", "attention_norm": "ATTN_NORM",
     "feed_forward.w1": "FFN_GATE", "feed_forward.w3": "FFN_UP", "feed_forward.w2": "FFN_DOWN", "ffn_norm": "FFN_NORM",
 }
+# The key slowllama writes into every GGUF (its version): what tells its own file, which an export may replace,
+# from a user's (a downloaded or llama.cpp-converted GGUF), which it never replaces. llama.cpp ignores it.
+WRITER_KEY = "slowllama.version"
 FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}  # gguf.LlamaFileType
 
 
@@ -144,14 +149,28 @@ def _check_arch(ckpt: HFCheckpoint, arch: str):
 
 
 def check_out(out: Path):
-    """Refuse an output path that is a folder or a file that is not a GGUF (a user's, never replaced)."""
+    """Refuse an output path that is a folder, below a file (the OS would name the temp file beside it, not
+    out), or a file that is not a GGUF (a user's, never replaced)."""
     out = Path(out)
+    check_not_under_a_file(out, "--out")
     if out.is_dir():
         raise ConfigError(f"{out}: is a folder; give the path of the .gguf file to write")
     if out.exists():
         with open(out, "rb") as f:
             if f.read(4) != MAGIC:
                 raise ConfigError(f"{out}: exists and is not a GGUF file; refusing to overwrite it")
+        if not _written_by_slowllama(out):
+            raise ConfigError(f"{out}: a GGUF that slowllama did not write; refusing to replace it "
+                              f"(give another --out)")
+
+
+def _written_by_slowllama(path: Path) -> bool:
+    import gguf
+
+    try:
+        return WRITER_KEY in gguf.GGUFReader(path).fields  # memory-mapped: the header is all it reads
+    except (ValueError, OSError, IndexError):  # cut short or damaged: not known to be ours, so it is kept
+        return False
 
 
 def check_type(gguf_type: str):
@@ -167,6 +186,8 @@ def check_request(ckpt: HFCheckpoint, out: Path, gguf_type: str, modelfile: bool
     check_out(out)
     vocab_source(ckpt.dir)
     if modelfile:
+        if modelfile_path(Path(out)) == Path(out):  # the Modelfile would be written over the GGUF just made
+            raise ConfigError(f"--out {out}: is the Modelfile's own name; give a .gguf path (or --no-modelfile)")
         check_modelfile(modelfile_path(Path(out)))
 
 
@@ -179,9 +200,10 @@ def write_gguf(out: Path, arch: str, add_metadata: Callable, infos: list[tuple[s
 
     out = Path(out)
     tmp = tmp_path(out)
-    w = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[arch]])
+    w = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[arch]])  # opens nothing yet
     try:
         add_metadata(w)
+        w.add_string(WRITER_KEY, __version__)
         for name, shape, qtype in infos:
             w.add_tensor_info(name, shape, np.float32, _nbytes(shape, qtype), raw_dtype=qtype)
         w.write_header_to_file()
@@ -191,6 +213,7 @@ def write_gguf(out: Path, arch: str, add_metadata: Callable, infos: list[tuple[s
         for array in data:
             w.write_tensor_data(array)
             n += 1
+            faults.point("gguf_tensor")
         if n != len(infos):
             raise RuntimeError(f"{out}: {n} tensors written for {len(infos)} announced")
         w.fout[0].flush()

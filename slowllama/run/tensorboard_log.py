@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..engine.preference import METRICS as PREFERENCE_METRICS
 from ..errors import ConfigError
+from ..paths import check_not_under_a_file
 from .report import tokens_per_s
 
 # Record key -> TensorBoard tag. tokens/s is derived from the record (report.tokens_per_s).
@@ -37,6 +38,7 @@ def check(folder: str | None, *inside: tuple[str, str]):
         return
     _writer_class()
     path = Path(folder)
+    check_not_under_a_file(path, "--tensorboard")
     if path.exists() and not path.is_dir():
         raise ConfigError(f"--tensorboard {path}: exists and is not a folder")
     for flag, other in inside:

@@ -158,7 +158,7 @@ def test_malformed_tables_name_the_record_and_column(tok, tmp_path):
         (write_csv(tmp_path / "f.csv", ["text", "id"], [["a", "1"], ["b", "2", "3"]]),
          r"f.csv: record 2 has 3 fields, the header 2"),
         (write_csv(tmp_path / "n.csv", ["title", "body"], [["a", "b"]]),
-         r"n.csv: no column set of a known kind among title, body"),
+         r"n.csv: no column set of a known kind among 'title', 'body'"),
         (write_parquet(tmp_path / "t.parquet", {"text": ["fine", None, "fine"]}),
          r"t.parquet: record 2: expected a string for column 'text'"),
         (write_parquet(tmp_path / "a.parquet", {"instruction": ["x", "y"], "output": ["z", None]}),
