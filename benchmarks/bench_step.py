@@ -40,6 +40,11 @@ Figures:
     their forward pass; "plan" in the streamed figures says where the turn begins); on cuda
     transfer_s_per_step = bytes to the device / the pinned rate (the pageable one with
     --no-prefetch) + bytes back / the pageable rate, the memory slowllama copies into.
+    floors.between: the streamed step against the largest floor, split into the compute thread's own
+    work and its waits on reads and writes, beside the reader's and writer's busy times
+    (streamed timers_s_per_step, from wrappers around the streamer; see _phases.StreamTimers).
+  --cold-reads: each module file is dropped from the page cache just before it is read, so that
+    a budget below the store reads from the disk (the larger-than-RAM regime) and not from RAM.
 """
 from __future__ import annotations
 
