@@ -494,7 +494,9 @@ class StreamTimers:
     """Where a streamed step's time goes, from wrappers on the streamer and its store (the engine keeps
     no timers; a wrapper costs two clock reads per module). On the compute thread: get (waiting for a
     module: its prefetch, or reading it there), put and wait_written (waiting for room in the write
-    queue, or for a module's last write), flush (the writes still queued at the end). On the reader
+    queue, or for a module's last write), flush (the writes still queued at the end); commit (a module's
+    gradient checks, optimizer step, finiteness check and hand-over to the writer, its put and
+    wait_written included), the rest of the compute thread's time being the modules' passes. On the reader
     thread: read (store.read, the disk and the checksum), room (waiting for a write to commit first,
     at a small budget). On the writer thread: write (store.write, encode, write, fsync, rename).
     With cold_reads each module file's pages are dropped from the page cache (posix_fadvise DONTNEED)
@@ -508,6 +510,7 @@ class StreamTimers:
         self.calls: dict[str, int] = {}
         self._lock = threading.Lock()
         s = trainer.streamer
+        self._wrap(trainer.update, "commit", "commit")
         for attr in ("get", "put", "wait_written", "flush", "_wait_for_room"):
             self._wrap(s, attr, "room" if attr == "_wait_for_room" else attr)
         self._wrap(s.store, "write", "write")

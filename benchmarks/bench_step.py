@@ -113,7 +113,7 @@ def main():
         print(f"floor {b['max_floor_s']:.2f} s/step (compute {result['floors']['compute_s_per_step']:.2f}, disk "
               f"{result['floors']['io_s_per_step']:.2f}), streamed/floor {result['floors']['streamed_over_max_floor']:.2f}; "
               f"compute thread busy {b['compute_thread_busy_s']:.2f}, waiting on reads {b['wait_read_s']:.2f}, "
-              f"on writes {b['wait_write_s']:.2f}; reader reading {b['reader_read_s']:.2f} (waiting for a write "
+              f"on writes {b['wait_write_s']:.2f}, committing {b['commit_own_s']:.2f}; reader reading {b['reader_read_s']:.2f} (waiting for a write "
               f"{b['reader_waits_for_write_s']:.2f}), writer writing {b['writer_write_s']:.2f}", file=sys.stderr)
 
 
@@ -198,6 +198,7 @@ def between(stream: dict, floors: dict) -> dict:
             "over_floor_s": stream["s_per_step"] - floor,
             "compute_thread_busy_s": t["compute_thread_busy"],
             "compute_over_compute_floor_s": t["compute_thread_busy"] - floors["compute_s_per_step"],
+            "commit_own_s": t.get("commit", 0.0) - t.get("put", 0.0) - t.get("wait_written", 0.0),
             "wait_read_s": t.get("get", 0.0),
             "wait_write_s": t.get("put", 0.0) + t.get("wait_written", 0.0) + t.get("flush", 0.0),
             "reader_read_s": t.get("read", 0.0), "reader_waits_for_write_s": t.get("room", 0.0),
