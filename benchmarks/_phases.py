@@ -393,7 +393,7 @@ def phase_stream(cfg: dict) -> dict:
                      micro_batch=cfg.get("micro_batch"), compute_dtype=getattr(torch, cfg["compute_dtype"]),
                      act_dtype=getattr(torch, cfg.get("act_dtype", "float32")), ram_budget=budget,
                      prefetch=cfg["prefetch"], verify=cfg.get("verify", True),
-                     clip_grad_norm=cfg.get("clip_grad_norm", 0.0))
+                     clip_grad_norm=cfg.get("clip_grad_norm", 0.0), commit_every=cfg.get("commit_every", 1))
     trainer = Trainer(store, cfg["train_dir"], device, tc)
     losses, warm_s, step_s = [], [], []
     split = _split_step(trainer) if cfg.get("phase_peaks") else None
@@ -402,6 +402,7 @@ def phase_stream(cfg: dict) -> dict:
         for _ in range(cfg["warmup"]):
             t = time.perf_counter()
             losses.append(trainer.train_step(inputs, targets).loss)
+            trainer.commit()  # --commit-every: the timed steps start from a commit
             trainer.streamer.flush()
             _sync(torch, device)
             warm_s.append(time.perf_counter() - t)
@@ -414,8 +415,10 @@ def phase_stream(cfg: dict) -> dict:
                 t = time.perf_counter()
                 losses.append(trainer.train_step(inputs, targets).loss)
                 step_s.append(time.perf_counter() - t)
-            # Writes are queued to a background thread: count them in the timed steps.
+            # Writes are queued to a background thread: count them in the timed steps, with the commit of
+            # the steps still held under --commit-every (none left when --steps is a multiple of it).
             with split.part("flush") if split else contextlib.nullcontext():
+                trainer.commit()
                 trainer.streamer.flush()
             _sync(torch, device)
         total = time.perf_counter() - t0
@@ -440,7 +443,7 @@ def phase_stream(cfg: dict) -> dict:
     extra["timer_calls_per_step"] = calls
     extra["cold_reads"] = bool(cfg.get("cold_reads"))
     plan = trainer.plan
-    extra["plan"] = {"ram_budget": budget, "top": plan.top, "turn_blocks_K": plan.turn_blocks,
+    extra["plan"] = {"ram_budget": budget, "commit_every": trainer.commit_interval, "top": plan.top, "turn_blocks_K": plan.turn_blocks,
                      "modules": len(trainer.names), "turn_bytes": plan.turn_bytes, "acts_in_ram": plan.acts_in_ram,
                      "act_bytes": plan.act_bytes, "cache_budget": None if plan.cache_budget == float("inf")
                      else plan.cache_budget}
@@ -647,6 +650,11 @@ def phase_inmem(cfg: dict) -> dict:
                     pc.copy_(pm)
         return loss
 
+    return _timed_steps(torch, device, cfg, step, base)
+
+
+def _timed_steps(torch, device, cfg: dict, step, base: int) -> dict:
+    """cfg["warmup"] untimed steps, then cfg["steps"] timed ones of step() -> loss; the in-memory figures."""
     losses, warm_s, step_s = [], [], []
     for _ in range(cfg["warmup"]):
         t = time.perf_counter()
@@ -667,8 +675,48 @@ def phase_inmem(cfg: dict) -> dict:
             **_gpu_peak(torch, device), **_device_info(torch, device)}
 
 
+def phase_transformers(cfg: dict) -> dict:
+    """Ordinary training, as a user of transformers runs it: the store exported as a Hugging Face folder (untimed),
+    LlamaForCausalLM.from_pretrained in fp32 with its default attention kernel, torch.optim.SGD over all parameters,
+    the loss as the streamed run's (mean over the batch's tokens, summed over micro-batches)."""
+    _imports()
+    import torch
+    import torch.nn.functional as F
+    import transformers
+
+    from slowllama.engine.store import BlockStore, export_store
+
+    if cfg["compute_dtype"] != "float32":
+        raise SystemExit("the transformers reference runs in float32 only")
+    device, base = _start_phase(torch, cfg)
+    folder = Path(cfg["hf_dir"])
+    if not folder.exists():
+        export_store(BlockStore(cfg["store"]), Path(cfg["ckpt"]), folder, export_format="hf")
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).train()
+    opt = torch.optim.SGD(model.parameters(), lr=cfg["lr"])
+    inputs, targets = _batch(torch, model.config.vocab_size, cfg["batch"], cfg["seq"], cfg["seed"])
+    inputs, targets = inputs.to(device), targets.to(device)
+    mb = cfg.get("micro_batch") or inputs.shape[0]
+    n_tok = targets.numel()
+
+    def step() -> float:
+        opt.zero_grad(set_to_none=True)
+        loss = 0.0
+        for x, y in zip(inputs.split(mb), targets.split(mb)):
+            logits = model(x).logits
+            part = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum") / n_tok
+            part.backward()
+            loss += part.item()
+        opt.step()
+        return loss
+
+    out = _timed_steps(torch, device, cfg, step, base)
+    out["attn_implementation"] = model.config._attn_implementation
+    return out
+
+
 PHASES = {"generate": phase_generate, "prepare": phase_prepare, "stream": phase_stream, "inmem": phase_inmem,
-          "export": phase_export}
+          "transformers": phase_transformers, "export": phase_export}
 
 
 def main():

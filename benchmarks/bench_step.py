@@ -26,7 +26,9 @@ Figures:
     pinned and from pageable host memory.
   streamed bytes_read_per_step / bytes_written_per_step: deltas of
     slowllama.fsutil.IO over the timed steps (store modules, activation scratch
-    files, gradients handed down, journal).
+    files, gradients handed down, journal). With --commit-every N (when the budget
+    holds every module; "plan" says the interval used) the timed steps start from a
+    commit and end with one: give --steps a multiple of N for one commit per N steps.
   streamed_clipped (with --clip-grad-norm X): the streamed run again on the same store with
     exact gradient clipping at X (a norm-only reverse pass first), and clipped_over_unclipped:
     its s_per_step and bytes read and written per step over the unclipped run's, measured in
@@ -90,13 +92,24 @@ def main():
     p.add_argument("--bw-mb", type=int, default=512, help="size of the disk bandwidth test file, MB")
     p.add_argument("--clip-grad-norm", type=float, default=0.0,
                    help="also time the streamed step with exact gradient clipping at this norm (0: not)")
+    p.add_argument("--commit-every", default="1",
+                   help="finetune.py's --commit-every: steps between commits when the budget holds every module, "
+                        "or auto (default here: 1, every step)")
     p.add_argument("--skip-in-memory", action="store_true", help="only the streamed run (no reference)")
+    p.add_argument("--no-transformers", action="store_true",
+                   help="leave out the transformers reference (LlamaForCausalLM in memory; float32 only)")
     p.add_argument("--cold-reads", action="store_true",
                    help="drop each module file from the page cache (posix_fadvise DONTNEED) before the streamer "
                         "reads it, so that a budget below the store reads from the disk, not from RAM")
     a = p.parse_args()
     if a.steps < 1:
         p.error("--steps must be at least 1")
+    if a.commit_every == "auto":  # finetune.py's rule (slowllama/engine/commits.py)
+        a.commit_every = None
+    elif not a.commit_every.isdigit() or int(a.commit_every) < 1:
+        p.error(f"--commit-every {a.commit_every!r}: expected auto or a number of steps of at least 1")
+    else:
+        a.commit_every = int(a.commit_every)
 
     with bench_dir(a.workdir, "slowllama-bench-") as work:
         result = run(a, work)
@@ -105,8 +118,11 @@ def main():
     ratio = result.get("ratio_streamed_over_in_memory")
     print(f"plan: ram budget {plan['ram_budget']}, the turn holds {plan['modules'] - plan['top']} of {plan['modules']} "
           f"modules (K = {plan['turn_blocks_K']}), activations {'in RAM' if plan['acts_in_ram'] else 'on disk'}; "
-          f"streamed {result['streamed']['s_per_step']:.2f} s/step"
-          + (f", in memory {result['in_memory']['s_per_step']:.2f} s/step, ratio {ratio:.2f}" if ratio else ""),
+          f"commits every {plan['commit_every']} steps, {result['streamed']['bytes_written_per_step'] / 1e6:.1f} MB "
+          f"written per step; streamed {result['streamed']['s_per_step']:.2f} s/step"
+          + (f", in memory {result['in_memory']['s_per_step']:.2f} s/step, ratio {ratio:.2f}" if ratio else "")
+          + (f"; transformers {result['transformers']['s_per_step']:.2f} s/step, ratio "
+             f"{result['ratio_streamed_over_transformers']:.2f}" if result.get("transformers") else ""),
           file=sys.stderr)
     b = result["floors"].get("between")
     if b:
@@ -119,7 +135,7 @@ def main():
 
 def run(a, work: Path) -> dict:
     ckpt, store, train_dir = work / "ckpt", work / "store", work / "train"
-    for d in (ckpt, store, train_dir):
+    for d in (ckpt, store, train_dir, work / "hf"):
         if d.exists():
             shutil.rmtree(d)
     t_all = time.perf_counter()
@@ -135,8 +151,11 @@ def run(a, work: Path) -> dict:
               "batch": a.batch, "seq": a.seq, "micro_batch": a.micro_batch, "compute_dtype": a.compute_dtype,
               "lr": a.lr, "seed": a.seed, "threads": a.threads, "warmup": 1, "steps": a.steps}
     inmem = None if a.skip_in_memory else run_phase("inmem", common)
+    # Before the streamed run trains the store: both references start from the same weights.
+    hf = None if a.skip_in_memory or a.no_transformers or a.compute_dtype != "float32" else \
+        run_phase("transformers", {**common, "hf_dir": str(work / "hf")})
     stream_cfg = {**common, "train_dir": str(train_dir), "ram_budget": a.ram_budget, "prefetch": not a.no_prefetch,
-                  "cold_reads": a.cold_reads}
+                  "commit_every": a.commit_every, "cold_reads": a.cold_reads}
     stream = run_phase("stream", stream_cfg)
     # The clipped run continues training the same store: a step costs the same at any version.
     clipped = run_phase("stream", {**stream_cfg, "clip_grad_norm": a.clip_grad_norm}) if a.clip_grad_norm else None
@@ -164,6 +183,7 @@ def run(a, work: Path) -> dict:
             k: clipped[k] / stream[k] for k in ("s_per_step", "bytes_read_per_step", "bytes_written_per_step")}}
            if clipped else {}),
         "in_memory": inmem,
+        "transformers": hf,
         "disk": disk,
         "floors": {"io_s_per_step": io_floor, "io_s_per_step_warm_read": io_floor_warm},
     }
@@ -182,6 +202,11 @@ def run(a, work: Path) -> dict:
         out["floors"]["between"] = between(stream, out["floors"])
         n = min(len(stream["losses"]), len(inmem["losses"]))
         out["loss_max_abs_diff"] = max(abs(x - y) for x, y in zip(stream["losses"][:n], inmem["losses"][:n]))
+    if hf is not None:
+        hf["useful_TFLOPS"] = flop / hf["s_per_step"] / 1e12
+        out["ratio_streamed_over_transformers"] = stream["s_per_step"] / hf["s_per_step"]
+        n = min(len(stream["losses"]), len(hf["losses"]))
+        out["loss_max_abs_diff_transformers"] = max(abs(x - y) for x, y in zip(stream["losses"][:n], hf["losses"][:n]))
     out["wall_s"] = time.perf_counter() - t_all
     out["loadavg_1m_before_after"] = [load0, os.getloadavg()[0] if hasattr(os, "getloadavg") else None]
     return out

@@ -53,7 +53,7 @@ def adapter_gguf_file(gguf_type: str) -> str:
 REPORT_FILE = "report.html"  # the run's page (run/report.py), rewritten as the run goes
 RUN_FILES = [r"train_log\.jsonl", r"loss\.png", re.escape(REPORT_FILE), r"lora_adapters\.blk", r"checkpoint-\d+"]
 CHECKPOINT = re.compile(r"checkpoint-(\d+)")  # OUT/checkpoint-000100: the export after iteration 100
-WORK_NAMES = [r"run\.json", r"store", r"base", r"acts", r"lora_adapters\.blk"]
+WORK_NAMES = [r"run\.json", r"store", r"base", r"acts", r"lora_adapters\.blk", r"reference"]
 
 
 def owned_names(kind: str) -> list[str]:

@@ -58,3 +58,22 @@ def train_through_a_crash(root, checkpoint, cfg, batches, monkeypatch, crash=Non
         tr.train_step(*b)
     tr.close()
     return BlockStore(root / "s"), point and point.first_updated, rec
+
+
+def assert_cut_short_step_resumes_bit_identically(folder, tmp_path, monkeypatch, vocab: int, crash=("backward", 7)):
+    """An AdamW run with dropout on folder's model, killed at crash (mid reverse pass of its second step by default)
+    and resumed in a new Trainer, holds the bits of a run never cut short: weights, optimizer state, journal."""
+    from slowllama.engine.optim import OptimConfig
+    from slowllama.engine.trainer import TrainConfig
+    from slowllama.formats import open_checkpoint
+    from tests.engine.test_turn import _diff
+    from tests.reference import random_batch, whole_store
+
+    batches = [random_batch(vocab, 2, 16, i) for i in range(3)]
+    cfg = TrainConfig(optim=OptimConfig("adamw", lr=1e-3), seed=2, dropout=0.1, micro_batch=1)
+    want = whole_store(train_through_a_crash(tmp_path / "straight", open_checkpoint(folder), cfg, batches,
+                                             monkeypatch)[0])
+    store, first_updated, _ = train_through_a_crash(tmp_path / "crash", open_checkpoint(folder), cfg, batches,
+                                                    monkeypatch, crash)
+    assert first_updated is not None  # the kill came after a module of the step was committed
+    assert _diff(whole_store(store), want) is None

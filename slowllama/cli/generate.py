@@ -49,7 +49,7 @@ def prompt_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
     """The prompt's ids; with chat, the prompt as one user message in the model's chat template."""
     if not chat:
         return tokenizer.encode(prompt, bos=True)
-    from slowllama.data.chat import render
+    from slowllama.formats.chat_template import render
 
     if tokenizer.chat_template is None:
         raise ConfigError(f"--chat: {tokenizer.path} has no chat template (chat_template.jinja or chat_template "

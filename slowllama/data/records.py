@@ -134,7 +134,10 @@ class Records:
             for rec, where in rows:
                 kind = next((k for k in KINDS if isinstance(rec, dict) and k.fits(rec)), None)
                 if kind is None:
-                    raise ConfigError(f"{where}: {EXPECTED} (optional keys in brackets)")
+                    pair = isinstance(rec, dict) and set(rec) == {"prompt", "chosen", "rejected"}
+                    raise ConfigError(f"{where}: {EXPECTED} (optional keys in brackets)" + (
+                        "; a prompt/chosen/rejected record is a preference pair: train on it with --method dpo, "
+                        "ipo or orpo" if pair else ""))
                 yield self._count(kind, rec, where)
 
     def _count(self, kind: Kind, rec: dict, where: Where):

@@ -273,8 +273,13 @@ class DataParallelTrainer(Trainer):
             self._journal.rank, self._journal.ranks = ranks.rank, ranks.world
             # The journal's batch hash names the layout, which a resume must repeat.
             begin, check = self.update.begin, self._journal.check_batch
-            self.update.begin = lambda step, loss, tokens, batch: begin(step, loss, tokens, self._layout(batch))
+            self.update.begin = lambda step, loss, tokens, batch, **kw: begin(step, loss, tokens, self._layout(batch),
+                                                                              **kw)
             self._journal.check_batch = lambda point, batch: check(point, self._layout(batch))
+
+    def holds_state(self) -> bool:
+        """Data parallel runs commit every step: an interval commit would have to agree across hosts' stores."""
+        return False
 
     def _layout(self, batch: str) -> str:
         return f"{batch}/ranks{self.ranks.world}"
@@ -287,8 +292,9 @@ class DataParallelTrainer(Trainer):
                               f"--batch-size {self.rows}")
         return t.reshape(n // per, self.ranks.world, self.rows, *t.shape[1:])[:, self.ranks.rank].flatten(0, 1)
 
-    def micro_batches(self, inputs, targets):
-        return super().micro_batches(self.rows_of(inputs), self.rows_of(targets))
+    def micro_batches(self, inputs, targets, extra=None):
+        return super().micro_batches(self.rows_of(inputs), self.rows_of(targets),
+                                     self.rows_of(extra) if extra is not None else None)
 
     def micro_seed(self, step: int, m: int) -> int:
         """Seeded by the global index of micro-batch m, whose first local row l is global row
@@ -307,6 +313,11 @@ class DataParallelTrainer(Trainer):
         loss, done = super()._forward(step, mbs, acts, upto, n_tok)
         if upto == len(self.names):  # each rank's loss is its rows' share of the global mean
             loss = self.ranks.sum(loss, f"the sum of step {step}'s loss")
+            if self.objective is not None and self.objective.sums:  # and its pairs' share of the rewards
+                keys = sorted(self.objective.sums)
+                t = torch.tensor([self.objective.sums[k] for k in keys], dtype=torch.float64)
+                self.ranks.all_reduce_([t], f"the sum of step {step}'s rewards")
+                self.objective.sums = dict(zip(keys, t.tolist()))
         return loss, done
 
     def settle(self, what: str):
@@ -317,11 +328,11 @@ class DataParallelTrainer(Trainer):
         if self._journal is not None and not self.ranks.writer:
             self._journal.remove_own_boundaries()
 
-    def train_step(self, inputs, targets) -> StepResult:
+    def train_step(self, inputs, targets, extra=None) -> StepResult:
         """Step self.step on the global batch (B×N, T): this rank's rows, the summed gradients, the digests compared."""
         self.settle(f"the start of step {self.step}")
         self.streamer.digests.clear()
-        res = super().train_step(inputs, targets)
+        res = super().train_step(inputs, targets, extra)
         self.compare(res.step)
         return res
 

@@ -34,6 +34,19 @@ The order holds because every job goes through one writer that runs them in subm
 order: `Journal` takes only a writer that says so (`ORDERED_WRITER`), and has no other way
 to write.
 
+Interval commits (--commit-every, commits.py): while the RAM budget holds every module, a step
+writes nothing. Its modules are held in RAM at v + 1 (the writer's `hold`), without boundary
+gradients, tied.blk or journals, and the journal's step and version move on in RAM only. Every N
+steps the held modules, at v + N, are committed as a redo log:
+  a. each is written, durably, beside its file (`NAME.commit.blk`);
+  b. `journal.json` says "commit" (step and version after the commit, the modules staged and the
+     version they replace): the commit point;
+  c. each staged file is renamed over its module's;
+  d. the journal says "idle" at the new step.
+A crash before b leaves the last commit whole (stale staged files are removed on resume); after
+it, recovery finishes c and d. Either way a resume starts from a commit and replays the steps
+since on the same batches; a crash loses at most the steps held.
+
 Data parallel (distributed.py): each rank computes the boundary gradients of its own rows,
 so rule 1 holds per rank, in rank R's own files (`grad_in.i.rankR.blk`, `tied.rankR.blk`;
 rank 0 keeps the plain names). A rank writes them itself, durably, BEFORE it enters the
@@ -47,6 +60,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import threading
 from dataclasses import dataclass
@@ -57,9 +71,10 @@ import torch
 import xxhash
 
 from .. import device as dev
+from .. import faults
 from ..blockfile import Block, StoreError, read_block, write_block
-from ..fsutil import atomic_write_json
-from .store import BlockStore
+from ..fsutil import atomic_write_json, fsync_dir
+from .store import BlockStore, file_stem
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +101,7 @@ class ResumePoint:
     batch: str
     grad_norm: float | None = None  # a clipped step: the norm before clipping, and the coefficient
     clip_coef: float | None = None
+    metrics: dict | None = None  # a preference step's rewards, for its log record
 
 
 class Journal:
@@ -96,6 +112,8 @@ class Journal:
         self.path = store.root / "journal.json"
         self.reload()
         self._last: dict | None = None  # the log record of the step in its backward pass
+        # Interval commits: the current step's modules are held in RAM, not committed (see above).
+        self.holding = False
         # Data parallel: this rank, and whether the ranks write their boundaries themselves.
         self.rank, self.ranks = 0, 1
 
@@ -107,6 +125,7 @@ class Journal:
         j = self.read()
         self.step, self.version = j["step"], j["version"]
         self.checksums: dict[str, int] = dict(j.get("checksums") or self.store.initial_checksums)
+        self.committed = (self.step, self.version)  # where the store stands; step and version run ahead when holding
 
     def adopt(self, j: dict):
         """Queue another store's journal as this one's: a host catching up with the furthest store."""
@@ -127,25 +146,39 @@ class Journal:
     def _write(self, j: dict):
         if j["phase"] == "backward":
             self._last = {"iter": j["step"], "loss": j["loss"], "tokens": j["tokens"],
-                          **({"grad_norm": j["grad_norm"]} if "grad_norm" in j else {})}
+                          **({"grad_norm": j["grad_norm"]} if "grad_norm" in j else {}), **j.get("metrics", {})}
         elif self._last and self._last["iter"] == j["step"] - 1:
             j = {**j, "last": self._last}  # the finished step's loss: a resume logs it if the log lost it
         if j["phase"] == "idle":
             self.step, self.version = j["step"], j["version"]
+            self.committed = (self.step, self.version)
         # The checksums are taken when the journal is written, after the commits queued before it.
         self.writer.run_in_order(lambda: atomic_write_json(self.path, {**j, "checksums": dict(self.checksums)}))
 
-    def begin(self, step: int, version: int, loss: float, tokens: int, batch: str, clip: dict | None = None):
-        """The "backward" journal; clip holds a clipped step's "grad_norm" and "clip_coef"."""
+    def begin(self, step: int, version: int, loss: float, tokens: int, batch: str, clip: dict | None = None,
+              metrics: dict | None = None):
+        """The "backward" journal; clip holds a clipped step's "grad_norm" and "clip_coef", metrics a
+        preference step's rewards (logged, never read back into the math)."""
+        if self.holding:  # nothing goes to disk: a crash replays the step from the last commit
+            self._last = {"iter": step, "loss": loss, "tokens": tokens,
+                          **({"grad_norm": clip["grad_norm"]} if clip else {}), **(metrics or {})}
+            return
         self._write({"step": step, "version": version, "phase": "backward", "loss": loss, "tokens": tokens,
-                     "batch": batch, **(clip or {})})
+                     "batch": batch, **(clip or {}), **({"metrics": metrics} if metrics else {})})
 
     def skip(self, step: int, version: int):
         """A step with a non-finite loss: counted as done, with no update."""
+        if self.holding:
+            self.step = step + 1
+            return
         self._write({"step": step + 1, "version": version, "phase": "idle"})
 
     def commit(self, i: int, name: str, version: int, new: Block, grads_in: list[torch.Tensor] | None):
-        """Rules 1-3 for module i, whose new version is `new` and which passes grads_in down."""
+        """Rules 1-3 for module i, whose new version is `new` and which passes grads_in down; when holding,
+        only kept in RAM until the next interval commit."""
+        if self.holding:
+            self.writer.hold(name, new)
+            return
         if i > 0 and self.ranks == 1:  # with ranks, save_boundary has made it durable already
             self.writer.run_in_order(self._boundary_write(i, version, grads_in))
         self.writer.put(name, new, on_commit=lambda c: self.checksums.__setitem__(name, c))
@@ -189,14 +222,61 @@ class Journal:
         self.tied_path.unlink(missing_ok=True)
 
     def finish(self, step: int, version: int):
+        if self.holding:
+            self.step, self.version = step + 1, version + 1
+            return
         self._write({"step": step + 1, "version": version + 1, "phase": "idle"})
         for stale in (self.grad_path(1), self.tied_path):
             self.writer.run_in_order(lambda stale=stale: stale.unlink(missing_ok=True))
+
+    # ---- interval commits ----
+    def staged_path(self, name: str) -> Path:
+        return self.store.root / f"{file_stem(name)}.commit.blk"
+
+    def commit_held(self):
+        """Queue the interval commit (a-d above) of the steps held since the last one; nothing if none."""
+        if (self.step, self.version) == self.committed:
+            return
+        held = self.writer.held()
+        names = [n for n in self.store.trainable if n in held]
+        for name in names:
+            self.writer.put(name, held[name], on_commit=lambda c, name=name: self.checksums.__setitem__(name, c),
+                            path=self.staged_path(name))
+        self._write({"step": self.step, "version": self.version, "phase": "commit", "staged": names,
+                     "from_version": self.committed[1]})
+        self.writer.run_in_order(lambda: self._install(names))
+        self._write({"step": self.step, "version": self.version, "phase": "idle"})
+        self.committed = (self.step, self.version)
+
+    def _install(self, names: list[str]):
+        """Rule c: each staged file over its module's (already done for those whose staged file is gone)."""
+        for name in names:
+            staged, path = self.staged_path(name), self.store.path(name)
+            if staged.exists():
+                faults.point("before_rename")
+                os.replace(staged, path)
+                faults.point("after_rename")
+        fsync_dir(self.store.root)
+
+    def _settle_commit(self, names: list[str]):
+        """On resume: finish an interval commit cut short after its commit point; remove staged files of
+        one cut short before it (the last commit stands)."""
+        j = self.read()
+        if j["phase"] == "commit":
+            log.info("finishing the commit of step %d that a crash cut short", j["step"])
+            self.writer.run_in_order(lambda: self._install(j["staged"]))
+            self._write({"step": j["step"], "version": j["version"], "phase": "idle",
+                         **({"last": j["last"]} if "last" in j else {})})
+        else:
+            stale = [self.staged_path(n) for n in names]
+            self.writer.run_in_order(lambda: [p.unlink(missing_ok=True) for p in stale])
+        self.writer.flush()
 
     # ---- recovery ----
     def resume_point(self, names: list[str]) -> ResumePoint | None:
         """Where a step cut short stands; None when the last step finished. Stops on a store
         whose module versions fit no crash of this protocol."""
+        self._settle_commit(names)
         j = self.read()
         step, version = j["step"], j["version"]
         have = [self.store.step_of(n) for n in names]
@@ -210,9 +290,9 @@ class Journal:
         if any(v != version for v in have[:k]) or any(v != version + 1 for v in have[k:]):
             raise StoreError(f"{self.store.root}: module versions {have} do not fit a cut-short update {version}")
         self._last = {"iter": step, "loss": j["loss"], "tokens": j["tokens"],
-                      **({"grad_norm": j["grad_norm"]} if "grad_norm" in j else {})}
+                      **({"grad_norm": j["grad_norm"]} if "grad_norm" in j else {}), **j.get("metrics", {})}
         return ResumePoint(step, version, k, j["loss"], j["tokens"], j.get("batch", ""), j.get("grad_norm"),
-                           j.get("clip_coef"))
+                           j.get("clip_coef"), j.get("metrics"))
 
     def check_batch(self, point: ResumePoint, batch: str):
         if point.batch and point.batch != batch:

@@ -197,3 +197,12 @@ def resident_budget(cfg, args: ModelArgs, sizes: list[ModuleSize], rows: int, se
     lowest = 1 if cfg.lora is not None else 0
     return sum(s.ram for s in sizes) + sum(cached_input_bytes(i, args, cfg, rows, seq)
                                            for i in range(lowest, len(sizes) - 3))
+
+
+def holds_trained_state(cfg, plan: StepPlan, sizes: list[ModuleSize]) -> bool:
+    """Whether RAM can keep every updated module (with its optimizer state) from one commit to the next
+    (--commit-every, commits.py): a full fine-tune whose cached inputs stay in RAM and whose modules
+    below the turn, with the minimal three that the budget does not count, all fit the module cache the
+    plan leaves (the K more blocks of the turn are counted in the plan)."""
+    rest = sum(s.ram for s in sizes[:plan.top]) + sum(s.ram for s in sizes[len(sizes) - 3:])
+    return cfg.lora is None and plan.acts_in_ram and rest <= plan.cache_budget

@@ -9,6 +9,7 @@ import os
 import shutil
 import time
 import zlib
+from collections import Counter
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -98,6 +99,8 @@ class BlockStore:
         except (ValueError, KeyError, TypeError) as e:
             raise StoreError(f"{path}: corrupt manifest ({type(e).__name__}: {e})") from e
         self.manifest = m
+        # Module reads by name since this object was opened: what a test counts a pass's reads by.
+        self.reads: Counter[str] = Counter()
         j = self.journal()
         # What each module file must hold: (version, checksum) as last committed. A file whose
         # header disagrees was replaced behind our back (an older copy, another run's file).
@@ -113,11 +116,13 @@ class BlockStore:
 
     def read(self, name: str, verify: bool = True, alloc: Callable[[int], torch.Tensor] | None = None) -> Block:
         block = read_block(self.path(name), name, verify, alloc, self.model_id)
+        self.reads[name] += 1
         self._check_expected(name, block.step, block.checksum)
         return block
 
-    def write(self, name: str, block: Block) -> int:
-        checksum = write_block(self.path(name), block, name, model=self.model_id)
+    def write(self, name: str, block: Block, path: Path | None = None) -> int:
+        """Write the module's block to its file, or to path (an interval commit stages it there first)."""
+        checksum = write_block(path or self.path(name), block, name, model=self.model_id)
         self.expected[name] = (block.step, checksum)
         return checksum
 
@@ -175,7 +180,10 @@ class BlockStore:
                 problems.append(f"module {name}: non-finite values in {bad}")
             if name != EXTRAS and block.step == j["version"] and sums.get(name) not in (None, block.checksum):
                 problems.append(f"module {name}: checksum {block.checksum} differs from the journal's {sums[name]}")
-            if name != EXTRAS and block.step not in (j["version"], j["version"] + (j["phase"] == "backward")):
+            # A crash may leave a step's backward pass half done (version + 1), or an interval commit half
+            # installed (modules still at the version it replaces; journal.py finishes it on resume).
+            allowed = (j["version"], j["version"] + (j["phase"] == "backward"), j.get("from_version", j["version"]))
+            if name != EXTRAS and block.step not in allowed:
                 problems.append(f"{self.path(name)}: module {name} at version {block.step}, the journal is at "
                                 f"{j['version']}")
         return problems
@@ -312,7 +320,7 @@ def export_store(store: BlockStore, source_dir: Path, out_dir: Path, *, n_shards
     config, config_src, extra = None, src / "config.json", dict(extra_files or {})
     side = [src / n for n in SIDE_FILES if (src / n).is_file()]
     if store.source_format == "meta":  # converting: the config and tokenizer files come from the Meta folder
-        from ..formats.tokenizer import SentencePieceTokenizer, load_tokenizer
+        from ..formats.tokenizer import LLAMA3_PATTERN, SentencePieceTokenizer, TiktokenTokenizer, load_tokenizer
 
         tok_path = find_tokenizer(src)
         tok = load_tokenizer(tok_path)
@@ -322,6 +330,12 @@ def export_store(store: BlockStore, source_dir: Path, out_dir: Path, *, n_shards
             extra.setdefault("tokenizer_config.json", json.dumps(
                 {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
                  "add_bos_token": True, "add_eos_token": False, "legacy": True}, indent=2).encode())
+        if isinstance(tok, TiktokenTokenizer):  # Llama 3: a tokenizer.json that tokenizes as tiktoken does
+            from ..formats.tiktoken_json import tokenizer_config_json, tokenizer_json
+
+            extra.setdefault("tokenizer.json", tokenizer_json(tok.ranks, LLAMA3_PATTERN, tok.special, tok.bos_token))
+            extra.setdefault("tokenizer_config.json", tokenizer_config_json(
+                tok.bos_token, tok.eos_token, tok.chat_template, store.args.max_seq_len))
     keys = [t for t in store.tensors if t[0] in _hf_keys(store.args)]
     work = export_hf(out_dir, args=store.args, config_src=config_src, config=config, tensors=keys,
                      modules=[m for m in store.modules if m != EXTRAS], read_module=read, side_files=side,

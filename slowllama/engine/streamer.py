@@ -174,6 +174,9 @@ class Streamer:
         self._committed = threading.Condition(self._lock)  # notified when a queued module write commits
         self._cache: collections.OrderedDict[str, Block] = collections.OrderedDict()
         self._pending: dict[str, Block] = {}  # written, not yet committed: readers see these
+        # Updated modules kept in RAM between interval commits (--commit-every): never evicted, never
+        # written until the journal puts them (journal.py); readers see these first.
+        self._kept: dict[str, Block] = {}
         self._reads: dict[str, Future] = {}
         self._read_q: queue.Queue = queue.Queue()
         self._write_q: queue.Queue = queue.Queue()
@@ -200,6 +203,8 @@ class Streamer:
         """The module's newest version: cached, pending write, prefetched, or read now."""
         self._raise_write_error()
         with self._lock:
+            if name in self._kept:
+                return self._kept[name]
             if name in self._pending:
                 return self._pending[name]
             if name in self._cache:
@@ -217,8 +222,8 @@ class Streamer:
         resident = []
         with self._lock:
             for name in names:
-                if name in self._pending or name in self._cache:
-                    resident.append(self._pending[name] if name in self._pending else self._cache[name])
+                if name in self._kept or name in self._pending or name in self._cache:
+                    resident.append(self._kept.get(name) or self._pending.get(name) or self._cache[name])
                 elif name not in self._reads:
                     fut: Future = Future()
                     self._reads[name] = fut
@@ -245,8 +250,8 @@ class Streamer:
             item = fut = block = None
 
     def _resident_bytes(self) -> int:
-        """Bytes of the modules pending a write and cached; called with the lock held."""
-        return sum(b.nbytes for b in [*self._pending.values(), *self._cache.values()])
+        """Bytes of the modules held, pending a write and cached; called with the lock held."""
+        return sum(b.nbytes for b in [*self._kept.values(), *self._pending.values(), *self._cache.values()])
 
     def _wait_for_room(self):
         """Before a prefetch: wait until the modules queued for writing have committed, unless the budget
@@ -287,10 +292,28 @@ class Streamer:
         self.casts.trim()
 
     # ---- writing ----
-    def put(self, name: str, block: Block, on_commit: Callable[[int], None] | None = None):
-        """Queue the module's new version for an atomic write; readers see it at once."""
+    def hold(self, name: str, block: Block):
+        """Keep the module's new version in RAM, unwritten, until a put of it (an interval commit)."""
         self._raise_write_error()
         with self._lock:
+            self._kept[name] = block
+            stale = self._reads.pop(name, None)
+            self._cache.pop(name, None)
+        if stale is not None:
+            stale.cancel()
+
+    def held(self) -> dict[str, Block]:
+        """The modules held since the last interval commit, in the order they were first held."""
+        with self._lock:
+            return dict(self._kept)
+
+    def put(self, name: str, block: Block, on_commit: Callable[[int], None] | None = None, path=None):
+        """Queue the module's new version for an atomic write (to path, else its own file); readers see it
+        at once."""
+        self._raise_write_error()
+        with self._lock:
+            if self._kept.get(name) is block:
+                del self._kept[name]
             self._pending[name] = block
             stale = self._reads.pop(name, None)
             self._cache.pop(name, None)
@@ -303,7 +326,7 @@ class Streamer:
             if self._write_error is None:
                 self._queued += 1
         self._raise_write_error()
-        self._write_q.put(("module", name, block, on_commit))
+        self._write_q.put(("module", name, block, (on_commit, path)))
 
     def wait_written(self, name: str):
         """Wait until no write of the module is queued or running.
@@ -335,7 +358,8 @@ class Streamer:
                 continue  # after a failure nothing more is committed
             try:
                 if kind == "module":
-                    checksum = self.store.write(name, block)
+                    fn, path = fn
+                    checksum = self.store.write(name, block) if path is None else self.store.write(name, block, path)
                     block.checksum = checksum
                     self._written.add(name)
                     with self._lock:

@@ -21,14 +21,22 @@ optimizer step. LoRA keeps every adapter gradient in RAM and clips them all at t
 A tied model's output layer runs on the embedding's weight, read once more at the turn; the
 gradient it leaves there waits for the embedding's commit (update.py; journal.py's rule 0).
 
+A preference run (engine/preference.py) swaps the output module's next-token loss for DPO's, IPO's
+or ORPO's over each micro-batch's pairs; each row carries its side and reference log-probability
+beside its tokens (the extra of train_step), and the schedule is unchanged.
+
 What a step updates and how it commits is its update rule's (update.py: full fine-tuning,
-LoRA); the commit order and the journal that a resume reads are journal.py's.
+LoRA); the commit order and the journal that a resume reads are journal.py's. When the RAM budget
+holds every module (plan.holds_trained_state), --commit-every keeps the updated modules in RAM and
+commits them every N steps instead (commits.py says when); a caller that stops between steps without
+a crash calls commit() first, or the held steps are lost as a crash loses them.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -42,9 +50,11 @@ from ..blockfile import Block, StoreError, read_block, write_block
 from ..data.windows import IGNORE
 from ..errors import ConfigError
 from ..model.lora import ADAPTERS, Adapters, LoraConfig
+from .commits import CommitPolicy, interval
 from .journal import batch_hash
 from .optim import OptimConfig
-from .plan import ModuleSize, StepPlan, cached_input_bytes, module_sizes, plan_step
+from .plan import ModuleSize, StepPlan, cached_input_bytes, holds_trained_state, module_sizes, plan_step
+from .preference import PreferenceConfig, PreferenceObjective
 from .store import BlockStore
 from .streamer import Streamer
 from .update import FullUpdate, LoraUpdate, NonFiniteError, clip_coefficient, tied_grad_in_ram
@@ -73,6 +83,11 @@ class TrainConfig:
     # Blocks the turn holds beyond the minimal three (K); None: as many as the RAM budget holds (plan.py).
     # Any K gives the same bits; tests force it to run the same step through each schedule.
     turn_blocks: int | None = None
+    # Steps between commits when the budget holds every module (commits.py); None: auto; 1: every step.
+    # Any value gives the same bits; with modules that do not fit, every step commits.
+    commit_every: int | None = 1
+    # A preference loss (engine/preference.py) instead of the next-token loss; None: the next-token loss.
+    preference: PreferenceConfig | None = None
 
     def optim_at(self, step: int) -> OptimConfig:
         """The optimizer settings of a step: a resumed step gets the lr it began with."""
@@ -86,6 +101,7 @@ class StepResult:
     tokens: int
     skipped: bool = False
     grad_norm: float | None = None  # with clipping: the global gradient norm before clipping
+    metrics: dict | None = None  # a preference step's rewards, as trl logs them
 
 
 class ActivationCache:
@@ -148,6 +164,8 @@ class Trainer:
 
             self.device_budget = memory_budget(device) / 2
         self.plan: StepPlan | None = None  # the plan of the step running, from its micro-batches' shape
+        self.commits = CommitPolicy(cfg.commit_every)
+        self.objective = PreferenceObjective(cfg.preference) if cfg.preference is not None else None
         try:
             self.update = (LoraUpdate(store, self.streamer, cfg, self.adapters_path, device) if cfg.lora is not None
                            else FullUpdate(store, self.streamer, cfg))
@@ -172,33 +190,75 @@ class Trainer:
         return self.update.step
 
     # ---- a step ----
-    def micro_batches(self, inputs: torch.Tensor, targets: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def micro_batches(self, inputs: torch.Tensor, targets: torch.Tensor, extra: torch.Tensor | None = None) -> list:
+        """(inputs, targets, extra or None) per micro-batch; extra holds a preference batch's per-row values."""
         mb = self.cfg.micro_batch or inputs.shape[0]
-        return list(zip(inputs.split(mb), targets.split(mb)))
+        extras = extra.split(mb) if extra is not None else [None] * len(inputs.split(mb))
+        return list(zip(inputs.split(mb), targets.split(mb), extras))
 
-    def train_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> StepResult:
-        """Run step `self.step` on this batch (B, T) and commit it; returns its loss."""
+    def loss_scale(self, targets: torch.Tensor, extra: torch.Tensor | None):
+        """What the step's loss is averaged over: its target tokens, or a preference loss's pairs and tokens."""
+        if self.objective is None:
+            return int((targets != IGNORE).sum())
+        if extra is None:
+            raise ConfigError("a preference step needs each row's side and reference log-probability")
+        return self.objective.scale(targets, extra)
+
+    def train_step(self, inputs: torch.Tensor, targets: torch.Tensor, extra: torch.Tensor | None = None) -> StepResult:
+        """Run step `self.step` on this batch (B, T) and commit it; returns its loss. A preference step's
+        extra (B, 2) holds each row's side and reference log-probability (engine/preference.py)."""
         step, version = self.update.step, self.update.version
-        mbs = self.micro_batches(inputs, targets)
+        mbs = self.micro_batches(inputs, targets, extra)
         n_tok = int((targets != IGNORE).sum())
         if n_tok == 0:
             raise ConfigError("batch has no target tokens")
+        t0 = time.perf_counter()
+        scale = self.loss_scale(targets, extra)
         self._use_plan(mbs)
+        holding = self.holds_state()
+        self.update.hold(holding)
         acts = self._activation_cache(self.plan.acts_in_ram)
-        loss, done = self._forward(step, mbs, acts, upto=len(self.names), n_tok=n_tok)
+        if self.objective is not None:
+            self.objective.start()
+        loss, done = self._forward(step, mbs, acts, upto=len(self.names), n_tok=scale)
+        metrics = self.objective.metrics(scale[0]) if self.objective is not None else None
         if not math.isfinite(loss):
             msg = f"step {step}: loss is {loss}; no module was touched"
             if self.cfg.stop_on_nonfinite_loss:
                 raise NonFiniteError(msg)
             log.warning("%s, skipping the step", msg)
             self.update.skip(step)
+            self._commit_if_due(holding, t0)
             self.streamer.flush()
-            return StepResult(step, loss, n_tok, skipped=True)
+            return StepResult(step, loss, n_tok, skipped=True, metrics=metrics)
         if self.cfg.clip_grad_norm and self.cfg.lora is None:
-            self.update.set_clip(*self._norm_pass(step, mbs, acts, n_tok, done))
-        self.update.begin(step, loss, n_tok, batch_hash(inputs, targets))
-        self._backward(step, version, mbs, acts, len(self.names) - 1, n_tok, done=done)
-        return StepResult(step, loss, n_tok, grad_norm=self.update.grad_norm)
+            self.update.set_clip(*self._norm_pass(step, mbs, acts, scale, done))
+        self.update.begin(step, loss, n_tok, batch_hash(inputs, targets), metrics=metrics)
+        self._backward(step, version, mbs, acts, len(self.names) - 1, scale, done=done)
+        self._commit_if_due(holding, t0)
+        return StepResult(step, loss, n_tok, grad_norm=self.update.grad_norm, metrics=metrics)
+
+    def holds_state(self) -> bool:
+        """Whether this step's modules stay in RAM until an interval commit (--commit-every)."""
+        return self.cfg.commit_every != 1 and holds_trained_state(self.cfg, self.plan, self.sizes)
+
+    @property
+    def commit_interval(self) -> int:
+        """The steps between commits at most (1: every step), by the plan of the last step run."""
+        return interval(self.cfg.commit_every) if self.plan is not None and self.holds_state() else 1
+
+    def _commit_if_due(self, holding: bool, t0: float):
+        if holding and self.commits.due(time.perf_counter() - t0):
+            self.commit()
+
+    def commit(self):
+        """Commit the steps held in RAM to the store, and wait until it is on disk; nothing if none.
+        Called before anything reads the store (an evaluation, an export) and before a planned stop.
+        It waits because a module the cache lets go of between its staged write and the rename would be
+        read back from its file at the version before the commit."""
+        self.update.commit_held()
+        self.streamer.flush()
+        self.commits.committed()
 
     def micro_seed(self, step: int, m: int) -> int:
         """The dropout seed of micro-batch m of a step (distributed.py numbers them globally)."""
@@ -210,7 +270,7 @@ class Trainer:
 
     def _use_plan(self, mbs):
         """Plan the step for the micro-batches this process runs; the module cache gets what the plan leaves."""
-        rows, mb_rows, seq = sum(x.shape[0] for x, _ in mbs), max(x.shape[0] for x, _ in mbs), mbs[0][0].shape[1]
+        rows, mb_rows, seq = sum(x.shape[0] for x, *_ in mbs), max(x.shape[0] for x, *_ in mbs), mbs[0][0].shape[1]
         self.plan = self.step_plan(rows, mb_rows, seq)
         self._rows_seq = (rows, seq)
         self.streamer.set_budget(self.plan.cache_budget)
@@ -223,10 +283,12 @@ class Trainer:
         dropout = self.cfg.dropout if dropout and self.names[i].startswith("layers.") else 0.0
         return self.update.module(i, block, dropout)
 
-    def _run(self, i: int, module, x: torch.Tensor, target: torch.Tensor | None, n_tok: int):
-        """Module i's output; for the output module, its share of the loss."""
+    def _run(self, i: int, module, x: torch.Tensor, target: torch.Tensor | None, n_tok, extra=None):
+        """Module i's output; for the output module, its share of the loss (n_tok: what loss_scale gave)."""
         if self.names[i] == "output":
             logits = module(x)
+            if self.objective is not None:
+                return self.objective.loss(logits, target, extra, n_tok)
             return F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=IGNORE,
                                    reduction="sum") / n_tok
         return module(x)
@@ -236,7 +298,7 @@ class Trainer:
         (loss, the top modules with their gradients)."""
         names, full = self.names, upto == len(self.names)
         stop = self._top if full else upto
-        xs = [x.to(self.device) for x, _ in mbs]
+        xs = [x.to(self.device) for x, *_ in mbs]
         rngs = []
         for m in range(len(mbs)):
             dev.seed_device(self.device, self.micro_seed(step, m))
@@ -280,7 +342,7 @@ class Trainer:
         blocks, modules = [], []
         grads: list[list[torch.Tensor | None]] = [[] for _ in range(top, len(names))]
         loss = 0.0
-        for m, (_, target) in enumerate(mbs):
+        for m, (_, target, extra) in enumerate(mbs):
             dev.set_rng_state(self.device, rngs[m])
             # The embedding's input is token ids: nothing to hand a gradient to.
             h = [xs[m] if top == 0 else xs[m].to(self.cfg.compute_dtype).requires_grad_()]
@@ -288,7 +350,8 @@ class Trainer:
                 if m == 0:
                     self._turn_load(i, blocks, modules)
                 module = modules[j][0]
-                h.append(self._run(i, module, h[-1], target.to(self.device) if names[i] == "output" else None, n_tok))
+                h.append(self._run(i, module, h[-1], target.to(self.device) if names[i] == "output" else None, n_tok,
+                                   extra))
                 if names[i] != "output":
                     h[-1].retain_grad()  # the gradient into the module above: made durable at its commit
             h[-1].backward()
@@ -393,22 +456,25 @@ class Trainer:
         """A tied output layer's forward and backward again on the turn's inputs, in its micro-batch
         order: the gradient it leaves on the embedding's weight is the turn's, bit for bit."""
         i = len(self.names) - 1
-        for h, (_, target) in zip(hs, mbs):
-            self._run(i, out, dev.to_device(h, self.device), target.to(self.device), n_tok).backward()
+        for h, (_, target, extra) in zip(hs, mbs):
+            self._run(i, out, dev.to_device(h, self.device), target.to(self.device), n_tok, extra).backward()
 
     # ---- resume ----
-    def recover(self, batch_for_step: Callable[[int], tuple[torch.Tensor, torch.Tensor]]) -> StepResult | None:
-        """Finish a step that was cut short in its backward pass; None when there is none."""
+    def recover(self, batch_for_step: Callable[[int], tuple]) -> StepResult | None:
+        """Finish a step that was cut short in its backward pass; None when there is none.
+        batch_for_step gives (inputs, targets) or, for a preference run, (inputs, targets, extra)."""
+        self.update.hold(False)  # a step cut short is finished module by module, as it began
         point = self.update.resume_point()
         if point is None:
             return None
-        inputs, targets = batch_for_step(point.step)
+        inputs, targets, *rest = batch_for_step(point.step)
+        extra = rest[0] if rest else None
         self.update.journal.check_batch(point, batch_hash(inputs, targets))
-        mbs = self.micro_batches(inputs, targets)
-        k, n_tok = point.first_updated, point.tokens
+        mbs = self.micro_batches(inputs, targets, extra)
+        k, n_tok = point.first_updated, self.loss_scale(targets, extra)
         if k == len(self.names):
             log.info("resuming step %d from its start: no module was updated yet", point.step)
-            return self.train_step(inputs, targets)
+            return self.train_step(inputs, targets, extra)
         if (point.clip_coef is not None) != bool(self.cfg.clip_grad_norm):
             raise StoreError(f"{self.update.journal.path}: step {point.step} began "
                              f"{'with' if point.clip_coef is not None else 'without'} gradient clipping; "
@@ -430,7 +496,7 @@ class Trainer:
         else:
             self.update.finish(point.step, point.version)
         self.streamer.flush()
-        return StepResult(point.step, point.loss, n_tok, grad_norm=point.grad_norm)
+        return StepResult(point.step, point.loss, point.tokens, grad_norm=point.grad_norm, metrics=point.metrics)
 
     def close(self):
         self.streamer.close()
@@ -508,14 +574,22 @@ def estimate_io(store: BlockStore, cfg: TrainConfig, batch_shape: tuple[int, int
             tied_written = tied_read = store.args.vocab_size * store.args.dim * 4 + 384
     grad_bytes += tied_written
     journal = 0 if lora else 2 * 400  # two journal writes a step; a LoRA run's journal is its adapter file
+    # Interval commits (--commit-every): nothing is written between commits, and a commit writes every
+    # module and two journals once per `every` steps (when auto's time bound is not reached first).
+    every = interval(cfg.commit_every) if cfg.commit_every != 1 and holds_trained_state(cfg, plan, sizes) else 1
+    if every > 1:
+        grad_bytes = tied_written = tied_read = 0
+        module_bytes, journal = module_bytes // every, journal // every
     written = module_bytes + act_bytes + grad_bytes + journal
     # Clipping reads the cached activations twice: once per reverse pass.
     clip_read = norm_read + (act_bytes if clip else 0)
     # Files made durable per step (each an fsync of the file and of its folder): the modules and the
     # boundary gradients, tied.blk and the journal's two writes; a LoRA step, its adapter file.
     durable = 1 if lora else len(names) + (len(names) - 1) + (1 if tied else 0) + 2
+    if every > 1:
+        durable = (len(names) + 2) / every
     return {"read": reads + act_bytes + tied_read + (act_bytes if clip else 0), "written": written,
-            "durable_files": durable,
+            "durable_files": durable, "commit_every": every,
             "store": sum(file.values()), "activations": act_bytes, "gradients": grad_bytes,
             "tied": turn_read + tied_written + tied_read,  # what tying adds to a step (in read and written)
             "clip": clip_read,  # what exact clipping adds to a step's reads (it writes nothing more)

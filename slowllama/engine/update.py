@@ -144,8 +144,8 @@ class FullUpdate:
         module = materialize(name, self.args, {k: v.to(cdt) for k, v in master.items()}, dropout)
         return module, {k: torch.nn.Parameter(v) for k, v in master.items()}
 
-    def begin(self, step: int, loss: float, tokens: int, batch: str):
-        self.journal.begin(step, self.version, loss, tokens, batch, clip=self.clip)
+    def begin(self, step: int, loss: float, tokens: int, batch: str, metrics: dict | None = None):
+        self.journal.begin(step, self.version, loss, tokens, batch, clip=self.clip, metrics=metrics)
 
     def skip(self, step: int):
         self.journal.skip(step, self.version)
@@ -234,7 +234,9 @@ class FullUpdate:
         check_gradients(self.names, step, i, {"weight (the output side of tok_embeddings)": out.weight}, grads_in,
                         consequence)
         grad = out.weight.grad.float()
-        if self.tied_in_ram:
+        if self.journal.holding:  # nothing to make durable: a crash replays the step from the last commit
+            self._partial, self._saved = dev.to_host(grad), None
+        elif self.tied_in_ram:
             self._partial = dev.to_host(grad)  # host RAM: the device holds one module at a time
             self._saved = self.journal.save_tied(version, "inputs", {f"h{m}": h for m, h in enumerate(out.inputs)})
         else:
@@ -272,6 +274,16 @@ class FullUpdate:
         self.settle()
         self.journal.finish(step, version)
         self.clip = None
+
+    def hold(self, on: bool):
+        """Hold the next step's modules in RAM (interval commits, journal.py) or commit each as it is done."""
+        if not on:
+            self.commit_held()  # what is held goes to the store before a step that commits module by module
+        self.journal.holding = on
+
+    def commit_held(self):
+        """Queue the interval commit of the steps held since the last one (journal.py)."""
+        self.journal.commit_held()
 
     def resume_point(self) -> ResumePoint | None:
         return self.journal.resume_point(self.names)
@@ -330,8 +342,8 @@ class LoraUpdate:
         self.adapters.attach(module, name)
         return module, None
 
-    def begin(self, step: int, loss: float, tokens: int, batch: str):
-        self._last = {"iter": step, "loss": loss, "tokens": tokens}
+    def begin(self, step: int, loss: float, tokens: int, batch: str, metrics: dict | None = None):
+        self._last = {"iter": step, "loss": loss, "tokens": tokens, **(metrics or {})}
         self.grad_norm = None
 
     def skip(self, step: int):
@@ -374,6 +386,12 @@ class LoraUpdate:
 
     def resume_point(self) -> None:
         return None
+
+    def hold(self, on: bool):
+        """The adapter file is the whole journal, written every step: nothing is held."""
+
+    def commit_held(self):
+        pass
 
     def tuned(self, name: str, params: dict) -> dict:
         return self.adapters.merge(name, params)

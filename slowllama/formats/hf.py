@@ -1,14 +1,17 @@
 """Hugging Face's format: config.json and model*.safetensors, for Llama, Mistral, Qwen2, Qwen3, Gemma 2,
-Gemma 3 (text) and OLMo 2 models.
+Gemma 3 (text), OLMo 2, Phi-3 (and Phi-4-mini) and SmolLM3 models.
 
 Names and layouts map onto Meta's (the names model.py uses) through one table read in
 both directions; wq and wk rows are permuted between Hugging Face's rotate-half RoPE
-layout and Meta's interleaved one. Reading and writing stream one tensor at a time.
+layout and Meta's interleaved one. Phi-3's fused qkv_proj and gate_up_proj are split into
+their parts on reading and concatenated again on writing (FUSED). Reading and writing stream
+one tensor at a time.
 """
 from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import shutil
 from collections.abc import Callable, Iterator
@@ -60,8 +63,27 @@ POST_NORM_HF_TO_META = {**{h: m for h, m in HF_TO_META.items() if h not in POST_
 POST_NORM_META_TO_HF = {m: h for h, m in POST_NORM_HF_TO_META.items()}
 
 
+# Phi-3 (ModelArgs.fused_proj): one Hugging Face tensor holds several Meta ones, stacked by rows in this order
+# (transformers' Phi3Attention slices q, k, v and Phi3MLP chunks gate, up the same way).
+FUSED = {
+    "model.layers.{}.self_attn.qkv_proj.weight": ("layers.{}.attention.wq.weight", "layers.{}.attention.wk.weight",
+                                                  "layers.{}.attention.wv.weight"),
+    "model.layers.{}.mlp.gate_up_proj.weight": ("layers.{}.feed_forward.w1.weight", "layers.{}.feed_forward.w3.weight"),
+}
+# Phi-3's layer in transformers' order: o_proj is declared before qkv_proj.
+_PHI3_ORDER = ["model.embed_tokens.weight", "model.layers.{}.self_attn.o_proj.weight",
+               "model.layers.{}.self_attn.qkv_proj.weight", "model.layers.{}.mlp.gate_up_proj.weight",
+               "model.layers.{}.mlp.down_proj.weight", "model.layers.{}.input_layernorm.weight",
+               "model.layers.{}.post_attention_layernorm.weight", "model.norm.weight", "lm_head.weight"]
+FUSED_META_TO_HF = {m: h for h in _PHI3_ORDER for m in (FUSED[h] if h in FUSED else (HF_TO_META[h],))}
+FUSED_HF_TO_META = {h: m for m, h in FUSED_META_TO_HF.items() if h not in FUSED}
+
+
 def name_tables(args: ModelArgs | None) -> tuple[dict[str, str], dict[str, str]]:
-    """(Hugging Face -> Meta, Meta -> Hugging Face) names for args' blocks."""
+    """(Hugging Face -> Meta, Meta -> Hugging Face) names for args' blocks; a fused tensor's parts all name it in the
+    second, and it is absent from the first (see FUSED)."""
+    if args is not None and args.fused_proj:
+        return FUSED_HF_TO_META, FUSED_META_TO_HF
     if args is not None and args.post_norms:
         return POST_NORM_HF_TO_META, POST_NORM_META_TO_HF
     return HF_TO_META, META_TO_HF
@@ -84,6 +106,10 @@ GEMMA_TYPES = ("gemma2", "gemma3_text")
 # OLMo 2: norms after each sublayer only, q/k norms over the whole projections, rms_norm_eps 1e-5 unless said.
 MODEL_TYPES["olmo2"] = dict(arch="Olmo2ForCausalLM", max_seq_len=2048, head_dim=None, pad_id=1, norm_eps=1e-5)
 OLMO2_ARGS = dict(qk_norm=True, qk_norm_whole=True, norm_weight_fp32=True, pre_norms=False, post_norms=True)
+# Phi-3 and Phi-4-mini: fused projections, partial rotary, LongRoPE, every layer's window (_phi3_args).
+MODEL_TYPES["phi3"] = dict(arch="Phi3ForCausalLM", max_seq_len=4096, head_dim=None, pad_id=32000, norm_eps=1e-5)
+# SmolLM3: Llama's layers, every no_rope_layer_interval-th without RoPE (_smollm3_args), tied by default.
+MODEL_TYPES["smollm3"] = dict(arch="SmolLM3ForCausalLM", max_seq_len=32768, head_dim=None, tied=True, pad_id=128004)
 SUPPORTED = {t: d["arch"] for t, d in MODEL_TYPES.items()}
 SAFETENSORS_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
 SINGLE_FILE, INDEX_FILE, SIDE_FILES = HF_SINGLE_FILE, HF_INDEX_FILE, HF_SIDE_FILES
@@ -108,6 +134,14 @@ def _rename(key: str, table: dict[str, str]) -> str:
     return table[t].format(i) if i is not None else table[t]
 
 
+def fused_parts(hf_key: str, args: ModelArgs | None) -> list[str] | None:
+    """The Meta keys a fused Hugging Face tensor holds, in row order; None for an unfused one."""
+    t, i = _template(hf_key)
+    if args is None or not args.fused_proj or t not in FUSED:
+        return None
+    return [p.format(i) for p in FUSED[t]]
+
+
 def to_meta_name(hf_key: str, args: ModelArgs | None = None) -> str:
     """'model.layers.3.mlp.gate_proj.weight' -> 'layers.3.feed_forward.w1.weight'; args picks the norms' names."""
     return _rename(hf_key, name_tables(args)[0])
@@ -121,14 +155,33 @@ def to_hf_name(meta_key: str, args: ModelArgs | None = None) -> str:
 # Meta rotates adjacent pairs (2i, 2i+1) of each head; Hugging Face rotates (i, i + head_dim/2).
 # Both are row permutations of wq/wk within each head, exact in any dtype.
 
-def to_meta(w: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
-    """wq or wk rows from Hugging Face's rotate-half layout to Meta's interleaved one."""
-    return w.reshape(n_heads, 2, head_dim // 2, -1).transpose(1, 2).reshape(w.shape)
+def to_meta(w: torch.Tensor, n_heads: int, head_dim: int, rot: int | None = None) -> torch.Tensor:
+    """wq or wk rows from Hugging Face's rotate-half layout to Meta's interleaved one; rot < head_dim: only each
+    head's first rot rows turn (partial rotary) and take the permutation, the rest keep their place."""
+    rot = head_dim if rot is None else rot
+    h = w.reshape(n_heads, head_dim, -1)
+    turned = h[:, :rot].reshape(n_heads, 2, rot // 2, -1).transpose(1, 2).reshape(n_heads, rot, -1)
+    return torch.cat((turned, h[:, rot:]), 1).reshape(w.shape)
 
 
-def from_meta(w: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
+def from_meta(w: torch.Tensor, n_heads: int, head_dim: int, rot: int | None = None) -> torch.Tensor:
     """The inverse of to_meta."""
-    return w.reshape(n_heads, head_dim // 2, 2, -1).transpose(1, 2).reshape(w.shape)
+    rot = head_dim if rot is None else rot
+    h = w.reshape(n_heads, head_dim, -1)
+    turned = h[:, :rot].reshape(n_heads, rot // 2, 2, -1).transpose(1, 2).reshape(n_heads, rot, -1)
+    return torch.cat((turned, h[:, rot:]), 1).reshape(w.shape)
+
+
+def meta_layout(args: ModelArgs, meta_key: str, t: torch.Tensor) -> torch.Tensor:
+    """One tensor read from a Hugging Face file, in Meta's layout (RoPE's rows permuted where it has them)."""
+    heads = _rope_heads(args, meta_key)
+    return t if heads is None else to_meta(t, heads, args.head_dim, args.rotary_dim)
+
+
+def hf_layout(args: ModelArgs, meta_key: str, t: torch.Tensor) -> torch.Tensor:
+    """The inverse of meta_layout."""
+    heads = _rope_heads(args, meta_key)
+    return t if heads is None else from_meta(t, heads, args.head_dim, args.rotary_dim)
 
 
 def _rope_heads(args: ModelArgs, meta_key: str) -> int | None:
@@ -201,11 +254,11 @@ REQUIRED = ("dim", "intermediate_size", "n_layers", "n_heads", "vocab_size")  # 
 
 def _attention_flags(model_type: str, raw: dict, refuse) -> dict:
     """ModelArgs' qkv_bias, o_bias, qk_norm as transformers builds each model_type's attention."""
-    if model_type in (*GEMMA_TYPES, "olmo2"):  # attention_bias on all four projections; q/k norms per model_type
+    if model_type in (*GEMMA_TYPES, "olmo2", "smollm3"):  # attention_bias on all four projections; q/k norms per type
         bias = raw.get("attention_bias", False)
         if not isinstance(bias, bool):
             refuse("attention_bias", f"must be true or false, got {bias!r}")
-        return dict(qkv_bias=bias, o_bias=bias, qk_norm=model_type != "gemma2")
+        return dict(qkv_bias=bias, o_bias=bias, qk_norm=model_type not in ("gemma2", "smollm3"))
     if model_type == "qwen2":  # q/k/v biases always, none on o_proj; Qwen2 ignores attention_bias
         return dict(qkv_bias=True, o_bias=False, qk_norm=False)
     bias = raw.get("attention_bias", False)
@@ -290,9 +343,80 @@ def _gemma_args(path: Path, model_type: str, raw: dict, refuse) -> dict:
     )
 
 
+# Phi3Config's rope parameters: what transformers reads of them (the rest is refused by name).
+_PHI3_ROPE_KEYS = {"rope_type", "type", "rope_theta", "partial_rotary_factor", "short_factor", "long_factor",
+                   "original_max_position_embeddings", "factor", "attention_factor"}
+
+
+def _phi3_args(raw: dict, refuse) -> dict:
+    """The ModelArgs fields of a Phi-3 / Phi-4-mini config.json beyond Llama's, resolved as transformers 5 resolves
+    them: partial rotary (rope_parameters' or the top-level partial_rotary_factor), LongRoPE with its attention
+    factor, and sliding_window on every layer."""
+    for key in ("resid_pdrop", "embd_pdrop"):
+        if raw.get(key, 0.0) != 0.0:
+            refuse(key, f"{raw[key]!r} is not supported (slowllama implements 0.0; its --dropout is its own)")
+    key = "rope_parameters" if raw.get("rope_parameters") is not None else "rope_scaling"
+    params = raw.get(key) or {}
+    if not isinstance(params, dict):
+        refuse(key, f"must be an object or null, got {params!r}")
+    extra = sorted(set(params) - _PHI3_ROPE_KEYS)
+    if extra:
+        refuse(f"{key}.{extra[0]}", "is not supported for Phi-3")
+    theta = params.get("rope_theta", raw.get("rope_theta", 10000.0))
+    head_dim = raw.get("head_dim") or raw["hidden_size"] // raw["num_attention_heads"]
+    partial = params.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))
+    if not isinstance(partial, (int, float)) or isinstance(partial, bool) or not 0 < partial <= 1:
+        refuse("partial_rotary_factor", f"must be a number in (0, 1], got {partial!r}")
+    rope_dim = int(head_dim * partial)  # transformers' rounding
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    rope_type = "longrope" if rope_type in ("su", "yarn") else rope_type  # Phi3Config's old names for it
+    if rope_type not in ("default", "longrope"):
+        refuse(f"{key}.rope_type", f"{rope_type!r} is not supported for Phi-3 (supported: default, longrope)")
+    scaling = None
+    if rope_type == "longrope":
+        missing = [k for k in ("short_factor", "long_factor") if k not in params]
+        if missing:
+            refuse(key, f"of type longrope lacks {missing}")
+        # Phi3Config always has original_max_position_embeddings (4096 by default) and it wins over rope_parameters'
+        original = raw.get("original_max_position_embeddings", 4096)
+        if not isinstance(original, int) or isinstance(original, bool) or original < 2:
+            refuse("original_max_position_embeddings", f"must be an integer above 1, got {original!r}")
+        factor = params.get("factor") or raw.get("max_position_embeddings", 4096) / original
+        attention = params.get("attention_factor")
+        if attention is None:
+            attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+        scaling = {"rope_type": "longrope", "short_factor": params["short_factor"], "long_factor": params["long_factor"],
+                   "original_max_position_embeddings": original, "attention_factor": attention}
+    return dict(rope_theta=theta, rope_scaling=scaling, rope_dim=None if rope_dim == head_dim else rope_dim,
+                fused_proj=True, sliding_window=raw.get("sliding_window"))
+
+
+def _smollm3_args(path: Path, raw: dict, refuse) -> dict:
+    """SmolLM3's layers without RoPE (no_rope_layers: 1 where a layer ropes, or every no_rope_layer_interval-th
+    layer without) and its windows, as SmolLM3Config derives them; RoPE's base defaults to 2e6."""
+    n = raw["num_hidden_layers"]
+    flags = raw.get("no_rope_layers")
+    if flags is None:
+        every = raw.get("no_rope_layer_interval", 4)
+        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+            refuse("no_rope_layer_interval", f"must be a positive integer, got {every!r}")
+        flags = [int((i + 1) % every != 0) for i in range(n)]
+    if not isinstance(flags, list) or len(flags) != n or any(f not in (0, 1) or isinstance(f, float) for f in flags):
+        refuse("no_rope_layers", f"must list 0 or 1 per layer, {n} in all, got {flags!r}")
+    use = raw.get("use_sliding_window", False)
+    window = raw.get("sliding_window")
+    windows = _layer_windows(raw, window, lambda n: ["sliding_attention" if use and window is not None and not flags[i]
+                                                     else "full_attention" for i in range(n)], refuse)
+    theta, scaling = _rope(path, {**raw, "rope_theta": raw.get("rope_theta", 2e6)}
+                           if raw.get("rope_parameters") is None else
+                           {**raw, "rope_parameters": {"rope_theta": 2e6, **raw["rope_parameters"]}})
+    return dict(rope_theta=theta, rope_scaling=scaling, layer_windows=windows,
+                rope_layers=None if all(flags) else [bool(f) for f in flags])
+
+
 def args_from_config(config_json_path: str | Path) -> ModelArgs:
-    """The architecture from a Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 (text) or OLMo 2 config.json; what
-    changes the math is refused by name."""
+    """The architecture from a Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 (text), OLMo 2, Phi-3 or SmolLM3
+    config.json; what changes the math is refused by name."""
     path = Path(config_json_path)
     raw = _read_json(path)
 
@@ -317,13 +441,18 @@ def args_from_config(config_json_path: str | Path) -> ModelArgs:
     flags = _attention_flags(model_type, raw, refuse)
     if model_type in GEMMA_TYPES:
         flags.update(_gemma_args(path, model_type, raw, refuse))
+    elif model_type == "phi3":
+        flags.update(_phi3_args(raw, refuse))
+    elif model_type == "smollm3":
+        flags.update(_smollm3_args(path, raw, refuse))
     else:
         flags.update(zip(("rope_theta", "rope_scaling"), _rope(path, raw)))
     if model_type in ("qwen2", "qwen3"):
         flags["layer_windows"] = _qwen_windows(raw, refuse)
     if model_type == "olmo2":
         flags.update(OLMO2_ARGS)
-    sliding = raw.get("sliding_window") if model_type == "mistral" else None  # Mistral: every layer slides
+    if model_type == "mistral":  # every layer slides
+        flags["sliding_window"] = raw.get("sliding_window")
     defaults = MODEL_TYPES[model_type]
     dtype = raw.get("dtype", raw.get("torch_dtype"))
     if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
@@ -338,7 +467,6 @@ def args_from_config(config_json_path: str | Path) -> ModelArgs:
             max_seq_len=raw.get("max_position_embeddings", defaults["max_seq_len"]),
             tie_word_embeddings=raw.get("tie_word_embeddings", defaults.get("tied", False)),
             pad_id=raw.get("pad_token_id", defaults.get("pad_id")),
-            sliding_window=sliding,
             **flags,
         )
     except ConfigError as e:  # ModelArgs names its own fields; the user's file names them as config.json does
@@ -377,7 +505,8 @@ def non_llama_fields(args: ModelArgs) -> list[str]:
     from dataclasses import fields
 
     names = ("layer_windows", "local_rope_theta", "norm_plus_one", "norm_weight_fp32", "pre_norms", "post_norms",
-             "qk_norm_whole", "hidden_act", "embed_scale", "query_pre_attn_scalar", "attn_softcap", "final_softcap")
+             "qk_norm_whole", "hidden_act", "embed_scale", "query_pre_attn_scalar", "attn_softcap", "final_softcap",
+             "rope_dim", "rope_layers", "fused_proj")
     return [f.name for f in fields(args) if f.name in names and getattr(args, f.name) != f.default]
 
 
@@ -405,6 +534,33 @@ def expected_keys(args: ModelArgs) -> list[str]:
     return keys
 
 
+def fused_shape(shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
+    """The shape of the tensor that stacks these by rows (one shape: itself)."""
+    return (sum(s[0] for s in shapes), *shapes[0][1:])
+
+
+def hf_tensors(args: ModelArgs, tensors: list[tuple[str, tuple[int, ...], torch.dtype]]
+               ) -> list[tuple[str, tuple[int, ...], torch.dtype, list[str]]]:
+    """(Hugging Face name, shape, dtype, the Meta keys it holds in row order) for (Meta key, shape, dtype) tensors,
+    in the order given; a fused tensor comes where its first part does and needs all its parts."""
+    by_key = {k: (shape, dt) for k, shape, dt in tensors}
+    out, done = [], set()
+    for key, _, _ in tensors:
+        name = to_hf_name(key, args)
+        if name in done:
+            continue
+        done.add(name)
+        parts = fused_parts(name, args) or [key]
+        absent = [p for p in parts if p not in by_key]
+        if absent:
+            raise ConfigError(f"{name} is written whole, but the export lacks its part {absent[0]!r}")
+        dtypes = {by_key[p][1] for p in parts}
+        if len(dtypes) > 1:
+            raise ConfigError(f"{name}: its parts {parts} do not share one dtype")
+        out.append((name, fused_shape([by_key[p][0] for p in parts]), dtypes.pop(), parts))
+    return out
+
+
 def split_meta_key(key: str) -> tuple[str, str]:
     """'layers.3.attention.wq.weight' -> ('layers.3', 'attention.wq.weight')."""
     t, i = _template(key)
@@ -426,8 +582,7 @@ def _safe_open(path: Path):
 
 
 class HFCheckpoint:
-    """A validated Hugging Face folder (Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 text, OLMo 2), read one
-    module at a time in Meta's names and layout."""
+    """A validated Hugging Face folder (any of MODEL_TYPES), read one module at a time in Meta's names and layout."""
 
     def __init__(self, folder: str | Path):
         self.dir = Path(folder)
@@ -495,25 +650,29 @@ class HFCheckpoint:
                         log.info("%s: ignoring %s, which the model does not use", path, hf_key)
                         continue
                     try:
-                        key = to_meta_name(hf_key, a)
+                        parts = fused_parts(hf_key, a) or [to_meta_name(hf_key, a)]
                     except ConfigError as e:
                         raise ConfigError(f"{path}: {e}") from e
-                    if key not in expected:
+                    if any(k not in expected for k in parts):
                         raise ConfigError(f"{path}: unexpected tensor {hf_key!r} for {self.config_path.name}")
                     sl = f.get_slice(hf_key)
                     code, shape = sl.get_dtype(), tuple(sl.get_shape())
                     if code not in SAFETENSORS_DTYPES:
                         raise ConfigError(f"{path}: {hf_key} has dtype {code}, expected F32, BF16 or F16")
-                    if shape != expected[key]:
-                        raise ConfigError(f"{path}: {hf_key} has shape {list(shape)}, {self.config_path.name} implies {list(expected[key])}")
-                    seen[key] = (path, hf_key)
-                    self.shapes[key], self.dtypes[key] = shape, SAFETENSORS_DTYPES[code]
+                    want = fused_shape([expected[k] for k in parts])
+                    if shape != want:
+                        raise ConfigError(f"{path}: {hf_key} has shape {list(shape)}, {self.config_path.name} implies {list(want)}")
+                    row = 0
+                    for k in parts:  # a fused tensor's parts are row ranges of it
+                        seen[k] = (path, hf_key, (row, row + expected[k][0]) if len(parts) > 1 else None)
+                        row += expected[k][0]
+                        self.shapes[k], self.dtypes[k] = expected[k], SAFETENSORS_DTYPES[code]
         if self._index is not None:
             listed = {k for k in self._index if _template(k)[0] not in IGNORED}
-            absent = sorted(listed - {h for _, h in seen.values()} - ({"lm_head.weight"} if a.tie_word_embeddings else set()))
+            absent = sorted(listed - {w[1] for w in seen.values()} - ({"lm_head.weight"} if a.tie_word_embeddings else set()))
             if absent:
                 raise ConfigError(f"{self.index_path}: lists {absent[0]!r}, which no shard holds")
-        missing = [to_hf_name(k, a) for k in expected if k not in seen]
+        missing = list(dict.fromkeys(to_hf_name(k, a) for k in expected if k not in seen))
         if missing:
             raise ConfigError(f"{self.dir}: missing tensor {missing[0]!r}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
         self._where = seen
@@ -535,17 +694,22 @@ class HFCheckpoint:
         keys = self.module_keys(module)
         for path in dict.fromkeys(self._where[k][0] for k in keys):
             with _safe_open(path) as f:
+                fused = {}  # hf_key -> the whole fused tensor, read once for its parts
                 for key in keys:
-                    where, hf_key = self._where[key]
+                    where, hf_key, rows = self._where[key]
                     if where != path:
                         continue
-                    t = f.get_tensor(hf_key)
-                    heads = _rope_heads(self.args, key)
-                    if heads is not None:
-                        t = to_meta(t, heads, self.args.head_dim)
+                    if rows is None:
+                        t = f.get_tensor(hf_key)
+                    else:
+                        if hf_key not in fused:
+                            fused[hf_key] = f.get_tensor(hf_key)
+                        t = fused[hf_key][rows[0]:rows[1]].clone()  # its own storage, not a view of the whole
+                    t = meta_layout(self.args, key, t)
                     if not all_finite(t):
                         raise ConfigError(f"{path}: tensor {hf_key} holds NaN or Inf")
                     out[key] = t
+                del fused
         return {split_meta_key(k)[1]: out[k] for k in keys}
 
 
@@ -609,12 +773,14 @@ def export_hf(
     unknown = [k for k, _, _ in tensors if k not in order]
     if unknown:
         raise ConfigError(f"unknown tensor name {unknown[0]!r} for this model")
-    tensors = sorted(tensors, key=lambda t: order[t[0]])  # transformers' order
-    plan = plan_shards(tensors, max_shard_size)
+    # transformers' order, then one entry per Hugging Face tensor (Phi-3's fused ones hold several Meta keys)
+    files = hf_tensors(args, sorted(tensors, key=lambda t: order[t[0]]))
+    plan = plan_shards([(name, shape, dt) for name, shape, dt, _ in files], max_shard_size)
     n = len(plan)
     names = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    shard_of = {tensors[i][0]: s for s, idx in enumerate(plan) for i in idx}
+    shard_of = {files[i][0]: s for s, idx in enumerate(plan) for i in idx}
     dtypes = {k: dt for k, _, dt in tensors}
+    parts_of = {name: parts for name, _, _, parts in files}
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     work = tmp_path(out_dir)
@@ -623,23 +789,27 @@ def export_hf(
     try:
         def writer(s: int) -> SafetensorsWriter:
             if s not in writers:  # opened when first needed, so few are open at once
-                specs = [(to_hf_name(tensors[i][0], args), tensors[i][1], tensors[i][2]) for i in plan[s]]
+                specs = [files[i][:3] for i in plan[s]]
                 writers[s] = SafetensorsWriter(work / names[s], specs)
             return writers[s]
 
         for module in progress(modules):
             params = read_module(module)
-            for key in sorted((f"{module}.{p}" for p in params), key=lambda k: order.get(k, -1)):
-                if key not in shard_of:
+            held = sorted((f"{module}.{p}" for p in params), key=lambda k: order.get(k, -1))
+            for key in held:
+                if key not in dtypes:
                     raise ConfigError(f"module {module} holds {key!r}, which the export does not list")
-                t = params[key[len(module) + 1:]].to(dtypes[key])
-                if not all_finite(t):
-                    raise ValueError(f"refusing to export {key}: it holds NaN or Inf")
-                heads = _rope_heads(args, key)
-                if heads is not None:
-                    t = from_meta(t, heads, args.head_dim)
-                w = writer(shard_of[key])
-                w.write(to_hf_name(key, args), t)
+            for name in dict.fromkeys(to_hf_name(k, args) for k in held):
+                pieces = []
+                for key in parts_of[name]:
+                    if not key.startswith(module + ".") or key[len(module) + 1:] not in params:
+                        raise ConfigError(f"{name}: its part {key!r} is not in module {module}")
+                    t = params[key[len(module) + 1:]].to(dtypes[key])
+                    if not all_finite(t):
+                        raise ValueError(f"refusing to export {key}: it holds NaN or Inf")
+                    pieces.append(hf_layout(args, key, t))
+                w = writer(shard_of[name])
+                w.write(name, pieces[0] if len(pieces) == 1 else torch.cat(pieces))
                 if w.done:
                     w.close()
             del params
@@ -650,7 +820,7 @@ def export_hf(
         if n > 1:
             index = {"metadata": {"total_parameters": sum(_numel(s) for _, s, _ in tensors),
                                   "total_size": sum(_numel(s) * dt.itemsize for _, s, dt in tensors)},
-                     "weight_map": {to_hf_name(k, args): names[shard_of[k]] for k, _, _ in tensors}}
+                     "weight_map": {name: names[shard_of[name]] for name, _, _, _ in files}}
             atomic_write_bytes(work / INDEX_FILE, [(json.dumps(index, indent=2, sort_keys=True) + "\n").encode()], durable=False)
         if config is None:
             shutil.copyfile(config_src, work / "config.json")

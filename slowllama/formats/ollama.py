@@ -60,7 +60,7 @@ def translate(template: str, variables: dict, bos_added: str | None) -> tuple[st
     """(format name, default system prompt or None, end-of-turn token) of the format the jinja template renders
     exactly, or None. bos_added: the BOS text the tokenizer adds itself (a template's leading one is dropped,
     as llama.cpp adds it)."""
-    from ..data.chat import render
+    from .chat_template import render
 
     def rendered(messages):
         text, _ = render(template, messages, add_generation_prompt=True, variables=variables)

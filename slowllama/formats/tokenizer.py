@@ -152,7 +152,7 @@ class TiktokenTokenizer(Tokenizer):
         import tiktoken
 
         self.path = Path(path)
-        ranks = read_tiktoken_ranks(self.path)
+        self.ranks = ranks = read_tiktoken_ranks(self.path)
         self.special = {t: len(ranks) + i for i, t in enumerate(LLAMA3_SPECIAL)}
         self.enc = tiktoken.Encoding(name=self.path.name, pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks,
                                      special_tokens=self.special)

@@ -276,7 +276,11 @@ def generate_tokens(cache: ModuleCache, prompts: list[list[int]], max_new_tokens
 
 def _decode(cache, kv, x, valid, max_new_tokens, stop, sampler, on_token, seen, outs, done):
     bs, dev = len(outs), cache.device
-    for _ in range(max_new_tokens):
+    columns, seen_valid = x, valid  # every column so far, for a LongRoPE switch (KVCache.stale)
+    for step in range(max_new_tokens):
+        if step and kv.stale(x.shape[1]):
+            kv.reset()
+            x, valid = columns, seen_valid
         kv.advance(valid)
         logits = _forward(cache, x, kv)[:, -1]
         picks = sampler.pick(logits, seen)
@@ -292,6 +296,7 @@ def _decode(cache, kv, x, valid, max_new_tokens, stop, sampler, on_token, seen, 
             break
         x = torch.tensor(picks, dtype=torch.long, device=dev)[:, None]
         valid = torch.ones(bs, 1, dtype=torch.bool, device=dev)
+        columns, seen_valid = torch.cat((columns, x), 1), torch.cat((seen_valid, valid), 1)
 
 
 def _generate_uncached(cache, index, tokens, max_new_tokens, stop, sampler, on_token) -> list[int]:

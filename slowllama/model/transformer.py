@@ -1,5 +1,5 @@
 """The Llama architecture and its relatives (Llama 2, Code Llama, Llama 3.x, Mistral, TinyLlama, SmolLM2,
-Qwen2, Qwen3, Gemma 2, Gemma 3 text, OLMo 2), with Meta's parameter names.
+Qwen2, Qwen3, Gemma 2, Gemma 3 text, OLMo 2, Phi-3, Phi-4-mini, SmolLM3), with Meta's parameter names.
 
 Every piece that the block store streams (embedding, each block, the final
 norm, the output layer) is a module of its own, so that `Transformer` is only
@@ -65,6 +65,12 @@ class ModelArgs:
     attn_softcap: float | None = None  # scores -> cap * tanh(scores / cap) before the mask (Gemma 2)
     final_softcap: float | None = None  # logits -> cap * tanh(logits / cap) (Gemma 2)
     pad_id: int | None = None  # the embedding row that never takes a gradient (nn.Embedding's padding_idx)
+    # ---- Phi-3 / Phi-4-mini and SmolLM3 ----
+    rope_dim: int | None = None  # RoPE turns only each head's first rope_dim entries (partial_rotary_factor); None: all
+    rope_layers: list[bool] | None = None  # False where a layer applies no RoPE at all (SmolLM3); None: every layer
+    # The files hold wq/wk/wv as one qkv_proj and w1/w3 as one gate_up_proj (Phi-3): a storage layout only,
+    # split on import and fused on export (formats/hf.py); the model always holds them split.
+    fused_proj: bool = False
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -87,8 +93,11 @@ class ModelArgs:
                 self.rope_scaling = dict(META_LLAMA3_SCALING)
             elif self.rope_scaling != META_LLAMA3_SCALING:
                 raise ConfigError(f"use_scaled_rope is true but rope_scaling is {self.rope_scaling!r}, not Meta's {META_LLAMA3_SCALING!r}")
+        if self.rope_dim is not None and (not isinstance(self.rope_dim, int) or isinstance(self.rope_dim, bool)
+                                          or not 0 < self.rope_dim <= self.head_dim or self.rope_dim % 2):
+            raise ConfigError(f"rope_dim must be a positive even integer up to head_dim {self.head_dim}, got {self.rope_dim!r}")
         if self.rope_scaling is not None:
-            _check_rope_scaling(self.rope_scaling)
+            _check_rope_scaling(self.rope_scaling, self.rotary_dim)
         if not isinstance(self.vocab_size, int) or isinstance(self.vocab_size, bool) or self.vocab_size < 1 and self.vocab_size != -1:
             raise ConfigError(f"vocab_size must be a positive integer or -1, got {self.vocab_size!r}")
         if self.n_heads % self.n_kv_heads:
@@ -113,6 +122,14 @@ class ModelArgs:
         if self.local_rope_theta is not None and self.window(layer) is not None:
             return self.local_rope_theta, None
         return self.rope_theta, self.rope_scaling
+
+    @property
+    def rotary_dim(self) -> int:
+        """How many of each head's entries RoPE turns (the first ones)."""
+        return self.head_dim if self.rope_dim is None else self.rope_dim
+
+    def ropes(self, layer: int) -> bool:
+        return self.rope_layers is None or self.rope_layers[layer]
 
     @property
     def ffn_hidden_dim(self) -> int:
@@ -153,7 +170,11 @@ def _check_layer_fields(a: ModelArgs):
         for w in a.layer_windows:
             if w is not None:
                 _check_positive_int("layer_windows", w)
-    for name in ("norm_plus_one", "norm_weight_fp32", "pre_norms", "post_norms", "qk_norm_whole", "embed_scale"):
+    if a.rope_layers is not None and (not isinstance(a.rope_layers, list) or len(a.rope_layers) != a.n_layers
+                                      or any(not isinstance(r, bool) for r in a.rope_layers)):
+        raise ConfigError(f"rope_layers must list true or false per layer, {a.n_layers} in all, got {a.rope_layers!r}")
+    for name in ("norm_plus_one", "norm_weight_fp32", "pre_norms", "post_norms", "qk_norm_whole", "embed_scale",
+                 "fused_proj"):
         if not isinstance(getattr(a, name), bool):
             raise ConfigError(f"{name} must be true or false, got {getattr(a, name)!r}")
     if a.hidden_act not in ACTIVATIONS:
@@ -186,7 +207,11 @@ META_LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 
 ROPE_SCALING_KEYS = {
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
     "linear": ("factor",),
+    # Phi-3's LongRoPE: per-frequency divisors, short_factor up to original_max_position_embeddings tokens and
+    # long_factor beyond, cos and sin times attention_factor (resolved on import as transformers resolves it).
+    "longrope": ("short_factor", "long_factor", "original_max_position_embeddings", "attention_factor"),
 }
+LONGROPE_LISTS = ("short_factor", "long_factor")
 
 
 def _check_positive_int(name: str, v):
@@ -194,13 +219,19 @@ def _check_positive_int(name: str, v):
         raise ConfigError(f"{name} must be a positive integer, got {v!r}")
 
 
-def _check_rope_scaling(s):
+def _check_rope_scaling(s, rotary_dim: int):
     if not isinstance(s, dict) or s.get("rope_type") not in ROPE_SCALING_KEYS:
         raise ConfigError(f"rope_scaling must be a dict with rope_type one of {sorted(ROPE_SCALING_KEYS)}, got {s!r}")
     want = {"rope_type", *ROPE_SCALING_KEYS[s["rope_type"]]}
     if set(s) != want:
         raise ConfigError(f"rope_scaling of type {s['rope_type']} needs exactly the keys {sorted(want)}, got {sorted(s)}")
     for k in want - {"rope_type"}:
+        if k in LONGROPE_LISTS:
+            v = s[k]
+            if not isinstance(v, list) or len(v) != rotary_dim // 2 or not all(
+                    isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0 for x in v):
+                raise ConfigError(f"rope_scaling.{k} must list {rotary_dim // 2} positive numbers, got {v!r}")
+            continue
         v = s[k]
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
             raise ConfigError(f"rope_scaling.{k} must be a positive number, got {v!r}")
@@ -241,8 +272,19 @@ def make_norm(args: ModelArgs, dim: int) -> RMSNorm:
     return RMSNorm(dim, args.norm_eps)
 
 
-def rope_frequencies(head_dim: int, theta: float, scaling: dict | None, device=None) -> torch.Tensor:
-    """The rotary frequencies, (head_dim // 2,) in fp32, with Llama 3's or linear scaling applied."""
+def longrope_is_long(scaling: dict | None, seqlen: int) -> bool:
+    """Whether LongRoPE takes its long factors for a pass whose furthest position is seqlen - 1, as transformers
+    chooses them (per forward call, by the largest position in it)."""
+    return scaling is not None and scaling["rope_type"] == "longrope" and seqlen > scaling["original_max_position_embeddings"]
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: dict | None, device=None, long: bool = False) -> torch.Tensor:
+    """The rotary frequencies, (head_dim // 2,) in fp32, with Llama 3's, linear or LongRoPE scaling applied
+    (long: LongRoPE's long factors rather than its short ones). head_dim: the entries RoPE turns."""
+    if scaling is not None and scaling["rope_type"] == "longrope":
+        ext = torch.tensor(scaling["long_factor" if long else "short_factor"], dtype=torch.float32, device=device)
+        # transformers' _compute_longrope_parameters, in its order of operations
+        return 1.0 / (ext * theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device)[: head_dim // 2].float() / head_dim))
     if scaling is None:
         return freqs
@@ -260,17 +302,26 @@ def rope_frequencies(head_dim: int, theta: float, scaling: dict | None, device=N
     return torch.where((wavelen >= old_len / high) & (wavelen <= old_len / low), blended, out)
 
 
-def rope_tables(seqlen: int, head_dim: int, theta: float, device, scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of Meta's rotary angles, (seqlen, head_dim // 2), in fp32."""
-    freqs = rope_frequencies(head_dim, theta, scaling, device)
+def rope_tables(seqlen: int, head_dim: int, theta: float, device, scaling: dict | None = None,
+                long: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of Meta's rotary angles, (seqlen, head_dim // 2), in fp32. long: LongRoPE's choice of factors
+    (None: as a pass of seqlen tokens chooses them)."""
+    long = longrope_is_long(scaling, seqlen) if long is None else long
+    freqs = rope_frequencies(head_dim, theta, scaling, device, long)
     angles = torch.outer(torch.arange(seqlen, device=device, dtype=torch.float32), freqs)
+    if scaling is not None and scaling["rope_type"] == "longrope":  # transformers scales both, even by 1.0
+        return angles.cos() * scaling["attention_factor"], angles.sin() * scaling["attention_factor"]
     return angles.cos(), angles.sin()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # Meta rotates adjacent pairs (x[2i], x[2i+1]) as one complex number; done here
     # in real arithmetic because MPS has no complex kernels. x: (bs, seqlen, heads, head_dim)
-    # cos, sin: (seqlen, head_dim // 2) shared by the batch, or (bs, seqlen, head_dim // 2) per sequence.
+    # cos, sin: (seqlen, rot // 2) shared by the batch, or (bs, seqlen, rot // 2) per sequence; rot < head_dim
+    # turns only the first rot entries of each head (partial rotary) and passes the rest through.
+    rot = 2 * cos.shape[-1]
+    if rot < x.shape[-1]:
+        return torch.cat((apply_rope(x[..., :rot], cos, sin), x[..., rot:]), dim=-1)
     xf = x.float().unflatten(-1, (-1, 2))
     x0, x1 = xf[..., 0], xf[..., 1]
     cos, sin = (cos[None, :, None, :], sin[None, :, None, :]) if cos.dim() == 2 else (cos[:, :, None], sin[:, :, None])
@@ -283,6 +334,7 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
         self.rope_theta, self.rope_scaling = args.rope_of(layer)
+        self.rope_dim, self.ropes = args.rotary_dim, args.ropes(layer)
         self.window, self.softcap = args.window(layer), args.attn_softcap
         self.scale = args.query_pre_attn_scalar ** -0.5 if args.query_pre_attn_scalar is not None else None
         self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=args.qkv_bias)
@@ -315,8 +367,9 @@ class Attention(nn.Module):
             return self._cached(x, kv, layer)
         bs, seqlen, _ = x.shape
         q, k, v = self._qkv(x)
-        cos, sin = rope_tables(seqlen, self.head_dim, self.rope_theta, x.device, self.rope_scaling)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.ropes:
+            cos, sin = rope_tables(seqlen, self.rope_dim, self.rope_theta, x.device, self.rope_scaling)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         rep = self.n_heads // self.n_kv_heads
         if rep > 1:  # grouped-query attention: each kv head serves `rep` query heads
             k = k.repeat_interleave(rep, dim=2)
@@ -344,8 +397,9 @@ class Attention(nn.Module):
         """x's queries against the keys and values of every token so far; x's own are added to the cache."""
         bs, seqlen, _ = x.shape
         q, k, v = self._qkv(x)
-        cos, sin = kv.rope(self.rope_theta, self.rope_scaling)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.ropes:
+            cos, sin = kv.rope(self.rope_theta, self.rope_scaling)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k, v = kv.store(layer, k, v)  # (bs, tokens so far, n_kv_heads, head_dim)
         rep = self.n_heads // self.n_kv_heads
         if rep > 1:
@@ -369,12 +423,17 @@ class KVCache:
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
         self.valid = torch.zeros(bs, max_len, dtype=torch.bool, device=device)
-        # One table per distinct (base, scaling) among the layers (two for Gemma 3), keyed by rope_key.
-        self.tables = {}
+        # One table per distinct (base, scaling) among the layers (two for Gemma 3), keyed by rope_key; LongRoPE
+        # keeps its short and its long table and takes one per pass (advance), as transformers does.
+        self.tables, self.scalings = {}, {}
         for i in range(args.n_layers):
             theta, scaling = args.rope_of(i)
-            if rope_key(theta, scaling) not in self.tables:
-                self.tables[rope_key(theta, scaling)] = rope_tables(max_len, args.head_dim, theta, device, scaling)
+            key = rope_key(theta, scaling)
+            if key not in self.tables:
+                self.scalings[key] = scaling
+                self.tables[key] = {long: rope_tables(max_len, args.rotary_dim, theta, device, scaling, long)
+                                    for long in ((False, True) if scaling and scaling["rope_type"] == "longrope"
+                                                 else (False,))}
         self.len = 0  # columns filled
         self.start = 0  # the first column of the tokens now passing through
 
@@ -388,10 +447,27 @@ class KVCache:
         self.start, end = self.len, self.len + seqlen
         self.valid[:, self.start:end] = valid
         pos = (self.valid[:, :end].long().cumsum(1) - 1).clamp(min=0)[:, self.start:end]
-        # (bs, seqlen, head_dim // 2) per table
-        self.cos_sin = {key: (cos[pos], sin[pos]) for key, (cos, sin) in self.tables.items()}
+        furthest = int(pos.max()) + 1
+        # (bs, seqlen, rotary_dim // 2) per table
+        self.cos_sin = {}
+        for key, by_long in self.tables.items():
+            cos, sin = by_long[longrope_is_long(self.scalings[key], furthest)]
+            self.cos_sin[key] = cos[pos], sin[pos]
         self.masks = {}  # per window, made on first use
         self.len = end
+
+    def stale(self, seqlen: int) -> bool:
+        """Whether the next seqlen columns take a LongRoPE table to its long factors while the cache holds keys
+        turned with its short ones. transformers' Phi-3 then drops its cache and recomputes every token, with the
+        long factors; generation does the same (reset, then all the columns again)."""
+        return any(s is not None and s["rope_type"] == "longrope"
+                   and 0 < self.len <= s["original_max_position_embeddings"] < self.len + seqlen
+                   for s in self.scalings.values())
+
+    def reset(self):
+        """Forget every column: the next advance starts from the first."""
+        self.valid.zero_()
+        self.len = self.start = 0
 
     def rope(self, theta: float, scaling: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin at the positions of the tokens now passing through, for one layer's RoPE."""
@@ -418,7 +494,9 @@ class KVCache:
 
 
 def rope_key(theta: float, scaling: dict | None) -> tuple:
-    return (theta, tuple(sorted(scaling.items())) if scaling else None)
+    # LongRoPE's factor lists become tuples, so that the key hashes
+    return (theta, tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in scaling.items()))
+            if scaling else None)
 
 
 class FeedForward(nn.Module):

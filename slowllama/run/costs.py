@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 from ..device import memory_budget
+from ..engine.commits import AUTO_EVERY, AUTO_SECONDS
 from ..engine.store import BlockStore
 from ..engine.trainer import TrainConfig
 from ..engine.update import tied_grad_in_ram
@@ -61,6 +62,7 @@ def print_costs(o: RunOptions, store: BlockStore, ckpt, tcfg: TrainConfig, est: 
     say(f"RAM budget: {held} (--ram-budget {o.ram_budget}): the turn holds {n - plan.top} of {n} modules "
           f"(K = {plan.turn_blocks} beyond the minimal three, ~{fmt_bytes(plan.turn_bytes)} more), {below}; "
           f"modules cached: up to {cache} (the estimate below counts all of it)")
+    say(commits_line(o, tcfg, est, bool(lora), world))
     say(f"disk per iteration: ~{fmt_bytes(est['read'])} read, ~{fmt_bytes(est['written'])} written; "
           f"for {remaining} iterations: ~{fmt_bytes(est['read'] * remaining)} read, "
           f"~{fmt_bytes(est['written'] * remaining)} written ({est['written'] * remaining / 1e12:.2f} TB)")
@@ -87,6 +89,23 @@ def print_costs(o: RunOptions, store: BlockStore, ckpt, tcfg: TrainConfig, est: 
     if resume and o.lr_schedule != "constant" and o.iters != saved["iters"]:
         say(f"the lr schedule now spans {o.iters} iterations (it spanned {saved['iters']})")
     return lines
+
+
+def commits_line(o: RunOptions, tcfg: TrainConfig, est: dict, lora: bool, world: int) -> str:
+    """How often the store is written (--commit-every, engine/commits.py), and so how much work a crash loses."""
+    every, flag = est["commit_every"], f"--commit-every {o.commit_every}"
+    if every > 1:
+        sooner = (f", or sooner once {AUTO_EVERY} would pass {AUTO_SECONDS / 60:g} minutes of measured step time"
+                  if tcfg.commit_every is None else "")
+        return (f"commits: the budget holds every module, so the updated modules stay in RAM and go to the store "
+                f"every {every} iterations ({flag}{sooner}) and before every evaluation, checkpoint and the export: "
+                f"a crash loses at most the last {every} iterations, which --resume replays exactly")
+    why = ("LoRA: the base is never written, the adapters are saved" if lora else
+           "data parallel: every host's store must agree at each step" if world > 1 else
+           "--commit-every 1" if tcfg.commit_every == 1 else
+           f"{flag} needs a --ram-budget that holds every module beside the step, and this one does not")
+    return (f"commits: every iteration ({why}): a crash loses at most the iteration in flight, which --resume "
+            f"finishes or runs again")
 
 
 def base_quant_line(store: BlockStore, ckpt, est: dict) -> str:

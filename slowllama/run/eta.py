@@ -13,6 +13,7 @@ replaces the probe.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import statistics
@@ -26,6 +27,8 @@ from ..engine.store import BlockStore
 from ..engine.streamer import materialize
 from ..engine.trainer import TrainConfig
 from ..fsutil import fsync_dir, tmp_path
+
+log = logging.getLogger(__name__)
 
 CHUNK = 8 << 20  # the write probe copies the block file in pieces of this size
 
@@ -95,8 +98,13 @@ def probe(store: BlockStore, tcfg: TrainConfig, mb_rows: int, seq: int, device: 
     read_s = time.perf_counter() - t0
     wrote = min(size, write_bytes)
     # A small durable write is all latency (the fsyncs); the large one's time beyond it, bandwidth.
-    sync_s = min(_write_probe(path, 4096) for _ in range(2)) if wrote > 0 else 0.0
-    write_s = max(_write_probe(path, wrote) - sync_s, 1e-9) if wrote > 0 else 0.0
+    try:
+        sync_s = min(_write_probe(path, 4096) for _ in range(2)) if wrote > 0 else 0.0
+        write_s = max(_write_probe(path, wrote) - sync_s, 1e-9) if wrote > 0 else 0.0
+    except OSError as e:  # a full disk: the run's own writes say so, as one line, when they fail
+        log.warning("%s: the write probe failed (%s); the time estimate leaves out writes", path.parent,
+                    e.strerror or e)
+        wrote, sync_s, write_s = 0, 0.0, 0.0
     if store.base_quant:  # a quantized base's parts go to the device as stored and are dequantized there
         params = dequantize_module({k: t.to(device) for k, t in block.params.items()}, tcfg.compute_dtype)
     else:

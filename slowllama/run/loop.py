@@ -15,9 +15,16 @@ from tqdm import tqdm
 
 from .. import device as dev
 from ..blockfile import DTYPES, StoreError
+from ..data.preference import load_pairs
 from ..data.windows import load_data
 from ..engine import distributed
 from ..engine.optim import OptimConfig
+from ..engine.preference import (
+    NEEDS_REFERENCE,
+    PreferenceConfig,
+    reference_logps,
+    reference_path,
+)
 from ..engine.quant import check_quantizable
 from ..engine.store import BlockStore, export_store, open_or_prepare
 from ..engine.trainer import TrainConfig, estimate_io
@@ -48,11 +55,12 @@ from ..paths import (
     owner_info,
     prune_checkpoints,
     remove_owned,
+    remove_stale_tmp,
     restore_interrupted_swap,
     run_outputs,
 )
 from . import tensorboard_log
-from .costs import print_costs
+from .costs import fmt_bytes, print_costs
 from .monitor import Monitor
 from .options import (
     MATH,
@@ -62,6 +70,7 @@ from .options import (
     SAVED_EXTRAS,
     SESSION,
     RunOptions,
+    parse_commit_every,
     parse_size,
 )
 from .schedule import lr_at
@@ -198,7 +207,10 @@ def finetune(*, resume: bool = False, **given) -> dict:
             check_context(ckpt.args, len(tokenizer.encode(o.prompt)), o.gen_tokens)
         except ConfigError as e:
             raise ConfigError(f"--prompt and --gen-tokens: {e}") from e
-    windows = load_data(o.data, tokenizer, o.seq_len, o.train_on_prompt)
+    if o.method != "sft":
+        windows = load_pairs(o.data, tokenizer, o.seq_len, o.method)
+    else:
+        windows = load_data(o.data, tokenizer, o.seq_len, o.train_on_prompt)
     print(f"data: {windows.summary}")
     val = None
     if o.val_data:
@@ -226,6 +238,8 @@ def finetune(*, resume: bool = False, **given) -> dict:
             locks.append(lock_out_dir(out))
             # Under the lock: a run still going is refused above with its pid; none can export here meanwhile.
             check_out_run(out, work_dir, o)
+            for name in KEEP_ON_EXPORT:  # a run killed mid-rewrite of its log, plot or page left a temp file
+                remove_stale_tmp(out / name)
         return Run(o, resume, saved, Prepared(ckpt, tokenizer, windows, val_batches, optim, lora, torch_device),
                    ranks).train()
     except BaseException:
@@ -251,14 +265,19 @@ class Prepared:
     device: torch.device
 
 
-def train_config(o: RunOptions, optim: OptimConfig, lora: LoraConfig | None) -> TrainConfig:
+def train_config(o: RunOptions, optim: OptimConfig, lora: LoraConfig | None, world: int = 1) -> TrainConfig:
     micro = o.micro_batch or (o.batch_size if o.grad_accum > 1 else None)
+    # The trainer counts rows: a preference micro-batch is its pairs' chosen and rejected rows.
+    micro = micro * o.rows_per_example if micro else None
     return TrainConfig(optim=optim, seed=o.seed, dropout=o.dropout, micro_batch=micro,
                        compute_dtype=DTYPES[o.compute_dtype], act_dtype=DTYPES[o.act_dtype],
                        ram_budget=parse_size(o.ram_budget), prefetch=not o.no_prefetch, verify=not o.no_verify,
                        stop_on_nonfinite_loss=o.stop_on_nan, lora=lora,
                        optim_state_dtype=DTYPES[o.optim_state_dtype], clip_grad_norm=o.clip_grad_norm,
-                       lr_at=lambda step: lr_at(step, o.iters, o.lr, o.lr_schedule, o.warmup_iters, o.min_lr))
+                       # Data parallel runs commit every step (distributed.DataParallelTrainer.holds_state).
+                       commit_every=parse_commit_every(o.commit_every) if world == 1 else 1,
+                       lr_at=lambda step: lr_at(step, o.iters, o.lr, o.lr_schedule, o.warmup_iters, o.min_lr),
+                       preference=PreferenceConfig(o.method, o.beta) if o.method != "sft" else None)
 
 
 class Run:
@@ -270,9 +289,10 @@ class Run:
         self.out, self.work_dir = Path(o.out), Path(o.work_dir)
         self.log_path = self.out / LOG_NAME
         self.store, self.saved = self._open_store(saved)
-        self.tcfg = train_config(o, p.optim, p.lora)
+        self.tcfg = train_config(o, p.optim, p.lora, ranks.world)
         self.summary = {"out": str(self.out), "work_dir": str(self.work_dir), "losses": [], "rank": ranks.rank}
         self.trainer = self.monitor = None
+        self.reference: torch.Tensor | None = None  # DPO/IPO: (2, pairs) the starting model's log-probabilities
 
     def _open_store(self, saved: dict) -> tuple[BlockStore, dict]:
         """The run's block store, prepared from the checkpoint on a new run; and what run.json is to hold."""
@@ -341,9 +361,51 @@ class Run:
         # Under torchrun: the global batch, the one a single process with --batch-size B×N draws;
         # each rank computes its own rows of it (distributed.DataParallelTrainer).
         o = self.o
+        if o.method != "sft":
+            return self.pair_batch(step)
         parts = [self.p.windows.batch(step * o.grad_accum + k, o.batch_size * self.ranks.world, o.seed)
                  for k in range(o.grad_accum)]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    def pair_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A preference iteration's rows, as batch() lays them out for the ranks, with (side, reference
+        log-probability) per row. Each rank's B pairs go in micro-batch groups (data/preference.py)."""
+        o, pairs, b = self.o, self.p.windows, self.o.batch_size
+        group = o.micro_batch or b
+        rows = []
+        for k in range(o.grad_accum):
+            idx = pairs.indices(step * o.grad_accum + k, b * self.ranks.world, o.seed)
+            rows += [pairs.rows(idx[r * b: (r + 1) * b], group) for r in range(self.ranks.world)]
+        inputs, targets, side, pair = (torch.cat(t) for t in zip(*rows))
+        ref = self.reference[side, pair].double() if self.reference is not None else torch.zeros(len(side))
+        return inputs, targets, torch.stack([side.double(), ref.double()], dim=1)
+
+    def prepare_reference(self):
+        """DPO and IPO: the starting model's log-probabilities of every pair, from one layer-major pass over
+        the untouched store before step 0 (or as that pass saved them). A host's writer computes them."""
+        o, pairs, ranks = self.o, self.p.windows, self.ranks
+        if o.method not in NEEDS_REFERENCE:
+            return
+        inputs, targets = pairs.inputs.flatten(0, 1), pairs.targets.flatten(0, 1)  # every chosen row, then rejected
+        if not ranks.writer:
+            ranks.wait("the reference pass")
+        chunk = 2 * (o.micro_batch or o.batch_size)
+        saved = reference_path(self.work_dir).exists()
+        if ranks.leader and not saved:
+            # Every row's hidden state goes to disk once per module below the output layer, in atomic chunk files.
+            acts = inputs.numel() * self.store.args.dim * 4
+            print(f"reference pass: reads the store once ({fmt_bytes(self.store.nbytes())}) and writes "
+                  f"~{fmt_bytes(acts * (len(self.store.trainable) - 1))} of activations in chunks of {chunk} rows "
+                  f"(~{fmt_bytes(acts)} on disk at a time)")
+        logps = reference_logps(self.store, self.work_dir, inputs, targets, self.p.device, DTYPES[o.compute_dtype],
+                                chunk_rows=chunk, progress=_bar)
+        if ranks.writer:
+            ranks.wait("the reference pass")
+        self.reference = logps.view(2, len(pairs))
+        if ranks.leader:
+            how = "as its pass saved them" if saved else "from one layer-major pass"
+            print(f"reference: the starting model's log-probabilities of {len(pairs)} pairs, {how} "
+                  f"({reference_path(self.work_dir)})")
 
     def read_tuned(self, name: str) -> dict:
         params = self.store.module_tensors(name)
@@ -352,6 +414,7 @@ class Run:
     def evaluate(self, step: int) -> str | None:
         """Validation loss and the sample completion at iteration step (rank 0 only); returns the completion."""
         o, p = self.o, self.p
+        self.trainer.commit()  # the evaluation reads the store: the steps held in RAM go there first
         if not self.ranks.leader:
             return None
         if p.val_batches:
@@ -373,6 +436,7 @@ class Run:
     def save(self, final: bool = True):
         """The export: into out at the end, into out/checkpoint-NNNNNN every --save-every iterations."""
         o, store, trainer, out = self.o, self.store, self.trainer, self.out
+        trainer.commit()  # an export reads the store: the steps held in RAM go there first
         if not self.ranks.leader:
             return
         trainer.streamer.flush()
@@ -410,10 +474,13 @@ class Run:
         """Finish an interrupted step, log it if the crash came before its record; returns the first step."""
         o, trainer = self.o, self.trainer
         rec = trainer.recover(self.batch)
+        if self.resume and self.ranks.leader:
+            _drop_records_from(self.log_path, trainer.step)
         if rec is not None and self.ranks.leader:
             tqdm.write(f"resumed: finished iteration {rec.step} (loss {rec.loss:.4f})")
         last = (dict(iter=rec.step, loss=rec.loss, tokens=rec.tokens,
-                     **({"grad_norm": rec.grad_norm} if rec.grad_norm is not None else {})) if rec is not None
+                     **({"grad_norm": rec.grad_norm} if rec.grad_norm is not None else {}), **(rec.metrics or {}))
+                if rec is not None
                 else trainer.journal().get("last") if self.resume else None)
         if self.ranks.leader and last and last["iter"] not in _logged_iters(self.log_path):
             _append(self.log_path, self.monitor.record({**last, "resumed": True}))
@@ -426,11 +493,11 @@ class Run:
     def _step(self, step: int, proc: psutil.Process):
         """One iteration and its log record."""
         ranks = self.ranks
-        inputs, targets = self.batch(step)
+        batch = self.batch(step)
         r0, w0 = IO.snapshot()
         c0, s0 = ranks.comm_bytes, ranks.comm_seconds
         t0 = time.perf_counter()
-        res = self.trainer.train_step(inputs, targets)
+        res = self.trainer.train_step(*batch)
         self.trainer.streamer.flush()
         dt = time.perf_counter() - t0
         r1, w1 = IO.snapshot()
@@ -444,26 +511,30 @@ class Run:
                        comm_seconds=round(ranks.comm_seconds - s0, 4))
         if res.grad_norm is not None:
             rec["grad_norm"] = res.grad_norm  # before clipping
+        rec.update(res.metrics or {})  # a preference step's rewards
         self.summary["losses"].append(res.loss)
         if ranks.leader:
             _append(self.log_path, self.monitor.record(rec))
-            tqdm.write(f"iter {step:5d}  loss {res.loss:.4f}  {dt:.2f}s  {res.tokens / dt:.0f} tok/s")
+            rewards = (f"  reward acc {res.metrics['rewards/accuracies']:.2f} margin {res.metrics['rewards/margins']:.4f}"
+                       if res.metrics else "")
+            tqdm.write(f"iter {step:5d}  loss {res.loss:.4f}{rewards}  {dt:.2f}s  {res.tokens / dt:.0f} tok/s")
 
     def train(self) -> dict:
         """From the store to the export: the costs, the iterations with their evals and checkpoints."""
         o, p, ranks = self.o, self.p, self.ranks
         self.trainer = distributed.make_trainer(self.store, self.work_dir, p.device, self.tcfg, progress=_bar,
-                                                ranks=ranks, rows_per_rank=o.batch_size)
+                                                ranks=ranks, rows_per_rank=o.batch_size * o.rows_per_example)
         try:
             if self._finished():
                 print(f"nothing to do: the run finished its {o.iters} iterations and {self.out} holds its export "
                       f"(pass --iters N to train further)")
                 return {"out": str(self.out), "work_dir": str(self.work_dir), "losses": [], "nothing_to_do": True}
             self._claim_out()
-            est = estimate_io(self.store, self.tcfg, (o.batch_size * o.grad_accum, o.seq_len))
+            est = estimate_io(self.store, self.tcfg, (o.batch_size * o.grad_accum * o.rows_per_example, o.seq_len))
             plan = print_costs(o, self.store, p.ckpt, self.tcfg, est, self.trainer.step, p.lora, self.resume,
                                self.saved, bool(p.val_batches), p.device, ranks.world) if ranks.leader else []
             self.monitor = Monitor(self, est, plan, ranks.leader)  # one copy of the costs, however many ranks
+            self.prepare_reference()
             start = self._recover()
             if start == 0 or o.eval_every and self.resume:
                 self.summary["before"] = self.evaluate(start)
@@ -479,6 +550,7 @@ class Run:
                 if o.save_every and done % o.save_every == 0 and done < o.iters:
                     self.save(final=False)
                 self.monitor.iteration_done(done, bar, evaluated)
+            self.trainer.commit()
             if ranks.world > 1:  # every store holds the last step before the followers drop their boundaries
                 self.trainer.settle("the end of the run")
             self.summary["after"] = self.evaluate(o.iters)
@@ -592,6 +664,30 @@ def _logged_iters(path: Path) -> set[int]:
         if isinstance(rec, dict) and "loss" in rec:
             iters.add(rec.get("iter"))
     return iters
+
+
+def _drop_records_from(path: Path, step: int):
+    """On resume: the log as of the store's last commit. The records of iterations from `step` on (and of
+    evaluations after it) belong to steps a crash lost after that commit (--commit-every held them in
+    RAM); the resume replays those steps and logs them again, so the log holds each iteration once."""
+    if not path.exists():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    keep = []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            rec = None  # a line a crash tore: dropped, or the next record would be appended onto it
+        if not isinstance(rec, dict) or not isinstance(rec.get("iter"), int):
+            if rec is not None:
+                keep.append(line)
+            continue
+        if rec["iter"] > step or (rec["iter"] == step and "loss" in rec):
+            continue
+        keep.append(line)
+    if len(keep) != len(lines):
+        atomic_write_bytes(path, [line.rstrip("\n").encode("utf-8") + b"\n" for line in keep])
 
 
 def _append(path: Path, obj: dict):

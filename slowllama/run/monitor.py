@@ -32,7 +32,7 @@ class Monitor:
         self.out, self.log_path, self.iters = run.out, run.log_path, o.iters
         self.options = dataclasses.asdict(o)
         start = run.trainer.step
-        rows = o.batch_size * o.grad_accum
+        rows = o.batch_size * o.grad_accum * o.rows_per_example
         mb = min(tcfg.micro_batch or rows, rows)
         p = eta_mod.probe(store, tcfg, mb, o.seq_len, run.p.device, est["written"])
         export = store.nbytes() if not run.p.lora or o.merge else 0

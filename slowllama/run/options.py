@@ -23,6 +23,7 @@ from ..formats.gguf import GGUF_TYPES
 from .schedule import SCHEDULES
 
 MATH, OUTPUT, SESSION = "math", "output", "session"
+METHODS = ("sft", "dpo", "ipo", "orpo")  # sft: the next-token loss; the others: preference losses (engine/preference.py)
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 
 
@@ -49,6 +50,19 @@ def auto_budget() -> int:
     import psutil
 
     return int(psutil.virtual_memory().available * AUTO_SHARE)
+
+
+def parse_commit_every(text: str | int) -> int | None:
+    """--commit-every: 'auto' (None, commits.py's rule) or a number of iterations of at least 1."""
+    if isinstance(text, str) and text.strip().lower() == "auto":
+        return None
+    try:
+        n = int(text)
+    except (TypeError, ValueError):
+        n = 0
+    if isinstance(text, bool) or n < 1 or str(n) != str(text).strip():
+        raise ConfigError(f"--commit-every {text!r}: expected auto or a number of iterations of at least 1")
+    return n
 
 
 def parse_size(text: str | int | None) -> int | None:
@@ -117,6 +131,15 @@ class RunOptions:
                                        "more of the base stays in RAM: nf4 (QLoRA's 4-bit NormalFloat) or int8 (per "
                                        "output channel); dequantized on the device just before each module computes",
                                  choices=BASE_QUANT_KINDS)
+    # Preference tuning (data/preference.py, engine/preference.py): the loss over chosen/rejected pairs.
+    method: str = opt("sft", "what the run optimizes: sft (next-token loss on --data's records or text), or over "
+                             '{"prompt", "chosen", "rejected"} records: dpo (sigmoid loss against the starting '
+                             "model, whose log-probabilities one layer-major pass computes before training), ipo "
+                             "(DPO's squared loss on length-averaged log-probabilities) or orpo (chosen NLL plus "
+                             "the odds-ratio loss; no reference pass); losses as trl defines them",
+                      choices=METHODS)
+    beta: float = opt(0.1, "DPO/IPO: strength of the pull toward the starting model (trl's beta); ORPO: weight of "
+                           "the odds-ratio loss (trl's beta)")
     # What the run reports and writes.
     eval_every: int = opt(0, "print a greedy completion of --prompt every N iterations (0: only before and after)",
                           OUTPUT)
@@ -145,11 +168,22 @@ class RunOptions:
     ram_budget: str = opt("auto", "RAM for keeping modules, activations and gradients resident, e.g. 8G; auto: half "
                                   "of the memory available at start; 0 keeps only the current and next module; "
                                   "none: no limit", SESSION)
+    commit_every: str = opt("auto", "when the RAM budget holds every module: keep the updated modules in RAM and "
+                                    "commit them to the store every N iterations, and before every evaluation, "
+                                    "checkpoint and the export (a crash loses at most N iterations, replayed exactly "
+                                    "on resume); auto: every 10, or sooner when 10 would pass 2 minutes of measured "
+                                    "step time; 1: every iteration. Modules that do not fit commit every iteration",
+                             SESSION, metavar="N")
     no_prefetch: bool = opt(False, "read each module only when it is needed", SESSION)
     no_verify: bool = opt(False, "skip checking each module's checksum as it is read", SESSION)
     stop_on_nan: bool = opt(False, "stop the run on a NaN or Inf loss instead of skipping the step", SESSION)
     deterministic: bool = opt(False, "bit-reproducible kernels on cuda (deterministic algorithms, math attention); "
                                      "slower", SESSION)
+
+    @property
+    def rows_per_example(self) -> int:
+        """Sequences per --batch-size unit: a preference pair is two rows, its chosen and its rejected."""
+        return 1 if self.method == "sft" else 2
 
     @staticmethod
     def flag(name: str) -> str:
@@ -193,11 +227,20 @@ class RunOptions:
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in (*choices, *([None] if f.default is None else [])):
                 raise ConfigError(f"{self.flag(f.name)} {getattr(self, f.name)!r}: expected one of {', '.join(choices)}")
+        if not (math.isfinite(self.beta) and self.beta > 0):
+            raise ConfigError(f"--beta must be a positive number, got {self.beta}")
+        if self.method != "sft" and self.train_on_prompt:
+            raise ConfigError(f"--method {self.method}: --train-on-prompt does not apply; a preference loss counts "
+                              f"the responses only")
+        if self.method != "sft" and (self.val_data or self.val_fraction):
+            raise ConfigError(f"--method {self.method}: --val-data and --val-fraction report a next-token loss, "
+                              f"which preference pairs do not have; leave them out")
         if self.merge and not self.lora_rank:
             raise ConfigError("--merge needs --lora-rank")
         if self.base_quant and not self.lora_rank:
             raise ConfigError("--base-quant needs --lora-rank: a full fine-tune updates the weights it would quantize")
         parse_size(self.ram_budget)
+        parse_commit_every(self.commit_every)
 
     def saved(self) -> dict:
         """What run.json keeps: every option but the SESSION ones."""
@@ -229,6 +272,7 @@ _FIELDS = {f.name: f for f in fields(RunOptions)}
 # --help lists the options in these groups, in RunOptions' order: each group runs from the field named here to
 # the next group's, so an option added to RunOptions lands in the group of its neighbours.
 HELP_GROUPS = {"model_dir": "model and data", "iters": "training", "lora_rank": "LoRA",
+               "method": "preference tuning",
                "eval_every": "reports and export", "overwrite_out": "where and how fast"}
 
 
@@ -295,4 +339,4 @@ def _fits(f, value) -> bool:
         return isinstance(value, int) and not isinstance(value, bool)
     if kind == "float":
         return isinstance(value, (int, float)) and not isinstance(value, bool)
-    return isinstance(value, str) or (f.name == "ram_budget" and isinstance(value, int))
+    return isinstance(value, str) or (f.name in ("ram_budget", "commit_every") and isinstance(value, int))

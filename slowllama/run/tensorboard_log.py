@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..engine.preference import METRICS as PREFERENCE_METRICS
 from ..errors import ConfigError
 from .report import tokens_per_s
 
 # Record key -> TensorBoard tag. tokens/s is derived from the record (report.tokens_per_s).
 TAGS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm", "seconds": "train/seconds",
         "bytes_read": "disk/bytes_read", "bytes_written": "disk/bytes_written", "eta_s": "time/eta_s",
-        "val_loss": "val/loss", "val_ppl": "val/perplexity"}
+        "val_loss": "val/loss", "val_ppl": "val/perplexity", **{k: f"train/{k}" for k in PREFERENCE_METRICS}}
 TOKENS_TAG = "train/tokens_per_s"
 FLUSH_S = 30  # how stale the events on disk may be while the run goes on
 

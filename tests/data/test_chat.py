@@ -3,8 +3,9 @@ import json
 
 import pytest
 
-from slowllama.data.chat import encode_chat, render
+from slowllama.data.chat import encode_chat
 from slowllama.errors import ConfigError
+from slowllama.formats.chat_template import render
 from slowllama.formats.tokenizer import load_tokenizer
 from tests.formats.test_tokenizers import make_llama3_like, make_smollm_like
 

@@ -17,8 +17,10 @@ from slowllama.run.loop import finetune
 def test_estimate_matches_measured_bytes(gqa_model, tmp_path, kw):
     data = tmp_path / "d.txt"
     data.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    # Every step commits, so that each iteration's record can be compared with the estimate; the estimate
+    # under --commit-every (an average over its commits) is checked in test_commit_every.py.
     summary = finetune(model_dir=gqa_model, data=data, out=tmp_path / "out", iters=4, batch_size=2, seq_len=24,
-                       lr=1e-3, **kw)
+                       lr=1e-3, commit_every="1", **kw)
     est = summary["estimate"]
     recs = [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
     recs = [r for r in recs if "loss" in r][2:]  # steady state: the first iterations fill caches and state
@@ -32,7 +34,7 @@ def test_bf16_optimizer_state_is_stored_in_bf16_and_estimated(gqa_model, tmp_pat
     data = tmp_path / "d.txt"
     data.write_text("The quick brown fox jumps over the lazy dog. " * 40)
     summary = finetune(model_dir=gqa_model, data=data, out=tmp_path / "out", iters=3, batch_size=2, seq_len=24,
-                       lr=1e-3, optimizer="adamw", optim_state_dtype="bfloat16")
+                       lr=1e-3, optimizer="adamw", optim_state_dtype="bfloat16", commit_every="1")
     from slowllama.engine.store import BlockStore
 
     block = BlockStore(tmp_path / "out.work" / "store").read("layers.0")

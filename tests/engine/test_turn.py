@@ -55,8 +55,14 @@ GEMMA = dict(dim=64, n_heads=4, n_kv_heads=2, norm_plus_one=True, post_norms=Tru
                                    dict(dim=64, n_heads=4, n_kv_heads=2, qk_norm=True, sliding_window=8),
                                    dict(GEMMA, attn_softcap=50.0), dict(GEMMA, qk_norm=True),
                                    dict(dim=64, n_heads=4, qk_norm=True, qk_norm_whole=True, norm_weight_fp32=True,
-                                        pre_norms=False, post_norms=True)],
-                         ids=["gqa", "mha", "wide-heads", "qwen3-window", "gemma2", "gemma3", "olmo2"])
+                                        pre_norms=False, post_norms=True),
+                                   dict(dim=64, n_heads=4, n_kv_heads=2, rope_dim=12, sliding_window=8,
+                                        rope_scaling={"rope_type": "longrope", "short_factor": [1.0] * 6,
+                                                      "long_factor": [2.0] * 6, "original_max_position_embeddings": 8,
+                                                      "attention_factor": 1.2}),
+                                   dict(dim=64, n_heads=4, n_kv_heads=2, rope_layers=[False])],
+                         ids=["gqa", "mha", "wide-heads", "qwen3-window", "gemma2", "gemma3", "olmo2", "phi4mini",
+                              "smollm3-nope"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["no-dropout", "dropout"])
 def test_saved_bytes_per_block_are_what_autograd_keeps(shape, dtype, dropout):

@@ -18,12 +18,14 @@ from slowllama.model.transformer import CastLastRMSNorm, Embedding, ModelArgs
 from tests.engine.test_hf_training import (
     VOCAB,
     assert_round_trip_bit_identical,
+    assert_streamed_adamw_steps_within_fp32_noise,
     assert_streamed_sgd_step_equals_transformers,
     in_memory_model,
-    make_model,
+    model_maker,
 )
 from tests.formats.test_qwen import edited
 from tests.model.test_sliding_window import greedy_equals_generate
+from tests.streamed import assert_cut_short_step_resumes_bit_identically
 
 transformers = pytest.importorskip("transformers")
 
@@ -46,13 +48,7 @@ VARIANTS = {
 
 @pytest.fixture(scope="module")
 def gemma(tmp_path_factory):
-    made = {}
-
-    def get(variant: str):
-        if variant not in made:
-            made[variant] = make_model(tmp_path_factory.mktemp(variant), **VARIANTS[variant])
-        return made[variant]
-    return get
+    return model_maker(tmp_path_factory, VARIANTS)
 
 
 def reference(folder):
@@ -152,3 +148,13 @@ def test_unsupported_gemma_variants_are_refused_by_name(gemma, tmp_path, changes
     with pytest.raises(ConfigError, match=named) as e:
         args_from_config(edited(gemma("gemma3"), tmp_path, **changes))
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("variant", ["gemma2", "gemma3"])
+def test_two_streamed_adamw_steps_stay_within_transformers_own_fp32_noise(gemma, variant, tmp_path):
+    assert_streamed_adamw_steps_within_fp32_noise(gemma(variant), tmp_path)
+
+
+def test_a_gemma2_step_cut_short_resumes_bit_identically(gemma, tmp_path, monkeypatch):
+    """Soft-caps, the window, four norms per block and the scaled embedding, killed mid reverse pass."""
+    assert_cut_short_step_resumes_bit_identically(gemma("gemma2"), tmp_path, monkeypatch, VOCAB)

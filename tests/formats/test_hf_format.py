@@ -55,7 +55,8 @@ VARIANTS = {
 HF_CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM"),
               "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM")}
 HF_CLASSES.update(gemma2=("Gemma2Config", "Gemma2ForCausalLM"), gemma3=("Gemma3TextConfig", "Gemma3ForCausalLM"),
-                  olmo2=("Olmo2Config", "Olmo2ForCausalLM"))
+                  olmo2=("Olmo2Config", "Olmo2ForCausalLM"), phi3=("Phi3Config", "Phi3ForCausalLM"),
+                  smollm3=("SmolLM3Config", "SmolLM3ForCausalLM"))
 
 
 def make_config(kind: str, **kw):

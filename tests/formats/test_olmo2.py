@@ -11,6 +11,7 @@ from slowllama.model.transformer import CastLastRMSNorm
 from tests.engine.test_hf_training import (
     VOCAB,
     assert_round_trip_bit_identical,
+    assert_streamed_adamw_steps_within_fp32_noise,
     assert_streamed_sgd_step_equals_transformers,
     in_memory_model,
     make_model,
@@ -69,3 +70,7 @@ def test_the_norm_rounds_as_transformers_does_in_bf16():
     theirs, ours = Olmo2RMSNorm(64, eps=1e-5), CastLastRMSNorm(64, 1e-5, offset=0.0)
     theirs.weight.data, ours.weight.data = w.clone(), w.clone()
     assert torch.equal(ours.bfloat16()(x), theirs.bfloat16()(x))
+
+
+def test_two_streamed_adamw_steps_stay_within_transformers_own_fp32_noise(olmo2, tmp_path):
+    assert_streamed_adamw_steps_within_fp32_noise(olmo2, tmp_path)

@@ -18,10 +18,12 @@ from slowllama.model.transformer import KVCache
 from tests.engine.test_hf_training import (
     VOCAB,
     assert_round_trip_bit_identical,
+    assert_streamed_adamw_steps_within_fp32_noise,
     assert_streamed_sgd_step_equals_transformers,
     in_memory_model,
-    make_model,
+    model_maker,
 )
+from tests.streamed import assert_cut_short_step_resumes_bit_identically
 
 transformers = pytest.importorskip("transformers")
 
@@ -40,13 +42,7 @@ FLAGS = {"qwen2": (True, False, False), "qwen2_tied": (True, False, False), "qwe
 
 @pytest.fixture(scope="module")
 def qwen(tmp_path_factory):
-    made = {}
-
-    def get(variant: str):
-        if variant not in made:
-            made[variant] = make_model(tmp_path_factory.mktemp(variant), **VARIANTS[variant])
-        return made[variant]
-    return get
+    return model_maker(tmp_path_factory, VARIANTS)
 
 
 def tokens(seed: int, n: int = 12):
@@ -171,3 +167,12 @@ def test_finetune_cli_trains_a_qwen3_folder_and_exports_what_transformers_loads(
     attn, ref = model.model.layers[0].self_attn, before.model.layers[0].self_attn
     for name in ("q_proj.bias", "o_proj.bias", "q_norm.weight", "k_norm.weight"):  # trained like any other weight
         assert not torch.equal(attn.get_parameter(name), ref.get_parameter(name)), name
+
+
+@pytest.mark.parametrize("variant", ["qwen2", "qwen3_bias"])
+def test_two_streamed_adamw_steps_stay_within_transformers_own_fp32_noise(qwen, variant, tmp_path):
+    assert_streamed_adamw_steps_within_fp32_noise(qwen(variant), tmp_path)
+
+
+def test_a_qwen3_step_cut_short_resumes_bit_identically(qwen, tmp_path, monkeypatch):
+    assert_cut_short_step_resumes_bit_identically(qwen("qwen3_bias"), tmp_path, monkeypatch, VOCAB)

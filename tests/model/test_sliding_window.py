@@ -16,7 +16,7 @@ from tests.engine.test_hf_training import (
     VOCAB,
     assert_streamed_sgd_step_equals_transformers,
     in_memory_model,
-    make_model,
+    model_maker,
 )
 
 transformers = pytest.importorskip("transformers")
@@ -32,13 +32,7 @@ WINDOWS = {"mistral": [WINDOW, WINDOW], "qwen2": [None, WINDOW]}
 
 @pytest.fixture(scope="module")
 def windowed(tmp_path_factory):
-    made = {}
-
-    def get(variant: str):
-        if variant not in made:
-            made[variant] = make_model(tmp_path_factory.mktemp(variant), **VARIANTS[variant])
-        return made[variant]
-    return get
+    return model_maker(tmp_path_factory, VARIANTS)
 
 
 def test_the_window_counts_the_query_itself_as_transformers_does():

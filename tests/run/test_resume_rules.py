@@ -147,8 +147,10 @@ def test_a_full_run_is_refused_in_a_lora_runs_work_dir(probe_model, probe_data, 
 
 @pytest.mark.slow
 def test_a_fresh_run_over_a_run_killed_in_step_0_is_refused(probe_model, probe_data, tmp_path):
+    # Every step commits: under --commit-every a run killed before its first commit leaves the store as
+    # prepared, with no step to lose, and a fresh run may start over it (as over one killed in step 0's forward).
     args = [probe_model, "--data", probe_data, "--out", tmp_path / "out", "--work-dir", tmp_path / "work", *SMALL,
-            "--iters", "2", "--lr", "0.01"]
+            "--iters", "2", "--lr", "0.01", "--commit-every", "1"]
     r = run_cli(*args, kill="backward:2")
     assert r.returncode == -signal.SIGKILL, f"expected death by SIGKILL, got {r.returncode}\n{r.stderr[-3000:]}"
     before = snapshot(tmp_path, probe_model, probe_data.parent)
