@@ -397,6 +397,7 @@ def phase_stream(cfg: dict) -> dict:
     trainer = Trainer(store, cfg["train_dir"], device, tc)
     losses, warm_s, step_s = [], [], []
     split = _split_step(trainer) if cfg.get("phase_peaks") else None
+    timers = StreamTimers(trainer, bool(cfg.get("cold_reads")))
     try:
         for _ in range(cfg["warmup"]):
             t = time.perf_counter()
@@ -407,6 +408,7 @@ def phase_stream(cfg: dict) -> dict:
             warm_s.append(time.perf_counter() - t)
         r0, w0 = IO.snapshot()
         h0, d0 = TRANSFERS.snapshot()
+        tm0, tc0 = timers.snapshot()
         t0 = time.perf_counter()
         with GpuBusy(torch, device) as busy:
             for _ in range(cfg["steps"]):
@@ -420,6 +422,7 @@ def phase_stream(cfg: dict) -> dict:
                 trainer.streamer.flush()
             _sync(torch, device)
         total = time.perf_counter() - t0
+        tm1, tc1 = timers.snapshot()
         r1, w1 = IO.snapshot()
         h1, d1 = TRANSFERS.snapshot()
     finally:
@@ -433,6 +436,12 @@ def phase_stream(cfg: dict) -> dict:
     if device.type == "cuda":
         extra |= {"h2d_bytes_per_step": (h1 - h0) / k, "d2h_bytes_per_step": (d1 - d0) / k,
                  "gpu_busy_percent": busy.mean_percent, "copy_rates": copy_bandwidth(torch, device)}
+    per = {key: (tm1.get(key, 0.0) - tm0.get(key, 0.0)) / k for key in tm1}
+    calls = {key: (tc1.get(key, 0) - tc0.get(key, 0)) / k for key in tc1}
+    waited = sum(per.get(key, 0.0) for key in StreamTimers.COMPUTE_THREAD)
+    extra["timers_s_per_step"] = {**per, "compute_thread_busy": total / k - waited}
+    extra["timer_calls_per_step"] = calls
+    extra["cold_reads"] = bool(cfg.get("cold_reads"))
     plan = trainer.plan
     extra["plan"] = {"ram_budget": budget, "commit_every": trainer.commit_interval, "top": plan.top, "turn_blocks_K": plan.turn_blocks,
                      "modules": len(trainer.names), "turn_bytes": plan.turn_bytes, "acts_in_ram": plan.acts_in_ram,
@@ -482,6 +491,73 @@ def streamer_holdings(s) -> dict:
     free = [b for b in held if refs is not None and refs(b) == s.buffers._idle]
     return {"cache": cache, "pending": pending, "reading": reads, "pool_buffers": len(held),
             "pool_bytes": sum(b.numel() for b in held), "pool_free_bytes": sum(b.numel() for b in free)}
+
+
+class StreamTimers:
+    """Where a streamed step's time goes, from wrappers on the streamer and its store (the engine keeps
+    no timers; a wrapper costs two clock reads per module). On the compute thread: get (waiting for a
+    module: its prefetch, or reading it there), put and wait_written (waiting for room in the write
+    queue, or for a module's last write), flush (the writes still queued at the end); commit (a module's
+    gradient checks, optimizer step, finiteness check and hand-over to the writer, its put and
+    wait_written included), the rest of the compute thread's time being the modules' passes. On the reader
+    thread: read (store.read, the disk and the checksum), room (waiting for a write to commit first,
+    at a small budget). On the writer thread: write (store.write, encode, write, fsync, rename).
+    With cold_reads each module file's pages are dropped from the page cache (posix_fadvise DONTNEED)
+    just before it is read, timed apart as fadvise, so that every read of a module comes from the disk
+    (a VM host may still cache it)."""
+
+    COMPUTE_THREAD = ("get", "put", "wait_written", "flush")
+
+    def __init__(self, trainer, cold_reads: bool):
+        self.seconds: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+        self._lock = threading.Lock()
+        s = trainer.streamer
+        self._wrap(trainer.update, "commit", "commit")
+        for attr in ("get", "put", "wait_written", "flush", "_wait_for_room"):
+            self._wrap(s, attr, "room" if attr == "_wait_for_room" else attr)
+        self._wrap(s.store, "write", "write")
+        if cold_reads and hasattr(os, "posix_fadvise"):
+            read = s.store.read
+
+            def cold_read(name, *args, **kwargs):
+                t = time.perf_counter()
+                drop_cached(s.store.path(name))
+                self._add("fadvise", time.perf_counter() - t)
+                return read(name, *args, **kwargs)
+
+            s.store.read = cold_read
+        self._wrap(s.store, "read", "read")
+
+    def _add(self, key: str, dt: float):
+        with self._lock:
+            self.seconds[key] = self.seconds.get(key, 0.0) + dt
+            self.calls[key] = self.calls.get(key, 0) + 1
+
+    def _wrap(self, obj, attr: str, key: str):
+        fn = getattr(obj, attr)
+
+        def timed(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._add(key, time.perf_counter() - t)
+
+        setattr(obj, attr, timed)
+
+    def snapshot(self) -> tuple[dict, dict]:
+        with self._lock:
+            return dict(self.seconds), dict(self.calls)
+
+
+def drop_cached(path: str | Path):
+    """Evict a file's clean pages from the page cache (no root needed)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
 
 
 def _split_step(trainer) -> _StepSplit:

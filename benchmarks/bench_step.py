@@ -42,6 +42,11 @@ Figures:
     their forward pass; "plan" in the streamed figures says where the turn begins); on cuda
     transfer_s_per_step = bytes to the device / the pinned rate (the pageable one with
     --no-prefetch) + bytes back / the pageable rate, the memory slowllama copies into.
+    floors.between: the streamed step against the largest floor, split into the compute thread's own
+    work and its waits on reads and writes, beside the reader's and writer's busy times
+    (streamed timers_s_per_step, from wrappers around the streamer; see _phases.StreamTimers).
+  --cold-reads: each module file is dropped from the page cache just before it is read, so that
+    a budget below the store reads from the disk (the larger-than-RAM regime) and not from RAM.
 """
 from __future__ import annotations
 
@@ -93,6 +98,9 @@ def main():
     p.add_argument("--skip-in-memory", action="store_true", help="only the streamed run (no reference)")
     p.add_argument("--no-transformers", action="store_true",
                    help="leave out the transformers reference (LlamaForCausalLM in memory; float32 only)")
+    p.add_argument("--cold-reads", action="store_true",
+                   help="drop each module file from the page cache (posix_fadvise DONTNEED) before the streamer "
+                        "reads it, so that a budget below the store reads from the disk, not from RAM")
     a = p.parse_args()
     if a.steps < 1:
         p.error("--steps must be at least 1")
@@ -116,6 +124,13 @@ def main():
           + (f"; transformers {result['transformers']['s_per_step']:.2f} s/step, ratio "
              f"{result['ratio_streamed_over_transformers']:.2f}" if result.get("transformers") else ""),
           file=sys.stderr)
+    b = result["floors"].get("between")
+    if b:
+        print(f"floor {b['max_floor_s']:.2f} s/step (compute {result['floors']['compute_s_per_step']:.2f}, disk "
+              f"{result['floors']['io_s_per_step']:.2f}), streamed/floor {result['floors']['streamed_over_max_floor']:.2f}; "
+              f"compute thread busy {b['compute_thread_busy_s']:.2f}, waiting on reads {b['wait_read_s']:.2f}, "
+              f"on writes {b['wait_write_s']:.2f}, committing {b['commit_own_s']:.2f}; reader reading {b['reader_read_s']:.2f} (waiting for a write "
+              f"{b['reader_waits_for_write_s']:.2f}), writer writing {b['writer_write_s']:.2f}", file=sys.stderr)
 
 
 def run(a, work: Path) -> dict:
@@ -140,11 +155,13 @@ def run(a, work: Path) -> dict:
     hf = None if a.skip_in_memory or a.no_transformers or a.compute_dtype != "float32" else \
         run_phase("transformers", {**common, "hf_dir": str(work / "hf")})
     stream_cfg = {**common, "train_dir": str(train_dir), "ram_budget": a.ram_budget, "prefetch": not a.no_prefetch,
-                  "commit_every": a.commit_every}
+                  "commit_every": a.commit_every, "cold_reads": a.cold_reads}
     stream = run_phase("stream", stream_cfg)
     # The clipped run continues training the same store: a step costs the same at any version.
     clipped = run_phase("stream", {**stream_cfg, "clip_grad_norm": a.clip_grad_norm}) if a.clip_grad_norm else None
 
+    # With --cold-reads every module read comes from the disk: the floor takes the cold rate. Without, a re-read
+    # may come from the page cache, and the floor still takes the cold rate (as a larger-than-RAM run would see).
     read_bw = disk.get("read_after_fadvise_dontneed_GBps") or disk["read_warm_GBps"]
     rd, wr = stream["bytes_read_per_step"], stream["bytes_written_per_step"]
     io_floor = rd / (read_bw * 1e9) + wr / (disk["write_fsync_GBps"] * 1e9)
@@ -182,6 +199,7 @@ def run(a, work: Path) -> dict:
         out["floors"]["compute_s_per_step"] = compute_floor
         out["floors"]["streamed_over_max_floor"] = stream["s_per_step"] / max(
             compute_floor, io_floor, out["floors"].get("transfer_s_per_step", 0.0))
+        out["floors"]["between"] = between(stream, out["floors"])
         n = min(len(stream["losses"]), len(inmem["losses"]))
         out["loss_max_abs_diff"] = max(abs(x - y) for x, y in zip(stream["losses"][:n], inmem["losses"][:n]))
     if hf is not None:
@@ -192,6 +210,24 @@ def run(a, work: Path) -> dict:
     out["wall_s"] = time.perf_counter() - t_all
     out["loadavg_1m_before_after"] = [load0, os.getloadavg()[0] if hasattr(os, "getloadavg") else None]
     return out
+
+
+def between(stream: dict, floors: dict) -> dict:
+    """What stands between the streamed step and its floor, in seconds per step: the compute thread's own
+    work against the compute floor, and its waits for modules being read (get), for room in the write queue
+    (put, wait_written) and for the last writes (flush); beside them, how busy the reader and writer threads
+    were (read, write) and how long the reader waited for a write to commit before it could read (room)."""
+    t = stream["timers_s_per_step"]
+    floor = max(floors["compute_s_per_step"], floors["io_s_per_step"], floors.get("transfer_s_per_step", 0.0))
+    return {"s_per_step": stream["s_per_step"], "max_floor_s": floor,
+            "over_floor_s": stream["s_per_step"] - floor,
+            "compute_thread_busy_s": t["compute_thread_busy"],
+            "compute_over_compute_floor_s": t["compute_thread_busy"] - floors["compute_s_per_step"],
+            "commit_own_s": t.get("commit", 0.0) - t.get("put", 0.0) - t.get("wait_written", 0.0),
+            "wait_read_s": t.get("get", 0.0),
+            "wait_write_s": t.get("put", 0.0) + t.get("wait_written", 0.0) + t.get("flush", 0.0),
+            "reader_read_s": t.get("read", 0.0), "reader_waits_for_write_s": t.get("room", 0.0),
+            "writer_write_s": t.get("write", 0.0), "fadvise_s": t.get("fadvise", 0.0)}
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_bench_step_reports_both_runs_with_equal_losses(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_step.py"), "--dim", "64", "--n-layers", "2",
                           "--n-heads", "4", "--batch", "2", "--seq", "16", "--steps", "1", "--bw-mb", "8",
-                          "--ram-budget", "0", "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=600, check=True)
+                          "--ram-budget", "0", "--cold-reads", "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=600, check=True)
     r = json.loads(out.stdout)
     assert r["loss_max_abs_diff"] == 0.0  # fp32 store: streamed and in-memory losses are identical
     assert len(r["streamed"]["losses"]) == len(r["in_memory"]["losses"]) == 2
@@ -23,6 +23,15 @@ def test_bench_step_reports_both_runs_with_equal_losses(tmp_path):
     assert s["bytes_read_per_step"] > 0 and s["bytes_written_per_step"] >= r["model"]["store_bytes"]
     assert s["useful_TFLOPS"] > 0 and r["ratio_streamed_over_in_memory"] > 0
     assert set(r["floors"]) >= {"io_s_per_step", "compute_s_per_step", "streamed_over_max_floor"}
+    # --cold-reads: every module read (each of the 5 once, the 2 below the turn again in the reverse pass)
+    # follows a drop of its file's cached pages; the step's time splits into compute and the waits.
+    calls, t = s["timer_calls_per_step"], s["timers_s_per_step"]
+    assert calls["read"] == calls["fadvise"] == 7 and s["cold_reads"]
+    waits = sum(t.get(k, 0.0) for k in ("get", "put", "wait_written", "flush"))
+    assert 0 < t["compute_thread_busy"] and abs(t["compute_thread_busy"] + waits - s["s_per_step"]) < 1e-6
+    b = r["floors"]["between"]
+    assert b["max_floor_s"] == max(r["floors"]["compute_s_per_step"], r["floors"]["io_s_per_step"])
+    assert b["wait_read_s"] == t["get"] and b["writer_write_s"] == t["write"] > 0
 
 
 def _phases():

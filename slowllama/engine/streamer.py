@@ -152,6 +152,9 @@ class Streamer:
         sizes = module_sizes(store) if device.type != "cpu" else (0, 0)
         self._device_copy = sizes[0] + sizes[1] if dev.unified_memory(device) else 0
         self.set_budget(ram_budget)
+        # Bytes beyond the cache's budget that queued writes and the reads waiting on them may take:
+        # once the turn's modules are committed, the trainer lends them the RAM the turn held.
+        self.write_allowance = 0.0
         # Read buffers are pageable. On CUDA, a prefetched module's parameters (not its optimizer
         # state) go through a page-locked staging buffer, sized once for the largest module, so
         # that the copy is asynchronous on a stream of its own while the current module computes.
@@ -255,7 +258,8 @@ class Streamer:
         holds them beside the cache. With budget 0, RAM then holds three modules (the one computing with
         its gradients, and one being written or read), not four; a read and a write share the disk anyway."""
         with self._lock:
-            while self._pending and self._write_error is None and self._resident_bytes() > self.budget:
+            while (self._pending and self._write_error is None
+                   and self._resident_bytes() > self.budget + self.write_allowance):
                 self._committed.wait(0.1)
 
     def _read(self, name: str) -> Block:
@@ -317,7 +321,7 @@ class Streamer:
             stale.cancel()
         with self._lock:
             while (self._queued >= self.max_pending_writes and self._write_error is None
-                   and self._resident_bytes() > self.budget):
+                   and self._resident_bytes() > self.budget + self.write_allowance):
                 self._committed.wait(0.1)
             if self._write_error is None:
                 self._queued += 1

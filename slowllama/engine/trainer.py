@@ -274,6 +274,7 @@ class Trainer:
         self.plan = self.step_plan(rows, mb_rows, seq)
         self._rows_seq = (rows, seq)
         self.streamer.set_budget(self.plan.cache_budget)
+        self.streamer.write_allowance = 0.0
 
     def _activation_cache(self, in_ram: bool) -> ActivationCache:
         return ActivationCache(self.work_dir / "acts", in_ram, self.cfg.act_dtype)
@@ -388,8 +389,14 @@ class Trainer:
             name = names[i]
             if done:
                 block, module, master, grads_in = done.pop(0)
-                if not done and i > self.update.lowest:
-                    self.streamer.prefetch(names[i - 1: i])
+                if not done:
+                    # The turn's last module: the extra blocks the turn held (with their gradients and saved
+                    # tensors) are gone once it commits, so that RAM may hold the turn's queued writes and
+                    # the next read beside them. Otherwise each commit of the turn waited for the write before
+                    # it, and the next read for all of them, with nothing left to compute meanwhile.
+                    self.streamer.write_allowance = self.plan.turn_bytes
+                    if i > self.update.lowest:
+                        self.streamer.prefetch(names[i - 1: i])
             else:
                 block = self.streamer.get(name)
                 if i > self.update.lowest:  # read the next module down while this one computes
