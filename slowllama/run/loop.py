@@ -61,6 +61,7 @@ from ..paths import (
 )
 from . import tensorboard_log
 from .costs import fmt_bytes, print_costs
+from .interrupt import StopAfterIteration
 from .monitor import Monitor
 from .options import (
     MATH,
@@ -541,15 +542,19 @@ class Run:
             proc = psutil.Process()
             bar = _bar(range(start, o.iters), desc="iterations", unit="it", initial=start, total=o.iters)
             self.monitor.started(bar)
-            for step in bar:
-                self._step(step, proc)
-                done = step + 1
-                evaluated = bool(o.eval_every and done % o.eval_every == 0 and done < o.iters)
-                if evaluated:
-                    self.evaluate(done)
-                if o.save_every and done % o.save_every == 0 and done < o.iters:
-                    self.save(final=False)
-                self.monitor.iteration_done(done, bar, evaluated)
+            with StopAfterIteration(lambda: self.trainer.commit_interval > 1) as stop:
+                for step in bar:
+                    self._step(step, proc)
+                    done = step + 1
+                    evaluated = bool(o.eval_every and done % o.eval_every == 0 and done < o.iters)
+                    if evaluated:
+                        self.evaluate(done)
+                    if o.save_every and done % o.save_every == 0 and done < o.iters:
+                        self.save(final=False)
+                    self.monitor.iteration_done(done, bar, evaluated)
+                    if stop.requested and done < o.iters:
+                        self.trainer.commit()
+                        raise KeyboardInterrupt
             self.trainer.commit()
             if ranks.world > 1:  # every store holds the last step before the followers drop their boundaries
                 self.trainer.settle("the end of the run")

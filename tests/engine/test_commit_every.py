@@ -265,3 +265,42 @@ def test_held_steps_give_the_bits_of_every_step_commits(variant, small_model, ti
             for key, t in st.items():
                 assert torch.equal(t, y.optim[k][key]), (variant, n, k, key)
     assert not list((tmp_path / "s2").glob("tied*.blk")) and not list((tmp_path / "s2").glob("grad_in*"))
+
+
+def test_ctrl_c_with_steps_held_commits_them_before_it_stops(small_model, tmp_path):
+    """The first Ctrl-C of an interval run stops it when the iteration ends, its held steps committed: the store's
+    journal is at the last logged iteration, not at the last interval commit, and a resume replays nothing."""
+    import time
+
+    data, base = _data(tmp_path), tmp_path
+    args = [str(small_model), "--data", str(data), "--out", str(base / "out"), "--work-dir", str(base / "work"),
+            "--seq-len", "16", "--batch-size", "2", "--lr", "0.01", "--iters", "100000", "--commit-every", "100000"]
+    p = subprocess.Popen([sys.executable, "finetune.py", *args], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    log = base / "out" / "train_log.jsonl"
+    deadline = time.monotonic() + 120
+    while p.poll() is None and time.monotonic() < deadline and \
+            sum(1 for line in (log.read_text().splitlines() if log.exists() else []) if '"loss"' in line) < 3:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err[-2000:]
+    assert "Ctrl-C: stopping when this iteration ends" in err and "Traceback" not in err, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("interrupted"), err[-2000:]
+    logged = [r["iter"] for r in _log(base / "out") if "loss" in r]
+    assert len(logged) >= 3 and logged == list(range(len(logged)))
+    assert BlockStore(base / "work" / "store").journal()["step"] == len(logged)
+
+
+def test_a_second_ctrl_c_or_nothing_held_stops_at_once():
+    from slowllama.run.interrupt import StopAfterIteration
+
+    with StopAfterIteration(lambda: False) as stop, pytest.raises(KeyboardInterrupt):
+        signal.raise_signal(signal.SIGINT)
+    assert not stop.requested
+    with StopAfterIteration(lambda: True) as stop:
+        signal.raise_signal(signal.SIGINT)
+        assert stop.requested
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
