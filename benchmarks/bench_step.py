@@ -59,7 +59,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _phases import DTYPE_NAMES, bench_dir, disk_bandwidth, parse_bytes, run_phase, transfer_floor  # noqa: E402
+from _phases import DTYPE_NAMES, ROOT, bench_dir, disk_bandwidth, parse_bytes, run_phase, transfer_floor  # noqa: E402
+
+sys.path.insert(0, str(ROOT))
+from slowllama.errors import ConfigError  # noqa: E402
+from slowllama.run.options import RunOptions, parse_commit_every  # noqa: E402
+
+COMMIT_EVERY = RunOptions.__dataclass_fields__["commit_every"].default  # finetune.py's default
 
 
 def main():
@@ -92,9 +98,10 @@ def main():
     p.add_argument("--bw-mb", type=int, default=512, help="size of the disk bandwidth test file, MB")
     p.add_argument("--clip-grad-norm", type=float, default=0.0,
                    help="also time the streamed step with exact gradient clipping at this norm (0: not)")
-    p.add_argument("--commit-every", default="1",
+    p.add_argument("--commit-every", default=COMMIT_EVERY,
                    help="finetune.py's --commit-every: steps between commits when the budget holds every module, "
-                        "or auto (default here: 1, every step)")
+                        f"or auto (default: {COMMIT_EVERY}, as finetune.py's; the timed steps end with a commit, "
+                        "so make --steps a multiple of the interval for the per-step bytes of a long run)")
     p.add_argument("--skip-in-memory", action="store_true", help="only the streamed run (no reference)")
     p.add_argument("--no-transformers", action="store_true",
                    help="leave out the transformers reference (LlamaForCausalLM in memory; float32 only)")
@@ -104,12 +111,10 @@ def main():
     a = p.parse_args()
     if a.steps < 1:
         p.error("--steps must be at least 1")
-    if a.commit_every == "auto":  # finetune.py's rule (slowllama/engine/commits.py)
-        a.commit_every = None
-    elif not a.commit_every.isdigit() or int(a.commit_every) < 1:
-        p.error(f"--commit-every {a.commit_every!r}: expected auto or a number of steps of at least 1")
-    else:
-        a.commit_every = int(a.commit_every)
+    try:
+        a.commit_every = parse_commit_every(a.commit_every)
+    except ConfigError as e:
+        p.error(str(e))
 
     with bench_dir(a.workdir, "slowllama-bench-") as work:
         result = run(a, work)

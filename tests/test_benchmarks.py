@@ -18,6 +18,9 @@ def test_bench_step_reports_both_runs_with_equal_losses(tmp_path):
     r = json.loads(out.stdout)
     assert r["loss_max_abs_diff"] == 0.0  # fp32 store: streamed and in-memory losses are identical
     assert len(r["streamed"]["losses"]) == len(r["in_memory"]["losses"]) == 2
+    # ordinary transformers training from the same weights: the same losses up to fp32 summation order
+    assert len(r["transformers"]["losses"]) == 2 and r["loss_max_abs_diff_transformers"] < 1e-5
+    assert r["ratio_streamed_over_transformers"] > 0
     s = r["streamed"]
     assert s["plan"]["turn_blocks_K"] == 0 and s["plan"]["top"] == 2  # budget 0: the minimal turn of 5 modules
     assert s["bytes_read_per_step"] > 0 and s["bytes_written_per_step"] >= r["model"]["store_bytes"]
