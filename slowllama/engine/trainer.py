@@ -247,6 +247,13 @@ class Trainer:
         """The steps between commits at most (1: every step), by the plan of the last step run."""
         return interval(self.cfg.commit_every) if self.plan is not None and self.holds_state() else 1
 
+    def steps_held(self) -> int:
+        """Finished steps that live only in RAM, waiting for the next interval commit (0 when every step commits)."""
+        if self.commit_interval == 1:
+            return 0
+        j = self.update.journal
+        return j.step - j.committed[0]
+
     def _commit_if_due(self, holding: bool, t0: float):
         if holding and self.commits.due(time.perf_counter() - t0):
             self.commit()

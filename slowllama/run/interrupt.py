@@ -1,9 +1,10 @@
 """Ctrl-C during the iterations of a run whose steps wait in RAM for an interval commit (--commit-every).
 
 Killed at once, such a run loses the steps since its last commit (a resume replays them, but the time is
-gone). So while steps are held, the first Ctrl-C asks to stop when the iteration under way ends, after its
-steps are committed; a second one stops at once, as a kill would. Runs that commit every step stop at the
-first Ctrl-C, as before: they have nothing to lose.
+gone). So while finished steps are held, the first Ctrl-C asks to stop when the iteration under way ends,
+after its steps are committed; a second one stops at once, as a kill would. When nothing is held (runs that
+commit every step, or just after a commit, as during a checkpoint's export) the first Ctrl-C stops at once,
+as before: nothing is lost.
 """
 from __future__ import annotations
 

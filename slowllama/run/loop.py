@@ -542,7 +542,7 @@ class Run:
             proc = psutil.Process()
             bar = _bar(range(start, o.iters), desc="iterations", unit="it", initial=start, total=o.iters)
             self.monitor.started(bar)
-            with StopAfterIteration(lambda: self.trainer.commit_interval > 1) as stop:
+            with StopAfterIteration(lambda: self.trainer.steps_held() > 0) as stop:
                 for step in bar:
                     self._step(step, proc)
                     done = step + 1
