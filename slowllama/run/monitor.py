@@ -45,7 +45,7 @@ class Monitor:
         self.eta = eta_mod.Eta(t, start, o.iters)
         run.summary["time_estimate"] = {"iteration_s": t.iteration_s, "disk_s": t.disk_s, "compute_s": t.compute_s,
                                         "run_s": t.iteration_s * (o.iters - start) + t.tail_s}
-        self.tb = TensorBoardLog(o.tensorboard) if o.tensorboard else None
+        self.tb = TensorBoardLog(o.tensorboard, start if run.resume else None) if o.tensorboard else None
         self.last_report = -float("inf")
 
     def record(self, rec: dict) -> dict:

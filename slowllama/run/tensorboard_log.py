@@ -49,8 +49,11 @@ def check(folder: str | None, *inside: tuple[str, str]):
 class TensorBoardLog:
     """Scalar events of the log's records, one tag per number, at the record's iteration."""
 
-    def __init__(self, folder: str | Path):
-        self.writer = _writer_class()(log_dir=str(folder), flush_secs=FLUSH_S)
+    def __init__(self, folder: str | Path, resumed_at: int | None = None):
+        """resumed_at: the iteration a resumed session begins at. It may replay iterations an earlier session had
+        logged (the steps since the last interval commit), so TensorBoard's readers are told to drop the earlier
+        events from there on (SummaryWriter's purge_step: hidden, the files are kept) and each point shows once."""
+        self.writer = _writer_class()(log_dir=str(folder), flush_secs=FLUSH_S, purge_step=resumed_at)
 
     def record(self, rec: dict):
         step = rec["iter"]

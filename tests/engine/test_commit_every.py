@@ -180,7 +180,7 @@ KILLS = {  # where -> (the journal's phase after the kill, the step it names, st
 def test_kill_and_resume_is_bit_identical(runs, where, tmp_path):
     model, data, want, trace = runs
     kill = kill_point(trace, where)
-    args = _args(model, data, tmp_path, 3)
+    args = _args(model, data, tmp_path, 3) + ["--tensorboard", str(tmp_path / "tb")]
     r = run_finetune(args, kill=kill)
     assert r.returncode == -signal.SIGKILL, f"{kill}: rc {r.returncode}\n{r.stderr[-3000:]}"
     store = tmp_path / "work" / "store"
@@ -195,6 +195,13 @@ def test_kill_and_resume_is_bit_identical(runs, where, tmp_path):
     recs = [x for x in _log(tmp_path / "out") if "loss" in x]
     assert [x["iter"] for x in recs] == list(range(6)), f"{kill}: each iteration logged once, in order"
     assert [x["loss"] for x in recs] == want["losses"]
+    # TensorBoard's reader too sees each iteration once: the resume purged the replayed steps' first events.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("train/loss")] == \
+        [(x["iter"], pytest.approx(x["loss"], rel=1e-6)) for x in recs], kill
     assert not list(store.glob("*.commit.blk"))
     assert json.loads((store / "journal.json").read_text())["phase"] == "idle"
 
