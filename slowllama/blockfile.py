@@ -52,6 +52,9 @@ class Block:
     meta: dict = field(default_factory=dict)
     checksum: int = 0
     buffer: torch.Tensor | None = field(default=None, repr=False, compare=False)  # what a read put the data in
+    # The dtype the file keeps the floating parameters in where RAM holds them wider, as exact casts of
+    # its values (a 16-bit store's modules, widened on read or rounded in place): written narrowed back.
+    narrow: torch.dtype | None = field(default=None, compare=False)
 
     @property
     def nbytes(self) -> int:
@@ -60,7 +63,9 @@ class Block:
 
 
 def _flat(block: Block) -> list[tuple[str, torch.Tensor]]:
-    items = list(block.params.items())
+    nd = block.narrow
+    items = [(k, t.to(nd) if nd is not None and t.is_floating_point() and t.element_size() > nd.itemsize else t)
+             for k, t in block.params.items()]
     for p, state in block.optim.items():
         items += [(f"{p}#{k}", t) for k, t in state.items()]
     return items

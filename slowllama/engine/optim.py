@@ -66,57 +66,82 @@ def stochastic_round(x: torch.Tensor, dtype: torch.dtype, seed: int) -> torch.Te
     """
     if dtype != torch.bfloat16:
         raise ValueError(f"stochastic rounding is implemented for bfloat16, not {dtype}")
-    bits = x.detach().float().contiguous().view(torch.int32)
-    rounder = _round_numpy if x.device.type == "cpu" else _round_torch
-    return rounder(bits.reshape(-1), seed).view(x.shape)
+    bits = x.detach().float().contiguous().view(torch.int32).reshape(-1)
+    if x.device.type != "cpu":
+        return _round_torch(bits, seed).view(x.shape)
+    out = torch.empty(bits.numel(), dtype=torch.bfloat16)
+    _round_numpy([(bits, seed, out)])
+    return out.view(x.shape)
+
+
+def stochastic_round_(pairs: list[tuple[torch.Tensor, int]]):
+    """stochastic_round in place, for each (tensor, seed): the tensor (fp32, contiguous) keeps its dtype and
+    takes the value the bf16 result holds, drawn alike. A module held in RAM between steps then needs no
+    widened copy of its rounded weights (blockfile.Block.narrow says how the file keeps them). On cpu
+    the tensors of a module are rounded in one call, so that their chunks keep every thread busy."""
+    for x, _ in pairs:
+        if x.dtype != torch.float32 or not x.is_contiguous():
+            raise ValueError(f"in-place stochastic rounding needs a contiguous float32 tensor, got {x.dtype}")
+    bits = [(x.detach().view(torch.int32).reshape(-1), seed) for x, seed in pairs]
+    on_cpu = [(b, seed, None) for b, seed in bits if b.device.type == "cpu"]
+    if on_cpu:
+        _round_numpy(on_cpu)
+    for b, seed in bits:
+        if b.device.type != "cpu":
+            _round_torch(b, seed, inplace=True)
 
 
 ROUND_CHUNK = 1 << 20  # elements per pass (a multiple of 4): the temporaries, 6 bytes each, stay in cache
 _round_pool: ThreadPoolExecutor | None = None
+HIGH_HALF = np.uint32(0xFFFF0000)
 
 
-def _round_numpy(bits: torch.Tensor, seed: int) -> torch.Tensor:
-    # numpy's PCG64 draws 16-bit integers 4x faster than torch's cpu generator, and its
-    # integer arithmetic is vectorised: 0.05 s for a 50 MB block instead of 0.25 s.
-    # In cache-sized chunks, so that the noise and the sums are scratch reused and the only
-    # full-size allocation is the bf16 result; spread over torch's threads (numpy drops the GIL).
-    # The draws are those of one default_rng(seed).integers call over the whole tensor: each
-    # 64-bit output gives four 16-bit draws, so a thread starting at element e advances e / 4.
-    src = bits.numpy().view(np.uint32)
-    n = src.size
-    out = torch.empty(n, dtype=torch.bfloat16)
-    dst = out.view(torch.int16).numpy().view(np.uint16)
-    chunks = range(0, n, ROUND_CHUNK)
+def _round_numpy(jobs: list[tuple[torch.Tensor, int, torch.Tensor | None]]):
+    """Round each job's int32 bits with its seed into its bf16 out, or in place where out is None.
+
+    numpy's PCG64 draws 16-bit integers 4x faster than torch's cpu generator, and its integer
+    arithmetic is vectorised: 0.05 s for a 50 MB block instead of 0.25 s. In cache-sized chunks, so
+    that the noise and the sums are scratch reused and the only full-size allocation is the bf16
+    result (none in place); the chunks of every job are spread over torch's threads (numpy drops the
+    GIL: one module's 1M-element projections, rounded one by one, left a thread idle). A job's draws
+    are those of one default_rng(seed).integers call over its whole tensor: each 64-bit output gives
+    four 16-bit draws, so a chunk starting at element e advances its generator by e / 4."""
+    chunks = [(src, seed, out, lo) for src, seed, out in jobs for lo in range(0, src.numel(), ROUND_CHUNK)]
     workers = max(1, min(len(chunks), torch.get_num_threads()))
     per = -(-len(chunks) // workers)
 
-    def run(part: range):
-        if not part:
-            return
-        gen = np.random.PCG64(seed)
-        gen.advance(part[0] // 4)
-        rng = np.random.Generator(gen)
-        tmp = np.empty(min(n, ROUND_CHUNK), dtype=np.uint32)
-        for lo in part:
-            hi = min(n, lo + ROUND_CHUNK)
+    def run(part: list):
+        tmp = np.empty(ROUND_CHUNK, dtype=np.uint32)
+        for bits, seed, out, lo in part:
+            src = bits.numpy().view(np.uint32)
+            hi = min(src.size, lo + ROUND_CHUNK)
+            gen = np.random.PCG64(seed)
+            gen.advance(lo // 4)
+            noise = np.random.Generator(gen).integers(0, 1 << 16, hi - lo, dtype=np.uint16)
+            if out is None:  # the sum's high half, with the low one cleared: the bf16 result widened
+                t = src[lo:hi]
+                np.add(t, noise, out=t)
+                np.bitwise_and(t, HIGH_HALF, out=t)
+                continue
             t = tmp[: hi - lo]
-            np.add(src[lo:hi], rng.integers(0, 1 << 16, hi - lo, dtype=np.uint16), out=t)
+            np.add(src[lo:hi], noise, out=t)
             np.right_shift(t, 16, out=t)
-            dst[lo:hi] = t  # the high halves, exactly representable in 16 bits
+            out.view(torch.int16).numpy().view(np.uint16)[lo:hi] = t  # the high halves, exact in 16 bits
 
     parts = [chunks[k * per: (k + 1) * per] for k in range(workers)]
     if workers == 1:
         run(parts[0])
-    else:
-        global _round_pool
-        if _round_pool is None or _round_pool._max_workers < workers:
-            _round_pool = ThreadPoolExecutor(workers, thread_name_prefix="slowllama-round")
-        for f in [_round_pool.submit(run, part) for part in parts]:
-            f.result()
-    return out
+        return
+    global _round_pool
+    if _round_pool is None or _round_pool._max_workers < workers:
+        _round_pool = ThreadPoolExecutor(workers, thread_name_prefix="slowllama-round")
+    for f in [_round_pool.submit(run, part) for part in parts]:
+        f.result()
 
 
-def _round_torch(bits: torch.Tensor, seed: int) -> torch.Tensor:
+def _round_torch(bits: torch.Tensor, seed: int, inplace: bool = False) -> torch.Tensor:
     gen = torch.Generator(device=bits.device).manual_seed(seed)
     noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=bits.device, generator=gen)
+    if inplace:
+        return bits.add_(noise).bitwise_and_(-(1 << 16))
     return ((bits + noise) & -(1 << 16)).view(torch.float32).to(torch.bfloat16)

@@ -507,6 +507,7 @@ def widen_params(block: Block, dtype: torch.dtype, alloc: Callable[[int], torch.
     for k, t in narrow.items():
         n = t.numel() * dtype.itemsize
         params[k] = buf[offsets[k]: offsets[k] + n].view(dtype).view(t.shape).copy_(t)
+    block.narrow = next(iter(narrow.values())).dtype  # a store keeps one dtype: written back in it
     block.params = params  # at once: a reader of the block sees the old parameters or the new
     if not block.optim:
         block.buffer = buf  # the read buffer is free again: nothing else points into it

@@ -17,7 +17,7 @@ from ..blockfile import Block, write_block
 from ..errors import ConfigError
 from ..model.lora import ADAPTERS, Adapters, LoraConfig
 from .journal import Journal, ResumePoint
-from .optim import step_module, stochastic_round
+from .optim import step_module, stochastic_round, stochastic_round_
 from .quant import dequantize_module
 from .store import BlockStore
 from .streamer import Streamer, materialize
@@ -214,18 +214,27 @@ class FullUpdate:
         self.streamer.wait_written(name)
         new_state = step_module(self.cfg.optim_at(step), params, block.optim)
         store_dtype = self.store.dtype
+        seeds = [dev.derive_seed(self.cfg.seed, step, i, j, 0x5217) for j in range(len(params))]
+        rounded = store_dtype == torch.bfloat16 and self.cfg.store_rounding == "stochastic"
+        # On cpu the fp32 masters are rounded in place and stay fp32 (the cache keeps 16-bit modules widened):
+        # no bf16 copy now and no widened one for the next pass; the writer narrows them, exactly.
+        in_place = {k for k, p in params.items()
+                    if rounded and p.dtype == torch.float32 and p.device.type == "cpu" and p.is_contiguous()}
+        stochastic_round_([(p.detach(), seed) for (k, p), seed in zip(params.items(), seeds) if k in in_place])
         new_params = {}
-        for j, (k, p) in enumerate(params.items()):
+        for (k, p), seed in zip(params.items(), seeds):
             t = p.detach()
-            if store_dtype == torch.bfloat16 and t.dtype == torch.float32 and self.cfg.store_rounding == "stochastic":
-                t = stochastic_round(t, store_dtype, dev.derive_seed(self.cfg.seed, step, i, j, 0x5217))
-            t = dev.to_host(t, store_dtype)
+            if rounded and t.dtype == torch.float32 and k not in in_place:
+                t = stochastic_round(t, store_dtype, seed)
+            if k not in in_place:
+                t = dev.to_host(t, store_dtype)
             if not dev.all_finite(t):  # checked as stored: rounding could overflow a huge finite value
                 raise NonFiniteError(f"step {step}: update made module {name}.{k} non-finite; not written")
             new_params[k] = t
         sdt = self.cfg.optim_state_dtype
         new = Block(version + 1, new_params, {k: {s: dev.to_host(v.detach(), sdt if v.ndim else None)
-                                                  for s, v in st.items()} for k, st in new_state.items()})
+                                                  for s, v in st.items()} for k, st in new_state.items()},
+                    narrow=store_dtype if in_place else None)
         self.journal.commit(i, name, version, new, grads_in)
 
     def _commit_tied_output(self, step: int, version: int, i: int, out: BoundOutput, grads_in, consequence: str):

@@ -4,7 +4,7 @@ import torch
 
 from slowllama.engine import optim
 from slowllama.engine.optim import OptimConfig, stochastic_round
-from slowllama.engine.store import prepare
+from slowllama.engine.store import BlockStore, prepare
 from slowllama.engine.trainer import TrainConfig, Trainer
 from slowllama.formats.meta import MetaCheckpoint
 from tests.reference import random_batch, reference_model, stored_params
@@ -13,8 +13,11 @@ from tests.reference import random_batch, reference_model, stored_params
 def _round(rounder: str, x: torch.Tensor, seed: int) -> torch.Tensor:
     """The cpu path (numpy), or the path cuda and mps take (torch), run here on cpu."""
     bits = x.float().contiguous().view(torch.int32).reshape(-1)
-    fn = {"cpu": optim._round_numpy, "accelerator": optim._round_torch}[rounder]
-    return fn(bits, seed).view(x.shape)
+    if rounder == "accelerator":
+        return optim._round_torch(bits, seed).view(x.shape)
+    out = torch.empty(bits.numel(), dtype=torch.bfloat16)
+    optim._round_numpy([(bits, seed, out)])
+    return out.view(x.shape)
 
 
 @pytest.mark.parametrize("rounder", ["cpu", "accelerator"])
@@ -94,3 +97,64 @@ def test_chunked_threaded_rounding_draws_what_one_call_draws():
             assert np.array_equal(got, want), n
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("budget", [None, 0], ids=["held in RAM", "streamed"])
+def test_bf16_store_steps_equal_the_reference_rounding(model_factory, tmp_path, budget):
+    """A bf16 store's module after a step holds the bits of stochastic_round(the fp32 update), with the seed
+    each tensor's rounding is documented to take, whether the module stays in RAM between interval commits
+    (rounded in place, fp32 until written) or is written and read back each step."""
+    from slowllama.device import derive_seed
+    from slowllama.engine.trainer import IGNORE
+    from tests.reference import reference_backward
+
+    src = model_factory("bf16-store", dim=64, n_layers=2, n_heads=4, dtype=torch.bfloat16)
+    ckpt = MetaCheckpoint(src)
+    vocab, seed, lr, steps = ckpt.args.vocab_size, 3, 1e-2, 3
+    store = prepare(ckpt, tmp_path / "store", torch.bfloat16)
+    cfg = TrainConfig(optim=OptimConfig("sgd", lr=lr), seed=seed, ram_budget=budget, commit_every=2)
+    tr = Trainer(store, tmp_path / "work", torch.device("cpu"), cfg)
+    model = reference_model(src)
+    for s in range(steps):
+        x, y = random_batch(vocab, 2, 16, s)
+        assert (y != IGNORE).all()
+        tr.train_step(x, y)
+        reference_backward(model, x, y, seed=seed, step=s)
+        with torch.no_grad():
+            for i, name in enumerate(store.trainable):
+                for j, (_, p) in enumerate(model.get_submodule(name).named_parameters()):
+                    new = p - lr * p.grad
+                    p.copy_(stochastic_round(new, torch.bfloat16, derive_seed(seed, s, i, j, 0x5217)).float())
+                    p.grad = None
+    tr.commit()
+    tr.close()
+    assert tr.commit_interval == (2 if budget is None else 1)
+    want = {f"{m}.{k}": t for m in store.trainable for k, t in model.get_submodule(m).named_parameters()}
+    got = stored_params(BlockStore(tmp_path / "store"))
+    assert set(got) == set(want)
+    for k, t in got.items():
+        assert t.dtype == torch.bfloat16 and torch.equal(t.float(), want[k]), k
+
+
+@pytest.mark.parametrize("rounder", ["cpu", "accelerator"])
+def test_rounding_in_place_keeps_what_the_bf16_result_holds(rounder):
+    """Several tensors rounded in place at once (their chunks shared among threads) take the values their own
+    stochastic_round would give each, whatever the thread count."""
+    xs = [torch.randn(n) * 5 for n in (3 * optim.ROUND_CHUNK + 7, 5, optim.ROUND_CHUNK)]
+    xs[0][:4] = torch.tensor([0.0, float("inf"), float("-inf"), 1.0])
+    want = [_round(rounder, x, 9 + m).float() for m, x in enumerate(xs)]
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            ys = [x.clone() for x in xs]
+            if rounder == "cpu":
+                optim.stochastic_round_([(y, 9 + m) for m, y in enumerate(ys)])
+            else:
+                for m, y in enumerate(ys):
+                    optim._round_torch(y.view(torch.int32), 9 + m, inplace=True)
+            assert all(torch.equal(y, w) for y, w in zip(ys, want)), n
+    finally:
+        torch.set_num_threads(threads)
+    with pytest.raises(ValueError, match="contiguous float32"):
+        optim.stochastic_round_([(xs[1].to(torch.bfloat16), 9)])
