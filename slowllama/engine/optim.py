@@ -106,19 +106,22 @@ def _round_numpy(jobs: list[tuple[torch.Tensor, int, torch.Tensor | None]]):
     GIL: one module's 1M-element projections, rounded one by one, left a thread idle). A job's draws
     are those of one default_rng(seed).integers call over its whole tensor: each 64-bit output gives
     four 16-bit draws, so a chunk starting at element e advances its generator by e / 4."""
-    chunks = [(src, seed, out, lo) for src, seed, out in jobs for lo in range(0, src.numel(), ROUND_CHUNK)]
+    chunks = []
+    for bits, seed, out in jobs:
+        src = bits.numpy().view(np.uint32)
+        dst = None if out is None else out.view(torch.int16).numpy().view(np.uint16)
+        chunks += [(src, seed, dst, lo) for lo in range(0, src.size, ROUND_CHUNK)]
     workers = max(1, min(len(chunks), torch.get_num_threads()))
     per = -(-len(chunks) // workers)
 
     def run(part: list):
         tmp = np.empty(ROUND_CHUNK, dtype=np.uint32)
-        for bits, seed, out, lo in part:
-            src = bits.numpy().view(np.uint32)
+        for src, seed, dst, lo in part:
             hi = min(src.size, lo + ROUND_CHUNK)
             gen = np.random.PCG64(seed)
             gen.advance(lo // 4)
             noise = np.random.Generator(gen).integers(0, 1 << 16, hi - lo, dtype=np.uint16)
-            if out is None:  # the sum's high half, with the low one cleared: the bf16 result widened
+            if dst is None:  # the sum's high half, with the low one cleared: the bf16 result widened
                 t = src[lo:hi]
                 np.add(t, noise, out=t)
                 np.bitwise_and(t, HIGH_HALF, out=t)
@@ -126,7 +129,7 @@ def _round_numpy(jobs: list[tuple[torch.Tensor, int, torch.Tensor | None]]):
             t = tmp[: hi - lo]
             np.add(src[lo:hi], noise, out=t)
             np.right_shift(t, 16, out=t)
-            out.view(torch.int16).numpy().view(np.uint16)[lo:hi] = t  # the high halves, exact in 16 bits
+            dst[lo:hi] = t  # the high halves, exactly representable in 16 bits
 
     parts = [chunks[k * per: (k + 1) * per] for k in range(workers)]
     if workers == 1:

@@ -214,19 +214,20 @@ class FullUpdate:
         self.streamer.wait_written(name)
         new_state = step_module(self.cfg.optim_at(step), params, block.optim)
         store_dtype = self.store.dtype
-        seeds = [dev.derive_seed(self.cfg.seed, step, i, j, 0x5217) for j in range(len(params))]
         rounded = store_dtype == torch.bfloat16 and self.cfg.store_rounding == "stochastic"
-        # On cpu the fp32 masters are rounded in place and stay fp32 (the cache keeps 16-bit modules widened):
-        # no bf16 copy now and no widened one for the next pass; the writer narrows them, exactly.
-        in_place = {k for k, p in params.items()
-                    if rounded and p.dtype == torch.float32 and p.device.type == "cpu" and p.is_contiguous()}
-        stochastic_round_([(p.detach(), seed) for (k, p), seed in zip(params.items(), seeds) if k in in_place])
+        seeds = {k: dev.derive_seed(self.cfg.seed, step, i, j, 0x5217) for j, k in enumerate(params)} if rounded else {}
+        # The fp32 masters are rounded in place. On cpu they stay fp32 (the cache keeps 16-bit modules widened):
+        # no bf16 copy now and no widened one for the next pass; the writer narrows them, exactly. From a
+        # device they come back cast to bf16, also exact.
+        in_place = [k for k, p in params.items() if k in seeds and p.dtype == torch.float32 and p.is_contiguous()]
+        stochastic_round_([(params[k].detach(), seeds[k]) for k in in_place])
+        wide = {k for k in in_place if params[k].device.type == "cpu"}
         new_params = {}
-        for (k, p), seed in zip(params.items(), seeds):
+        for k, p in params.items():
             t = p.detach()
-            if rounded and t.dtype == torch.float32 and k not in in_place:
-                t = stochastic_round(t, store_dtype, seed)
-            if k not in in_place:
+            if k in seeds and t.dtype == torch.float32 and k not in in_place:
+                t = stochastic_round(t, store_dtype, seeds[k])
+            if k not in wide:
                 t = dev.to_host(t, store_dtype)
             if not dev.all_finite(t):  # checked as stored: rounding could overflow a huge finite value
                 raise NonFiniteError(f"step {step}: update made module {name}.{k} non-finite; not written")
@@ -234,7 +235,7 @@ class FullUpdate:
         sdt = self.cfg.optim_state_dtype
         new = Block(version + 1, new_params, {k: {s: dev.to_host(v.detach(), sdt if v.ndim else None)
                                                   for s, v in st.items()} for k, st in new_state.items()},
-                    narrow=store_dtype if in_place else None)
+                    narrow=store_dtype if wide else None)
         self.journal.commit(i, name, version, new, grads_in)
 
     def _commit_tied_output(self, step: int, version: int, i: int, out: BoundOutput, grads_in, consequence: str):
