@@ -398,33 +398,49 @@ def phase_stream(cfg: dict) -> dict:
     losses, warm_s, step_s = [], [], []
     split = _split_step(trainer) if cfg.get("phase_peaks") else None
     timers = StreamTimers(trainer, bool(cfg.get("cold_reads")))
+    # --commit-every N with --steps a multiple of N: the timed steps are whole commit periods as a run has them,
+    # each commit written while the next step runs (Trainer). The warm-up's commit is queued as the first timed
+    # step begins and is counted there; the last timed step's, which the next step of a run would overlap, is
+    # counted out: the figures stop just before it is queued.
+    steady, last = [False], {}
+    commit_held = trainer.update.commit_held
+
+    def commit_after_the_last_step():
+        if steady[0] and len(step_s) == cfg["steps"] - 1:
+            last.update(io=IO.snapshot(), timers=timers.snapshot(), transfers=TRANSFERS.snapshot())
+        commit_held()
+    trainer.update.commit_held = commit_after_the_last_step
     try:
-        for _ in range(cfg["warmup"]):
+        for n in range(cfg["warmup"]):
             t = time.perf_counter()
             losses.append(trainer.train_step(inputs, targets).loss)
-            trainer.commit()  # --commit-every: the timed steps start from a commit
-            trainer.streamer.flush()
+            every = trainer.commit_interval
+            steady[0] = n == cfg["warmup"] - 1 and every > 1 and cfg["steps"] % every == 0
+            if not steady[0]:
+                trainer.commit()  # --commit-every: the timed steps start from a commit
             _sync(torch, device)
             warm_s.append(time.perf_counter() - t)
         r0, w0 = IO.snapshot()
         h0, d0 = TRANSFERS.snapshot()
         tm0, tc0 = timers.snapshot()
+        if steady[0]:
+            trainer.commit(wait=False)  # the warm-up's commit, written while the first timed step runs
         t0 = time.perf_counter()
         with GpuBusy(torch, device) as busy:
             for _ in range(cfg["steps"]):
                 t = time.perf_counter()
                 losses.append(trainer.train_step(inputs, targets).loss)
                 step_s.append(time.perf_counter() - t)
-            # Writes are queued to a background thread: count them in the timed steps, with the commit of
-            # the steps still held under --commit-every (none left when --steps is a multiple of it).
-            with split.part("flush") if split else contextlib.nullcontext():
-                trainer.commit()
-                trainer.streamer.flush()
+            if not last:
+                # Writes are queued to a background thread: count them in the timed steps, with the commit of
+                # the steps still held under --commit-every (none left when --steps is a multiple of it).
+                with split.part("flush") if split else contextlib.nullcontext():
+                    trainer.commit()
             _sync(torch, device)
         total = time.perf_counter() - t0
-        tm1, tc1 = timers.snapshot()
-        r1, w1 = IO.snapshot()
-        h1, d1 = TRANSFERS.snapshot()
+        (r1, w1), (tm1, tc1), (h1, d1) = (last["io"], last["timers"], last["transfers"]) if last else \
+            (IO.snapshot(), timers.snapshot(), TRANSFERS.snapshot())
+        trainer.commit()
     finally:
         trainer.close()
         if split:
@@ -497,7 +513,8 @@ class StreamTimers:
     """Where a streamed step's time goes, from wrappers on the streamer and its store (the engine keeps
     no timers; a wrapper costs two clock reads per module). On the compute thread: get (waiting for a
     module: its prefetch, or reading it there), put and wait_written (waiting for room in the write
-    queue, or for a module's last write), flush (the writes still queued at the end); commit (a module's
+    queue, or for a module's last write), flush (for queued writes to be on disk: an interval commit's
+    before the step after it ends, or the writes still queued at the end); commit (a module's
     gradient checks, optimizer step, finiteness check and hand-over to the writer, its put and
     wait_written included), the rest of the compute thread's time being the modules' passes. On the reader
     thread: read (store.read, the disk and the checksum), room (waiting for a write to commit first,
@@ -514,8 +531,8 @@ class StreamTimers:
         self._lock = threading.Lock()
         s = trainer.streamer
         self._wrap(trainer.update, "commit", "commit")
-        for attr in ("get", "put", "wait_written", "flush", "_wait_for_room"):
-            self._wrap(s, attr, "room" if attr == "_wait_for_room" else attr)
+        for attr in ("get", "put", "wait_written", "wait", "_wait_for_room"):  # flush() waits through wait()
+            self._wrap(s, attr, {"_wait_for_room": "room", "wait": "flush"}.get(attr, attr))
         self._wrap(s.store, "write", "write")
         if cold_reads and hasattr(os, "posix_fadvise"):
             read = s.store.read

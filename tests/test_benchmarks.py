@@ -82,3 +82,18 @@ def test_copy_bandwidth_times_each_direction_from_pinned_and_from_pageable_memor
     assert set(r) == {"pinned", "pageable"} and all(set(v) == {"h2d_GBps", "d2h_GBps"} for v in r.values())
     for kind in ("pinned", "pageable"):
         assert (kind, "gpu", kind == "pinned") in copies and ("gpu", kind, kind == "pinned") in copies
+
+
+def test_bench_step_counts_one_commit_per_period_with_commit_every(tmp_path):
+    """--commit-every 2 over 2 timed steps: one commit's writes (every module once, the warm-up's, written
+    while the first timed step runs), not two; the closing commit belongs to the next period."""
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_step.py"), "--dim", "64", "--n-layers", "2",
+                          "--n-heads", "4", "--batch", "2", "--seq", "16", "--steps", "2", "--bw-mb", "8",
+                          "--ram-budget", "none", "--commit-every", "2", "--skip-in-memory", "--workdir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600, check=True)
+    s = json.loads(out.stdout)["streamed"]
+    assert s["plan"]["commit_every"] == 2 and len(s["step_s"]) == 2
+    store = json.loads(out.stdout)["model"]["store_bytes"]
+    written = s["bytes_written_per_step"] * 2
+    assert store <= written < store + 50_000, (written, store)  # the modules and two journals
+    assert s["s_per_step"] * 2 == pytest.approx(sum(s["step_s"]), abs=2e-3)  # nothing timed after the last step

@@ -45,7 +45,10 @@ steps the held modules, at v + N, are committed as a redo log:
   d. the journal says "idle" at the new step.
 A crash before b leaves the last commit whole (stale staged files are removed on resume); after
 it, recovery finishes c and d. Either way a resume starts from a commit and replays the steps
-since on the same batches; a crash loses at most the steps held.
+since on the same batches; a crash loses at most the steps held. The commit is written while the
+next step runs (Trainer): that step steps each module in place only once its staged write is done,
+top module first as the reverse pass wants them; the cache keeps a staged module until c has renamed
+it (its own file still holds the version before); the step does not end before d is on disk.
 
 Data parallel (distributed.py): each rank computes the boundary gradients of its own rows,
 so rule 1 holds per rank, in rank R's own files (`grad_in.i.rankR.blk`, `tied.rankR.blk`;
@@ -238,7 +241,9 @@ class Journal:
         if (self.step, self.version) == self.committed:
             return
         held = self.writer.held()
-        names = [n for n in self.store.trainable if n in held]
+        # Top module first: the next step's reverse pass steps them in that order, each once its own write is
+        # done (Streamer.wait_written), so the commit is written while that step runs.
+        names = [n for n in reversed(self.store.trainable) if n in held]
         for name in names:
             self.writer.put(name, held[name], on_commit=lambda c, name=name: self.checksums.__setitem__(name, c),
                             path=self.staged_path(name))
@@ -257,6 +262,7 @@ class Journal:
                 os.replace(staged, path)
                 faults.point("after_rename")
         fsync_dir(self.store.root)
+        self.writer.installed(names)
 
     def _settle_commit(self, names: list[str]):
         """On resume: finish an interval commit cut short after its commit point; remove staged files of

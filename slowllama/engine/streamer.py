@@ -177,6 +177,9 @@ class Streamer:
         # Updated modules kept in RAM between interval commits (--commit-every): never evicted, never
         # written until the journal puts them (journal.py); readers see these first.
         self._kept: dict[str, Block] = {}
+        # Modules an interval commit wrote to a staged file that is not yet renamed over their own: their
+        # own file still holds the version before, so the cache keeps them until installed() says so.
+        self._unrenamed: set[str] = set()
         self._reads: dict[str, Future] = {}
         self._read_q: queue.Queue = queue.Queue()
         self._write_q: queue.Queue = queue.Queue()
@@ -279,14 +282,16 @@ class Streamer:
         # Keep the most recently used modules within budget. The newest is the one the
         # trainer just asked for and stays; a module just written is only kept if it fits.
         total = sum(b.nbytes for b in self._cache.values())
-        while len(self._cache) > keep_newest and total > self.budget:
-            _, old = self._cache.popitem(last=False)
-            total -= old.nbytes
+        oldest_first = list(self._cache)[:len(self._cache) - keep_newest]
+        for name in (n for n in oldest_first if n not in self._unrenamed):
+            if total <= self.budget:
+                break
+            total -= self._cache.pop(name).nbytes
 
     def release(self, name: str):
         """The caller is done with the module; drop it unless the budget keeps it."""
         with self._lock:
-            if name in self._cache and self._cache[name].nbytes > self.budget:
+            if name in self._cache and self._cache[name].nbytes > self.budget and name not in self._unrenamed:
                 del self._cache[name]
         self.buffers.trim()
         self.casts.trim()
@@ -363,6 +368,8 @@ class Streamer:
                     block.checksum = checksum
                     self._written.add(name)
                     with self._lock:
+                        if path is not None:
+                            self._unrenamed.add(name)
                         if self._pending.get(name) is block:
                             del self._pending[name]
                             self._cache[name] = block
@@ -403,14 +410,28 @@ class Streamer:
             raise WriteError(f"a write to {self.store.root} failed ({e}); the store keeps its last committed "
                              f"state: free space or fix the disk, then resume") from e
 
-    def flush(self):
-        """Wait until every queued write has committed."""
+    def installed(self, names: list[str]):
+        """The staged files of these modules are renamed over their own: the cache may let them go."""
+        with self._lock:
+            self._unrenamed.difference_update(names)
+            self._evict(keep_newest=False)
+
+    def mark(self) -> threading.Event:
+        """An event the writer sets once everything queued before it has committed."""
         done = threading.Event()
         self._write_q.put(("call", None, None, done.set))
+        return done
+
+    def wait(self, done: threading.Event):
+        """Wait for a mark(); raises the write error that keeps it from ever being set."""
         while not done.wait(0.1):
             if self._write_error is not None:
                 break
         self._raise_write_error()
+
+    def flush(self):
+        """Wait until every queued write has committed."""
+        self.wait(self.mark())
 
     def close(self):
         try:

@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -165,6 +166,7 @@ class Trainer:
             self.device_budget = memory_budget(device) / 2
         self.plan: StepPlan | None = None  # the plan of the step running, from its micro-batches' shape
         self.commits = CommitPolicy(cfg.commit_every)
+        self._commit_written: threading.Event | None = None  # set once the interval commit in flight is on disk
         self.objective = PreferenceObjective(cfg.preference) if cfg.preference is not None else None
         try:
             self.update = (LoraUpdate(store, self.streamer, cfg, self.adapters_path, device) if cfg.lora is not None
@@ -228,6 +230,7 @@ class Trainer:
                 raise NonFiniteError(msg)
             log.warning("%s, skipping the step", msg)
             self.update.skip(step)
+            self._wait_for_commit()
             self._commit_if_due(holding, t0)
             self.streamer.flush()
             return StepResult(step, loss, n_tok, skipped=True, metrics=metrics)
@@ -235,6 +238,7 @@ class Trainer:
             self.update.set_clip(*self._norm_pass(step, mbs, acts, scale, done))
         self.update.begin(step, loss, n_tok, batch_hash(inputs, targets), metrics=metrics)
         self._backward(step, version, mbs, acts, len(self.names) - 1, scale, done=done)
+        self._wait_for_commit()
         self._commit_if_due(holding, t0)
         return StepResult(step, loss, n_tok, grad_norm=self.update.grad_norm, metrics=metrics)
 
@@ -255,17 +259,26 @@ class Trainer:
         return j.step - j.committed[0]
 
     def _commit_if_due(self, holding: bool, t0: float):
+        """After a step: queue the interval commit if it is due. It is written while the next step runs,
+        which ends only once it is on disk, so that a crash still loses at most the steps held."""
         if holding and self.commits.due(time.perf_counter() - t0):
-            self.commit()
+            self.commit(wait=False)
 
-    def commit(self):
-        """Commit the steps held in RAM to the store, and wait until it is on disk; nothing if none.
-        Called before anything reads the store (an evaluation, an export) and before a planned stop.
-        It waits because a module the cache lets go of between its staged write and the rename would be
-        read back from its file at the version before the commit."""
+    def _wait_for_commit(self):
+        """Until the interval commit queued after the last step is on disk."""
+        done, self._commit_written = self._commit_written, None
+        if done is not None:
+            self.streamer.wait(done)
+
+    def commit(self, wait: bool = True):
+        """Commit the steps held in RAM to the store (nothing if none), and wait until it and every write
+        queued before it are on disk. Called before anything reads the store (an evaluation, an export)
+        and before a planned stop. Without wait, the next step (or commit, or close) waits for it."""
         self.update.commit_held()
-        self.streamer.flush()
+        self._commit_written = self.streamer.mark()
         self.commits.committed()
+        if wait:
+            self._wait_for_commit()
 
     def micro_seed(self, step: int, m: int) -> int:
         """The dropout seed of micro-batch m of a step (distributed.py numbers them globally)."""

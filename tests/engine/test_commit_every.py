@@ -7,6 +7,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -92,6 +93,58 @@ def test_commit_every_10_writes_a_tenth_and_the_same_bits(small_model, tmp_path)
     assert not list((tmp_path / "ten" / "store").glob("*.commit.blk"))
 
 
+def _same_store(a: BlockStore, b: BlockStore):
+    for n in a.trainable:
+        x, y = a.read(n), b.read(n)
+        assert x.step == y.step
+        for k in x.params:
+            assert torch.equal(x.params[k], y.params[k]), (n, k)
+        for k, st in x.optim.items():
+            for key, t in st.items():
+                assert torch.equal(t, y.optim[k][key]), (n, k, key)
+
+
+def test_an_interval_commit_is_written_while_the_next_step_runs(small_model, tmp_path, monkeypatch):
+    """The commit after step 1 is still being written when step 2's forward begins (its last staged write,
+    the embedding's, waits for that forward); step 2 ends only once that commit is on disk; and the run
+    ends in the bits of every-step commits."""
+    import slowllama.faults as faults
+
+    _, every_step, _ = _train(small_model, tmp_path / "one", 1)
+    cfg = TrainConfig(optim=OptimConfig("adamw", lr=1e-2), ram_budget=None, dropout=0.1, commit_every=2)
+    store = prepare(open_checkpoint(small_model), tmp_path / "two" / "store")
+    tr = Trainer(store, tmp_path / "two" / "work", CPU, cfg)
+    forward_2, waited = threading.Event(), []
+    point, write = faults.point, store.write
+
+    def watching(event):
+        if event == "forward" and tr.update.step == 2:
+            forward_2.set()
+        point(event)
+
+    def gated(name, block, path=None):
+        if path is not None and name == store.trainable[0] and not waited:
+            waited.append(forward_2.wait(10))
+        return write(name, block, path)
+
+    monkeypatch.setattr(faults, "point", watching)
+    monkeypatch.setattr(store, "write", gated)
+    journals = []
+    try:
+        for inputs, targets in _batches(store.args.vocab_size):
+            tr.train_step(inputs, targets)
+            journals.append(BlockStore(store.root).journal()["step"])
+        tr.commit()
+    finally:
+        tr.close()
+    assert waited == [True]  # the embedding's staged write went on only once step 2 had begun
+    # On disk when a step ends: the commit before the one just queued (steps 2, 4, ...: commits after 1, 3, ...).
+    assert journals == [0, 0, 2, 2, 4, 4, 6, 6, 8, 8], journals
+    assert BlockStore(store.root).journal()["step"] == STEPS
+    _same_store(every_step, BlockStore(store.root))
+    assert not list(store.root.glob("*.commit.blk"))
+
+
 def _data(tmp_path):
     p = tmp_path / "data.txt"
     p.write_text(CORPUS.read_text(encoding="utf-8")[:4000], encoding="utf-8")
@@ -162,15 +215,17 @@ def kill_point(trace, where: str) -> str:
     idle = next(i for i in range(installs[0], len(trace)) if trace[i] == ("after_rename", "journal.json"))
     if where == "right after a commit":  # the "idle" journal that ends the first commit
         return _nth(trace, idle)
-    # between commits: the last module of a held step going down, before the second commit begins
-    second = next(i for i in staged if i > idle)
-    return _nth(trace, max(i for i in range(idle, second) if trace[i][0] == "backward"))
+    # between commits: the last module of a held step going down, after the checkpoint's commit (which waits
+    # until it is on disk) and before the closing one. An interval commit is written while the next step
+    # runs, so the steps right after it could pass this point with it still in flight.
+    starts = [i for i in staged if trace[i] == ("before_fsync", trace[first][1])]
+    return _nth(trace, max(i for i in range(starts[1], starts[2]) if trace[i][0] == "backward"))
 
 
 KILLS = {  # where -> (the journal's phase after the kill, the step it names, staged files left)
     "inside a commit, before its commit point": ("idle", 0, True),
     "inside a commit, after its commit point": ("commit", 3, True),
-    "between commits": ("idle", 3, False),
+    "between commits": ("idle", 4, False),
     "right after a commit": ("idle", 3, False),
 }
 

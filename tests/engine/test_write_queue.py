@@ -100,3 +100,26 @@ def test_a_module_is_stepped_only_once_its_last_version_is_written(gqa_model, tm
     got, want = stored_params(store), model.state_dict()
     assert all(torch.equal(got[k], want[k]) for k in want)
     assert store.verify() == []
+
+
+def test_a_staged_module_stays_cached_until_its_file_is_renamed(gqa_model, tmp_path):
+    """An interval commit writes a module beside its file and renames it later (journal.py, a-c); between the
+    two its own file holds the version before, so the cache keeps it whatever the budget says, and lets it
+    go only once installed() is told the rename is done."""
+    store = prepare(MetaCheckpoint(gqa_model), tmp_path / "store")
+    name = store.trainable[1]
+    s = Streamer(store, ram_budget=1 << 30)
+    try:
+        old = s.get(name)
+        new = Block(old.step + 1, {k: v.clone() + 1 for k, v in old.params.items()})
+        s.put(name, new, path=store.root / "staged.blk")
+        s.wait_written(name)
+        s.set_budget(0)
+        s.release(name)
+        s._evict(keep_newest=False)
+        assert s.get(name) is new  # not read back from its own file, still at the version before
+        s.installed([name])
+        back = s.get(name)  # the cache let it go: this read is the file's (not renamed here)
+        assert back is not new and back.step == old.step
+    finally:
+        s.close()
