@@ -100,10 +100,12 @@ def encode_block(block: Block, name: str, model: str = "") -> tuple[list, int]:
     return [head + bytes(_pad(len(head))), *views], checksum
 
 
-def write_block(path: Path, block: Block, name: str, durable: bool = True, model: str = "") -> int:
-    """Atomically replace path with block, recorded as module name of model; returns the data checksum."""
+def write_block(path: Path, block: Block, name: str, durable: bool = True, model: str = "",
+                cached: bool = True) -> int:
+    """Atomically replace path with block, recorded as module name of model; returns the data checksum.
+    cached=False writes it past the page cache (fsutil), for a block that stays in RAM."""
     chunks, checksum = encode_block(block, name, model)
-    atomic_write_bytes(path, chunks, durable)
+    atomic_write_bytes(path, chunks, durable, cached)
     return checksum
 
 

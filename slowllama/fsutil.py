@@ -1,7 +1,10 @@
 """Durable file operations: every write is a temp file, fsync, rename, fsync of the directory."""
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
+import mmap
 import os
 import threading
 from pathlib import Path
@@ -57,23 +60,94 @@ def write_error(path: Path, e: OSError) -> OSError:
     return err
 
 
-def atomic_write_bytes(path: Path, chunks, durable: bool = True):
+# Writes past the page cache (cached=False) go through an aligned staging buffer: O_DIRECT wants offsets,
+# lengths and addresses that are multiples of the logical block size (4 KiB covers 512-byte and 4K disks).
+DIRECT_ALIGN = 4096
+DIRECT_CHUNK = 8 << 20
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+
+
+def _write_all(fd: int, mv: memoryview):
+    while len(mv):
+        mv = mv[os.write(fd, mv):]
+
+
+def _write_direct(fd: int, chunks: list) -> int:
+    """chunks through a page-aligned buffer to an O_DIRECT fd; the zeros padding the last block are cut off."""
+    # Not closed on an error: the traceback still holds views of it, and closing would replace the error.
+    buf = mmap.mmap(-1, DIRECT_CHUNK)
+    view, fill, n = memoryview(buf), 0, 0
+    for c in chunks:
+        mv = memoryview(c).cast("B")
+        while len(mv):
+            k = min(len(mv), DIRECT_CHUNK - fill)
+            view[fill:fill + k] = mv[:k]
+            fill, n, mv = fill + k, n + k, mv[k:]
+            if fill == DIRECT_CHUNK:
+                _write_all(fd, view)
+                fill = 0
+    if fill:
+        end = fill + -fill % DIRECT_ALIGN
+        view[fill:end] = bytes(end - fill)
+        _write_all(fd, view[:end])
+        os.ftruncate(fd, n)
+    view.release()
+    buf.close()
+    return n
+
+
+def _write_chunks(tmp: Path, chunks, cached: bool) -> tuple[int, int]:
+    """Write chunks to a new file tmp; returns its open fd (for the caller's fsync) and the byte count.
+
+    cached=False keeps the bytes out of the page cache, for a file whose contents stay in RAM anyway: copying
+    them into the cache and writing the dirty pages back cost a 2-core VM 1.9-2.6 s of CPU per 836 MB at the
+    fsync, against 0.02 s with O_DIRECT (issue 28). Linux uses O_DIRECT, falling back to a cached write where
+    the filesystem has none (tmpfs); macOS marks the file F_NOCACHE."""
+    chunks = list(chunks)
+    if not cached and hasattr(os, "O_DIRECT"):
+        try:
+            fd = os.open(tmp, _CREATE | os.O_DIRECT, 0o666)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+        else:
+            try:
+                return fd, _write_direct(fd, chunks)
+            except OSError as e:
+                os.close(fd)
+                if e.errno != errno.EINVAL:  # a block size beyond DIRECT_ALIGN: write it cached instead
+                    raise
+    fd = os.open(tmp, _CREATE, 0o666)
+    try:
+        if not cached and hasattr(fcntl, "F_NOCACHE"):
+            fcntl.fcntl(fd, fcntl.F_NOCACHE, 1)
+        n = 0
+        for c in chunks:
+            mv = memoryview(c).cast("B")
+            _write_all(fd, mv)
+            n += len(mv)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, n
+
+
+def atomic_write_bytes(path: Path, chunks, durable: bool = True, cached: bool = True):
     """Write an iterable of byte buffers to path atomically; returns the byte count.
 
-    durable=False skips the fsyncs, for scratch files that a crash may lose.
+    durable=False skips the fsyncs, for scratch files that a crash may lose; cached=False writes past the
+    page cache (_write_chunks).
     """
     path = Path(path)
     tmp = tmp_path(path)
-    n = 0
     try:
-        with open(tmp, "wb") as f:
-            for c in chunks:
-                f.write(c)
-                n += len(memoryview(c).cast("B"))
-            f.flush()
+        fd, n = _write_chunks(tmp, chunks, cached)
+        try:
             faults.point("before_fsync")
             if durable:
-                os.fsync(f.fileno())
+                os.fsync(fd)
+        finally:
+            os.close(fd)
         faults.point("before_rename")
         os.replace(tmp, path)
         faults.point("after_rename")

@@ -121,8 +121,10 @@ class BlockStore:
         return block
 
     def write(self, name: str, block: Block, path: Path | None = None) -> int:
-        """Write the module's block to its file, or to path (an interval commit stages it there first)."""
-        checksum = write_block(path or self.path(name), block, name, model=self.model_id)
+        """Write the module's block to its file, or to path (an interval commit stages it there first).
+        A staged block stays in RAM (the budget holds the trained state), so it is written past the page
+        cache, which would only cost CPU to fill and write back."""
+        checksum = write_block(path or self.path(name), block, name, model=self.model_id, cached=path is None)
         self.expected[name] = (block.step, checksum)
         return checksum
 
