@@ -100,8 +100,8 @@ def main():
                    help="also time the streamed step with exact gradient clipping at this norm (0: not)")
     p.add_argument("--commit-every", default=COMMIT_EVERY,
                    help="finetune.py's --commit-every: steps between commits when the budget holds every module, "
-                        f"or auto (default: {COMMIT_EVERY}, as finetune.py's; the timed steps end with a commit, "
-                        "so make --steps a multiple of the interval for the per-step bytes of a long run)")
+                        f"or auto (default: {COMMIT_EVERY}, as finetune.py's; with --steps a multiple of the interval the "
+                        "timed steps are whole commit periods of a long run, else they end with a commit)")
     p.add_argument("--skip-in-memory", action="store_true", help="only the streamed run (no reference)")
     p.add_argument("--no-transformers", action="store_true",
                    help="leave out the transformers reference (LlamaForCausalLM in memory; float32 only)")

@@ -80,11 +80,14 @@ def test_bf16_store_is_reproducible_and_keeps_small_updates(model_factory, tmp_p
     assert torch.nn.functional.cosine_similarity(du, df, dim=0) > 0.1
 
 
-def test_chunked_threaded_rounding_draws_what_one_call_draws():
+@pytest.mark.parametrize("raw", sorted({optim.LITTLE_ENDIAN, False}))
+def test_chunked_threaded_rounding_draws_what_one_call_draws(raw, monkeypatch):
     """The cpu path rounds in chunks on several threads; its draws must be those of one generator call
-    over the whole tensor, so that a store's bits do not depend on the thread count."""
+    over the whole tensor, so that a store's bits do not depend on the thread count; read from the
+    generator's raw outputs (little-endian machines) or through integers, the same draws."""
     import numpy as np
 
+    monkeypatch.setattr(optim, "LITTLE_ENDIAN", raw)
     x = torch.randn(3 * optim.ROUND_CHUNK + 5) * 3
     bits = x.view(torch.int32)
     noise = np.random.default_rng(11).integers(0, 1 << 16, x.numel(), dtype=np.uint16)
