@@ -411,10 +411,11 @@ class Streamer:
                              f"state: free space or fix the disk, then resume") from e
 
     def installed(self, names: list[str]):
-        """The staged files of these modules are renamed over their own: the cache may let them go."""
+        """The staged files of these modules are renamed over their own: the cache may let them go. It does
+        not now: held until this commit, they stay in RAM for the next step, which holds them again; a
+        module let go here would be read back from a file written past the page cache."""
         with self._lock:
             self._unrenamed.difference_update(names)
-            self._evict(keep_newest=False)
 
     def mark(self) -> threading.Event:
         """An event the writer sets once everything queued before it has committed."""

@@ -3,6 +3,7 @@ killed inside a commit, between commits or right after one resumes bit-identical
 logged once; a budget that does not hold the modules commits every step, and the cost line says so."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import subprocess
@@ -14,6 +15,7 @@ import torch
 
 from slowllama.engine.optim import OptimConfig
 from slowllama.engine.store import BlockStore, prepare
+from slowllama.engine.plan import holds_trained_state, plan_step
 from slowllama.engine.trainer import TrainConfig, Trainer, estimate_io
 from slowllama.errors import ConfigError
 from slowllama.formats import open_checkpoint
@@ -143,6 +145,38 @@ def test_an_interval_commit_is_written_while_the_next_step_runs(small_model, tmp
     assert BlockStore(store.root).journal()["step"] == STEPS
     _same_store(every_step, BlockStore(store.root))
     assert not list(store.root.glob("*.commit.blk"))
+
+
+def test_a_commit_keeps_the_modules_the_budget_holds_for_the_next_step(small_model, tmp_path, monkeypatch):
+    """At the smallest budget that holds the trained state (the module cache alone is smaller than the model), no
+    module is read after the first step: a commit's files, written past the page cache, are never read back
+    (that the cache keeps a committed module is test_write_queue's), and the bits are every-step commits'."""
+    cfg = TrainConfig(optim=OptimConfig("adamw", lr=1e-2), dropout=0.1, commit_every=2)
+    store = prepare(open_checkpoint(small_model), tmp_path / "store")
+    probe = Trainer(store, tmp_path / "probe", CPU, dataclasses.replace(cfg, ram_budget=None))
+    ram = sum(s.ram for s in probe.sizes)
+
+    def plan(budget):
+        return plan_step(dataclasses.replace(cfg, ram_budget=budget), probe.args, probe.sizes, 2, 2, 16,
+                         probe.device_budget)
+    budget = next(b for b in range(ram // 50, 8 * ram, ram // 50)
+                  if holds_trained_state(cfg, plan(b), probe.sizes))
+    probe.close()
+    assert plan(budget).cache_budget < ram  # the cache alone cannot keep every module
+    _, every_step, _ = _train(small_model, tmp_path / "one", 1)
+    tr = Trainer(store, tmp_path / "work", CPU, dataclasses.replace(cfg, ram_budget=budget))
+    reads, read = [], store.read
+    monkeypatch.setattr(store, "read", lambda name, *a, **kw: reads.append((tr.update.step, name)) or
+                        read(name, *a, **kw))
+    try:
+        for inputs, targets in _batches(store.args.vocab_size):
+            tr.train_step(inputs, targets)
+        tr.commit()
+        assert tr.commit_interval == 2
+    finally:
+        tr.close()
+    assert reads and all(step == 0 for step, _ in reads), reads
+    _same_store(every_step, BlockStore(store.root))
 
 
 def _data(tmp_path):

@@ -105,7 +105,7 @@ def test_a_module_is_stepped_only_once_its_last_version_is_written(gqa_model, tm
 def test_a_staged_module_stays_cached_until_its_file_is_renamed(gqa_model, tmp_path):
     """An interval commit writes a module beside its file and renames it later (journal.py, a-c); between the
     two its own file holds the version before, so the cache keeps it whatever the budget says, and lets it
-    go only once installed() is told the rename is done."""
+    go only once installed() is told the rename is done (and not at that call: the next step holds it again)."""
     store = prepare(MetaCheckpoint(gqa_model), tmp_path / "store")
     name = store.trainable[1]
     s = Streamer(store, ram_budget=1 << 30)
@@ -119,7 +119,9 @@ def test_a_staged_module_stays_cached_until_its_file_is_renamed(gqa_model, tmp_p
         s._evict(keep_newest=False)
         assert s.get(name) is new  # not read back from its own file, still at the version before
         s.installed([name])
-        back = s.get(name)  # the cache let it go: this read is the file's (not renamed here)
+        assert s.get(name) is new  # kept for the next step, which holds it again
+        s._evict(keep_newest=False)
+        back = s.get(name)  # now the cache let it go: this read is the file's (not renamed here)
         assert back is not new and back.step == old.step
     finally:
         s.close()
