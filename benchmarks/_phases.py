@@ -402,11 +402,11 @@ def phase_stream(cfg: dict) -> dict:
     # each commit written while the next step runs (Trainer). The warm-up's commit is queued as the first timed
     # step begins and is counted there; the last timed step's, which the next step of a run would overlap, is
     # counted out: the figures stop just before it is queued.
-    steady, last = [False], {}
+    steady, last = False, {}
     commit_held = trainer.update.commit_held
 
     def commit_after_the_last_step():
-        if steady[0] and len(step_s) == cfg["steps"] - 1:
+        if steady and len(step_s) == cfg["steps"] - 1:
             last.update(io=IO.snapshot(), timers=timers.snapshot(), transfers=TRANSFERS.snapshot())
         commit_held()
     trainer.update.commit_held = commit_after_the_last_step
@@ -415,15 +415,15 @@ def phase_stream(cfg: dict) -> dict:
             t = time.perf_counter()
             losses.append(trainer.train_step(inputs, targets).loss)
             every = trainer.commit_interval
-            steady[0] = n == cfg["warmup"] - 1 and every > 1 and cfg["steps"] % every == 0
-            if not steady[0]:
+            steady = n == cfg["warmup"] - 1 and every > 1 and cfg["steps"] % every == 0
+            if not steady:
                 trainer.commit()  # --commit-every: the timed steps start from a commit
             _sync(torch, device)
             warm_s.append(time.perf_counter() - t)
         r0, w0 = IO.snapshot()
         h0, d0 = TRANSFERS.snapshot()
         tm0, tc0 = timers.snapshot()
-        if steady[0]:
+        if steady:
             trainer.commit(wait=False)  # the warm-up's commit, written while the first timed step runs
         t0 = time.perf_counter()
         with GpuBusy(torch, device) as busy:
