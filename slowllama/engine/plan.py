@@ -52,47 +52,47 @@ def saved_bytes_per_block(args: ModelArgs, rows: int, seq: int, compute_dtype: t
     """Bytes autograd saves running one TransformerBlock forward with grad on a (rows, seq) micro-batch,
     parameters not counted (model.py's ops with torch's CPU kernels; checked in tests/engine/test_turn.py).
 
-    Per RMSNorm: the fp32 input, the rsqrt (one per token), the normalised input and its product with
-    the weight (compute dtype). Attention: the cos and sin tables, q, k, v (k and v after the GQA
-    repeat, so all n_heads wide) and the output, as scaled_dot_product_attention's flash kernel keeps
-    them, with one fp32 logsumexp per head and token. Feed-forward: w1's and w3's outputs, the SiLU of
-    the first and the product. Dropout: one mask per residual branch, in the compute dtype.
+    Per RMSNorm: its input and its fp32 rsqrt (one per token; model/transformer.py's _RMSNormFn), and the
+    output, which the linear layers after it keep. Attention: the complex cos + i sin table, once for q and
+    once for k, q, k, v (k and v after the GQA repeat, so all n_heads wide) and the output, as
+    scaled_dot_product_attention's flash kernel keeps them, with one fp32 logsumexp per head and token.
+    Feed-forward: w1's and w3's outputs, the SiLU of the first and the product. Dropout: one mask per
+    residual branch, in the compute dtype.
     CUDA's math attention (--deterministic) also keeps the (heads, seq, seq) scores: not counted here.
     """
     c, n = compute_dtype.itemsize, rows * seq
     attn_width = args.n_heads * args.head_dim
-    norm = n * args.dim * 4 + n * 4 + 2 * n * args.dim * c
-    attention = 2 * seq * (args.head_dim // 2) * 4 + 4 * n * attn_width * c + rows * args.n_heads * seq * 4
+    norm = _norm_saved(n, args.dim, c, n) + n * args.dim * c
+    attention = 2 * seq * (args.head_dim // 2) * 8 + 4 * n * attn_width * c + rows * args.n_heads * seq * 4
     ffn = 4 * n * args.ffn_hidden_dim * c
     masks = 2 * n * args.dim * c if dropout > 0 else 0
     adapters = lora_targets * 2 * n * lora_rank * c  # x @ A^T and its scaled product, per target
     return 2 * norm + attention + ffn + masks + adapters + _variant_saved_bytes(args, rows, seq, c)
 
 
+def _norm_saved(n: int, width: int, c: int, scales: int) -> int:
+    """What one RMSNorm keeps for its backward: its input (n rows of width, c bytes each) and an fp32 rsqrt
+    per row it normalises (scales of them: one per token, or one per head of each token)."""
+    return n * width * c + scales * 4
+
+
 def _variant_saved_bytes(args: ModelArgs, rows: int, seq: int, c: int) -> int:
     """What the per-layer windows, soft-caps and extra norms of Qwen3, Gemma and OLMo 2 add to a Llama block's
     saved bytes (c: the compute dtype's itemsize), from the ops they add (checked as saved_bytes_per_block is).
 
-    A norm that casts last (Gemma, OLMo 2) keeps its fp32 normalised input and its fp32 scale instead of the
-    compute-dtype one; a post-norm's output goes to the residual, which keeps nothing; a q/k norm keeps one
-    rsqrt per head (per token over the whole projection); without pre-norms the linear layers keep the block's
-    own input and h. A window: SDPA's additive mask, (seq, seq). Soft-capping writes attention out: tanh's
-    output, the fp32 softmax and its cast (one tensor in fp32), less SDPA's logsumexp, plus the bool mask.
+    A norm that casts last (Gemma, OLMo 2) keeps what a Llama one does; a post-norm's output goes to the
+    residual, which keeps nothing; so does a q/k norm's, which RoPE or attention keeps as q and k; without
+    pre-norms the linear layers keep the block's own input and h. A window: SDPA's additive mask, (seq, seq).
+    Soft-capping writes attention out: tanh's output, the fp32 softmax and its cast (one tensor in fp32),
+    less SDPA's logsumexp, plus the bool mask.
     """
     n, d = rows * seq, args.dim
-    cast_last = args.norm_plus_one or args.norm_weight_fp32
-
-    def norm_extra(width: int) -> int:  # a cast-last norm beyond a Llama one over the same tensor
-        return (n * width * (4 - c) + 4 * width) if cast_last else 0
-
-    out = 2 * norm_extra(d) if args.pre_norms else 2 * n * d * c - 2 * (n * d * 4 + n * 4 + 2 * n * d * c)
+    out = 0 if args.pre_norms else 2 * n * d * c - 2 * (_norm_saved(n, d, c, n) + n * d * c)
     if args.post_norms:
-        out += 2 * (n * d * 4 + n * 4 + n * d * c + norm_extra(d))
+        out += 2 * _norm_saved(n, d, c, n)
     if args.qk_norm:
         for heads in (args.n_heads, args.n_kv_heads):
-            width = heads * args.head_dim
-            out += n * width * 4 + (n if args.qk_norm_whole else n * heads) * 4 + n * width * c
-            out += (n * width * (4 - c) + 4 * (width if args.qk_norm_whole else args.head_dim)) if cast_last else 0
+            out += _norm_saved(n, heads * args.head_dim, c, n if args.qk_norm_whole else n * heads)
     windowed = any(args.window(i) is not None for i in range(args.n_layers))
     if args.attn_softcap is not None:
         scores = rows * args.n_heads * seq * seq

