@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# On a machine with CUDA: the device self-test, the exactness tests (pytest -m device), then
-# bench_step.py on a 7B-shaped model with bf16 compute, from disk (--ram-budget 0) and from host RAM
-# (--ram-budget none), within 8 minutes.
+# On a machine with CUDA: the device self-test, the exactness tests (pytest -m device), one block eager
+# against torch.compile (bench_block.py), then bench_step.py on a 7B-shaped model with bf16 compute, from
+# disk (--ram-budget 0) and from host RAM (--ram-budget none), within 8 minutes.
 # Every result goes to one folder (default: gpu_check-<date>):
 #
 #     bash benchmarks/gpu_check.sh [OUT_DIR]
@@ -40,6 +40,14 @@ echo "== exactness tests on $DEVICE"
 SLOWLLAMA_TEST_DEVICE="$DEVICE" timeout "$t" "$PY" -m pytest -q -m device -p no:cacheprovider \
   --junitxml "$OUT/exactness.xml" 2>&1 | tee "$OUT/exactness.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+# One 7B block's forward and backward, eager against torch.compile (figures only: a compiled block that is not
+# bit-identical stays out of training). At most 90 s, compilation included.
+t=$(left); [ "$t" -gt 90 ] && t=90
+echo "== bench_block, eager and compiled"
+timeout "$t" "$PY" benchmarks/bench_block.py --dim "${DIM:-4096}" --n-heads "${HEADS:-32}" --batch 2 --seq "${SEQ:-512}" \
+  --dtype bfloat16 --device "$DEVICE" --compile > "$OUT/bench_block.json" 2> "$OUT/bench_block.err" || status=1
+tail -c 1200 "$OUT/bench_block.json"; echo
 
 SHAPE=(--dim "${DIM:-4096}" --n-layers "$LAYERS" --n-heads "${HEADS:-32}" --multiple-of 256 --vocab-size 320
        --batch 4 --seq "${SEQ:-512}" --micro-batch 2 --steps 2 --compute-dtype bfloat16 --ckpt-dtype bfloat16

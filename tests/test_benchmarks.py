@@ -97,3 +97,17 @@ def test_bench_step_counts_one_commit_per_period_with_commit_every(tmp_path):
     written = s["bytes_written_per_step"] * 2
     assert store <= written < store + 50_000, (written, store)  # the modules and two journals
     assert s["s_per_step"] * 2 == pytest.approx(sum(s["step_s"]), abs=2e-3)  # nothing timed after the last step
+
+
+def test_bench_block_times_eager_and_compiled_and_says_how_far_apart_they_are():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_block.py"), "--dim", "64", "--n-heads", "4",
+                          "--batch", "2", "--seq", "16", "--reps", "2", "--warmup", "1", "--threads", "1", "--compile"],
+                         capture_output=True, text=True, timeout=600, check=True)
+    r = json.loads(out.stdout)
+    e, c = r["eager"], r["compiled"]
+    assert e["s_per_step"] > 0 and 0 < e["mm_share"] < 1 and r["threads"] == 1
+    assert c["first_call_s"] > c["s_per_step"] > 0
+    assert r["ratio_compiled_over_eager"] == c["s_per_step"] / e["s_per_step"]
+    diffs = [c[k] for k in ("output_max_abs_diff", "input_grad_max_abs_diff", "weight_grad_max_abs_diff")]
+    assert all(0 <= d < 1e-4 for d in diffs)  # the same block: at most a few ulps from fused kernels
+    assert c["bit_identical"] == all(d == 0 for d in diffs)
