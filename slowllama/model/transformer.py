@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from ..errors import ConfigError
 from ..fsutil import read_json_object
@@ -282,21 +283,18 @@ class _RMSNormFn(torch.autograd.Function):
         return (xf * r * (offset + weight.float())).type_as(x)
 
     @staticmethod
+    @once_differentiable  # r is saved as a constant: a second derivative through this would be wrong
     def backward(ctx, g: torch.Tensor):
         x, weight, r = ctx.saved_tensors
         xf, offset = x.float(), ctx.offset
-        rows = tuple(range(g.dim() - 1))
         gx = gw = None
-        if offset is None:
-            if ctx.needs_input_grad[1]:  # g times the normalised input as cast, summed over every row
-                gw = (g * (xf * r).type_as(x)).sum(dim=rows)
-            gn = (g * weight).float()
-        else:
+        if offset is not None:
             g = g.float()
-            if ctx.needs_input_grad[1]:
-                gw = (g * (xf * r)).sum(dim=rows).to(weight.dtype)
-            gn = g * (offset + weight.float())
+        if ctx.needs_input_grad[1]:  # g times the normalised input (as cast, in Meta's order), over every row
+            n = xf * r if offset is not None else (xf * r).type_as(x)
+            gw = (g * n).sum(dim=tuple(range(g.dim() - 1))).to(weight.dtype)
         if ctx.needs_input_grad[0]:  # d(x r)/dx with r = mean(x^2)^-1/2: r (gn - x r^2 mean(gn x))
+            gn = (g * weight).float() if offset is None else g * (offset + weight.float())
             gx = (r * (gn - xf * (r * r) * (gn * xf).mean(-1, keepdim=True))).type_as(x)
         return gx, gw, None, None
 

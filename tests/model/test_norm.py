@@ -44,3 +44,11 @@ def test_frozen_weight_takes_no_gradient_and_the_input_still_does():
     norm.weight.requires_grad_(False)
     norm(x).sum().backward()
     assert norm.weight.grad is None and x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_a_second_derivative_is_refused_rather_than_wrong():
+    """The backward treats the rsqrt as a constant, so differentiating it again would drop terms."""
+    x = torch.randn(2, 8, requires_grad=True)
+    (g,) = torch.autograd.grad(RMSNorm(8)(x).pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        g.sum().backward()
