@@ -7,6 +7,7 @@ import json
 import mmap
 import os
 import threading
+import time
 from pathlib import Path
 
 from . import faults
@@ -161,6 +162,23 @@ def atomic_write_bytes(path: Path, chunks, durable: bool = True, cached: bool = 
         fsync_dir(path.parent)
     IO.add(written=n)
     return n
+
+
+def timed_scratch_write(path: Path, chunks, cached: bool = True) -> float:
+    """Seconds to write chunks durably the way atomic_write_bytes writes (the file and its folder synced), into
+    path's temp file, removed after: the ETA's probe of this disk. Not counted in IO: the run writes nothing."""
+    tmp = tmp_path(path)
+    t0 = time.perf_counter()
+    try:
+        fd, _ = _write_chunks(tmp, chunks, cached)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        fsync_dir(path.parent)
+        return time.perf_counter() - t0
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def atomic_write_json(path: Path, obj):

@@ -2,9 +2,10 @@
 
 The probe measures what an iteration is made of on this machine, in about the time of one block's share
 of it: the read of one block file (with its checksum, from the disk rather than the page cache where
-the OS lets us drop it), a durable write of as many bytes (what a full fine-tuning step writes per
-module) and of 4 KB (what each durable file costs in fsyncs, whatever its size), and one block's forward,
-and forward with backward, on a micro-batch. The per-iteration estimate adds the plan's bytes at those
+the OS lets us drop it), a durable write of as many bytes with the store's writer (what a full fine-tuning
+step writes per module; past the page cache, as the run writes them, for interval commits) and of 4 KB
+(what each durable file costs in fsyncs, whatever its size), and one block's forward, and forward with
+backward, on a micro-batch. The per-iteration estimate adds the plan's bytes at those
 speeds and its durable files at that latency to the compute scaled to every block and the output layer.
 I/O and compute are added, though prefetching overlaps them: the estimate errs long.
 Once an iteration is done the measured wall time per iteration (evaluations and checkpoints included)
@@ -26,11 +27,9 @@ from ..engine.quant import dequantize_module
 from ..engine.store import BlockStore
 from ..engine.streamer import materialize
 from ..engine.trainer import TrainConfig
-from ..fsutil import fsync_dir, tmp_path
+from ..fsutil import timed_scratch_write
 
 log = logging.getLogger(__name__)
-
-CHUNK = 8 << 20  # the write probe copies the block file in pieces of this size
 
 
 @dataclasses.dataclass
@@ -66,29 +65,10 @@ def _drop_cached(path) -> None:
         os.close(fd)
 
 
-def _write_probe(src, nbytes: int) -> float:
-    """Seconds to write nbytes of src durably (the file and its folder synced, as fsutil's atomic writes do) into
-    a temp file beside it, ours by name, removed after."""
-    tmp = tmp_path(src.with_name("write-probe"))
-    t0 = time.perf_counter()
-    try:
-        with open(src, "rb") as f, open(tmp, "wb") as g:
-            left = nbytes
-            while left > 0:
-                piece = f.read(min(CHUNK, left)) or bytes(min(CHUNK, left))
-                g.write(piece)
-                left -= len(piece)
-            g.flush()
-            os.fsync(g.fileno())
-        fsync_dir(src.parent)
-        return time.perf_counter() - t0
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def probe(store: BlockStore, tcfg: TrainConfig, mb_rows: int, seq: int, device: torch.device,
-          write_bytes: int) -> Probe:
-    """Time the first block: its file read, a write of min(its size, write_bytes), its forward and backward."""
+          write_bytes: int, staged: bool = False) -> Probe:
+    """Time the first block: its file read, a write of min(its size, write_bytes), its forward and backward.
+    staged: the run's writes are interval commits, written past the page cache (fsutil), and so is the probe's."""
     name = next(n for n in store.trainable if n.startswith("layers."))
     path = store.path(name)
     size = path.stat().st_size
@@ -96,11 +76,17 @@ def probe(store: BlockStore, tcfg: TrainConfig, mb_rows: int, seq: int, device: 
     t0 = time.perf_counter()
     block = store.read(name, verify=tcfg.verify)
     read_s = time.perf_counter() - t0
-    wrote = min(size, write_bytes)
+    data = memoryview(block.buffer.numpy())  # the block's own bytes, written by the store's writer
+    wrote = min(len(data), write_bytes)
+    probe_path = path.with_name("write-probe")
+
+    def write(n: int) -> float:
+        return timed_scratch_write(probe_path, [data[:n]], cached=not staged)
+
     # A small durable write is all latency (the fsyncs); the large one's time beyond it, bandwidth.
     try:
-        sync_s = min(_write_probe(path, 4096) for _ in range(2)) if wrote > 0 else 0.0
-        write_s = max(_write_probe(path, wrote) - sync_s, 1e-9) if wrote > 0 else 0.0
+        sync_s = min(write(min(4096, wrote)) for _ in range(2)) if wrote > 0 else 0.0
+        write_s = max(write(wrote) - sync_s, 1e-9) if wrote > 0 else 0.0
     except OSError as e:  # a full disk: the run's own writes say so, as one line, when they fail
         log.warning("%s: the write probe failed (%s); the time estimate leaves out writes", path.parent,
                     e.strerror or e)

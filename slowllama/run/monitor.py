@@ -34,7 +34,7 @@ class Monitor:
         start = run.trainer.step
         rows = o.batch_size * o.grad_accum * o.rows_per_example
         mb = min(tcfg.micro_batch or rows, rows)
-        p = eta_mod.probe(store, tcfg, mb, o.seq_len, run.p.device, est["written"])
+        p = eta_mod.probe(store, tcfg, mb, o.seq_len, run.p.device, est["written"], staged=est["commit_every"] > 1)
         export = store.nbytes() if not run.p.lora or o.merge else 0
         evals = eval_reads(o, start, store.nbytes(), bool(run.p.val_batches), memory_budget(run.p.device))
         t = eta_mod.estimate(p, store, tcfg, est, -(-rows // mb), export, evals)

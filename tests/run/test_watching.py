@@ -202,3 +202,32 @@ def test_a_resumed_run_keeps_its_page_and_events_whole(model_factory, tmp_path):
     found = Polylines()
     found.feed((tmp_path / "out" / REPORT_FILE).read_text())
     assert [r["iter"] for r in recs] == [0, 1] and found.found["loss"] == (2, 2)
+
+
+@pytest.mark.parametrize("staged", [False, True], ids=["every-step", "interval-commits"])
+def test_the_write_probe_uses_the_writer_the_run_writes_with(model_factory, tmp_path, monkeypatch, staged):
+    """Interval commits write past the page cache, so the probe times that writer, and every-step commits the
+    cached one; it writes the block's own bytes, leaves nothing in the store and counts nothing as written."""
+    from slowllama import fsutil
+    from slowllama.engine.store import prepare
+    from slowllama.engine.trainer import TrainConfig
+    from slowllama.formats.meta import MetaCheckpoint
+    from slowllama.run import eta
+
+    store = prepare(MetaCheckpoint(model_factory("base", dim=64, n_layers=2)), tmp_path / "store")
+    before = sorted(p.name for p in store.root.iterdir())
+    calls, real = [], fsutil._write_chunks
+
+    def spy(tmp, chunks, cached):
+        chunks = list(chunks)
+        calls.append((tmp.parent, sum(len(memoryview(c).cast("B")) for c in chunks), cached))
+        return real(tmp, chunks, cached)
+
+    monkeypatch.setattr(fsutil, "_write_chunks", spy)
+    written = fsutil.IO.snapshot()[1]
+    p = eta.probe(store, TrainConfig(), 2, 16, torch.device("cpu"), 10 ** 9, staged=staged)
+    block_bytes = store.header("layers.0")["data_bytes"]
+    assert [c[2] for c in calls] == [not staged] * 3  # two 4 KB probes for the fsyncs, one of the block
+    assert [c[1] for c in calls] == [4096, 4096, block_bytes] and all(c[0] == store.root for c in calls)
+    assert 0 < p.write_bps < float("inf") and p.sync_s > 0
+    assert sorted(x.name for x in store.root.iterdir()) == before and fsutil.IO.snapshot()[1] == written
