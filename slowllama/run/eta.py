@@ -65,6 +65,15 @@ def _drop_cached(path) -> None:
         os.close(fd)
 
 
+def _write_probe(path, data: memoryview, cached: bool) -> tuple[float, float]:
+    """Seconds of the fsyncs each durable file costs and of writing data beyond them, with the store's writer
+    into a temp file beside path (fsutil.timed_scratch_write): a small write is all latency (the faster of
+    two 4 KB ones), the large one's time beyond it bandwidth."""
+    scratch = path.with_name("write-probe")
+    sync_s = min(timed_scratch_write(scratch, [data[:4096]], cached) for _ in range(2))
+    return sync_s, max(timed_scratch_write(scratch, [data], cached) - sync_s, 1e-9)
+
+
 def probe(store: BlockStore, tcfg: TrainConfig, mb_rows: int, seq: int, device: torch.device,
           write_bytes: int, staged: bool = False) -> Probe:
     """Time the first block: its file read, a write of min(its size, write_bytes), its forward and backward.
@@ -76,17 +85,10 @@ def probe(store: BlockStore, tcfg: TrainConfig, mb_rows: int, seq: int, device: 
     t0 = time.perf_counter()
     block = store.read(name, verify=tcfg.verify)
     read_s = time.perf_counter() - t0
-    data = memoryview(block.buffer.numpy())  # the block's own bytes, written by the store's writer
-    wrote = min(len(data), write_bytes)
-    probe_path = path.with_name("write-probe")
-
-    def write(n: int) -> float:
-        return timed_scratch_write(probe_path, [data[:n]], cached=not staged)
-
-    # A small durable write is all latency (the fsyncs); the large one's time beyond it, bandwidth.
-    try:
-        sync_s = min(write(min(4096, wrote)) for _ in range(2)) if wrote > 0 else 0.0
-        write_s = max(write(wrote) - sync_s, 1e-9) if wrote > 0 else 0.0
+    wrote = min(block.buffer.numel(), write_bytes)
+    try:  # the block's own bytes; the view goes with the call, so that del block below frees them
+        sync_s, write_s = _write_probe(path, memoryview(block.buffer.numpy())[:wrote], cached=not staged) \
+            if wrote > 0 else (0.0, 0.0)
     except OSError as e:  # a full disk: the run's own writes say so, as one line, when they fail
         log.warning("%s: the write probe failed (%s); the time estimate leaves out writes", path.parent,
                     e.strerror or e)

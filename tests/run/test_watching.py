@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -231,3 +232,33 @@ def test_the_write_probe_uses_the_writer_the_run_writes_with(model_factory, tmp_
     assert [c[1] for c in calls] == [4096, 4096, block_bytes] and all(c[0] == store.root for c in calls)
     assert 0 < p.write_bps < float("inf") and p.sync_s > 0
     assert sorted(x.name for x in store.root.iterdir()) == before and fsutil.IO.snapshot()[1] == written
+
+
+def test_a_full_disk_in_the_write_probe_is_one_warning_and_leaves_nothing(model_factory, tmp_path, monkeypatch, caplog):
+    """The disk fills as the probe writes: the estimate leaves writes out (the run's own writes fail with one
+    line if the disk stays full), and the half-written temp file is gone."""
+    import errno
+    import logging
+
+    from slowllama import fsutil
+    from slowllama.engine.store import prepare
+    from slowllama.engine.trainer import TrainConfig
+    from slowllama.formats.meta import MetaCheckpoint
+    from slowllama.run import eta
+
+    store = prepare(MetaCheckpoint(model_factory("base", dim=64, n_layers=2)), tmp_path / "store")
+    before = sorted(p.name for p in store.root.iterdir())
+    real = fsutil._write_chunks
+
+    def full(tmp, chunks, cached):
+        fd, _ = real(tmp, [b"x"], cached)  # the temp file exists when the disk runs out
+        os.close(fd)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(fsutil, "_write_chunks", full)
+    with caplog.at_level(logging.WARNING):
+        p = eta.probe(store, TrainConfig(), 2, 16, torch.device("cpu"), 10 ** 9, staged=True)
+    assert p.write_bps == float("inf") and p.sync_s == 0.0 and p.forward_s > 0
+    assert [r.getMessage() for r in caplog.records if "write probe failed" in r.getMessage()] == \
+        [f"{store.root}: the write probe failed (No space left on device); the time estimate leaves out writes"]
+    assert sorted(x.name for x in store.root.iterdir()) == before
