@@ -23,14 +23,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _phases import _sync  # noqa: E402
+
 from slowllama.model.transformer import ModelArgs, TransformerBlock  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def _sync(device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _step(fn, block, x, g):
@@ -49,10 +47,10 @@ def _time(fn, block, x, g, reps: int, warmup: int) -> float:
         _step(fn, block, x, g)
     times = []
     for _ in range(reps):
-        _sync(device)
+        _sync(torch, device)
         t = time.perf_counter()
         _step(fn, block, x, g)
-        _sync(device)
+        _sync(torch, device)
         times.append(time.perf_counter() - t)
     return statistics.median(times)
 
@@ -64,7 +62,7 @@ def _mm_share(fn, block, x, g) -> float:
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if x.device.type == "cuda" else [])
     with profile(activities=acts) as prof:
         _step(fn, block, x, g)
-        _sync(x.device)
+        _sync(torch, x.device)
     attr = "self_device_time_total" if x.device.type == "cuda" else "self_cpu_time_total"
     events = prof.key_averages()
     total = sum(getattr(e, attr) for e in events)
@@ -94,7 +92,7 @@ def run(a) -> dict:
         compiled = torch.compile(block)
         t = time.perf_counter()
         got = _step(compiled, block, x, g)
-        _sync(device)
+        _sync(torch, device)
         first = time.perf_counter() - t
         c = {"first_call_s": first, "s_per_step": _time(compiled, block, x, g, a.reps, a.warmup),
              "mm_share": _mm_share(compiled, block, x, g),
