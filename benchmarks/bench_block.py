@@ -26,6 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _phases import _sync  # noqa: E402
 
+from slowllama.device import choose_device  # noqa: E402
+from slowllama.errors import ConfigError  # noqa: E402
 from slowllama.model.transformer import ModelArgs, TransformerBlock  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -77,7 +79,7 @@ def _max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 def run(a) -> dict:
     if a.threads:
         torch.set_num_threads(a.threads)
-    device, dtype = torch.device(a.device), DTYPES[a.dtype]
+    (device, _), dtype = choose_device(a.device), DTYPES[a.dtype]
     torch.manual_seed(0)
     args = ModelArgs(dim=a.dim, n_layers=1, n_heads=a.n_heads, n_kv_heads=a.n_kv_heads, vocab_size=1,
                      multiple_of=a.multiple_of)
@@ -114,12 +116,17 @@ def main():
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="compute dtype of the block")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--reps", type=int, default=10, help="timed steps (the median is reported)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--compile", action="store_true", help="also time torch.compile(block) against eager")
-    print(json.dumps(run(p.parse_args()), indent=1))
+    a = p.parse_args()
+    try:
+        out = run(a)
+    except ConfigError as e:  # a device this machine lacks, a shape no model has: one line, as finetune.py says it
+        p.error(str(e))
+    print(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytestmark = pytest.mark.slow
 
@@ -114,3 +115,20 @@ def test_bench_block_times_eager_and_compiled_and_says_how_far_apart_they_are():
     diffs = [c[k] for k in ("output_max_abs_diff", "input_grad_max_abs_diff", "weight_grad_max_abs_diff")]
     assert all(0 <= d < 1e-4 for d in diffs)  # the same block: at most a few ulps from fused kernels
     assert c["bit_identical"] == all(d == 0 for d in diffs)
+
+
+# A device kind this machine lacks (no machine has both a CUDA GPU and MPS).
+MISSING = "cuda" if not torch.cuda.is_available() else "mps"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--device", MISSING], f"--device {MISSING}: not available on this machine"),
+    (["--device", "gpu"], "--device 'gpu': expected one of"),
+    (["--dim", "100", "--n-heads", "16"], "dim 100 is not divisible by n_heads 16"),
+], ids=["missing-device", "unknown-device", "bad-shape"])
+def test_bench_block_refuses_a_bad_device_or_shape_in_one_line(args, message):
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_block.py"), *args, "--reps", "1"],
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.splitlines()[-1].startswith("bench_block.py: error: ") and message in out.stderr
+    assert "Traceback" not in out.stderr
