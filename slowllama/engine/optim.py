@@ -42,19 +42,75 @@ class OptimConfig:
                                  weight_decay=self.weight_decay, foreach=False)
 
 
+STEP_CHUNK = 1 << 18  # elements a chunk of the step updates: its parameter, gradient and moments stay in cache
+
+
 def step_module(cfg: OptimConfig, params: dict[str, torch.nn.Parameter],
                 state: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:
-    """Apply one optimizer step to params (whose .grad is set); returns the new state."""
+    """Apply one optimizer step to params (whose .grad is set); returns the new state.
+
+    torch's single-tensor optimizers make one pass over whole tensors per operation (AdamW about
+    ten), each from memory. The step is elementwise, so the optimizer is handed STEP_CHUNK-element
+    views of each tensor instead, one parameter each: every chunk runs all its operations while it is
+    in cache, which halves AdamW's time (0.45 against 0.89 s for 208M weights on 2 threads), with the
+    same bits (tests/engine/test_optim_chunks.py checks them against torch's step on whole tensors)."""
     named = [(n, p) for n, p in params.items() if p.grad is not None]
-    opt = cfg.make([p for _, p in named])
+    loaded, chunks = {}, {}
     for n, p in named:
-        if n in state:
-            # Moments may be stored in 16 bits; the update itself always runs in the parameter's dtype.
-            opt.state[p] = {k: to_device(v, p.device).to(p.dtype if v.shape == p.shape else v.dtype)
-                            for k, v in state[n].items()}
+        # Moments may be stored in 16 bits; the update itself always runs in the parameter's dtype.
+        loaded[n] = {k: to_device(v, p.device).to(p.dtype if v.shape == p.shape else v.dtype)
+                     for k, v in state.get(n, {}).items()}
+        if not loaded[n] and cfg.name == "adamw" and _chunked(p):  # torch's own first state, for chunks to view
+            loaded[n] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p.detach()),
+                         "exp_avg_sq": torch.zeros_like(p.detach())}
+        chunks[n] = _chunks(p, loaded[n])
+    opt = cfg.make([q for n, _ in named for q, _ in chunks[n]])
+    for n, _ in named:
+        for q, st in chunks[n]:
+            if st:
+                opt.state[q] = st
     opt.step()
-    return {n: {k: v for k, v in opt.state[p].items() if isinstance(v, torch.Tensor)}
-            for n, p in named if opt.state.get(p)}
+    return {n: _joined(p, loaded[n], [(st, opt.state.get(q, {})) for q, st in chunks[n]]) for n, p in named}
+
+
+def _chunked(p: torch.Tensor) -> bool:
+    """Whether p's step runs in chunks: on cpu only, where a chunk fits in cache; a GPU would launch
+    every operation once per chunk for nothing."""
+    return p.device.type == "cpu" and p.numel() > STEP_CHUNK
+
+
+def _chunks(p: torch.nn.Parameter, st: dict[str, torch.Tensor]) -> list[tuple[torch.nn.Parameter, dict]]:
+    """p as parameters viewing STEP_CHUNK elements of it each, with views of its gradient and state; p
+    itself where it is not chunked or not contiguous. A scalar state (AdamW's step) is copied per chunk."""
+    whole = [p.detach(), p.grad, *(v for v in st.values() if v.ndim)]
+    if not _chunked(p) or not all(t.is_contiguous() and t.shape == p.shape for t in whole):
+        return [(p, st)]
+    data, grad = p.detach().view(-1), p.grad.view(-1)
+    out = []
+    for lo in range(0, p.numel(), STEP_CHUNK):
+        q = torch.nn.Parameter(data[lo: lo + STEP_CHUNK])
+        q.grad = grad[lo: lo + STEP_CHUNK]
+        out.append((q, {k: v.view(-1)[lo: lo + STEP_CHUNK] if v.ndim else v.clone() for k, v in st.items()}))
+    return out
+
+
+def _joined(p: torch.nn.Parameter, loaded: dict, states: list[tuple[dict, dict]]) -> dict[str, torch.Tensor]:
+    """p's state after the step, from its chunks' (given, after) states: a scalar from the first chunk (all
+    took the same step), a tensor the step updated in place whole, one the step made anew joined."""
+    if len(states) == 1:
+        return {k: v for k, v in states[0][1].items() if isinstance(v, torch.Tensor)}
+    first_in, first = states[0]
+    out = {}
+    for k, v in first.items():
+        if not isinstance(v, torch.Tensor):
+            continue
+        if v.ndim == 0:
+            out[k] = v
+        elif first_in.get(k) is v:
+            out[k] = loaded[k]
+        else:
+            out[k] = torch.cat([after[k] for _, after in states]).view(p.shape)
+    return out
 
 
 def stochastic_round(x: torch.Tensor, dtype: torch.dtype, seed: int) -> torch.Tensor:
