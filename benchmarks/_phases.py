@@ -12,7 +12,7 @@ parent, which would charge the orchestrating process's memory to the child.
 
 Phases: generate (write a random Meta checkpoint), prepare (checkpoint -> block
 store), stream (slowllama's streamed Trainer; with "phase_peaks" its peak RSS per
-part of the step), inmem (the whole model in memory with torch.optim.SGD, the
+part of the step), inmem (the whole model in memory with torch.optim (SGD or AdamW), the
 reference), export (store -> Meta checkpoint).
 """
 from __future__ import annotations
@@ -236,6 +236,13 @@ def _device_info(torch, device) -> dict:
     return info
 
 
+def _optim(cfg: dict):
+    """The run's optimizer settings (finetune.py's defaults beside the optimizer and lr), for both sides."""
+    from slowllama.engine.optim import OptimConfig
+
+    return OptimConfig(cfg.get("optimizer", "sgd"), lr=cfg["lr"])
+
+
 def _batch(torch, vocab: int, batch: int, seq: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, vocab, (batch, seq + 1), generator=g)
@@ -379,7 +386,6 @@ def phase_stream(cfg: dict) -> dict:
     import torch
 
     from slowllama.device import TRANSFERS
-    from slowllama.engine.optim import OptimConfig
     from slowllama.engine.store import BlockStore
     from slowllama.engine.trainer import TrainConfig, Trainer
     from slowllama.fsutil import IO
@@ -389,7 +395,7 @@ def phase_stream(cfg: dict) -> dict:
     budget = parse_size(cfg["ram_budget"])  # auto: --ram-budget auto's share of the memory available now
     store = BlockStore(cfg["store"])
     inputs, targets = _batch(torch, store.args.vocab_size, cfg["batch"], cfg["seq"], cfg["seed"])
-    tc = TrainConfig(optim=OptimConfig("sgd", lr=cfg["lr"]), seed=cfg["seed"], dropout=0.0,
+    tc = TrainConfig(optim=_optim(cfg), seed=cfg["seed"], dropout=0.0,
                      micro_batch=cfg.get("micro_batch"), compute_dtype=getattr(torch, cfg["compute_dtype"]),
                      act_dtype=getattr(torch, cfg.get("act_dtype", "float32")), ram_budget=budget,
                      prefetch=cfg["prefetch"], verify=cfg.get("verify", True),
@@ -603,7 +609,7 @@ def phase_export(cfg: dict) -> dict:
 
 
 def phase_inmem(cfg: dict) -> dict:
-    """The whole model in memory, torch.optim.SGD over all parameters.
+    """The whole model in memory, torch.optim (the run's SGD or AdamW) over all parameters.
 
     Weights come from the checkpoint, cast to the store's dtype and then to fp32,
     exactly as prepare() and the trainer see them. With bfloat16 compute the model
@@ -641,7 +647,7 @@ def phase_inmem(cfg: dict) -> dict:
     model.to(device)
     master = model
     compute = model if cdt == torch.float32 else copy.deepcopy(model).to(cdt)
-    opt = torch.optim.SGD(master.parameters(), lr=cfg["lr"])
+    opt = _optim(cfg).make(master.parameters(), foreach=None)
     inputs, targets = _batch(torch, args.vocab_size, cfg["batch"], cfg["seq"], cfg["seed"])
     inputs, targets = inputs.to(device), targets.to(device)
     mb = cfg.get("micro_batch") or inputs.shape[0]
@@ -694,7 +700,7 @@ def _timed_steps(torch, device, cfg: dict, step, base: int) -> dict:
 
 def phase_transformers(cfg: dict) -> dict:
     """Ordinary training, as a user of transformers runs it: the store exported as a Hugging Face folder (untimed),
-    LlamaForCausalLM.from_pretrained in fp32 with its default attention kernel, torch.optim.SGD over all parameters,
+    LlamaForCausalLM.from_pretrained in fp32 with its default attention kernel, the run's torch.optim over all parameters,
     the loss as the streamed run's (mean over the batch's tokens, summed over micro-batches)."""
     _imports()
     import torch
@@ -710,7 +716,7 @@ def phase_transformers(cfg: dict) -> dict:
     if not folder.exists():
         export_store(BlockStore(cfg["store"]), Path(cfg["ckpt"]), folder, export_format="hf")
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).train()
-    opt = torch.optim.SGD(model.parameters(), lr=cfg["lr"])
+    opt = _optim(cfg).make(model.parameters(), foreach=None)
     inputs, targets = _batch(torch, model.config.vocab_size, cfg["batch"], cfg["seq"], cfg["seed"])
     inputs, targets = inputs.to(device), targets.to(device)
     mb = cfg.get("micro_batch") or inputs.shape[0]

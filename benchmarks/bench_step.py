@@ -5,7 +5,7 @@
 Generates a Meta checkpoint with random weights (in a temp dir unless --workdir),
 prepares a block store from it, then runs 1 warm-up + K steps of slowllama's
 streamed Trainer and 1 warm-up + K steps of the in-memory reference (the same
-model, batch and SGD learning rate), and prints one JSON object.
+model, batch, optimizer and learning rate), and prints one JSON object.
 
 Each phase (generate, prepare, in-memory, streamed) runs in a fresh Python
 process of its own (see benchmarks/_phases.py), so the peak RSS reported for a
@@ -62,6 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _phases import DTYPE_NAMES, ROOT, bench_dir, disk_bandwidth, parse_bytes, run_phase, transfer_floor  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
+from slowllama.engine.optim import OPTIMIZERS  # noqa: E402
 from slowllama.errors import ConfigError  # noqa: E402
 from slowllama.run.options import RunOptions, parse_commit_every  # noqa: E402
 
@@ -92,6 +93,7 @@ def main():
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads in the phases (default: torch's choice)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd", help="both sides' optimizer (default: sgd)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", default=None, help="keep the checkpoint and store here (default: a temp dir)")
@@ -154,7 +156,7 @@ def run(a, work: Path) -> dict:
     disk = disk_bandwidth(work, a.bw_mb << 20)
     common = {"ckpt": str(ckpt), "store": str(store), "store_dtype": a.store_dtype, "device": a.device,
               "batch": a.batch, "seq": a.seq, "micro_batch": a.micro_batch, "compute_dtype": a.compute_dtype,
-              "lr": a.lr, "seed": a.seed, "threads": a.threads, "warmup": 1, "steps": a.steps}
+              "optimizer": a.optimizer, "lr": a.lr, "seed": a.seed, "threads": a.threads, "warmup": 1, "steps": a.steps}
     inmem = None if a.skip_in_memory else run_phase("inmem", common)
     # Before the streamed run trains the store: both references start from the same weights.
     hf = None if a.skip_in_memory or a.no_transformers or a.compute_dtype != "float32" else \

@@ -34,12 +34,13 @@ class OptimConfig:
         if not self.lr > 0:
             raise ConfigError(f"--lr must be positive, got {self.lr}")
 
-    def make(self, params) -> torch.optim.Optimizer:
+    def make(self, params, foreach: bool | None = False) -> torch.optim.Optimizer:
+        """torch's optimizer with these settings; foreach=None lets torch choose, as a script of a user's would."""
         if self.name == "sgd":
             return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
-                                   foreach=False)
+                                   foreach=foreach)
         return torch.optim.AdamW(params, lr=self.lr, betas=self.betas, eps=self.eps,
-                                 weight_decay=self.weight_decay, foreach=False)
+                                 weight_decay=self.weight_decay, foreach=foreach)
 
 
 STEP_CHUNK = 1 << 18  # elements a chunk of the step updates: its parameter, gradient and moments stay in cache
