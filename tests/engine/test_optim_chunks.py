@@ -1,5 +1,5 @@
-"""The optimizer step runs on cache-sized chunks of each tensor (optim.step_module): it must give torch's
-step on the whole tensors bit for bit, state included, for every optimizer and option slowllama offers."""
+"""AdamW steps cache-sized chunks of each tensor on cpu (optim.step_module): every optimizer and option
+slowllama offers, chunked or not, must give torch's step on the whole tensors bit for bit, state included."""
 import pytest
 import torch
 
@@ -77,11 +77,11 @@ def test_chunked_step_with_16_bit_moments_equals_the_unchunked_one(small_chunks,
 
 def test_the_state_returned_is_whole_tensors_not_views_of_a_chunk(small_chunks):
     init, grads = _tensors(3, 1)
-    _, state = _streamed_steps(CONFIGS[1], init, grads)  # momentum: the buffers are made by the step
-    buf = state["p1"]["momentum_buffer"]
-    assert buf.shape == (5000,) and buf.is_contiguous() and buf.untyped_storage().nbytes() == 5000 * 4
-    _, state = _streamed_steps(CONFIGS[2], init, grads)  # AdamW: made here, viewed by the chunks
-    assert state["p1"]["exp_avg"].shape == (5000,) and float(state["p1"]["step"]) == 1.0
+    _, state = _streamed_steps(CONFIGS[2], init, grads)  # AdamW's first moments: made here, viewed by the chunks
+    for k in ("exp_avg", "exp_avg_sq"):
+        m = state["p1"][k]
+        assert m.shape == (5000,) and m.is_contiguous() and m.untyped_storage().nbytes() == 5000 * 4
+    assert float(state["p1"]["step"]) == 1.0
 
 
 def test_a_parameter_that_is_not_contiguous_steps_whole(small_chunks):
@@ -95,7 +95,10 @@ def test_a_parameter_that_is_not_contiguous_steps_whole(small_chunks):
     assert torch.equal(p.detach(), ref.detach())
 
 
-def test_only_cpu_tensors_are_chunked(small_chunks):
-    """On a GPU a chunk would launch each operation once more for nothing (the logic, checked on meta)."""
-    assert optim._chunked(torch.empty(5000)) and not optim._chunked(torch.empty(1000))
-    assert not optim._chunked(torch.empty(5000, device="meta"))
+def test_only_adamw_on_cpu_is_chunked(small_chunks):
+    """On a GPU a chunk would launch each operation once more for nothing (the logic, checked on meta);
+    SGD's one or two passes gain nothing from cache."""
+    adamw, sgd = CONFIGS[2], CONFIGS[1]
+    assert optim._chunked(adamw, torch.empty(5000)) and not optim._chunked(adamw, torch.empty(1000))
+    assert not optim._chunked(adamw, torch.empty(5000, device="meta"))
+    assert not optim._chunked(sgd, torch.empty(5000)) and not optim._chunked(CONFIGS[0], torch.empty(5000))
