@@ -206,15 +206,21 @@ class FullUpdate:
     def _step(self, step: int, version: int, i: int, block: Block, params: dict, grads_in, consequence: str):
         """Module i's optimizer step on its (summed) gradients, and its commit."""
         name = self.names[i]
-        check_gradients(self.names, step, i, params, grads_in, consequence)
+        store_dtype = self.store.dtype
+        rounded = store_dtype == torch.bfloat16 and self.cfg.store_rounding == "stochastic"
+        # Unrounded, the parameters' own gradients need no check here: a NaN or Inf in one makes its
+        # parameter non-finite after any step SGD or AdamW takes (0 x Inf is NaN), which the check of each
+        # result below finds, naming the gradients. That is one pass over the module's gradients fewer
+        # (0.055 s a step of bench_step's 209M-parameter model on this 2-core VM, against 3.1 s). Stochastic
+        # rounding adds noise to the bits, which can carry a NaN of any payload into a finite number.
+        if rounded or (i > 0 and not all(dev.all_finite(g) for g in grads_in)):
+            check_gradients(self.names, step, i, params, grads_in, consequence)
         if self.clip is not None:  # the gradient handed down (grads_in) stays as it is
             scale_grads(params.values(), self.clip["clip_coef"])
         # The step below changes the module's tensors in place (on cpu they are its last version's,
         # which the writer may still have queued from the previous step): wait until that is on disk.
         self.streamer.wait_written(name)
         new_state = step_module(self.cfg.optim_at(step), params, block.optim)
-        store_dtype = self.store.dtype
-        rounded = store_dtype == torch.bfloat16 and self.cfg.store_rounding == "stochastic"
         seeds = {k: dev.derive_seed(self.cfg.seed, step, i, j, 0x5217) for j, k in enumerate(params)} if rounded else {}
         # The fp32 masters are rounded in place. On cpu they stay fp32 (the cache keeps 16-bit modules widened):
         # no bf16 copy now and no widened one for the next pass; the writer narrows them, exactly. From a
@@ -230,12 +236,20 @@ class FullUpdate:
             if k not in wide:
                 t = dev.to_host(t, store_dtype)
             if not dev.all_finite(t):  # checked as stored: rounding could overflow a huge finite value
+                check_gradients(self.names, step, i, params, [], consequence)  # raises if a gradient is the cause
                 raise NonFiniteError(f"step {step}: update made module {name}.{k} non-finite; not written")
             new_params[k] = t
         sdt = self.cfg.optim_state_dtype
-        new = Block(version + 1, new_params, {k: {s: dev.to_host(v.detach(), sdt if v.ndim else None)
-                                                  for s, v in st.items()} for k, st in new_state.items()},
-                    narrow=store_dtype if wide else None)
+        states = {k: {s: dev.to_host(v.detach(), sdt if v.ndim else None) for s, v in st.items()}
+                  for k, st in new_state.items()}
+        for k, st in states.items():
+            # A finite gradient beyond 6e20 (at beta2 0.999) squares to Inf in AdamW's second moment, dividing the
+            # update to 0: the parameter stays finite and only the state shows it (a first moment or a
+            # momentum buffer that overflows makes its parameter non-finite, found above).
+            if "exp_avg_sq" in st and not dev.all_finite(st["exp_avg_sq"]):
+                raise NonFiniteError(f"step {step}: update made the second moment of {name}.{k} non-finite (a "
+                                     f"gradient's square overflowed); not written")
+        new = Block(version + 1, new_params, states, narrow=store_dtype if wide else None)
         self.journal.commit(i, name, version, new, grads_in)
 
     def _commit_tied_output(self, step: int, version: int, i: int, out: BoundOutput, grads_in, consequence: str):
