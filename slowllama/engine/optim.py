@@ -62,10 +62,13 @@ def step_module(cfg: OptimConfig, params: dict[str, torch.nn.Parameter],
         # Moments may be stored in 16 bits; the update itself always runs in the parameter's dtype.
         loaded[n] = {k: to_device(v, p.device).to(p.dtype if v.shape == p.shape else v.dtype)
                      for k, v in state.get(n, {}).items()}
-        if not loaded[n] and _chunked(cfg, p):  # torch's own first state, for chunks to view
+        if not _chunked(cfg, p):
+            chunks[n] = [(p, loaded[n])]
+            continue
+        if not loaded[n]:  # torch's own first state, for chunks to view
             loaded[n] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p.detach()),
                          "exp_avg_sq": torch.zeros_like(p.detach())}
-        chunks[n] = _chunks(p, loaded[n]) if _chunked(cfg, p) else [(p, loaded[n])]
+        chunks[n] = _chunks(p, loaded[n])
     opt = cfg.make([q for n, _ in named for q, _ in chunks[n]])
     for n, _ in named:
         for q, st in chunks[n]:
