@@ -52,11 +52,14 @@ def fsync_file(path: Path):
 fsync_dir = fsync_file
 
 
-def write_error(path: Path, e: OSError) -> OSError:
-    """A failed write as one line naming the file; the errno is kept. The advice holds for every command that
-    writes (finetune resumes, export and merge-lora start over), so it names --resume for finetune only."""
-    err = OSError(f"{path}: write failed ({e.strerror or e}); is the disk full? Free space, then run the command "
-                  f"again (finetune: with --resume)")
+class WriteError(OSError):
+    """A write that failed, as one line naming the file (the errno is kept). Export and merge-lora start over;
+    finetune adds "with --resume" where a run exists to resume (cli/finetune.py)."""
+
+
+def write_error(path: Path, e: OSError) -> WriteError:
+    err = WriteError(f"{path}: write failed ({e.strerror or e}); is the disk full? Free space, then run the "
+                     f"command again")
     err.errno = e.errno
     return err
 

@@ -11,12 +11,14 @@ kernel drops when the process dies, so a crash never leaves a stale lock.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
 import os
 import re
 import shutil
+import stat
 from pathlib import Path
 
 from . import faults
@@ -134,6 +136,12 @@ def foreign_entries(folder: Path, kind: str) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if not allowed.fullmatch(p.name))
 
 
+def real_folder(path: str | Path) -> Path:
+    """The absolute folder that path names, through any symlinks in it. An export replaces the output
+    folder itself: given a link, it must replace the link's target, not turn the link into a folder."""
+    return Path(os.path.realpath(path))
+
+
 def check_not_under_a_file(path: Path, flag: str):
     """Refuse a path below a file (notes.txt/out): one line naming both, where the OS would only say ENOTDIR
     about whichever file it was making then."""
@@ -189,7 +197,8 @@ def remove_owned(folder: Path, kind: str, keep_folder: bool = False):
 
 
 def replace_dir(src: Path, dst: Path):
-    """Move the finished export src to dst, replacing a previous export there.
+    """Move the finished export src to dst, replacing a previous export there (or an empty folder, whose
+    permissions it keeps). dst must not be a symlink (see real_folder).
 
     POSIX cannot swap folders atomically, so the old dst is first renamed aside under
     OLD_MARK: a crash in between leaves either the old or the new one under a name
@@ -201,12 +210,15 @@ def replace_dir(src: Path, dst: Path):
         remove_owned(old, "export")
     if dst.exists():
         _carry_checkpoints(dst, src)  # the run's numbered checkpoints stay in the output folder
+        os.chmod(src, stat.S_IMODE(os.stat(dst).st_mode))  # a folder the user made private stays private
         os.replace(dst, old)
     faults.point("export_swap")
     os.replace(src, dst)
     fsync_dir(dst.parent)
     if old.exists():
         remove_owned(old, "export")
+        with contextlib.suppress(OSError):
+            old.rmdir()  # the empty folder a user made for the export (emptiness checked above); else it stays
 
 
 def old_path(dst: Path) -> Path:

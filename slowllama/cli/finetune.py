@@ -12,8 +12,9 @@ from pathlib import Path
 
 from slowllama.engine.trainer import NonFiniteError
 from slowllama.errors import ConfigError
+from slowllama.fsutil import WriteError
 from slowllama.paths import check_folder, lock_work_dir, remove_owned
-from slowllama.run.loop import finetune, verify_store
+from slowllama.run.loop import default_dirs, finetune, verify_store
 from slowllama.run.options import add_arguments, read_config
 
 # The demo's model and fact ship inside the package, so that the demo runs from any directory after pip install.
@@ -56,14 +57,24 @@ def main(argv=None, prog: str | None = None) -> int:
             return verify(a)
         summary = finetune(resume=resume, **a)
     except (ConfigError, OSError, NonFiniteError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        more = " with --resume" if isinstance(e, WriteError) and _run_to_resume(a) else ""
+        print(f"error: {e}{more}", file=sys.stderr)
         return 3 if isinstance(e, NonFiniteError) else 2
     except KeyboardInterrupt:
-        print("interrupted: the store holds the last committed state; resume with --resume", file=sys.stderr)
+        print("interrupted: the store holds the last committed state; resume with --resume" if _run_to_resume(a) else
+              "interrupted before the run began: nothing to resume; run the command again", file=sys.stderr)
         return 130
     if not summary.get("nothing_to_do") and summary.get("rank", 0) == 0:  # under torchrun, rank 0 speaks
         print(f"tuned model: {summary['out']}")
     return 0
+
+
+def _run_to_resume(a: dict) -> bool:
+    """Whether the work dir these options name holds a run (its run.json, written once the store is prepared)."""
+    if not a.get("model_dir"):
+        return False
+    _, work_dir = default_dirs(Path(a["model_dir"]).absolute(), a.get("out"), a.get("work_dir"))
+    return (work_dir / "run.json").is_file()
 
 
 def demo(root: Path) -> int:

@@ -23,7 +23,7 @@ from slowllama.device import COMPUTE_DTYPES, check_compute_dtype, pick_device
 from slowllama.errors import ConfigError
 from slowllama.formats import open_checkpoint
 from slowllama.formats.peft import load_adapters
-from slowllama.formats.tokenizer import load_tokenizer
+from slowllama.formats.tokenizer import check_vocab, load_tokenizer
 from slowllama.inference.generate import (
     ModuleCache,
     Sampler,
@@ -103,10 +103,7 @@ def generate_many(*, model_dir: str, device: str = "auto", prompts: list[str], m
         ids = prompt_ids(tokenizer, prompt, chat)
         if not ids:
             raise ConfigError("--prompt: encodes to no tokens; give some text")
-        too_big = [i for i in ids if i >= ckpt.args.vocab_size]
-        if too_big:
-            raise ConfigError(f"{tokenizer.path}: token id {too_big[0]} is beyond the model's vocab_size "
-                              f"{ckpt.args.vocab_size}")
+        check_vocab(tokenizer, max(ids), ckpt.args.vocab_size)
         all_ids.append(ids)
     n = max(len(ids) for ids in all_ids)
     try:

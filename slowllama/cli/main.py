@@ -42,7 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"error: slowllama {name!r} is not a command; expected one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    module = importlib.import_module(f"{__package__}.{COMMANDS[name][0]}")
+    try:
+        module = importlib.import_module(f"{__package__}.{COMMANDS[name][0]}")
+    except KeyboardInterrupt:  # Ctrl-C while torch loads: nothing has started
+        print("interrupted before anything started", file=sys.stderr)
+        return 130
     return module.main(rest, prog=f"slowllama {name}")
 
 

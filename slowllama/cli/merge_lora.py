@@ -18,7 +18,8 @@ from slowllama.formats import open_checkpoint
 from slowllama.formats.meta import MetaCheckpoint, export_meta, split_key
 from slowllama.formats.peft import load_adapters
 from slowllama.model.transformer import module_names
-from slowllama.paths import check_folder, lock_out_dir, mark_owned, remove_stale_tmp, replace_dir
+from slowllama.paths import (check_folder, lock_out_dir, mark_owned, real_folder, remove_stale_tmp,
+                             replace_dir)
 from slowllama.run.loop import _bar, check_paths
 
 
@@ -27,6 +28,7 @@ def merge_lora(base: Path, adapters_path: Path, out: Path, shards: int | None = 
     replaces nothing it did not write."""
     if shards is not None and shards < 1:
         raise ConfigError(f"--shards must be an integer of at least 1, got {shards}")
+    out = real_folder(out)
     check_paths(base, out, out.with_name(out.name + ".work"))
     check_folder(out, "export", "OUT")
     ckpt = open_checkpoint(base)

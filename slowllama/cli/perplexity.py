@@ -19,7 +19,7 @@ from slowllama.device import COMPUTE_DTYPES, check_compute_dtype, pick_device
 from slowllama.errors import ConfigError
 from slowllama.formats import open_checkpoint
 from slowllama.formats.peft import load_adapters
-from slowllama.formats.tokenizer import load_tokenizer
+from slowllama.formats.tokenizer import check_vocab, load_tokenizer
 from slowllama.inference.evaluate import eval_batches, evaluate, perplexity
 
 
@@ -40,9 +40,7 @@ def run(*, model_dir: str, data: str, seq_len: int | None = None, batch_size: in
     tokenizer = load_tokenizer(model_dir)
     examples = load_data(data, tokenizer, seq_len, train_on_prompt)
     batches = eval_batches(examples, batch_size)
-    top = max(int(x.max()) for x, _ in batches)
-    if top >= args.vocab_size:
-        raise ConfigError(f"{tokenizer.path}: token id {top} is beyond the model's vocab_size {args.vocab_size}")
+    check_vocab(tokenizer, examples.max_id(), args.vocab_size)
     adapters = load_adapters(Path(lora), args) if lora else None
 
     def read(name):

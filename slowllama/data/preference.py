@@ -88,6 +88,9 @@ class Pairs:
     def __len__(self) -> int:
         return self.inputs.shape[1]
 
+    def max_id(self) -> int:
+        return max(int(self.inputs.max()), int(self.targets.max()))
+
     def indices(self, step: int, batch_size: int, seed: int) -> torch.Tensor:
         """The pairs of batch `step`, drawn from (seed, step) as Examples.batch draws its records."""
         return torch.from_numpy(np.random.default_rng([seed, step]).integers(0, len(self), size=batch_size))

@@ -57,6 +57,9 @@ class TokenWindows:
     def summary(self) -> str:
         return f"plain text, {len(self.tokens)} tokens from {self.source}"
 
+    def max_id(self) -> int:
+        return int(self.tokens.max())
+
     def batch(self, step: int, batch_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng([seed, step])
         starts = rng.integers(0, self.n_windows, size=batch_size)
@@ -129,6 +132,10 @@ class Examples:
 
     def __len__(self) -> int:
         return len(self.inputs)
+
+    def max_id(self) -> int:
+        """The largest token id in any input or target (padding included; IGNORE is negative)."""
+        return max(int(self.inputs.max()), int(self.targets.max()))
 
     def batch(self, step: int, batch_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.from_numpy(np.random.default_rng([seed, step]).integers(0, len(self), size=batch_size))

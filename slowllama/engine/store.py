@@ -79,6 +79,8 @@ class BlockStore:
         path = self.root / "manifest.json"
         try:
             m = json.loads(path.read_text())
+            if not isinstance(m, dict):
+                raise ValueError("not a JSON object")
             if m.get("format") != FORMAT:
                 raise StoreFormatError(f"{path}: store format {m.get('format')}, this slowllama reads {FORMAT}")
             if m["manifest_crc32"] != _manifest_crc(m):
@@ -298,7 +300,8 @@ def export_store(store: BlockStore, source_dir: Path, out_dir: Path, *, n_shards
     transform(module, params) may change a module's parameters on the way out (LoRA merging);
     read_params(module), if given, supplies them instead of the store (a quantized base's merge reads the checkpoint).
     """
-    from ..formats.meta import export_meta, find_tokenizer
+    from ..formats.meta import export_meta
+    from ..formats.tokenizer import meta_tokenizer_file
 
     src, out_dir = Path(source_dir), Path(out_dir)
 
@@ -310,7 +313,7 @@ def export_store(store: BlockStore, source_dir: Path, out_dir: Path, *, n_shards
     if export_format == "meta" and store.source_format != "meta":
         raise ConfigError("--export-format meta: only a Meta checkpoint can be exported in Meta's format")
     if export_format == "meta":
-        export_meta(out_dir, args=store.args, params_src=src / "params.json", tokenizer_src=find_tokenizer(src),
+        export_meta(out_dir, args=store.args, params_src=src / "params.json", tokenizer_src=meta_tokenizer_file(src),
                     tensors=store.tensors, n_shards=n_shards or store.n_shards, modules=store.modules,
                     read_module=read, progress=progress, extra_files=extra_files, marker=marker)
         return
@@ -324,7 +327,7 @@ def export_store(store: BlockStore, source_dir: Path, out_dir: Path, *, n_shards
     if store.source_format == "meta":  # converting: the config and tokenizer files come from the Meta folder
         from ..formats.tokenizer import LLAMA3_PATTERN, SentencePieceTokenizer, TiktokenTokenizer, load_tokenizer
 
-        tok_path = find_tokenizer(src)
+        tok_path = meta_tokenizer_file(src)
         tok = load_tokenizer(tok_path)
         config = config_from_args(store.args, DTYPE_NAMES[store.tensors[0][2]], tok.bos_id, tok.eos_id)
         side = [tok_path]

@@ -21,6 +21,7 @@ from ..device import all_finite
 from ..errors import ConfigError
 from ..fsutil import write_error
 from ..model.transformer import ModelArgs, module_names
+from .tokenizer import load_tokenizer, meta_tokenizer_file
 
 log = logging.getLogger(__name__)
 
@@ -124,14 +125,6 @@ def expected_shapes(args: ModelArgs, module: str) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def find_tokenizer(model_dir: Path) -> Path | None:
-    # Meta's downloads keep tokenizer.model beside the model folders, not inside them.
-    for p in (model_dir / "tokenizer.model", model_dir.parent / "tokenizer.model"):
-        if p.is_file():
-            return p
-    return None
-
-
 def shard_paths(model_dir: Path) -> list[Path]:
     paths = sorted(model_dir.glob("consolidated.*.pth"))
     if not paths:
@@ -157,8 +150,6 @@ def load_tensor_file(path: Path) -> dict[str, torch.Tensor]:
 
 def tokenizer_vocab_size(path: Path) -> int:
     """Pieces of a tokenizer.model: sentencepiece (Llama 2) or tiktoken's BPE (Llama 3)."""
-    from .tokenizer import load_tokenizer
-
     return load_tokenizer(path).vocab_size
 
 
@@ -171,7 +162,7 @@ class MetaCheckpoint:
             raise ConfigError(f"{self.dir}: not a directory")
         self.params_path = self.dir / "params.json"
         args = ModelArgs.from_json(self.params_path)
-        self.tokenizer = find_tokenizer(self.dir)
+        self.tokenizer = meta_tokenizer_file(self.dir)
         if self.tokenizer is not None:
             n = tokenizer_vocab_size(self.tokenizer)
             if args.vocab_size == -1:

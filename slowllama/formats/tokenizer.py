@@ -295,12 +295,25 @@ def _chat_template(folder: Path, cfg: dict) -> str | None:
     return template
 
 
+def check_vocab(tokenizer: Tokenizer, top_id: int, vocab_size: int):
+    """Refuse text that encodes to an id the model has no embedding row for (a tokenizer of another model)."""
+    if top_id >= vocab_size:
+        raise ConfigError(f"{tokenizer.path}: token id {top_id} is beyond the model's vocab_size {vocab_size}; "
+                          f"is it this model's tokenizer?")
+
+
+def meta_tokenizer_file(model_dir: Path) -> Path | None:
+    """tokenizer.model in the folder or, as Meta's downloads keep it, beside the model folders."""
+    return next((p for p in (model_dir / "tokenizer.model", model_dir.parent / "tokenizer.model") if p.is_file()),
+                None)
+
+
 def find_tokenizer_file(model_dir: Path) -> Path | None:
-    """tokenizer.json in the folder, else tokenizer.model in it or (as Meta's downloads keep it) its parent."""
-    for p in (model_dir / "tokenizer.json", model_dir / "tokenizer.model", model_dir.parent / "tokenizer.model"):
-        if p.is_file():
-            return p
-    return None
+    """A Meta folder's (params.json) tokenizer.model, which its export carries; else tokenizer.json in the
+    folder, else a tokenizer.model as Meta's lie."""
+    if (model_dir / "params.json").is_file():
+        return meta_tokenizer_file(model_dir)
+    return model_dir / "tokenizer.json" if (model_dir / "tokenizer.json").is_file() else meta_tokenizer_file(model_dir)
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

@@ -42,6 +42,9 @@ class LoraConfig:
         bad = [t for t in self.targets if t not in TARGETS]
         if bad or not self.targets:
             raise ConfigError(f"--lora-targets {','.join(self.targets)}: expected names from {', '.join(TARGETS)}")
+        twice = sorted({t for t in self.targets if self.targets.count(t) > 1})
+        if twice:
+            raise ConfigError(f"--lora-targets {','.join(self.targets)}: names {', '.join(twice)} more than once")
 
     @property
     def scale(self) -> float:

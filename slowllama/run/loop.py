@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -16,6 +15,7 @@ from tqdm import tqdm
 from .. import device as dev
 from ..blockfile import DTYPES, StoreError
 from ..data.preference import load_pairs
+from ..data.source import check_regular, read_hashed, sha256_file
 from ..data.windows import load_data
 from ..engine import distributed
 from ..engine.optim import OptimConfig
@@ -36,7 +36,7 @@ from ..formats.gguf_lora import check_adapter_request, export_adapter_gguf
 from ..formats.hf import HFCheckpoint
 from ..formats.meta import MetaCheckpoint, check_shard_count
 from ..formats.peft import peft_files
-from ..formats.tokenizer import load_tokenizer
+from ..formats.tokenizer import check_vocab, load_tokenizer
 from ..fsutil import IO, atomic_write_bytes, atomic_write_json
 from ..inference.evaluate import eval_batches, perplexity
 from ..inference.evaluate import evaluate as evaluate_layer_major
@@ -54,6 +54,7 @@ from ..paths import (
     mark_owned,
     owner_info,
     prune_checkpoints,
+    real_folder,
     remove_owned,
     remove_stale_tmp,
     restore_interrupted_swap,
@@ -96,14 +97,6 @@ def check_paths(model_dir: Path, out: Path, work_dir: Path):
         raise ConfigError(f"--work-dir {work_dir}: must not overlap the output directory {out}")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _bar(it, **kw):
     return tqdm(it, dynamic_ncols=True, mininterval=0.5, **kw)
 
@@ -122,11 +115,14 @@ def resolve_options(given: dict, resume: bool) -> tuple[RunOptions, dict]:
     given = {k: str(Path(v).absolute()) if k in PATHS and v is not None else v for k, v in given.items()}
     model_dir = Path(given["model_dir"])
     out, work_dir = default_dirs(model_dir, given.get("out"), given.get("work_dir"))
+    if given.get("out"):
+        given["out"] = str(out)  # through its symlinks, as default_dirs resolved it
     if not resume:
         if not given.get("data"):
             raise ConfigError("--data is required with a model directory")
         o = RunOptions(**{**given, "out": str(out), "work_dir": str(work_dir)})
         o.validate()
+        o.check_effective()
         return o, {}
     run_path = work_dir / "run.json"
     o, saved = RunOptions.from_saved(run_path)
@@ -140,10 +136,11 @@ def resolve_options(given: dict, resume: bool) -> tuple[RunOptions, dict]:
         path = given.get(name) or getattr(o, name)
         if not path or saved.get(f"{name}_sha256") is None:
             continue
-        if not Path(path).is_file():
+        if not Path(path).exists():
             raise ConfigError(f"--resume: {RunOptions.flag(name)} {path} not found; the run trains on it. "
                               f"Put it back or pass {RunOptions.flag(name)} with the same content")
-        if _sha256(Path(path)) != saved[f"{name}_sha256"]:
+        check_regular(path, RunOptions.flag(name))
+        if sha256_file(path) != saved[f"{name}_sha256"]:
             what = f"its content differs from the run's {getattr(o, name)}" if given.get(name) else \
                 "the file changed since the run began"
             diffs.append(f"{RunOptions.flag(name)} {path} ({what})")
@@ -209,16 +206,23 @@ def finetune(*, resume: bool = False, **given) -> dict:
         except ConfigError as e:
             raise ConfigError(f"--prompt and --gen-tokens: {e}") from e
     if o.method != "sft":
-        windows = load_pairs(o.data, tokenizer, o.seq_len, o.method)
+        windows, data_sha = read_hashed(o.data, "--data", lambda p: load_pairs(p, tokenizer, o.seq_len, o.method))
     else:
-        windows = load_data(o.data, tokenizer, o.seq_len, o.train_on_prompt)
+        windows, data_sha = read_hashed(o.data, "--data",
+                                        lambda p: load_data(p, tokenizer, o.seq_len, o.train_on_prompt))
+    check_vocab(tokenizer, windows.max_id(), ckpt.args.vocab_size)
     print(f"data: {windows.summary}")
-    val = None
+    val, val_sha = None, None
     if o.val_data:
-        val = load_data(o.val_data, tokenizer, o.seq_len, o.train_on_prompt)
+        val, val_sha = read_hashed(o.val_data, "--val-data",
+                                   lambda p: load_data(p, tokenizer, o.seq_len, o.train_on_prompt))
+        check_vocab(tokenizer, val.max_id(), ckpt.args.vocab_size)
         print(f"validation data: {val.summary}")
     elif o.val_fraction:
         windows, val = windows.split(o.val_fraction)
+    for name, sha in (("data", data_sha), ("val_data", val_sha)):  # resolve_options compared an earlier read
+        if saved.get(f"{name}_sha256") not in (None, sha):
+            raise ConfigError(f"--resume: {RunOptions.flag(name)} {getattr(o, name)} changed since the run began")
     val_batches = eval_batches(val, o.batch_size) if val is not None else []  # every held-out token once
 
     # -- from here on, files are written: first the locks, so that no other process is writing --
@@ -241,8 +245,8 @@ def finetune(*, resume: bool = False, **given) -> dict:
             check_out_run(out, work_dir, o)
             for name in KEEP_ON_EXPORT:  # a run killed mid-rewrite of its log, plot or page left a temp file
                 remove_stale_tmp(out / name)
-        return Run(o, resume, saved, Prepared(ckpt, tokenizer, windows, val_batches, optim, lora, torch_device),
-                   ranks).train()
+        prepared = Prepared(ckpt, tokenizer, windows, val_batches, optim, lora, torch_device, (data_sha, val_sha))
+        return Run(o, resume, saved, prepared, ranks).train()
     except BaseException:
         if ranks.writer and new_work and not (work_dir / "run.json").exists():
             # Preparation found the checkpoint damaged: leave nothing of the run behind.
@@ -264,6 +268,7 @@ class Prepared:
     optim: OptimConfig
     lora: LoraConfig | None
     device: torch.device
+    data_sha256: tuple[str, str | None]  # of the bytes --data and --val-data were tokenized from
 
 
 def train_config(o: RunOptions, optim: OptimConfig, lora: LoraConfig | None, world: int = 1) -> TrainConfig:
@@ -322,7 +327,7 @@ class Run:
                 log.info("%s store at %s", "prepared" if prepared else "reusing", root)
             else:
                 store = BlockStore(root)
-            hashes = (_sha256(Path(o.data)), _sha256(Path(o.val_data)) if o.val_data else None)
+            hashes = self.p.data_sha256
             saved = {**o.saved(), **dict(zip(SAVED_EXTRAS, (*hashes, ranks.world) if ranks.world > 1 else hashes))}
         if ranks.writer:
             ranks.wait("the preparation of the stores")
@@ -476,7 +481,7 @@ class Run:
         o, trainer = self.o, self.trainer
         rec = trainer.recover(self.batch)
         if self.resume and self.ranks.leader:
-            _drop_records_from(self.log_path, trainer.step)
+            _drop_records_from(self.log_path, trainer.step, self._evaluates_at_start(trainer.step))
         if rec is not None and self.ranks.leader:
             tqdm.write(f"resumed: finished iteration {rec.step} (loss {rec.loss:.4f})")
         last = (dict(iter=rec.step, loss=rec.loss, tokens=rec.tokens,
@@ -490,6 +495,11 @@ class Run:
                 and _export_step(checkpoint_dir(self.out, start), self.store.model_id) != start:
             self.save(final=False)  # the run was stopped while it saved this checkpoint
         return start
+
+    def _evaluates_at_start(self, start: int) -> bool:
+        """Whether the run evaluates before its first iteration: a new run, for the baseline; a resume that
+        evaluates at all, to show where it picks up. The end of the run evaluates at --iters anyway."""
+        return start == 0 or bool(self.o.eval_every and self.resume and start < self.o.iters)
 
     def _step(self, step: int, proc: psutil.Process):
         """One iteration and its log record."""
@@ -537,7 +547,7 @@ class Run:
             self.monitor = Monitor(self, est, plan, ranks.leader)  # one copy of the costs, however many ranks
             self.prepare_reference()
             start = self._recover()
-            if start == 0 or o.eval_every and self.resume:
+            if self._evaluates_at_start(start):
                 self.summary["before"] = self.evaluate(start)
             proc = psutil.Process()
             bar = _bar(range(start, o.iters), desc="iterations", unit="it", initial=start, total=o.iters)
@@ -572,8 +582,8 @@ class Run:
 
 
 def default_dirs(model_dir: Path, out: str | Path | None, work_dir: str | Path | None) -> tuple[Path, Path]:
-    out = Path(out).absolute() if out else model_dir.absolute().with_name(model_dir.absolute().name + "-tuned")
-    return out, Path(work_dir).absolute() if work_dir else out.with_name(out.name + ".work")
+    out = real_folder(out or model_dir.absolute().with_name(model_dir.absolute().name + "-tuned"))
+    return out, real_folder(work_dir or out.with_name(out.name + ".work"))
 
 
 def verify_store(*, model_dir: str | Path, out: str | Path | None = None, work_dir: str | Path | None = None) -> list[str]:
@@ -627,14 +637,15 @@ def _progress(work_dir: Path) -> str:
 
 
 def this_run_id(work_dir: Path, lora: bool) -> str | None:
-    """The id of the run in work_dir (its store's), or None before its store is prepared."""
+    """The id of the run in work_dir (its store's), or None before its store is prepared. A damaged store is
+    refused here, naming its file: taken for no run, its own export would look like another run's."""
     root = work_dir / ("base" if lora else "store")
-    if not (root / "manifest.json").is_file():
+    if not (root / "manifest.json").exists():
         return None
     try:
         return BlockStore(root).model_id
-    except (StoreError, OSError):
-        return None  # a damaged store is reported when the run opens it
+    except OSError as e:
+        raise ConfigError(f"--work-dir {work_dir}: cannot read its store ({e.strerror})") from e
 
 
 def check_out_run(out: Path, work_dir: Path, o: RunOptions):
@@ -671,10 +682,11 @@ def _logged_iters(path: Path) -> set[int]:
     return iters
 
 
-def _drop_records_from(path: Path, step: int):
+def _drop_records_from(path: Path, step: int, reevaluates: bool):
     """On resume: the log as of the store's last commit. The records of iterations from `step` on (and of
     evaluations after it) belong to steps a crash lost after that commit (--commit-every held them in
-    RAM); the resume replays those steps and logs them again, so the log holds each iteration once."""
+    RAM); the resume replays those steps and logs them again, so the log holds each iteration once.
+    reevaluates: the resume evaluates at `step` itself, so an evaluation logged there goes too."""
     if not path.exists():
         return
     lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
@@ -688,7 +700,7 @@ def _drop_records_from(path: Path, step: int):
             if rec is not None:
                 keep.append(line)
             continue
-        if rec["iter"] > step or (rec["iter"] == step and "loss" in rec):
+        if rec["iter"] > step or (rec["iter"] == step and ("loss" in rec or reevaluates)):
             continue
         keep.append(line)
     if len(keep) != len(lines):

@@ -31,6 +31,8 @@ DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 PATHS = ("model_dir", "data", "val_data", "out", "work_dir", "tensorboard")
 # What run.json keeps beside the options: the content hashes a resume checks the data against,
 # and the number of data-parallel ranks (distributed.py), which decides the global batch.
+# Options every run.json has held since the first: one without them is not a run's, whatever else it holds.
+ALWAYS_SAVED = ("model_dir", "data", "iters", "batch_size", "seq_len", "lr", "seed")
 SAVED_EXTRAS = ("data_sha256", "val_data_sha256", "ranks")
 # MATH options that a resume checks by content instead of by value: the model and data may have
 # moved (same bytes, new path); the work dir is where the run was found; iters may grow.
@@ -242,6 +244,31 @@ class RunOptions:
         parse_size(self.ram_budget)
         parse_commit_every(self.commit_every)
 
+    def check_effective(self):
+        """Refuse an option that this run would ignore, as --merge without --lora-rank is: a user who sets one
+        expects it to act. Only for a new run: a resume repeats its saved options, whatever they are."""
+        def given(name):
+            return getattr(self, name) != _FIELDS[name].default
+
+        ignored = [
+            ("momentum", self.optimizer != "sgd", "it applies to --optimizer sgd, not adamw"),
+            ("min_lr", self.lr_schedule == "constant", "it is where --lr-schedule linear or cosine decays to, and "
+                                                       "the schedule is constant"),
+            ("store_dtype", self.lora_rank > 0, "a LoRA run keeps its base in the checkpoint's dtype and its "
+                                                "adapters in float32"),
+            ("optim_state_dtype", self.optimizer == "sgd" and not self.momentum,
+             "SGD without --momentum keeps no optimizer state"),
+            ("lora_alpha", not self.lora_rank, "it applies to LoRA, which --lora-rank turns on"),
+            ("lora_targets", not self.lora_rank, "it applies to LoRA, which --lora-rank turns on"),
+            ("beta", self.method == "sft", "it applies to --method dpo, ipo and orpo, not sft"),
+        ]
+        for name, idle, why in ignored:
+            if idle and given(name):
+                raise ConfigError(f"{self.flag(name)} {getattr(self, name)} would do nothing: {why}")
+        if self.warmup_iters > self.iters:
+            raise ConfigError(f"--warmup-iters {self.warmup_iters} is more than --iters {self.iters}: the learning "
+                              f"rate would never reach --lr")
+
     def saved(self) -> dict:
         """What run.json keeps: every option but the SESSION ones."""
         return {k: v for k, v in dataclasses.asdict(self).items() if self.kind(k) != SESSION}
@@ -253,6 +280,9 @@ class RunOptions:
             raw = json.loads(path.read_text())
             if not isinstance(raw, dict):
                 raise ValueError("not a JSON object")
+            missing = [k for k in ALWAYS_SAVED if k not in raw]
+            if missing:  # defaults stand in for options newer than a run, never for the run itself
+                raise ValueError(f"it lacks {', '.join(missing)}")
             return cls(**{k: v for k, v in raw.items() if k in _FIELDS and cls.kind(k) != SESSION}), raw
         except FileNotFoundError as e:
             raise ConfigError(f"--resume: {path} not found, there is no run to resume in {path.parent}") from e

@@ -316,17 +316,19 @@ def test_a_budget_too_small_commits_every_step_and_says_so(small_model, tmp_path
         finetune(out=tmp_path / "bad", ram_budget="none", **{**kw, "commit_every": "0"})
 
 
-def test_a_resume_cuts_the_log_back_to_the_last_commit(tmp_path):
-    """The records of the steps a crash lost (and a line it tore) go; evaluations at the commit stay."""
+@pytest.mark.parametrize("reevaluates", [False, True])
+def test_a_resume_cuts_the_log_back_to_the_last_commit(tmp_path, reevaluates):
+    """The records of the steps a crash lost (and a line it tore) go; evaluations at the commit stay unless the
+    resume evaluates there again."""
     from slowllama.run.loop import _drop_records_from
 
     log = tmp_path / "train_log.jsonl"
     recs = [{"iter": i, "loss": 1.0 / (i + 1)} for i in range(5)] + [{"iter": 3, "val_loss": 0.5}]
     log.write_text("".join(json.dumps(r) + "\n" for r in recs) + '{"iter": 5, "lo')
-    _drop_records_from(log, 3)
-    assert _log(tmp_path) == [*recs[:3], recs[5]]
+    _drop_records_from(log, 3, reevaluates)
+    assert _log(tmp_path) == recs[:3] + ([] if reevaluates else [recs[5]])
     before = log.read_bytes()
-    _drop_records_from(log, 3)  # nothing more to drop: the file is left as it is
+    _drop_records_from(log, 3, reevaluates)  # nothing more to drop: the file is left as it is
     assert log.read_bytes() == before
 
 
